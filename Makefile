@@ -1,0 +1,39 @@
+# Two entry points: `make run` and `make test`. Both create .venv when it is missing.
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+# Point the pipeline at a local copy of the data: make run DATA=../shared/datasets/flower_photos
+DATA   ?=
+
+.PHONY: run test lint bench ui setup clean
+
+$(BIN)/activate: pyproject.toml
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $(BIN)/activate
+
+setup: $(BIN)/activate
+
+run: setup
+ifeq ($(strip $(DATA)),)
+	$(BIN)/dvc repro
+else
+	$(BIN)/dvc exp run -S 'data.source=$(DATA)'
+endif
+
+test: setup
+	$(BIN)/ruff check .
+	$(BIN)/pytest
+
+lint: setup
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+bench: setup
+	$(BIN)/python bench/bottlenecks.py
+
+ui: setup
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --default-artifact-root ./mlartifacts
+
+clean:
+	rm -rf data/images data/split data/bottlenecks models

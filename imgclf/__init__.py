@@ -1,0 +1,1 @@
+"""Transfer-learning image classification: TensorFlow or Keras, on frozen Inception V3."""

@@ -1,0 +1,28 @@
+"""Fixtures shared by the test suite: the real data in ../shared, generated images."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# TensorFlow is chatty on import; the tests only need its errors.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "datasets"
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path_factory, monkeypatch):
+    """Every test gets its own user cache, so tests never see each other's downloads."""
+    monkeypatch.setenv("IMGCLF_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+
+
+@pytest.fixture
+def shared_datasets() -> Path:
+    if not SHARED.is_dir():
+        pytest.skip(f"real data sets not found at {SHARED} (../shared is absent)")
+    return SHARED
+
