@@ -25,4 +25,3 @@ def shared_datasets() -> Path:
     if not SHARED.is_dir():
         pytest.skip(f"real data sets not found at {SHARED} (../shared is absent)")
     return SHARED
-

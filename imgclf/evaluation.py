@@ -1,0 +1,274 @@
+"""Test-set statistics for the heads: accuracy with a confidence interval, per-class scores,
+log loss, the confusion matrix, and a paired significance test between two heads.
+
+Plain numpy (checked against scikit-learn and scipy in the tests) so that every number the
+reports show is defined in one readable place:
+
+- Accuracy CI: the Wilson score interval at 95% (z = 1.96). Unlike the normal ("Wald")
+  interval it stays inside [0, 1] and keeps close to its nominal coverage near 100%
+  accuracy and on small test sets, which is where the heads live.
+- Paired test: exact McNemar, i.e. a two-sided binomial test of b against b + c with
+  p = 1/2, where b = images head A gets right and head B gets wrong, c = the reverse.
+  Images both get right (or both wrong) carry no information about which head is better.
+  We use the conventional exact (conditional) p-value, 2 * P(X <= min(b, c)) capped at 1,
+  which never exceeds the nominal 5% error rate; the mid-p value (less conservative) is
+  reported alongside for reference, but "significant" is decided on the exact p.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+# Two-sided 95%: the 0.975 quantile of the standard normal.
+Z_95 = 1.959963984540054
+ALPHA = 0.05
+
+
+def wilson_interval(successes: int, n: int, z: float = Z_95) -> tuple[float, float]:
+    """Wilson score interval for a binomial proportion `successes / n`."""
+    if n <= 0:
+        raise ValueError(f"Wilson interval needs n > 0 trials, got n={n}")
+    if not 0 <= successes <= n:
+        raise ValueError(f"successes must lie in [0, n={n}], got {successes}")
+    p = successes / n
+    z2 = z * z
+    denom = 1.0 + z2 / n
+    centre = (p + z2 / (2 * n)) / denom
+    half = (z / denom) * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
+    # At k = 0 (k = n) the lower (upper) bound is exactly 0 (1); float rounding says 1e-17.
+    low = 0.0 if successes == 0 else max(0.0, centre - half)
+    high = 1.0 if successes == n else min(1.0, centre + half)
+    return low, high
+
+
+def mcnemar_exact(b: int, c: int) -> tuple[float, float]:
+    """Exact McNemar test on the discordant counts b and c: (exact p, mid-p), two-sided.
+
+    Exact: 2 * P(X <= min(b, c)), X ~ Binomial(b + c, 1/2), capped at 1 (equal to
+    scipy.stats.binomtest(b, b + c, 0.5).pvalue since the null is symmetric).
+    Mid-p: the same with only half the probability of the observed value counted.
+    No discordant pairs means no evidence either way: p = 1.
+    """
+    if b < 0 or c < 0:
+        raise ValueError(f"discordant counts must be >= 0, got b={b}, c={c}")
+    n = b + c
+    if n == 0:
+        return 1.0, 1.0
+    k = min(b, c)
+    # Sum with exact integers: float binomial tails lose precision for large n.
+    tail = sum(math.comb(n, i) for i in range(k + 1))
+    exact = min(1.0, 2 * tail / 2**n)
+    mid = min(1.0, 2 * (tail - math.comb(n, k) / 2) / 2**n)
+    return exact, mid
+
+
+def confusion_matrix(labels: np.ndarray, predicted: np.ndarray, n_classes: int) -> np.ndarray:
+    """matrix[i, j] = number of test images of class i predicted as class j."""
+    matrix = np.zeros((n_classes, n_classes), dtype=np.int64)
+    np.add.at(matrix, (np.asarray(labels), np.asarray(predicted)), 1)
+    return matrix
+
+
+def precision_recall_f1(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-class precision, recall and F1 from a confusion matrix.
+
+    A ratio with a zero denominator (a class never predicted, or absent from the test set)
+    counts as 0, as scikit-learn does with zero_division=0: a head is not rewarded for
+    never predicting a class.
+    """
+    tp = np.diag(matrix).astype(np.float64)
+    predicted = matrix.sum(axis=0).astype(np.float64)
+    actual = matrix.sum(axis=1).astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        precision = np.where(predicted > 0, tp / predicted, 0.0)
+        recall = np.where(actual > 0, tp / actual, 0.0)
+        pr = precision + recall
+        f1 = np.where(pr > 0, 2 * precision * recall / pr, 0.0)
+    return precision, recall, f1
+
+
+def log_loss(labels: np.ndarray, probabilities: np.ndarray) -> float:
+    """Mean negative log-likelihood of the true class (natural log).
+
+    Probabilities are clipped to [eps, 1 - eps] in float64, as scikit-learn does, so one
+    confidently wrong image gives a large but finite loss instead of infinity.
+    """
+    probs = np.asarray(probabilities, dtype=np.float64)
+    eps = np.finfo(np.float64).eps
+    p_true = np.clip(probs[np.arange(len(probs)), np.asarray(labels)], eps, 1 - eps)
+    return float(-np.mean(np.log(p_true)))
+
+
+@dataclass(frozen=True)
+class HeadResult:
+    """One head's predictions on the test set and the statistics derived from them."""
+
+    head: str
+    classes: list[str]
+    ids: np.ndarray  # str [N]
+    labels: np.ndarray  # int [N]
+    probabilities: np.ndarray  # float [N, n_classes]
+    predicted: np.ndarray  # int [N]
+    confidence: np.ndarray  # float [N], probability of the predicted class
+    matrix: np.ndarray  # int [n_classes, n_classes]
+    accuracy: float
+    ci_low: float
+    ci_high: float
+    macro_f1: float
+    log_loss: float
+    precision: np.ndarray
+    recall: np.ndarray
+    f1: np.ndarray
+    support: np.ndarray
+
+    @property
+    def n_test(self) -> int:
+        return len(self.labels)
+
+    @property
+    def n_correct(self) -> int:
+        return int(np.sum(self.predicted == self.labels))
+
+    @property
+    def correct(self) -> np.ndarray:
+        return self.predicted == self.labels
+
+
+def evaluate_head(
+    head: str,
+    probabilities: np.ndarray,
+    labels: np.ndarray,
+    ids: Sequence[str] | np.ndarray,
+    classes: Sequence[str],
+) -> HeadResult:
+    """Score one head's test-set probabilities [N, n_classes] against the true labels [N]."""
+    probs = np.asarray(probabilities, dtype=np.float64)
+    labels = np.asarray(labels, dtype=np.int64)
+    ids = np.asarray(ids, dtype=str)
+    n_classes = len(classes)
+    if probs.ndim != 2 or probs.shape != (len(labels), n_classes):
+        raise ValueError(
+            f"{head}: expected probabilities of shape ({len(labels)}, {n_classes}) "
+            f"(test images, classes), got {probs.shape}; was the head trained on these "
+            "bottlenecks and classes.json?"
+        )
+    if len(ids) != len(labels):
+        raise ValueError(f"{head}: {len(ids)} ids for {len(labels)} labels")
+    if len(labels) == 0:
+        raise ValueError(f"{head}: the test set is empty")
+    if labels.min() < 0 or labels.max() >= n_classes:
+        raise ValueError(f"{head}: labels outside [0, {n_classes}) in the test set")
+    if not np.all(np.isfinite(probs)):
+        raise ValueError(f"{head}: the head returned non-finite probabilities (NaN/inf)")
+
+    # argmax takes the first maximum on ties, so the result does not depend on anything
+    # but the probabilities.
+    predicted = np.argmax(probs, axis=1)
+    confidence = probs[np.arange(len(probs)), predicted]
+    matrix = confusion_matrix(labels, predicted, n_classes)
+    precision, recall, f1 = precision_recall_f1(matrix)
+    n_correct = int(np.trace(matrix))
+    low, high = wilson_interval(n_correct, len(labels))
+    return HeadResult(
+        head=head,
+        classes=list(classes),
+        ids=ids,
+        labels=labels,
+        probabilities=probs,
+        predicted=predicted,
+        confidence=confidence,
+        matrix=matrix,
+        accuracy=n_correct / len(labels),
+        ci_low=low,
+        ci_high=high,
+        macro_f1=float(np.mean(f1)),
+        log_loss=log_loss(labels, probs),
+        precision=precision,
+        recall=recall,
+        f1=f1,
+        support=matrix.sum(axis=1),
+    )
+
+
+def _r(x: float, digits: int = 6) -> float:
+    # Fixed rounding keeps the JSON byte-identical across reruns and readable in diffs.
+    return round(float(x), digits)
+
+
+def metrics_dict(result: HeadResult) -> dict[str, Any]:
+    """The `metrics/evaluate/<head>.json` payload (what `dvc metrics show/diff` reads)."""
+    per_class = {
+        name: {
+            "precision": _r(result.precision[i]),
+            "recall": _r(result.recall[i]),
+            "f1": _r(result.f1[i]),
+            "support": int(result.support[i]),
+        }
+        for i, name in enumerate(result.classes)
+    }
+    return {
+        "accuracy": _r(result.accuracy),
+        "ci_low": _r(result.ci_low),
+        "ci_high": _r(result.ci_high),
+        "ci_method": "wilson-95",
+        "macro_f1": _r(result.macro_f1),
+        "log_loss": _r(result.log_loss),
+        "n_test": result.n_test,
+        "n_correct": result.n_correct,
+        "per_class": per_class,
+    }
+
+
+@dataclass(frozen=True)
+class PairedTest:
+    """Exact McNemar test of head `a` against head `b` on the same test images."""
+
+    a: str
+    b: str
+    a_only: int  # "b" in McNemar's notation: a right, b wrong
+    b_only: int  # "c": a wrong, b right
+    p_value: float
+    mid_p: float
+
+    @property
+    def significant(self) -> bool:
+        return self.p_value < ALPHA
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            # McNemar's b and c for the pair "<a>_vs_<b>": a right & b wrong, a wrong & b right.
+            # Numbers only (no descriptive strings): `dvc metrics show` makes a column of each.
+            "b": self.a_only,
+            "c": self.b_only,
+            "n_discordant": self.a_only + self.b_only,
+            "p_value": _r(self.p_value),
+            "mid_p": _r(self.mid_p),
+            "significant": self.significant,
+        }
+
+
+def paired_test(first: HeadResult, second: HeadResult) -> PairedTest:
+    """McNemar's exact test on the images both heads saw (same ids, same order)."""
+    if not np.array_equal(first.ids, second.ids):
+        raise ValueError(
+            f"{first.head} and {second.head} were scored on different test images; "
+            "a paired test needs the same images in the same order"
+        )
+    a_only = int(np.sum(first.correct & ~second.correct))
+    b_only = int(np.sum(~first.correct & second.correct))
+    exact, mid = mcnemar_exact(a_only, b_only)
+    return PairedTest(first.head, second.head, a_only, b_only, exact, mid)
+
+
+def all_pairs(results: Sequence[HeadResult]) -> list[PairedTest]:
+    """Every pair in the given head order: (tf, keras), (tf, sklearn), (keras, sklearn)."""
+    return [
+        paired_test(results[i], results[j])
+        for i in range(len(results))
+        for j in range(i + 1, len(results))
+    ]

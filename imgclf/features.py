@@ -1,0 +1,171 @@
+"""Bottleneck features: a content-addressed cache and a streaming extractor.
+
+A feature vector is stored under the image's sha256, in a folder named after what else
+determines it (backbone weights, preprocessing, precision). So adding 10 images computes
+10, re-splitting computes nothing, and new weights start a fresh folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+from tqdm import tqdm
+
+from imgclf.images import load_rgb
+
+_DIGEST = 32  # bytes of sha256 appended to every cache entry
+
+
+@dataclass(frozen=True)
+class ImageItem:
+    id: str  # the split manifest's `file`, e.g. "test/roses/1.jpg"
+    path: Path
+    sha256: str
+    label: int
+
+
+class FeatureCache:
+    """One file per image: the float32 vector followed by its own sha256.
+
+    Entries are written to a temporary name and renamed, so `kill -9` leaves either no
+    entry or a whole one; the checksum catches anything else (a disk error, a hand edit),
+    and a corrupt entry is treated as missing, hence recomputed.
+    """
+
+    def __init__(self, root: Path, key: str, dim: int):
+        self.dir = Path(root) / key
+        self.dim = dim
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def path(self, sha256: str) -> Path:
+        return self.dir / sha256[:2] / f"{sha256}.f32"
+
+    def get(self, sha256: str) -> np.ndarray | None:
+        try:
+            blob = self.path(sha256).read_bytes()
+        except FileNotFoundError:
+            return None
+        body, digest = blob[:-_DIGEST], blob[-_DIGEST:]
+        if len(body) != 4 * self.dim or hashlib.sha256(body).digest() != digest:
+            self.path(sha256).unlink(missing_ok=True)
+            return None
+        return np.frombuffer(body, dtype="<f4")
+
+    def put(self, sha256: str, vector: np.ndarray) -> None:
+        body = np.ascontiguousarray(vector, dtype="<f4").tobytes()
+        if len(body) != 4 * self.dim:
+            raise ValueError(f"feature of {len(body) // 4} values, cache expects {self.dim}")
+        path = self.path(sha256)
+        path.parent.mkdir(exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_bytes(body + hashlib.sha256(body).digest())
+        # No fsync: a killed process cannot tear a rename, and a power loss is what the
+        # checksum is for.
+        os.replace(tmp, path)
+
+    def missing(self, shas: Sequence[str]) -> list[str]:
+        return [sha for sha in shas if self.get(sha) is None]
+
+
+def cache_key(backbone_sha256: str, preprocessing: str, precision: str) -> str:
+    """The folder name of a cache: everything besides the image that shapes a feature."""
+    preprocessing_id = hashlib.sha256(preprocessing.encode()).hexdigest()[:12]
+    return f"{backbone_sha256[:16]}-{preprocessing_id}-{precision}"
+
+
+def image_batches(
+    paths: Sequence[Path], preprocess: Callable[[tf.Tensor], tf.Tensor], batch_size: int
+) -> tf.data.Dataset:
+    """Decoded, preprocessed batches, built by tf.data threads while the model runs.
+
+    Decoding goes through Pillow (EXIF rotation, CMYK, palette, GIF), so the features
+    see exactly the pixels that ingest validated. Only `batch_size * prefetch` images are
+    ever in memory, however many there are.
+    """
+
+    def decode(path: tf.Tensor) -> tf.Tensor:
+        image = tf.numpy_function(lambda p: load_rgb(p.decode()), [path], tf.uint8)
+        image.set_shape([None, None, 3])
+        return preprocess(image[tf.newaxis])[0]
+
+    return (
+        tf.data.Dataset.from_tensor_slices([str(p) for p in paths])
+        .map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        .batch(batch_size)
+        .prefetch(2)
+    )
+
+
+def fill_cache(
+    items: Sequence[ImageItem],
+    model: tf.keras.Model,
+    preprocess: Callable[[tf.Tensor], tf.Tensor],
+    cache: FeatureCache,
+    *,
+    batch_size: int,
+    progress: bool = True,
+) -> dict[str, float]:
+    """Compute the features of every item whose content is not cached yet.
+
+    Each batch is written as soon as it is computed, so an interrupted run resumes where
+    it stopped. Returns counts and throughput.
+    """
+    first_path: dict[str, Path] = {}
+    for item in items:
+        first_path.setdefault(item.sha256, item.path)
+    todo = cache.missing(sorted(first_path))
+    start = time.perf_counter()
+    if todo:
+
+        @tf.function
+        def infer(images: tf.Tensor) -> tf.Tensor:
+            return tf.cast(model(images, training=False), tf.float32)
+
+        batches = image_batches([first_path[sha] for sha in todo], preprocess, batch_size)
+        with tqdm(total=len(todo), unit="img", desc="bottlenecks", disable=not progress) as bar:
+            done = 0
+            for batch in batches:
+                features = infer(batch).numpy()
+                for sha, vector in zip(todo[done : done + len(features)], features, strict=True):
+                    cache.put(sha, vector)
+                done += len(features)
+                bar.update(len(features))
+    seconds = time.perf_counter() - start
+    return {
+        "images": len(items),
+        "computed": len(todo),
+        "cached": len(first_path) - len(todo),
+        "seconds": seconds,
+        "images_per_second": len(todo) / seconds if todo and seconds > 0 else 0.0,
+    }
+
+
+def gather_features(items: Sequence[ImageItem], cache: FeatureCache) -> np.ndarray:
+    """Stack the cached features of `items` in order (they must all be cached)."""
+    features = np.empty((len(items), cache.dim), dtype=np.float32)
+    for row, item in enumerate(items):
+        vector = cache.get(item.sha256)
+        if vector is None:
+            raise RuntimeError(f"no cached feature for {item.id} ({item.sha256}); rerun the stage")
+        features[row] = vector
+    return features
+
+
+def save_bottlenecks(path: Path, items: Sequence[ImageItem], features: np.ndarray) -> None:
+    """One .npz per subset: features, labels, ids (np.savez output is deterministic)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.npz")
+    np.savez(
+        tmp,
+        features=features,
+        labels=np.array([item.label for item in items], dtype=np.int64),
+        ids=np.array([item.id for item in items], dtype=str),
+    )
+    os.replace(tmp, path)

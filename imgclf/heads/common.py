@@ -1,0 +1,258 @@
+"""What every head shares: the bottleneck files, the validation slice, seeding, metrics output.
+
+The comparison is only fair if the heads differ in nothing but the head: the same train
+bottlenecks, the same validation slice carved out of train (never the test set), the same seed,
+and the same metric files. Everything here is framework-free except `set_determinism`, which
+imports TensorFlow/Keras lazily so that the scikit-learn stage stays light.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from imgclf.fileio import atomic_write_bytes, read_json, write_csv, write_json
+
+N_FEATURES = 2048
+CURVE_COLUMNS = ("step", "train_loss", "train_accuracy", "val_loss", "val_accuracy")
+LABELS_FILE = "labels.txt"
+SUBSETS = ("train", "test")
+
+
+@dataclass(frozen=True)
+class Bottlenecks:
+    """One subset of the bottleneck cache: `features[i]` is the image `ids[i]` of class
+    `classes[labels[i]]`."""
+
+    features: np.ndarray  # float32 [N, 2048]
+    labels: np.ndarray  # int64 [N]
+    ids: np.ndarray  # str [N]
+    classes: list[str]
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+@dataclass
+class TrainResult:
+    """What a `train_*_head` function hands back to its stage.
+
+    `curve` rows have the CURVE_COLUMNS keys (empty for heads without a curve); `summary` is the
+    framework-specific part of metrics/train/<head>.json (steps or epochs, batch size...).
+    """
+
+    model: Any
+    curve: list[dict[str, float | int]] = field(default_factory=list)
+    summary: dict[str, Any] = field(default_factory=dict)
+    train_seconds: float = 0.0
+
+
+def load_bottlenecks(bottleneck_dir: str | Path, subset: str) -> Bottlenecks:
+    """Read `<bottleneck_dir>/<subset>.npz` and `classes.json`, checking the contract."""
+    if subset not in SUBSETS:
+        raise ValueError(f"subset must be one of {SUBSETS}, got {subset!r}")
+    bottleneck_dir = Path(bottleneck_dir)
+    npz_path = bottleneck_dir / f"{subset}.npz"
+    classes_path = bottleneck_dir / "classes.json"
+    for path in (npz_path, classes_path):
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{path} not found: run the bottlenecks stage first (dvc repro bottlenecks)."
+            )
+    classes = read_json(classes_path)
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
+        raise ValueError(f"{classes_path}: expected a non-empty JSON list of class names")
+    with np.load(npz_path, allow_pickle=False) as data:
+        missing = {"features", "labels", "ids"} - set(data.files)
+        if missing:
+            raise ValueError(f"{npz_path}: missing arrays {sorted(missing)} (has {data.files})")
+        features = np.asarray(data["features"])
+        labels = np.asarray(data["labels"])
+        ids = np.asarray(data["ids"]).astype(str)
+    # bfloat16 bottlenecks (bottlenecks.precision) are stored widened; the heads train in float32.
+    features = features.astype(np.float32, copy=False)
+    labels = labels.astype(np.int64, copy=False)
+    n = labels.shape[0]
+    if features.ndim != 2 or features.shape[0] != n or ids.shape != (n,) or labels.ndim != 1:
+        raise ValueError(
+            f"{npz_path}: inconsistent shapes features={features.shape} labels={labels.shape} "
+            f"ids={ids.shape}; expected [N, {N_FEATURES}], [N], [N]"
+        )
+    if n and (labels.min() < 0 or labels.max() >= len(classes)):
+        raise ValueError(
+            f"{npz_path}: labels span [{labels.min()}, {labels.max()}] but {classes_path} "
+            f"lists {len(classes)} classes"
+        )
+    if not np.isfinite(features).all():
+        bad = int((~np.isfinite(features).all(axis=1)).sum())
+        raise ValueError(f"{npz_path}: {bad} rows have NaN/inf features; rebuild the bottlenecks")
+    return Bottlenecks(features=features, labels=labels, ids=ids, classes=list(classes))
+
+
+def validation_split(
+    labels: np.ndarray, fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Stratified, deterministic (train_idx, val_idx) over `labels`, both sorted and disjoint.
+
+    Each class gives round(fraction * n_class) images (at least 1, at most n_class - 1), drawn
+    from a generator seeded by `seed`, so the slice depends only on (labels, fraction, seed): every
+    head, and every rerun, sees the same one.
+    """
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"heads.validation_fraction must be in (0, 1), got {fraction}")
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    val_parts = []
+    for cls in np.unique(labels):
+        members = np.flatnonzero(labels == cls)
+        if members.size < 2:
+            raise ValueError(
+                f"class {cls} has {members.size} training image(s): a validation slice needs "
+                "at least 2 per class (lower split.test_fraction or add images)"
+            )
+        n_val = min(max(1, round(fraction * members.size)), members.size - 1)
+        val_parts.append(rng.permutation(members)[:n_val])
+    val_idx = np.sort(np.concatenate(val_parts)) if val_parts else np.zeros(0, np.int64)
+    train_mask = np.ones(labels.shape[0], dtype=bool)
+    train_mask[val_idx] = False
+    return np.flatnonzero(train_mask), val_idx
+
+
+def set_determinism(seed: int) -> None:
+    """Seed Python, NumPy, TensorFlow and Keras, and make TF ops deterministic.
+
+    Called at the start of every training, so two trainings in one process are identical too.
+    """
+    import keras
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(int(seed))
+    tf.config.experimental.enable_op_determinism()
+
+
+def round_sig(value: float, digits: int = 6) -> float:
+    """Round to `digits` significant digits: readable diffs in `dvc metrics diff`."""
+    value = float(value)
+    if not math.isfinite(value) or value == 0.0:
+        return value
+    return float(f"{value:.{digits}g}")
+
+
+def round_floats(obj: Any, digits: int = 6) -> Any:
+    """round_sig applied to every float inside dicts/lists."""
+    if isinstance(obj, float | np.floating):
+        return round_sig(float(obj), digits)
+    if isinstance(obj, Mapping):
+        return {k: round_floats(v, digits) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [round_floats(v, digits) for v in obj]
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj
+
+
+@contextmanager
+def stopwatch() -> Iterator[dict[str, float]]:
+    """`with stopwatch() as t: ...` then t["seconds"] holds the wall time."""
+    timer = {"seconds": 0.0}
+    start = time.perf_counter()
+    try:
+        yield timer
+    finally:
+        timer["seconds"] = time.perf_counter() - start
+
+
+def accuracy_and_loss(probabilities: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    """(accuracy, mean cross-entropy) of predicted probabilities against integer labels."""
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    labels = np.asarray(labels)
+    if labels.size == 0:
+        return float("nan"), float("nan")
+    picked = probabilities[np.arange(labels.size), labels]
+    loss = float(-np.log(np.clip(picked, 1e-12, 1.0)).mean())
+    accuracy = float((probabilities.argmax(axis=1) == labels).mean())
+    return accuracy, loss
+
+
+def curve_summary(curve: Sequence[Mapping[str, float | int]]) -> dict[str, float | int]:
+    """final/best validation accuracy and loss from a training curve."""
+    if not curve:
+        return {}
+    final = curve[-1]
+    best_acc = max(curve, key=lambda r: (r["val_accuracy"], -r["step"]))
+    best_loss = min(curve, key=lambda r: (r["val_loss"], r["step"]))
+    return {
+        "final_val_accuracy": final["val_accuracy"],
+        "final_val_loss": final["val_loss"],
+        "best_val_accuracy": best_acc["val_accuracy"],
+        "best_val_accuracy_step": best_acc["step"],
+        "best_val_loss": best_loss["val_loss"],
+        "best_val_loss_step": best_loss["step"],
+    }
+
+
+def write_labels(model_dir: str | Path, classes: Sequence[str]) -> None:
+    """labels.txt, one class per line in label order (retrain.py's output_labels.txt)."""
+    text = "".join(f"{c}\n" for c in classes)
+    atomic_write_bytes(Path(model_dir) / LABELS_FILE, text.encode("utf-8"))
+
+
+def read_labels(model_dir: str | Path) -> list[str]:
+    path = Path(model_dir) / LABELS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: retrain the head (dvc repro)")
+    return [line for line in path.read_text(encoding="utf-8").splitlines() if line]
+
+
+def write_training_metrics(
+    metrics_dir: str | Path,
+    head: str,
+    result: TrainResult,
+    *,
+    n_parameters: int,
+    n_train: int,
+    n_val: int,
+    n_classes: int,
+) -> dict[str, Any]:
+    """Write metrics/train/<head>.json and (when the head has one) metrics/curves/<head>.csv.
+
+    Every float is rounded to 6 significant digits; only train_seconds varies between reruns.
+    Returns the metrics written.
+    """
+    metrics_dir = Path(metrics_dir)
+    metrics: dict[str, Any] = {
+        "head": head,
+        "n_parameters": int(n_parameters),
+        "n_train": int(n_train),
+        "n_val": int(n_val),
+        "n_classes": int(n_classes),
+        "train_seconds": round(result.train_seconds, 2),
+        **curve_summary(result.curve),
+        **result.summary,
+    }
+    metrics = round_floats(metrics)
+    write_json(metrics_dir / "train" / f"{head}.json", metrics)
+    if result.curve:
+        rows = [round_floats(dict(row)) for row in result.curve]
+        write_csv(metrics_dir / "curves" / f"{head}.csv", CURVE_COLUMNS, rows)
+    return metrics
+
+
+def split_train_val(
+    train: Bottlenecks, fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(x_train, y_train, x_val, y_val) using the shared validation slice."""
+    train_idx, val_idx = validation_split(train.labels, fraction, seed)
+    return (
+        train.features[train_idx],
+        train.labels[train_idx],
+        train.features[val_idx],
+        train.labels[val_idx],
+    )

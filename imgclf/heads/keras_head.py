@@ -1,0 +1,178 @@
+"""The Keras head: Keras 3, Sequential API, compile/fit with callbacks.
+
+The tutorial's recipe by default: Dense(1024, relu) -> [Dropout] -> Dense(n_classes, softmax),
+RMSprop, (sparse) categorical cross-entropy, EarlyStopping on the validation loss that restores
+the best weights. The saved head is `model.keras`; the loaded keras.Model is what an end-to-end
+model (backbone -> head) is built from.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import keras
+import numpy as np
+from tqdm import tqdm
+
+from imgclf.heads.common import N_FEATURES, TrainResult, set_determinism, stopwatch, write_labels
+
+MODEL_FILE = "model.keras"
+
+
+def build_model(
+    n_classes: int, *, n_features: int = N_FEATURES, hidden_units: int = 1024, dropout: float = 0.0
+) -> keras.Sequential:
+    """bottlenecks [N, n_features] -> probabilities [N, n_classes]; hidden_units=0 gives
+    retrain.py's single softmax layer. Dropout, when set, is on the input of the softmax layer
+    (as in the TF head)."""
+    if hidden_units < 0:
+        raise ValueError(f"train_keras.hidden_units must be >= 0, got {hidden_units}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"train_keras.dropout must be in [0, 1), got {dropout}")
+    layers: list[keras.layers.Layer] = [keras.Input(shape=(n_features,), name="bottlenecks")]
+    if hidden_units:
+        layers.append(keras.layers.Dense(hidden_units, activation="relu", name="hidden"))
+    if dropout:
+        layers.append(keras.layers.Dropout(dropout, name="dropout"))
+    layers.append(keras.layers.Dense(n_classes, activation="softmax", name="probabilities"))
+    return keras.Sequential(layers, name="keras_head")
+
+
+def count_parameters(model: keras.Model) -> int:
+    return int(sum(int(np.prod(w.shape)) for w in model.trainable_weights))
+
+
+class _EpochProgress(keras.callbacks.Callback):
+    """A tqdm bar over epochs on stderr (fit's own bar is per batch and noisy in DVC logs)."""
+
+    def __init__(self, epochs: int, enabled: bool) -> None:
+        super().__init__()
+        self.bar = tqdm(total=epochs, desc="train_keras", unit="epoch", file=sys.stderr,
+                        disable=not enabled)  # fmt: skip
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        self.bar.set_postfix(val_accuracy=f"{(logs or {}).get('val_accuracy', 0):.3f}")
+        self.bar.update(1)
+
+    def on_train_end(self, logs: dict | None = None) -> None:
+        self.bar.close()
+
+
+def train_keras_head(
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_val: np.ndarray,
+    y_val: np.ndarray,
+    *,
+    n_classes: int,
+    hidden_units: int = 1024,
+    dropout: float = 0.0,
+    learning_rate: float = 1e-4,
+    epochs: int = 30,
+    batch_size: int = 32,
+    early_stopping_patience: int = 5,
+    seed: int = 0,
+    progress: bool = True,
+) -> TrainResult:
+    """compile + fit; the curve has one row per epoch (train loss/accuracy = fit's running mean
+    over the epoch, with dropout; validation on the whole slice after the epoch). The returned
+    model holds the weights of the epoch with the lowest validation loss."""
+    if epochs < 1 or batch_size < 1:
+        raise ValueError(f"train_keras.epochs and batch_size must be >= 1 ({epochs}, {batch_size})")
+    if len(x_train) == 0 or len(x_val) == 0:
+        raise ValueError("train_keras: empty training or validation set")
+    set_determinism(seed)
+    model = build_model(
+        n_classes, n_features=x_train.shape[1], hidden_units=hidden_units, dropout=dropout
+    )
+    model.compile(
+        optimizer=keras.optimizers.RMSprop(learning_rate=learning_rate),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+    callbacks: list[keras.callbacks.Callback] = [
+        _EpochProgress(epochs, progress),
+    ]
+    early_stopping = None
+    if early_stopping_patience > 0:
+        early_stopping = keras.callbacks.EarlyStopping(
+            monitor="val_loss", patience=early_stopping_patience, restore_best_weights=True
+        )
+        callbacks.append(early_stopping)
+    with stopwatch() as timer:
+        history = model.fit(
+            np.asarray(x_train, np.float32),
+            np.asarray(y_train, np.int64),
+            validation_data=(np.asarray(x_val, np.float32), np.asarray(y_val, np.int64)),
+            epochs=epochs,
+            batch_size=batch_size,
+            shuffle=True,
+            callbacks=callbacks,
+            verbose=0,
+        )
+    h = history.history
+    curve = [
+        {
+            "step": epoch + 1,
+            "train_loss": float(h["loss"][epoch]),
+            "train_accuracy": float(h["accuracy"][epoch]),
+            "val_loss": float(h["val_loss"][epoch]),
+            "val_accuracy": float(h["val_accuracy"][epoch]),
+        }
+        for epoch in range(len(h["loss"]))
+    ]
+    # EarlyStopping(restore_best_weights) hands back the lowest-val_loss epoch, even when it did
+    # not stop early; without it the last epoch's weights are kept.
+    model_epoch = early_stopping.best_epoch + 1 if early_stopping is not None else len(curve)
+    return TrainResult(
+        model=model,
+        curve=curve,
+        summary={
+            "epochs": len(curve),
+            "max_epochs": epochs,
+            "model_step": model_epoch,
+            "steps": len(curve) * -(-len(x_train) // batch_size),
+            "batch_size": batch_size,
+            "learning_rate": learning_rate,
+            "hidden_units": hidden_units,
+            "dropout": dropout,
+            "early_stopping_patience": early_stopping_patience,
+            "optimizer": "rmsprop",
+        },
+        train_seconds=timer["seconds"],
+    )
+
+
+def save_keras_head(model: keras.Model, model_dir: str | Path, classes: list[str]) -> None:
+    """model.keras + labels.txt in `model_dir`, replaced as a whole."""
+    model_dir = Path(model_dir)
+    tmp = model_dir.with_name(f".{model_dir.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model.save(tmp / MODEL_FILE)
+    write_labels(tmp, classes)
+    shutil.rmtree(model_dir, ignore_errors=True)
+    tmp.rename(model_dir)
+
+
+def load_keras_head(model_dir: str | Path) -> keras.Model:
+    """The trained keras.Model (bottlenecks -> probabilities), e.g. to stack on the backbone."""
+    path = Path(model_dir) / MODEL_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: run `dvc repro train_keras` to build it")
+    return keras.saving.load_model(path, compile=False)
+
+
+def predictor(model_dir: str | Path) -> Callable[[np.ndarray], np.ndarray]:
+    """Bottlenecks [N, 2048] -> probabilities [N, n_classes] (float32)."""
+    model = load_keras_head(model_dir)
+
+    def predict(bottlenecks: np.ndarray) -> np.ndarray:
+        x = np.asarray(bottlenecks, dtype=np.float32)
+        return np.asarray(model.predict(x, batch_size=512, verbose=0), dtype=np.float32)
+
+    predict.model = model  # type: ignore[attr-defined]
+    return predict

@@ -1,0 +1,194 @@
+"""Validating image files (ingest) and decoding them to RGB pixels (ingest and bottlenecks).
+
+Two entry points:
+
+- `inspect_image(path, max_pixels)` decodes a file fully, once, and returns its size (after EXIF
+  orientation) and format, or raises `BadImage(reason, detail)` with a short reason code
+  (`empty_file`, `not_an_image`, `unsupported_format`, `corrupt`, `truncated`, `too_large`,
+  `unreadable`). Ingest uses it to turn every bad file into a reported skip.
+- `load_rgb(path_or_bytes)` returns the pixels the models see, as uint8 [H, W, 3]:
+  - EXIF orientation is applied (the image is turned the way a viewer shows it);
+  - animated GIF/WebP/APNG and multi-page TIFF: the first frame;
+  - palette (P), grayscale (1, L), CMYK, YCbCr...: converted to RGB by Pillow;
+  - 16-bit and 32-bit grayscale (I;16, I, F): scaled to 0..255 (16-bit range if above 255);
+  - any transparency (an alpha channel, or a palette/tRNS transparent colour) is composited on
+    a white background, so transparent pixels are white whatever colour they store.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+# Pillow's own default (about a 9,500 x 9,500 image); params.yaml ingest.max_image_pixels.
+DEFAULT_MAX_PIXELS = 89_478_485
+
+# Formats ingest accepts, with the extension a file gets when its name has none. Pillow reads
+# many more (ICO, PSD, PCX...); they are refused as `unsupported_format` because they are rarely
+# photos and other tools that read data/images (tf.io.decode_image) do not read them.
+FORMAT_EXTENSIONS: dict[str, str] = {
+    "JPEG": ".jpg",
+    "MPO": ".jpg",  # multi-picture JPEG written by some cameras: a JPEG to every reader
+    "PNG": ".png",
+    "GIF": ".gif",
+    "BMP": ".bmp",
+    "WEBP": ".webp",
+    "TIFF": ".tif",
+}
+
+_EXIF_ORIENTATION = 0x0112
+_TRANSPOSED_ORIENTATIONS = {5, 6, 7, 8}  # the ones that swap width and height
+
+
+class BadImage(Exception):
+    """A file that ingest must skip: `reason` is a short code for reports, `detail` says why."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    width: int  # as displayed, i.e. after EXIF orientation
+    height: int
+    format: str  # Pillow's format name: JPEG, PNG, GIF...
+
+
+def inspect_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageInfo:
+    """Decode `path` fully and return its displayed size and format, or raise `BadImage`.
+
+    `verify()` checks the container (PNG chunk CRCs...) without decoding; it leaves the image
+    unusable, so the file is opened again and `load()`ed, which decodes every pixel and is what
+    catches truncated or damaged JPEG data. An image above `max_pixels` is `too_large` (a
+    decompression bomb), decided from the header before any pixel is decoded: Pillow's global
+    `Image.MAX_IMAGE_PIXELS` is set to `max_pixels` for the call (and restored) and its
+    DecompressionBombWarning/Error become `too_large`. Not thread-safe (global limit and
+    catch_warnings): call it from one thread.
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        raise BadImage("unreadable", f"{type(e).__name__}: {e}") from None
+    if size == 0:
+        raise BadImage("empty_file", "the file has 0 bytes")
+    previous_limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = max_pixels
+    try:
+        info = _inspect(path, max_pixels)
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous_limit
+    return info
+
+
+def _inspect(path: Path, max_pixels: int) -> ImageInfo:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            with Image.open(path) as img:
+                fmt = img.format or ""
+                width, height = img.size
+                _check_pixels(width, height, max_pixels)
+                if fmt not in FORMAT_EXTENSIONS:
+                    raise BadImage(
+                        "unsupported_format",
+                        f"{fmt} image; accepted: {', '.join(sorted(FORMAT_EXTENSIONS))}",
+                    )
+                img.verify()
+            with Image.open(path) as img:
+                orientation = img.getexif().get(_EXIF_ORIENTATION, 1)
+                img.load()
+        except BadImage:
+            raise
+        except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+            raise BadImage("too_large", str(e)) from None
+        except UnidentifiedImageError:
+            kind = _magic_format(path)
+            if kind:  # an image whose header is damaged, not a stray text file
+                raise BadImage("corrupt", f"starts like a {kind} file but cannot be read") from None
+            raise BadImage("not_an_image", "not an image file Pillow can identify") from None
+        except MemoryError:
+            raise BadImage("too_large", "out of memory while decoding") from None
+        except Exception as e:  # Pillow's plugins raise OSError, SyntaxError, ValueError...
+            raise BadImage(_decode_failure_reason(e), f"{type(e).__name__}: {e}") from None
+    if orientation in _TRANSPOSED_ORIENTATIONS:
+        width, height = height, width
+    return ImageInfo(width=width, height=height, format=fmt)
+
+
+def _check_pixels(width: int, height: int, max_pixels: int) -> None:
+    # Pillow only warns between 1x and 2x its limit; ingest refuses everything above it.
+    if width * height > max_pixels:
+        raise BadImage(
+            "too_large",
+            f"{width}x{height} = {width * height} pixels > ingest.max_image_pixels={max_pixels}",
+        )
+
+
+_MAGIC = (
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"GIF87a", "GIF"),
+    (b"GIF89a", "GIF"),
+    (b"BM", "BMP"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+)
+
+
+def _magic_format(path: Path) -> str | None:
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WEBP"
+    return next((name for magic, name in _MAGIC if head.startswith(magic)), None)
+
+
+def _decode_failure_reason(error: Exception) -> str:
+    if isinstance(error, EOFError) or "truncat" in str(error).lower():
+        return "truncated"
+    if "too large" in str(error).lower():  # e.g. PNG text chunks above Pillow's safety limit
+        return "too_large"
+    return "corrupt"
+
+
+def load_rgb(source: str | Path | bytes | bytearray | memoryview) -> np.ndarray:
+    """Decode an image file (path or encoded bytes) to uint8 RGB [H, W, 3]; see the module doc.
+
+    Thread-safe (the bottleneck stage calls it from tf.data workers).
+    """
+    fp = io.BytesIO(bytes(source)) if isinstance(source, bytes | bytearray | memoryview) else source
+    with Image.open(fp) as img:
+        img.seek(0)
+        # exif_transpose returns a new, loaded image (or a copy when there is nothing to do).
+        upright = ImageOps.exif_transpose(img)
+    return to_rgb_array(upright)
+
+
+def to_rgb_array(img: Image.Image) -> np.ndarray:
+    """The RGB pixels of an already opened image (see the module doc for the conversions)."""
+    mode = img.mode
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        values = np.asarray(img, dtype=np.float64)
+        if values.max(initial=0) > 255:
+            values = values / 257.0  # 16-bit range -> 8-bit
+        gray = np.clip(np.rint(values), 0, 255).astype(np.uint8)
+        return np.ascontiguousarray(np.repeat(gray[:, :, None], 3, axis=2))
+    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
+    if has_alpha:
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        rgb = Image.alpha_composite(white, rgba).convert("RGB")
+    elif mode != "RGB":
+        rgb = img.convert("RGB")
+    else:
+        rgb = img
+    array = np.asarray(rgb, dtype=np.uint8)
+    return np.ascontiguousarray(array)

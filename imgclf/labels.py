@@ -1,0 +1,108 @@
+"""Class labels and file names -> safe, portable directory and file names.
+
+A label (a folder name of a class tree, or a Dataturks label) becomes the directory
+`data/images/<class_dir>/`; the original label is kept in the manifest `label` column.
+
+Rules (`class_dir_name`, `safe_file_name`):
+- Unicode NFC (macOS hands out NFD names: "rosé" must be one class whatever typed it);
+- no path separators, control characters (tab and newline included) or format characters,
+  nor characters Windows refuses (<>:"|?*): each becomes "_"; runs of other whitespace become
+  one space; no leading dots or spaces (no hidden folders, no "." or ".."), no trailing dots
+  or spaces (Windows drops them);
+- at most 150 UTF-8 bytes (a hash of the original keeps truncated names distinct).
+- Case is kept, but two different labels whose folder names differ only in case (or become
+  equal after the rules above) are an ERROR, not a silent merge: on macOS and Windows they
+  would land in the same folder, and whether "Cat" and "cat" are one class is the user's
+  decision (see `ClassNameCollision`). Labels that differ only by surrounding whitespace or
+  Unicode normal form are the same label (`normalize_label`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import unicodedata
+from collections.abc import Iterable
+
+_FORBIDDEN = re.compile(r'[/\\<>:"|?*]')
+_WHITESPACE = re.compile(r"\s+")
+_MAX_BYTES = 150
+
+
+class ClassNameCollision(ValueError):
+    """Different labels that would share one class folder."""
+
+
+def normalize_label(label: str) -> str:
+    """The label as recorded in the manifest: NFC, surrounding whitespace removed."""
+    return unicodedata.normalize("NFC", label).strip()
+
+
+def _clean(name: str) -> str:
+    name = unicodedata.normalize("NFC", name)
+    name = "".join("_" if unicodedata.category(ch) in ("Cc", "Cf") else ch for ch in name)
+    name = _FORBIDDEN.sub("_", name)
+    name = _WHITESPACE.sub(" ", name)
+    return name.lstrip(". ").rstrip(". ")
+
+
+def _shorten(stem: str, suffix: str, original: str) -> str:
+    if len((stem + suffix).encode("utf-8")) <= _MAX_BYTES:
+        return stem + suffix
+    tag = "_" + hashlib.sha256(original.encode("utf-8")).hexdigest()[:8]
+    budget = _MAX_BYTES - len((tag + suffix).encode("utf-8"))
+    short = stem.encode("utf-8")[:budget].decode("utf-8", errors="ignore").rstrip(". ")
+    return short + tag + suffix
+
+
+def class_dir_name(label: str) -> str:
+    """The folder name for `label`; "" when nothing usable is left (e.g. "..", "   ")."""
+    cleaned = _clean(label)
+    return _shorten(cleaned, "", label) if cleaned else ""
+
+
+def safe_file_name(name: str, default_suffix: str = "") -> str:
+    """A safe base name for a file called `name` (its last path component is used).
+
+    `default_suffix` (e.g. ".jpg") is appended when the name has no extension, and the name
+    is "image" + suffix when nothing usable is left.
+    """
+    base = re.split(r"[/\\]", name)[-1]
+    cleaned = _clean(base) or "image"
+    stem, dot, ext = cleaned.rpartition(".")
+    if not dot or not stem:
+        stem, ext = cleaned, ""
+        suffix = default_suffix
+    else:
+        suffix = "." + ext
+    return _shorten(stem, suffix, base)
+
+
+def class_dirs(labels: Iterable[str]) -> dict[str, str]:
+    """Map every label to its class folder, or raise `ClassNameCollision` listing every clash.
+
+    Labels whose folder name is "" are left out (the caller reports their items).
+    """
+    by_key: dict[str, set[str]] = {}
+    mapping: dict[str, str] = {}
+    for label in sorted(set(labels)):
+        folder = class_dir_name(label)
+        if not folder:
+            continue
+        mapping[label] = folder
+        by_key.setdefault(folder.casefold(), set()).add(label)
+    clashes = {key: sorted(group) for key, group in by_key.items() if len(group) > 1}
+    if clashes:
+        lines = [
+            "  " + ", ".join(f"{label!r} -> {mapping[label]!r}" for label in group)
+            for _, group in sorted(clashes.items())
+        ]
+        raise ClassNameCollision(
+            "different labels would share one class folder (folder names are compared "
+            "ignoring case, after removing characters that are not safe in file names):\n"
+            + "\n".join(lines)
+            + "\nRename the labels (in the export, or the folders of the class tree) so that "
+            "they are identical if they are one class, or differ by more than case and "
+            "punctuation if they are not."
+        )
+    return mapping

@@ -1,0 +1,440 @@
+"""The evaluate stage's reports: metrics JSON, confusion CSV/PNG, misclassified CSV and contact
+sheet, and the markdown comparison table the README shows.
+
+Every writer is deterministic (sorted rows, rounded floats, no timestamps in the PNGs), so a
+rerun on the same predictions gives byte-identical files and `dvc status` stays clean.
+"""
+
+from __future__ import annotations
+
+import ast
+import io
+import math
+import sys
+import tokenize
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from imgclf.evaluation import ALPHA, HeadResult, PairedTest, metrics_dict
+from imgclf.fileio import atomic_write_bytes, read_json, write_csv, write_json
+
+DISPLAY_NAMES = {"tf": "TF", "keras": "Keras", "sklearn": "scikit-learn"}
+
+MISCLASSIFIED_COLUMNS = ("id", "path", "actual", "predicted", "confidence", "p_actual")
+
+
+def display_name(head: str) -> str:
+    return DISPLAY_NAMES.get(head, head)
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-head metrics and confusion matrix
+
+
+def write_head_metrics(path: str | Path, result: HeadResult) -> dict[str, Any]:
+    """metrics/evaluate/<head>.json; returns what was written."""
+    payload = metrics_dict(result)
+    write_json(path, payload)
+    return payload
+
+
+def _by_id(result: HeadResult) -> np.ndarray:
+    # Reports list images in id order, whatever order the bottlenecks stored them in.
+    return np.argsort(result.ids, kind="stable")
+
+
+def write_confusion_csv(path: str | Path, result: HeadResult) -> None:
+    """One `actual,predicted` row (class names) per test image, in image-id order: the input of
+    DVC's `confusion` template."""
+    names = result.classes
+    rows = [
+        {"actual": names[result.labels[i]], "predicted": names[result.predicted[i]]}
+        for i in _by_id(result)
+    ]
+    write_csv(path, ("actual", "predicted"), rows)
+
+
+def confusion_png(result: HeadResult) -> bytes:
+    """A confusion-matrix heat map (rows: actual, columns: predicted) with counts in the cells."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on CI or inside `dvc repro`
+    import matplotlib.pyplot as plt
+
+    n = len(result.classes)
+    side = max(4.0, 1.0 + 0.75 * n)
+    fig, ax = plt.subplots(figsize=(side + 1.0, side), dpi=100)
+    try:
+        matrix = result.matrix
+        ax.imshow(matrix, cmap="Blues", vmin=0, vmax=max(1, int(matrix.max())))
+        ax.set_xticks(range(n), labels=result.classes, rotation=45, ha="right")
+        ax.set_yticks(range(n), labels=result.classes)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("actual")
+        threshold = matrix.max() / 2 if matrix.max() else 1
+        for i in range(n):
+            for j in range(n):
+                ax.text(
+                    j,
+                    i,
+                    str(int(matrix[i, j])),
+                    ha="center",
+                    va="center",
+                    color="white" if matrix[i, j] > threshold else "black",
+                    fontsize=9,
+                )
+        ax.set_title(
+            f"{display_name(result.head)}: accuracy {result.accuracy:.3f} "
+            f"[{result.ci_low:.3f}, {result.ci_high:.3f}], n = {result.n_test}"
+        )
+        fig.tight_layout()
+        buf = io.BytesIO()
+        # No "Software" chunk: the bytes then depend on the picture only.
+        fig.savefig(buf, format="png", metadata={"Software": None})
+        return buf.getvalue()
+    finally:
+        plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Misclassified images
+
+
+def misclassified_rows(result: HeadResult, split_dir: str | Path) -> list[dict[str, Any]]:
+    """The test images the head gets wrong, most confident mistakes first (ties: by id).
+
+    `path` is where the image lives (the split tree); `confidence` is the probability of the
+    predicted class, `p_actual` the probability the head gave the true class.
+    """
+    names = result.classes
+    wrong = [int(i) for i in _by_id(result) if result.predicted[i] != result.labels[i]]
+    rows = [
+        {
+            "id": str(result.ids[i]),
+            "path": (Path(split_dir) / str(result.ids[i])).as_posix(),
+            "actual": names[result.labels[i]],
+            "predicted": names[result.predicted[i]],
+            "confidence": round(float(result.confidence[i]), 4),
+            "p_actual": round(float(result.probabilities[i, result.labels[i]]), 4),
+        }
+        for i in wrong
+    ]
+    rows.sort(key=lambda r: (-r["confidence"], r["id"]))
+    return rows
+
+
+def write_misclassified_csv(path: str | Path, rows: Sequence[Mapping[str, Any]]) -> None:
+    # Fixed 4 decimals, so 0.5 is written "0.5000" and the column reads (and diffs) evenly.
+    formatted = [
+        {**r, "confidence": f"{r['confidence']:.4f}", "p_actual": f"{r['p_actual']:.4f}"}
+        for r in rows
+    ]
+    write_csv(path, MISCLASSIFIED_COLUMNS, formatted)
+
+
+# Contact-sheet geometry (pixels). Fixed, so the sheet size is a function of the image count.
+THUMB = 128
+CELL_W = 184
+PAD = 6
+LINE_H = 14
+CELL_H = PAD + THUMB + PAD + 2 * LINE_H + PAD
+HEADER_H = 28
+SHEET_COLUMNS = 6
+FONT_SIZE = 11
+_BACKGROUND = (255, 255, 255)
+_PLACEHOLDER = (200, 200, 200)
+_TEXT = (0, 0, 0)
+_MUTED = (90, 90, 90)
+
+
+def contact_sheet_size(n_images: int) -> tuple[int, int]:
+    """(width, height) of a sheet of `n_images` thumbnails (n = 0: the header only)."""
+    rows = math.ceil(n_images / SHEET_COLUMNS)
+    return SHEET_COLUMNS * CELL_W, HEADER_H + rows * CELL_H
+
+
+def _font(size: int = FONT_SIZE) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    # Pillow's bundled font, never a system one, so the sheet looks the same on every machine.
+    return ImageFont.load_default(size=size)
+
+
+def _fit(draw: ImageDraw.ImageDraw, text: str, font, width: float) -> str:
+    """`text`, shortened with '...' until it fits in `width` pixels."""
+    if draw.textlength(text, font=font) <= width:
+        return text
+    while text and draw.textlength(text + "...", font=font) > width:
+        text = text[:-1]
+    return text + "..."
+
+
+def _draw_arrow(draw: ImageDraw.ImageDraw, x: float, y_mid: float, length: int = 10) -> None:
+    # Pillow's bundled font has no U+2192 glyph, so the arrow is drawn.
+    draw.line([(x, y_mid), (x + length, y_mid)], fill=_TEXT, width=1)
+    draw.polygon(
+        [(x + length + 1, y_mid), (x + length - 3, y_mid - 3), (x + length - 3, y_mid + 3)],
+        fill=_TEXT,
+    )
+
+
+def _thumbnail(path: Path) -> Image.Image | None:
+    """The image as the model saw it (EXIF-upright RGB), shrunk to fit THUMB x THUMB; None when
+    it cannot be read."""
+    try:
+        from imgclf.images import load_rgb
+    except ImportError:  # pragma: no cover - images.py is part of the package
+        load_rgb = None
+    try:
+        if load_rgb is not None:
+            img = Image.fromarray(load_rgb(path), "RGB")
+        else:  # pragma: no cover
+            from PIL import ImageOps
+
+            with Image.open(path) as raw:
+                img = ImageOps.exif_transpose(raw).convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        print(f"evaluate: cannot read {path} for the contact sheet: {exc}", file=sys.stderr)
+        return None
+    img.thumbnail((THUMB, THUMB), Image.Resampling.LANCZOS)
+    return img
+
+
+@dataclass(frozen=True)
+class SheetResult:
+    png: bytes
+    shown: int
+    unreadable: int
+
+
+def contact_sheet(rows: Sequence[Mapping[str, Any]], title: str, max_images: int) -> SheetResult:
+    """A PNG grid of the first `max_images` misclassified images (rows as from
+    `misclassified_rows`, i.e. most confident first), each labelled "true -> predicted (0.93)"
+    with the file name below. Unreadable images get a grey placeholder and are counted."""
+    shown = list(rows[: max(0, int(max_images))])
+    width, height = contact_sheet_size(len(shown))
+    sheet = Image.new("RGB", (width, height), _BACKGROUND)
+    draw = ImageDraw.Draw(sheet)
+    font = _font()
+    header = f"{title}: {len(rows)} misclassified"
+    if len(shown) < len(rows):
+        header += f", the {len(shown)} most confident shown"
+    if not rows:
+        header = f"{title}: no misclassified test images"
+    draw.text((PAD, (HEADER_H - FONT_SIZE) // 2), header, fill=_TEXT, font=_font(FONT_SIZE + 2))
+
+    unreadable = 0
+    for k, row in enumerate(shown):
+        x0 = (k % SHEET_COLUMNS) * CELL_W
+        y0 = HEADER_H + (k // SHEET_COLUMNS) * CELL_H
+        thumb = _thumbnail(Path(row["path"]))
+        if thumb is None:
+            unreadable += 1
+            box = (x0 + (CELL_W - THUMB) // 2, y0 + PAD)
+            draw.rectangle([box, (box[0] + THUMB - 1, box[1] + THUMB - 1)], fill=_PLACEHOLDER)
+            draw.text((box[0] + PAD, box[1] + THUMB // 2), "unreadable", fill=_TEXT, font=font)
+        else:
+            # Centre the thumbnail in its THUMB x THUMB box.
+            sheet.paste(
+                thumb,
+                (x0 + (CELL_W - thumb.width) // 2, y0 + PAD + (THUMB - thumb.height) // 2),
+            )
+        text_w = CELL_W - 2 * PAD
+        y_text = y0 + PAD + THUMB + PAD
+        arrow_w = 15
+        score = f" ({float(row['confidence']):.2f})"
+        # Share the line between the two class names, each shortened only if it has to be.
+        budget = text_w - arrow_w - draw.textlength(score, font=font)
+        actual = _fit(draw, str(row["actual"]), font, budget / 2)
+        predicted = _fit(
+            draw, str(row["predicted"]), font, budget - draw.textlength(actual, font=font)
+        )
+        x = x0 + PAD
+        draw.text((x, y_text), actual, fill=_TEXT, font=font)
+        x += draw.textlength(actual, font=font) + 2
+        _draw_arrow(draw, x, y_text + FONT_SIZE / 2 + 1)
+        x += arrow_w + 1
+        draw.text((x, y_text), predicted + score, fill=_TEXT, font=font)
+        name = _fit(draw, Path(str(row["id"])).name, font, text_w)
+        draw.text((x0 + PAD, y_text + LINE_H), name, fill=_MUTED, font=font)
+
+    buf = io.BytesIO()
+    sheet.save(buf, format="PNG", optimize=False)
+    return SheetResult(png=buf.getvalue(), shown=len(shown), unreadable=unreadable)
+
+
+# ---------------------------------------------------------------------------------------------
+# Comparison table
+
+
+def lines_of_code(path: str | Path) -> int | None:
+    """Lines holding code in a Python file: blank lines, comments and docstrings do not count.
+    None when the file is missing or does not parse."""
+    path = Path(path)
+    try:
+        source = path.read_text(encoding="utf-8")
+        tree = ast.parse(source)
+    except (OSError, SyntaxError, UnicodeDecodeError):
+        return None
+    docstring_lines: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
+            body = node.body
+            if (
+                body
+                and isinstance(body[0], ast.Expr)
+                and isinstance(body[0].value, ast.Constant)
+                and isinstance(body[0].value.value, str)
+            ):
+                end = body[0].end_lineno or body[0].lineno
+                docstring_lines.update(range(body[0].lineno, end + 1))
+    skip = {tokenize.COMMENT, tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT,
+            tokenize.ENCODING, tokenize.ENDMARKER}  # fmt: skip
+    code_lines: set[int] = set()
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type in skip:
+            continue
+        # A token may span lines (a multi-line string): every line it covers holds code.
+        code_lines.update(range(tok.start[0], tok.end[0] + 1))
+    return len(code_lines - docstring_lines)
+
+
+def training_length(train: Mapping[str, Any]) -> str:
+    """How long the head trained, in its own unit (from metrics/train/<head>.json)."""
+    if "epochs" in train:
+        text = f"{int(train['epochs']):,} epochs"
+        if "steps" in train:
+            text += f" ({int(train['steps']):,} steps)"
+        return text
+    if "steps" in train:
+        return f"{int(train['steps']):,} steps"
+    if "iterations" in train:
+        return f"{int(train['iterations']):,} iterations"
+    return "–"
+
+
+def read_train_metrics(path: str | Path) -> dict[str, Any]:
+    """metrics/train/<head>.json, or {} (the table then shows dashes) when it is missing."""
+    path = Path(path)
+    if not path.is_file():
+        print(f"evaluate: {path} not found; the comparison table shows '–'", file=sys.stderr)
+        return {}
+    data = read_json(path)
+    return data if isinstance(data, dict) else {}
+
+
+def paired_sentence(test: PairedTest) -> str:
+    """'TF vs Keras: 7 vs 5 discordant, p = 0.77: not significant.'"""
+    a, b = display_name(test.a), display_name(test.b)
+    verdict = "not significant"
+    if test.significant:
+        better = a if test.a_only > test.b_only else b
+        verdict = f"significant, {better} is better"
+    return (
+        f"{a} vs {b}: {test.a_only} vs {test.b_only} discordant, "
+        f"p = {_format_p(test.p_value)}: {verdict}."
+    )
+
+
+def _format_p(p: float) -> str:
+    if p < 0.001:
+        return "< 0.001"
+    return f"{p:.3f}" if p < 0.01 else f"{p:.2f}"
+
+
+def comparison_markdown(
+    results: Sequence[HeadResult],
+    tests: Sequence[PairedTest],
+    train_metrics: Mapping[str, Mapping[str, Any]],
+    loc: Mapping[str, int | None],
+) -> str:
+    """metrics/comparison.md: one row per head, then the paired tests in words."""
+    n_test = results[0].n_test if results else 0
+    lines = [
+        "| Head | Test accuracy [95% CI] | Macro-F1 | Log loss | Training time | Parameters "
+        "| Steps / epochs | Lines of code |",
+        "|---|---|---|---|---:|---:|---|---:|",
+    ]
+    dash = "–"
+    for r in results:
+        train = train_metrics.get(r.head, {})
+        seconds = train.get("train_seconds")
+        params = train.get("n_parameters")
+        n_loc = loc.get(r.head)
+        lines.append(
+            f"| {display_name(r.head)} "
+            f"| {r.accuracy:.3f} [{r.ci_low:.3f}, {r.ci_high:.3f}] "
+            f"| {r.macro_f1:.3f} "
+            f"| {r.log_loss:.3f} "
+            f"| {f'{float(seconds):.1f} s' if seconds is not None else dash} "
+            f"| {f'{int(params):,}' if params is not None else dash} "
+            f"| {training_length(train)} "
+            f"| {n_loc if n_loc is not None else dash} |"
+        )
+    lines += [
+        "",
+        f"Test set: {n_test} images, the same for every head; accuracy intervals are 95% Wilson "
+        "score intervals. Training length and time come from `metrics/train/<head>.json`; "
+        "lines of code count the non-blank lines of `imgclf/heads/<head>_head.py` that are "
+        "neither comments nor docstrings.",
+        "",
+        "Paired comparisons on the same test images (exact McNemar test: a two-sided binomial "
+        "test on the images exactly one of the two heads gets right, “7 vs 5” = right only "
+        f"by the first vs right only by the second; significant when p < {ALPHA}):",
+        "",
+        *[f"- {paired_sentence(t)}" for t in tests],
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def write_comparison_json(path: str | Path, tests: Sequence[PairedTest]) -> None:
+    """metrics/evaluate/comparison.json: one entry per pair, keyed "<a>_vs_<b>"."""
+    write_json(path, {f"{t.a}_vs_{t.b}": t.as_dict() for t in tests})
+
+
+def write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def write_png(path: str | Path, data: bytes) -> None:
+    atomic_write_bytes(path, data)
+
+
+@dataclass(frozen=True)
+class ReportSummary:
+    misclassified: dict[str, int]
+    unreadable_thumbnails: int
+
+
+def write_reports(
+    results: Sequence[HeadResult],
+    tests: Sequence[PairedTest],
+    *,
+    metrics_dir: str | Path,
+    split_dir: str | Path,
+    train_metrics: Mapping[str, Mapping[str, Any]],
+    loc: Mapping[str, int | None],
+    sheet_max: int,
+) -> ReportSummary:
+    """Every evaluate output under `metrics_dir` (see the module doc and dvc.yaml)."""
+    metrics_dir = Path(metrics_dir)
+    misclassified: dict[str, int] = {}
+    unreadable = 0
+    for r in results:
+        write_head_metrics(metrics_dir / "evaluate" / f"{r.head}.json", r)
+        write_confusion_csv(metrics_dir / "confusion" / f"{r.head}.csv", r)
+        write_png(metrics_dir / "confusion" / f"{r.head}.png", confusion_png(r))
+        rows = misclassified_rows(r, split_dir)
+        write_misclassified_csv(metrics_dir / "misclassified" / f"{r.head}.csv", rows)
+        sheet = contact_sheet(rows, display_name(r.head), sheet_max)
+        write_png(metrics_dir / "misclassified" / f"{r.head}.png", sheet.png)
+        misclassified[r.head] = len(rows)
+        unreadable += sheet.unreadable
+    write_comparison_json(metrics_dir / "evaluate" / "comparison.json", tests)
+    write_text(
+        metrics_dir / "comparison.md", comparison_markdown(results, tests, train_metrics, loc)
+    )
+    return ReportSummary(misclassified=misclassified, unreadable_thumbnails=unreadable)

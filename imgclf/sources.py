@@ -1,0 +1,309 @@
+"""Where the images come from: `data.source` resolved to a class-folder tree or a
+Dataturks export on local disk, downloading and extracting into the user cache as needed.
+
+data.source may be
+- a folder `<class>/<image files>` (a lone wrapper folder, as in flower_photos.tgz, is
+  unwrapped);
+- a .tgz/.tar.gz/.tar/.zip of such a folder, as a path or an http(s) URL: downloaded once
+  into cache_dir("downloads"), extracted once into cache_dir("extracted", <sha256>);
+- a Dataturks image-classification export (JSON Lines whose first line has "content"),
+  as a path or a URL.
+Relative paths are taken from `base_dir` (the repo root), `~` is expanded, file:// works.
+For the official flower_photos.tgz, Keras' own cache (~/.keras/datasets) is used first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import unicodedata
+import urllib.parse
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from imgclf.archives import archive_format, extract_archive
+from imgclf.config import cache_dir
+from imgclf.downloads import DownloadError, download_file
+from imgclf.fileio import sha256_file
+
+DEFAULT_SOURCE = (
+    "https://storage.googleapis.com/download.tensorflow.org/example_images/flower_photos.tgz"
+)
+FLOWERS_ARCHIVE = "flower_photos.tgz"
+EXPORT_SUFFIXES = (".json", ".jsonl", ".txt")
+# Written into an extraction folder once it is complete; also never fingerprinted.
+COMPLETE_MARKER = ".imgclf-complete"
+_EXPECTED = (
+    "a folder of <class>/<image files> (like flower_photos/daisy/*.jpg), a .tgz/.tar.gz/.zip "
+    "archive of one, or a Dataturks image-classification export (JSON Lines)"
+)
+_HOW = (
+    "run `make run DATA=/path/to/flower_photos` or "
+    "`dvc exp run -S data.source=/path/to/flower_photos`"
+)
+
+
+class SourceUnavailable(RuntimeError):
+    """data.source cannot be downloaded, found or understood; the message is one paragraph
+    saying what to do."""
+
+
+@dataclass(frozen=True)
+class ResolvedSource:
+    source: str  # what the user wrote in params.yaml data.source
+    kind: str  # "tree" | "dataturks"
+    path: Path  # the class-tree root directory, or the export file
+    origin: str  # human-readable provenance (URL, archive path + member root, ...)
+
+
+def ignored_name(name: str) -> bool:
+    """Hidden files and OS litter are not data (a .DS_Store must not change a fingerprint)."""
+    return name.startswith(".") or name in ("__MACOSX", "Thumbs.db", "desktop.ini")
+
+
+# -- trees ----------------------------------------------------------------------------------
+def _subdirs(path: Path) -> list[Path]:
+    return sorted(p for p in path.iterdir() if p.is_dir() and not ignored_name(p.name))
+
+
+def _unwrap(path: Path) -> Path:
+    """flower_photos.tgz holds flower_photos/<class>/...: step into a lone wrapper folder."""
+    while True:
+        dirs = _subdirs(path)
+        if len(dirs) == 1 and _subdirs(dirs[0]):
+            path = dirs[0]
+        else:
+            return path
+
+
+def _tree(source: str, path: Path, origin: str) -> ResolvedSource:
+    root = _unwrap(path)
+    if not _subdirs(root):
+        files = sum(1 for p in root.iterdir() if p.is_file())
+        raise SourceUnavailable(
+            f"data.source {source!r}: {origin} holds no class folders ({files} files, no "
+            f"sub-folders). Expected {_EXPECTED}."
+        )
+    if root != path:
+        origin += f" (inside {root.relative_to(path).as_posix()}/)"
+    return ResolvedSource(source, "tree", root, origin)
+
+
+# -- Dataturks exports ----------------------------------------------------------------------
+def _first_line(path: Path) -> str | None:
+    """The first non-empty line (up to 4 MiB of it), or None if the file is not text."""
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            for _ in range(1000):
+                line = f.readline(1 << 22)
+                if not line:
+                    return None
+                if line.strip():
+                    return line.strip()
+    except (UnicodeDecodeError, OSError):
+        return None
+    return None
+
+
+def is_dataturks_export(path: Path) -> bool:
+    """JSON Lines whose first non-empty line is an object with a "content" key."""
+    line = _first_line(path)
+    if line is None or not line.startswith("{"):
+        return False
+    try:
+        item = json.loads(line)
+    except json.JSONDecodeError:
+        return False
+    return isinstance(item, dict) and "content" in item
+
+
+# -- archives -------------------------------------------------------------------------------
+def _extracted(archive: Path) -> Path:
+    """Extract once per archive content into the user cache; reuse a complete extraction."""
+    digest = sha256_file(archive)
+    target = cache_dir("extracted") / digest
+    marker = target / COMPLETE_MARKER
+    if marker.is_file():
+        return target
+    if target.exists():  # ours, and incomplete (killed between rename and marker): redo
+        shutil.rmtree(target)
+    try:
+        extract_archive(archive, target)
+    except (FileExistsError, OSError):
+        if marker.is_file():  # a parallel run extracted it first
+            return target
+        raise
+    marker.write_text(f"{digest}  {archive.name}\n", encoding="utf-8")
+    return target
+
+
+def _resolve_file(source: str, file: Path, origin: str, name: str) -> ResolvedSource:
+    if archive_format(file) is not None:
+        try:
+            root = _extracted(file)
+        except ValueError as e:  # includes UnsafeArchiveError
+            raise SourceUnavailable(f"data.source {source!r}: {e}. Expected {_EXPECTED}.") from e
+        return _tree(source, root, f"{origin} (extracted)")
+    if is_dataturks_export(file):
+        return ResolvedSource(source, "dataturks", file, origin)
+    line = _first_line(file)
+    if name.lower().endswith(EXPORT_SUFFIXES) and line is not None:
+        hint = " (a JSON array: export as JSON Lines, one item per line)" if line[:1] == "[" else ""
+        raise SourceUnavailable(
+            f"data.source {source!r}: {origin} is not a Dataturks image-classification export: "
+            f'its first line {line[:80]!r} is not a JSON object with a "content" key{hint}. '
+            f"Expected {_EXPECTED}."
+        )
+    raise SourceUnavailable(
+        f"data.source {source!r}: {origin} is neither a folder, an archive nor a Dataturks "
+        f"export. Expected {_EXPECTED}."
+    )
+
+
+def _resolve_local(source: str, path: Path, relative_to: Path | None) -> ResolvedSource:
+    if not path.exists():
+        where = f" (relative to {relative_to})" if relative_to is not None else ""
+        raise SourceUnavailable(
+            f"data.source {source!r} points to {path}{where}, which does not exist. Expected "
+            f"{_EXPECTED}. Fix data.source in params.yaml, or {_HOW}."
+        )
+    if path.is_dir():
+        return _tree(source, path, str(path))
+    return _resolve_file(source, path, str(path), path.name)
+
+
+# -- URLs -----------------------------------------------------------------------------------
+def keras_datasets_dir() -> Path:
+    """Keras' download cache: $KERAS_HOME/datasets, else ~/.keras/datasets."""
+    home = os.environ.get("KERAS_HOME")
+    return (Path(home).expanduser() if home else Path.home() / ".keras") / "datasets"
+
+
+def _display(path: Path) -> str:
+    try:
+        return "~/" + path.relative_to(Path.home()).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def keras_cached_flowers(source: str) -> ResolvedSource | None:
+    """flower_photos as keras.utils.get_file left it, in any of its layouts (Keras 2 and 3,
+    untar= or extract=), or None."""
+    datasets = keras_datasets_dir()
+    for name in ("flower_photos", "flower_photos_extracted", "flower_photos.tgz"):
+        folder = datasets / name
+        if folder.is_dir():
+            try:
+                return _tree(source, folder, f"Keras cache {_display(folder)}")
+            except SourceUnavailable:
+                continue  # an empty or half-made folder: try the next layout
+    for name in ("flower_photos.tgz", "flower_photos.tar.gz", "flower_photos_archive"):
+        archive = datasets / name
+        if archive.is_file() and archive_format(archive) is not None:
+            try:
+                return _tree(source, _extracted(archive), f"Keras cache {_display(archive)}")
+            except (ValueError, SourceUnavailable) as e:  # a truncated Keras download
+                print(f"warning: ignoring {archive}: {e}", file=sys.stderr)
+    return None
+
+
+def offline_message(url: str, reason: str, network: bool = True) -> str:
+    """The one paragraph shown when data.source cannot be downloaded."""
+    keras = _display(keras_datasets_dir())
+    why = (
+        "this machine looks offline, or the host is unreachable"
+        if network
+        else "check the URL in data.source"
+    )
+    return (
+        f"Could not download {url} ({reason}); {why}. The pipeline works just as well from a "
+        f"local copy of the data: {_HOW}, where the path is {_EXPECTED}. A copy of "
+        f"{FLOWERS_ARCHIVE} (or its extracted flower_photos/ folder) in {keras}/ is picked up "
+        f"automatically."
+    )
+
+
+def _resolve_url(source: str, url: str, timeout_s: float, retries: int) -> ResolvedSource:
+    name = urllib.parse.unquote(urllib.parse.urlsplit(url).path.rsplit("/", 1)[-1])
+    if name == FLOWERS_ARCHIVE:
+        cached = keras_cached_flowers(source)
+        if cached is not None:
+            return cached
+    try:
+        file = download_file(url, timeout_s=timeout_s, retries=retries)
+    except DownloadError as e:
+        raise SourceUnavailable(offline_message(url, e.reason, e.network)) from None
+    return _resolve_file(source, file, url, name)
+
+
+# -- public API -----------------------------------------------------------------------------
+def resolve_source(
+    source: str, *, base_dir: Path | None = None, timeout_s: float = 60, retries: int = 2
+) -> ResolvedSource:
+    """Make data.source available locally and say what it is; raises SourceUnavailable."""
+    text = str(source).strip() if source is not None else ""
+    if not text:
+        raise SourceUnavailable(
+            f"data.source is empty. Set it in params.yaml to {_EXPECTED}, or {_HOW}."
+        )
+    parts = urllib.parse.urlsplit(text)
+    scheme = parts.scheme.lower()
+    if scheme in ("http", "https"):
+        return _resolve_url(text, text, timeout_s, retries)
+    if scheme == "file":
+        return _resolve_local(text, Path(urllib.request.url2pathname(parts.path)), None)
+    path = Path(text).expanduser()
+    if path.is_absolute():
+        return _resolve_local(text, path, None)
+    base = Path(base_dir) if base_dir is not None else Path.cwd()
+    return _resolve_local(text, base / path, base)
+
+
+def _tree_files(root: Path) -> list[tuple[str, Path]]:
+    """(relative POSIX path, file) for every data file under root, sorted by path."""
+    files: list[tuple[str, Path]] = []
+    seen: set[tuple[int, int]] = set()
+    # Symlinked class folders are followed (users link big data in); loops are cut.
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        st = os.stat(dirpath)
+        if (st.st_dev, st.st_ino) in seen:
+            dirnames[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        dirnames[:] = [d for d in dirnames if not ignored_name(d)]
+        base = Path(dirpath)
+        for name in filenames:
+            path = base / name
+            if ignored_name(name) or not path.is_file():
+                continue
+            # NFC: macOS spells accented names decomposed; the same data must hash the same.
+            rel = unicodedata.normalize("NFC", path.relative_to(root).as_posix())
+            files.append((rel, path))
+    files.sort()
+    return files
+
+
+def fingerprint_source(resolved: ResolvedSource) -> dict:
+    """{"sha256", "files", "bytes"} of the content only: the same data gives the same
+    fingerprint wherever it lives (a folder, its archive, Keras' cache, another machine)."""
+    if resolved.kind == "dataturks":
+        path = resolved.path
+        return {"sha256": sha256_file(path), "files": 1, "bytes": path.stat().st_size}
+    if resolved.kind != "tree":
+        raise ValueError(f"unknown source kind {resolved.kind!r}")
+    files = _tree_files(resolved.path)
+    # hashlib releases the GIL on large buffers: a few threads overlap disk reads and hashing.
+    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+        digests = list(pool.map(lambda item: sha256_file(item[1]), files))
+    outer = hashlib.sha256()
+    total = 0
+    for (rel, path), digest in zip(files, digests, strict=True):
+        size = path.stat().st_size
+        total += size
+        outer.update(f"{rel}\0{size}\0{digest}\n".encode())
+    return {"sha256": outer.hexdigest(), "files": len(files), "bytes": total}

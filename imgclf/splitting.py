@@ -1,0 +1,126 @@
+"""Stratified, stable, duplicate-proof train/test assignment and the split trees.
+
+Each image gets a score from a hash of (seed, its content's sha256), uniform in [0, 1).
+Within a class the lowest-scoring images go to test, as many as the class's share. Because
+the score depends only on the image's content, adding images to a class moves at most the
+few images near the class's cut-off (retrain.py's stability idea, made stratified), and
+renaming a file moves nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+
+SUBSETS = ("train", "test")
+
+
+class SplitError(ValueError):
+    """The images cannot be split as asked (a class too small, a bad fraction...)."""
+
+
+def content_score(sha256: str, seed: int) -> float:
+    """A deterministic, uniform score in [0, 1) for an image's content."""
+    digest = hashlib.sha256(f"{seed}:{sha256}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def assign_subsets(
+    rows: Sequence[Mapping[str, str]],
+    *,
+    test_fraction: float,
+    seed: int,
+    min_per_class: int,
+) -> list[str]:
+    """Return "train" or "test" for every row (each row has `class`, `file`, `sha256`).
+
+    - Stratified: each class gets round(n * test_fraction) test images (within one image
+      of the target when identical content forces a side, see below).
+    - Identical content never lands on both sides: within a class, copies move together;
+      content filed under several classes has its side fixed by its score alone.
+    """
+    if not 0.0 < test_fraction < 1.0:
+        raise SplitError(f"split.test_fraction must be between 0 and 1, got {test_fraction}")
+    by_class: dict[str, list[int]] = defaultdict(list)
+    classes_of_content: dict[str, set[str]] = defaultdict(set)
+    for i, row in enumerate(rows):
+        by_class[row["class"]].append(i)
+        classes_of_content[row["sha256"]].add(row["class"])
+
+    too_small = {c: len(ix) for c, ix in by_class.items() if len(ix) < min_per_class}
+    if too_small:
+        listing = ", ".join(f"'{c}' has {n}" for c, n in sorted(too_small.items()))
+        raise SplitError(
+            f"class too small to split: {listing} image(s); split.min_per_class is "
+            f"{min_per_class}. Add images to the class, remove it from the source, or lower "
+            "split.min_per_class in params.yaml."
+        )
+
+    subsets = [""] * len(rows)
+    for indices in by_class.values():
+        target = round(len(indices) * test_fraction)
+        # A unit is all the rows with the same content: they always share a side.
+        units: dict[str, list[int]] = defaultdict(list)
+        for i in indices:
+            units[rows[i]["sha256"]].append(i)
+        n_test = 0
+        free: list[tuple[float, str]] = []
+        for sha, members in units.items():
+            score = content_score(sha, seed)
+            if len(classes_of_content[sha]) > 1:
+                side = "test" if score < test_fraction else "train"
+                for i in members:
+                    subsets[i] = side
+                n_test += len(members) if side == "test" else 0
+            else:
+                free.append((score, sha))
+        for _, sha in sorted(free):
+            side = "test" if n_test < target else "train"
+            for i in units[sha]:
+                subsets[i] = side
+            n_test += len(units[sha]) if side == "test" else 0
+    return subsets
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """Hard-link (free, instant) and fall back to a copy across filesystems."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def write_split_trees(
+    rows: Iterable[Mapping[str, str]], subsets: Sequence[str], images_dir: Path, split_dir: Path
+) -> list[dict[str, str]]:
+    """Fill `split_dir/{train,test}/<class>/` and return the split manifest rows."""
+    for subset in SUBSETS:
+        shutil.rmtree(split_dir / subset, ignore_errors=True)
+    out_rows = []
+    for row, subset in zip(rows, subsets, strict=True):
+        relative = f"{subset}/{row['file']}"
+        link_or_copy(images_dir / row["file"], split_dir / relative)
+        out_rows.append({**row, "file": relative, "subset": subset})
+    return sorted(out_rows, key=lambda r: r["file"])
+
+
+def split_summary(split_rows: Iterable[Mapping[str, str]], test_fraction: float) -> dict:
+    """Per-class counts and the realised test share, for metrics/split.json."""
+    counts: dict[str, dict[str, int]] = defaultdict(lambda: dict.fromkeys(SUBSETS, 0))
+    for row in split_rows:
+        counts[row["class"]][row["subset"]] += 1
+    train = sum(c["train"] for c in counts.values())
+    test = sum(c["test"] for c in counts.values())
+    return {
+        "classes": len(counts),
+        "train": train,
+        "test": test,
+        "test_fraction_target": test_fraction,
+        "test_fraction": round(test / max(train + test, 1), 4),
+        "per_class": {name: counts[name] for name in sorted(counts)},
+    }

@@ -1,0 +1,543 @@
+"""MLflow tracking of a pipeline result: one parent run per result, one child run per head.
+
+What a run records (see `track_pipeline`):
+
+- parent run: every parameter of params.yaml, flattened (`train_tf.learning_rate`...); a summary
+  metric per head (`<head>.accuracy`...); tags with the provenance of the result: git commit and
+  dirty flag, the dvc.lock hashes of the data and the backbone, the dataset manifest hash, the DVC
+  experiment name (`dvc exp run` sets DVC_EXP_NAME); artifacts params.yaml, dvc.lock and
+  metrics/comparison.md.
+- one nested run per head (tf, keras, sklearn): the same params and tags, the test metrics, the
+  training curve with its step numbers (so the UI draws it), the train summary, the confusion
+  matrix, the misclassified contact sheet, a classification report and labels.txt. The tf and
+  keras runs also log the end-to-end model (image in, probabilities out; `imgclf.end_to_end`),
+  registered as a new version of `track.registered_models.<head>`.
+
+The store. Without MLFLOW_TRACKING_URI, runs go to `sqlite:///<root>/mlflow.db` with artifacts in
+`<root>/mlartifacts/`, where <root> is the ORIGINAL repository: `dvc exp run --temp/--queue` run
+the stage in a fresh git repo under `.dvc/tmp/exps/`, and DVC passes the original root in the
+DVC_ROOT variable (dvc/repo/experiments/queue/base.py), so every run of every kind lands in the
+one store that `make ui` shows. With MLFLOW_TRACKING_URI (and the usual MLFLOW_* variables) set,
+a team tracking server is used unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from imgclf.fileio import read_csv, read_json, sha256_file
+
+log = logging.getLogger(__name__)
+
+HEADS = ("tf", "keras", "sklearn")
+MODEL_HEADS = ("tf", "keras")  # the heads that get an end-to-end model in the registry
+DB_FILE = "mlflow.db"
+ARTIFACTS_DIR = "mlartifacts"
+# The stages whose dvc.lock output hashes identify the data and the backbone of a result.
+PROVENANCE_STAGES = ("ingest", "split", "backbone", "bottlenecks")
+# DVC puts the repository copy of a --temp/--queue experiment here.
+_EXP_TMP_PARTS = (".dvc", "tmp", "exps")
+_MAX_TAG = 5000  # MLflow's tag value limit is 8000; stay well inside it
+_MAX_PARAM = 6000
+
+
+# --------------------------------------------------------------------------- the store
+
+
+def repo_root(start: str | Path | None = None) -> Path:
+    """The root of the ORIGINAL repository, also from inside a `dvc exp run --temp` copy.
+
+    Order: DVC_ROOT (set by DVC for every stage command; for --temp/--queue it is overridden to
+    the original repo's root), then a path under `.dvc/tmp/exps/` (a stage command run by hand in
+    an executor copy), then `git rev-parse --show-toplevel`, then `start` itself.
+    """
+    env_root = os.environ.get("DVC_ROOT")
+    if env_root:
+        return Path(env_root).resolve()
+    here = Path(start or Path.cwd()).resolve()
+    parts = here.parts
+    for i in range(len(parts) - len(_EXP_TMP_PARTS)):
+        if parts[i : i + len(_EXP_TMP_PARTS)] == _EXP_TMP_PARTS:
+            return Path(*parts[:i])
+    try:
+        top = subprocess.run(
+            ["git", "rev-parse", "--show-toplevel"],
+            cwd=here,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        if top:
+            return Path(top).resolve()
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return here
+
+
+@dataclass(frozen=True)
+class Store:
+    tracking_uri: str
+    registry_uri: str
+    artifact_root: str | None  # for new experiments; None = the server decides
+    is_default: bool  # the embedded sqlite store at the repository root
+
+
+def resolve_store(root: str | Path | None = None, tracking_uri: str | None = None) -> Store:
+    """Where runs go: `tracking_uri`, else MLFLOW_TRACKING_URI, else the embedded store at the
+    original repository root (sqlite:///<root>/mlflow.db + <root>/mlartifacts)."""
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        registry = os.environ.get("MLFLOW_REGISTRY_URI") or uri
+        return Store(uri, registry, None, is_default=False)
+    base = Path(root).resolve() if root is not None else repo_root()
+    uri = f"sqlite:///{base / DB_FILE}"
+    return Store(uri, uri, (base / ARTIFACTS_DIR).as_uri(), is_default=True)
+
+
+def configure_store(root: str | Path | None = None, tracking_uri: str | None = None) -> Store:
+    """Point the `mlflow` module at the store (see `resolve_store`) and return it."""
+    import mlflow
+
+    store = resolve_store(root, tracking_uri)
+    if store.is_default:
+        _init_sqlite_store(store)
+    mlflow.set_tracking_uri(store.tracking_uri)
+    mlflow.set_registry_uri(store.registry_uri)
+    return store
+
+
+def _init_sqlite_store(store: Store) -> None:
+    # The first client to open a new database creates the "Default" experiment with an artifact
+    # root of ./mlruns relative to the CURRENT directory (a temp exp copy, say). Creating the
+    # store here first gives it <root>/mlartifacts, the folder `make ui` serves.
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    SqlAlchemyStore(store.tracking_uri, store.artifact_root)
+
+
+def get_or_create_experiment(name: str, store: Store) -> str:
+    """The experiment id for this pipeline: MLFLOW_EXPERIMENT_ID / MLFLOW_EXPERIMENT_NAME when
+    set, else `name` (track.experiment), created under the store's artifact root."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(store.tracking_uri, store.registry_uri)
+    if os.environ.get("MLFLOW_EXPERIMENT_ID"):
+        return os.environ["MLFLOW_EXPERIMENT_ID"]
+    name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or name
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        if exp.lifecycle_stage == "deleted":
+            raise RuntimeError(
+                f"MLflow experiment {name!r} is deleted (in the trash) in {store.tracking_uri}: "
+                f"restore it (mlflow experiments restore --experiment-id {exp.experiment_id}) "
+                "or set track.experiment to another name."
+            )
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=store.artifact_root)
+    except Exception:
+        # Another run (a parallel `dvc queue start -j 2`) created it between our two calls.
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+# --------------------------------------------------------------------------- provenance
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}; lists stay values (logged as JSON)."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def param_value(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value)
+    return text if len(text) <= _MAX_PARAM else text[: _MAX_PARAM - 3] + "..."
+
+
+def numeric_leaves(tree: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+    """The numbers of a metrics JSON, flattened; strings and booleans are left out."""
+    return {
+        key: float(value)
+        for key, value in flatten(tree, prefix).items()
+        if isinstance(value, int | float) and not isinstance(value, bool)
+    }
+
+
+def _git(root: Path, *args: str) -> str | None:
+    try:
+        return subprocess.run(
+            ["git", *args], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def git_info(workdir: str | Path, ignore: Iterable[str] = ()) -> dict[str, str]:
+    """Commit, branch and dirty flag of the checkout the stage runs in.
+
+    Dirty = a git-tracked file differs from the commit, other than dvc.lock and the `ignore`
+    prefixes (the metrics the pipeline itself rewrites): a repro always changes those, and they
+    are what this run records anyway. params.yaml changed by `dvc exp run -S` does count.
+    """
+    workdir = Path(workdir)
+    commit = _git(workdir, "rev-parse", "HEAD")
+    if commit is None:
+        return {"git.commit": "none", "git.dirty": "unknown"}
+    status = _git(workdir, "status", "--porcelain", "--untracked-files=no") or ""
+    skip = ("dvc.lock", *ignore)
+    changed = sorted(
+        line[3:].split(" -> ")[-1]
+        for line in status.splitlines()
+        if line[3:] and not any(line[3:].startswith(p) for p in skip)
+    )
+    info = {"git.commit": commit, "git.dirty": str(bool(changed)).lower()}
+    if changed:
+        info["git.changed_files"] = " ".join(changed)[:_MAX_TAG]
+    branch = _git(workdir, "rev-parse", "--abbrev-ref", "HEAD")
+    if branch and branch != "HEAD":
+        info["git.branch"] = branch
+    return info
+
+
+def dvc_lock_hashes(
+    lock_path: str | Path, stages: Iterable[str] = PROVENANCE_STAGES
+) -> dict[str, str]:
+    """`dvc.<stage>.<out path>` -> md5 of every output of `stages` in dvc.lock (DVC writes each
+    stage's entry as soon as the stage finishes, so the earlier stages are there when `track`
+    runs). Missing lock or stage: no tags, not an error (a partly run pipeline)."""
+    lock_path = Path(lock_path)
+    if not lock_path.is_file():
+        return {}
+    lock = yaml.safe_load(lock_path.read_text(encoding="utf-8")) or {}
+    tags = {}
+    for stage in stages:
+        for out in (lock.get("stages", {}).get(stage) or {}).get("outs", []) or []:
+            digest = out.get("md5") or out.get("hash") or out.get("etag")
+            if out.get("path") and digest:
+                tags[f"dvc.{stage}.{out['path'].rstrip('/')}"] = str(digest)
+    return tags
+
+
+def provenance_tags(params: Mapping[str, Any], workdir: str | Path) -> dict[str, str]:
+    """Git, DVC and data tags shared by the parent and child runs."""
+    workdir = Path(workdir)
+    paths = params["paths"]
+    tags = git_info(workdir, ignore=(f"{paths['metrics']}/",))
+    tags.update(dvc_lock_hashes(workdir / "dvc.lock"))
+    for key, path in (
+        ("data.manifest_sha256", workdir / paths["manifest"]),
+        ("data.split_manifest_sha256", workdir / paths["split"] / "manifest.csv"),
+    ):
+        if path.is_file():
+            tags[key] = sha256_file(path)
+    backbone_json = workdir / paths["backbone"] / "backbone.json"
+    if backbone_json.is_file():
+        info = read_json(backbone_json)
+        for key in ("sha256", "weights", "preprocessing"):
+            if key in info:
+                tags[f"backbone.{key}"] = str(info[key])
+    for env, tag in (
+        ("DVC_EXP_NAME", "dvc.exp_name"),
+        ("DVC_EXP_BASELINE_REV", "dvc.exp_baseline_rev"),
+        ("DVC_STAGE", "dvc.stage"),
+    ):
+        if os.environ.get(env):
+            tags[tag] = os.environ[env]
+    tags["data.source"] = str(params.get("data", {}).get("source", ""))[:_MAX_TAG]
+    return tags
+
+
+# --------------------------------------------------------------------------- reports
+
+
+def classification_report(evaluation: Mapping[str, Any]) -> str:
+    """A plain-text per-class report (sklearn's layout) from metrics/evaluate/<head>.json."""
+    per_class = evaluation.get("per_class", {})
+    width = max([len("macro avg"), *(len(c) for c in per_class)])
+    lines = [f"{'':>{width}}  precision    recall  f1-score   support", ""]
+    for name, row in per_class.items():
+        lines.append(
+            f"{name:>{width}}  {row['precision']:9.4f} {row['recall']:9.4f} "
+            f"{row['f1']:9.4f} {row['support']:9d}"
+        )
+    lines.append("")
+    n = evaluation.get("n_test", sum(r["support"] for r in per_class.values()))
+    if "accuracy" in evaluation:
+        lines.append(f"{'accuracy':>{width}}  {'':9} {'':9} {evaluation['accuracy']:9.4f} {n:9d}")
+    if per_class:
+        macro = [sum(r[k] for r in per_class.values()) / len(per_class) for k in
+                 ("precision", "recall", "f1")]  # fmt: skip
+        lines.append(
+            f"{'macro avg':>{width}}  {macro[0]:9.4f} {macro[1]:9.4f} {macro[2]:9.4f} {n:9d}"
+        )
+    if "ci_low" in evaluation:
+        lines.append("")
+        lines.append(
+            f"accuracy 95% CI ({evaluation.get('ci_method', '')}): "
+            f"[{evaluation['ci_low']:.4f}, {evaluation['ci_high']:.4f}]"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def curve_metrics(curve_csv: str | Path) -> list[tuple[str, float, int]]:
+    """(key, value, step) for every numeric column of a curves CSV except `step`."""
+    rows = read_csv(curve_csv)
+    out = []
+    for row in rows:
+        step = int(float(row["step"]))
+        for key, value in row.items():
+            if key == "step" or value in ("", None):
+                continue
+            try:
+                out.append((key, float(value), step))
+            except ValueError:
+                continue
+    return out
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+@dataclass(frozen=True)
+class ResultFiles:
+    """Where a pipeline result's files are, from params.yaml `paths` (relative to `workdir`)."""
+
+    workdir: Path
+    models: Path
+    metrics: Path
+    backbone: Path
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any], workdir: str | Path) -> ResultFiles:
+        workdir = Path(workdir)
+        paths = params["paths"]
+        return cls(
+            workdir=workdir,
+            models=workdir / paths["models"],
+            metrics=workdir / paths["metrics"],
+            backbone=workdir / paths["backbone"],
+        )
+
+    def head_dir(self, head: str) -> Path:
+        return self.models / f"{head}_head"
+
+    def head_artifacts(self, head: str) -> list[tuple[Path, str]]:
+        """(file, artifact folder) of one head; files that do not exist are skipped."""
+        m = self.metrics
+        return [
+            (m / "confusion" / f"{head}.png", "evaluation"),
+            (m / "confusion" / f"{head}.csv", "evaluation"),
+            (m / "misclassified" / f"{head}.png", "evaluation"),
+            (m / "misclassified" / f"{head}.csv", "evaluation"),
+            (m / "evaluate" / f"{head}.json", "evaluation"),
+            (m / "train" / f"{head}.json", "training"),
+            (m / "curves" / f"{head}.csv", "training"),
+            (self.head_dir(head) / "labels.txt", ""),
+        ]
+
+
+def _log_metrics(client: Any, run_id: str, items: Iterable[tuple[str, float, int]]) -> int:
+    """log_batch in chunks of MLflow's 1,000-metric limit; returns how many were logged."""
+    import time
+
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    metrics = [Metric(key, value, now, step) for key, value, step in items]
+    for i in range(0, len(metrics), 1000):
+        client.log_batch(run_id, metrics=metrics[i : i + 1000])
+    return len(metrics)
+
+
+def _log_params(client: Any, run_id: str, params: Mapping[str, Any]) -> None:
+    from mlflow.entities import Param
+
+    items = [Param(k, param_value(v)) for k, v in sorted(params.items())]
+    for i in range(0, len(items), 100):
+        client.log_batch(run_id, params=items[i : i + 100])
+
+
+def _run_name(tags: Mapping[str, str]) -> str:
+    if tags.get("dvc.exp_name"):
+        return tags["dvc.exp_name"]
+    commit = tags.get("git.commit", "none")[:7]
+    return f"repro-{commit}{'-dirty' if tags.get('git.dirty') == 'true' else ''}"
+
+
+def track_pipeline(
+    params: Mapping[str, Any],
+    *,
+    workdir: str | Path = ".",
+    tracking_uri: str | None = None,
+    root: str | Path | None = None,
+    log_models: bool | None = None,
+) -> dict[str, Any]:
+    """Record the pipeline result in `workdir` as one parent run + one child run per head.
+
+    Returns the summary that the stage writes to metrics/mlflow_run.json (run ids, registered
+    model versions, store). `root` is where the default store lives (default: `repo_root()`).
+    """
+    import mlflow
+    from mlflow import MlflowClient
+
+    workdir = Path(workdir).resolve()
+    track = params.get("track", {})
+    if log_models is None:
+        log_models = bool(track.get("log_models", True))
+    files = ResultFiles.from_params(params, workdir)
+    store = configure_store(root, tracking_uri)
+    experiment_id = get_or_create_experiment(track.get("experiment", "tf-or-keras"), store)
+    client = MlflowClient(store.tracking_uri, store.registry_uri)
+
+    flat_params = flatten(params)
+    tags = provenance_tags(params, workdir)
+    evaluations = {
+        head: read_json(p)
+        for head in HEADS
+        if (p := files.metrics / "evaluate" / f"{head}.json").is_file()
+    }
+    missing = [h for h in HEADS if h not in evaluations]
+    if missing:
+        raise FileNotFoundError(
+            f"no metrics/evaluate/<head>.json for {missing} under {files.metrics}: run the "
+            "evaluate stage first (dvc repro evaluate)."
+        )
+
+    summary: dict[str, Any] = {
+        "tracking_uri": store.tracking_uri,
+        "experiment_id": experiment_id,
+        "heads": {},
+    }
+    parent_tags = {**tags, "imgclf.run_kind": "pipeline"}
+    with mlflow.start_run(
+        experiment_id=experiment_id, run_name=_run_name(tags), tags=parent_tags
+    ) as parent:
+        parent_id = parent.info.run_id
+        summary["run_id"] = parent_id
+        summary["run_name"] = parent.info.run_name
+        _log_params(client, parent_id, flat_params)
+        _log_metrics(
+            client,
+            parent_id,
+            [
+                (f"{head}.{key}", value, 0)
+                for head, ev in evaluations.items()
+                for key, value in numeric_leaves(
+                    {k: v for k, v in ev.items() if k != "per_class"}
+                ).items()
+            ],
+        )
+        for path in (
+            workdir / "params.yaml",
+            workdir / "dvc.lock",
+            files.metrics / "comparison.md",
+            files.backbone / "backbone.json",
+        ):
+            if path.is_file():
+                client.log_artifact(parent_id, str(path))
+        for head in HEADS:
+            summary["heads"][head] = _track_head(
+                head,
+                files=files,
+                evaluation=evaluations[head],
+                params=params,
+                flat_params=flat_params,
+                tags=tags,
+                experiment_id=experiment_id,
+                client=client,
+                log_model=log_models and head in MODEL_HEADS,
+            )
+    return summary
+
+
+def _track_head(
+    head: str,
+    *,
+    files: ResultFiles,
+    evaluation: Mapping[str, Any],
+    params: Mapping[str, Any],
+    flat_params: Mapping[str, Any],
+    tags: Mapping[str, str],
+    experiment_id: str,
+    client: Any,
+    log_model: bool,
+) -> dict[str, Any]:
+    import mlflow
+
+    with mlflow.start_run(
+        experiment_id=experiment_id,
+        run_name=head,
+        nested=True,
+        tags={**tags, "imgclf.run_kind": "head", "imgclf.head": head},
+    ) as run:
+        run_id = run.info.run_id
+        _log_params(client, run_id, {**flat_params, "head": head})
+        metrics = [(f"test.{k}", v, 0) for k, v in numeric_leaves(evaluation).items()]
+        train_json = files.metrics / "train" / f"{head}.json"
+        if train_json.is_file():
+            metrics += [
+                (f"train.{k}", v, 0) for k, v in numeric_leaves(read_json(train_json)).items()
+            ]
+        curve_csv = files.metrics / "curves" / f"{head}.csv"
+        n_curve = 0
+        if curve_csv.is_file():
+            curve = curve_metrics(curve_csv)
+            n_curve = len(curve)
+            metrics += curve
+        _log_metrics(client, run_id, metrics)
+        for path, folder in files.head_artifacts(head):
+            if path.is_file():
+                client.log_artifact(run_id, str(path), folder or None)
+        with tempfile.TemporaryDirectory() as tmp:
+            report = Path(tmp) / "classification_report.txt"
+            report.write_text(classification_report(evaluation), encoding="utf-8")
+            client.log_artifact(run_id, str(report), "evaluation")
+        result: dict[str, Any] = {"run_id": run_id, "curve_points": n_curve}
+        if log_model:
+            result.update(_log_end_to_end(head, files, params, tags))
+    return result
+
+
+def _log_end_to_end(
+    head: str, files: ResultFiles, params: Mapping[str, Any], tags: Mapping[str, str]
+) -> dict[str, Any]:
+    """Build, log and register the end-to-end model of `head` in the active run."""
+    import mlflow
+
+    from imgclf import end_to_end
+
+    name = params.get("track", {}).get("registered_models", {}).get(head, f"flowers-{head}")
+    model = end_to_end.build(files.backbone, files.head_dir(head), head)
+    print(f"track: logging the end-to-end {head} model as {name!r}...", file=sys.stderr)
+    info = end_to_end.log_model(model, registered_model_name=name)
+    version = str(info.registered_model_version)
+    client = mlflow.MlflowClient()
+    for key in ("git.commit", "dvc.exp_name", "backbone.sha256", "data.manifest_sha256"):
+        if key in tags:
+            client.set_model_version_tag(name, version, key, tags[key])
+    client.set_model_version_tag(name, version, "head", head)
+    return {
+        "model_uri": info.model_uri,
+        "registered_model": name,
+        "registered_version": version,
+    }

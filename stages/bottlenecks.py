@@ -1,0 +1,103 @@
+"""Stage bottlenecks: every train/test image once through the frozen backbone, cached."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from imgclf.config import cache_dir, load_params
+from imgclf.features import (
+    FeatureCache,
+    ImageItem,
+    cache_key,
+    fill_cache,
+    gather_features,
+    save_bottlenecks,
+)
+from imgclf.fileio import read_csv, write_json
+from imgclf.inception import load_backbone, read_backbone_info
+from imgclf.splitting import SUBSETS
+
+
+def split_items(split_dir: Path) -> tuple[list[str], dict[str, list[ImageItem]]]:
+    """The class list and, per subset, the images in manifest order (sorted by id)."""
+    rows = read_csv(split_dir / "manifest.csv")
+    classes = sorted({row["class"] for row in rows})
+    index = {name: i for i, name in enumerate(classes)}
+    items = {
+        subset: [
+            ImageItem(row["file"], split_dir / row["file"], row["sha256"], index[row["class"]])
+            for row in rows
+            if row["subset"] == subset
+        ]
+        for subset in SUBSETS
+    }
+    return classes, items
+
+
+def run_bottlenecks(
+    *,
+    split_dir: Path,
+    backbone_dir: Path,
+    out_dir: Path,
+    precision: str,
+    batch_size: int,
+    progress: bool = True,
+) -> dict:
+    """Fill the feature cache for the split, then write one .npz per subset."""
+    classes, items = split_items(split_dir)
+    info = read_backbone_info(backbone_dir)
+    key = cache_key(info["sha256"], info["preprocessing"], precision)
+    cache = FeatureCache(cache_dir("bottlenecks"), key, dim=info["feature_dim"])
+    every_item = [item for subset in SUBSETS for item in items[subset]]
+    stats = {"computed": 0, "cached": len(every_item), "images_per_second": 0.0}
+    if cache.missing(sorted({item.sha256 for item in every_item})):
+        # Building Inception V3 takes seconds: only when something is left to compute.
+        backbone = load_backbone(backbone_dir, precision=precision)
+        stats = fill_cache(
+            every_item,
+            backbone.model,
+            backbone.preprocess,
+            cache,
+            batch_size=batch_size,
+            progress=progress,
+        )
+    for subset in SUBSETS:
+        features = gather_features(items[subset], cache)
+        save_bottlenecks(out_dir / f"{subset}.npz", items[subset], features)
+    write_json(out_dir / "classes.json", classes)
+    return {
+        **stats,
+        "cache_dir": str(cache.dir),
+        "images": {subset: len(items[subset]) for subset in SUBSETS},
+        "feature_dim": cache.dim,
+        "backbone_sha256": info["sha256"],
+    }
+
+
+def main() -> None:
+    params = load_params()
+    paths, cfg = params["paths"], params["bottlenecks"]
+    stats = run_bottlenecks(
+        split_dir=Path(paths["split"]),
+        backbone_dir=Path(paths["backbone"]),
+        out_dir=Path(paths["bottlenecks"]),
+        precision=cfg["precision"],
+        batch_size=cfg["batch_size"],
+    )
+    write_json(
+        Path(paths["metrics"]) / "bottlenecks.json",
+        {
+            "images": stats["images"],
+            "feature_dim": stats["feature_dim"],
+            "precision": cfg["precision"],
+            "backbone_sha256": stats["backbone_sha256"],
+        },
+    )
+    print(
+        f"bottlenecks: {stats['computed']} computed, {stats['cached']} from the cache "
+        f"({stats['cache_dir']}); {stats['images_per_second']:.1f} images/s"
+    )
+
+
+if __name__ == "__main__":
+    main()

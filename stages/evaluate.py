@@ -1,0 +1,162 @@
+"""Stage evaluate: score every head on the test bottlenecks, compare them pairwise, write the
+reports, then apply the accuracy gate (evaluate.min_accuracy).
+
+The gate runs last on purpose: when a head is below the bar the reports are already on disk,
+so one can see why (confusion matrix, misclassified images) before fixing anything.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+import imgclf.heads
+from imgclf.config import load_params
+from imgclf.evaluation import HeadResult, PairedTest, all_pairs, evaluate_head
+from imgclf.heads import HEADS, load_predictor, model_dir
+from imgclf.heads.common import Bottlenecks, load_bottlenecks
+from imgclf.reports import (
+    ReportSummary,
+    display_name,
+    lines_of_code,
+    read_train_metrics,
+    write_reports,
+)
+
+# The head modules actually imported (for the "lines of code" column), wherever they live.
+HEADS_SOURCE_DIR = Path(imgclf.heads.__file__).resolve().parent
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    results: list[HeadResult]
+    tests: list[PairedTest]
+    summary: ReportSummary
+    failures: list[str]  # heads below min_accuracy, as "tf 0.734"
+
+
+def evaluate_predictions(
+    test: Bottlenecks,
+    probabilities: Mapping[str, np.ndarray],
+    *,
+    metrics_dir: str | Path,
+    split_dir: str | Path,
+    heads_source_dir: str | Path,
+    min_accuracy: float,
+    sheet_max: int,
+) -> Evaluation:
+    """Score the given test-set probabilities (head -> [N, n_classes], heads in report order),
+    write every report and return the results with the heads that fail the gate."""
+    results = [
+        evaluate_head(head, probs, test.labels, test.ids, test.classes)
+        for head, probs in probabilities.items()
+    ]
+    tests = all_pairs(results)
+    metrics_dir = Path(metrics_dir)
+    train_metrics = {
+        r.head: read_train_metrics(metrics_dir / "train" / f"{r.head}.json") for r in results
+    }
+    loc = {r.head: lines_of_code(Path(heads_source_dir) / f"{r.head}_head.py") for r in results}
+    summary = write_reports(
+        results,
+        tests,
+        metrics_dir=metrics_dir,
+        split_dir=split_dir,
+        train_metrics=train_metrics,
+        loc=loc,
+        sheet_max=sheet_max,
+    )
+    failures = [f"{r.head} {r.accuracy:.4f}" for r in results if r.accuracy < min_accuracy]
+    return Evaluation(results, tests, summary, failures)
+
+
+def predict_heads(
+    test: Bottlenecks, models_dir: str | Path, heads: Sequence[str] = HEADS
+) -> dict[str, np.ndarray]:
+    """Each head's test-set probabilities, from the models the train stages saved."""
+    probabilities = {}
+    for head in tqdm(heads, desc="evaluate", unit="head", file=sys.stderr):
+        directory = model_dir(models_dir, head)
+        if not directory.is_dir():
+            raise FileNotFoundError(
+                f"{directory} not found: train the {head} head first (dvc repro train_{head})"
+            )
+        probabilities[head] = np.asarray(load_predictor(head, directory)(test.features))
+    return probabilities
+
+
+def run(
+    *,
+    bottleneck_dir: str | Path,
+    models_dir: str | Path,
+    metrics_dir: str | Path,
+    split_dir: str | Path,
+    min_accuracy: float,
+    sheet_max: int,
+    heads: Sequence[str] = HEADS,
+    heads_source_dir: str | Path = HEADS_SOURCE_DIR,
+) -> int:
+    """The whole stage; returns the exit code (1 when a head fails the accuracy gate)."""
+    test = load_bottlenecks(bottleneck_dir, "test")
+    evaluation = evaluate_predictions(
+        test,
+        predict_heads(test, models_dir, heads),
+        metrics_dir=metrics_dir,
+        split_dir=split_dir,
+        heads_source_dir=heads_source_dir,
+        min_accuracy=min_accuracy,
+        sheet_max=sheet_max,
+    )
+    for r in evaluation.results:
+        print(
+            f"evaluate: {display_name(r.head):>12}  accuracy {r.accuracy:.4f} "
+            f"[{r.ci_low:.4f}, {r.ci_high:.4f}]  macro-F1 {r.macro_f1:.4f}  "
+            f"log loss {r.log_loss:.4f}  ({r.n_test - r.n_correct} of {r.n_test} wrong)"
+        )
+    for t in evaluation.tests:
+        print(
+            f"evaluate: {t.a} vs {t.b}: b={t.a_only} c={t.b_only} p={t.p_value:.4g}"
+            f"{' (significant)' if t.significant else ''}"
+        )
+    if evaluation.summary.unreadable_thumbnails:
+        print(
+            f"evaluate: {evaluation.summary.unreadable_thumbnails} misclassified image(s) could "
+            f"not be read from {split_dir} for the contact sheets (grey placeholders)",
+            file=sys.stderr,
+        )
+    print(f"evaluate: reports in {metrics_dir} (comparison.md, evaluate/, confusion/, "
+          "misclassified/)")  # fmt: skip
+    if evaluation.failures:
+        print(
+            f"evaluate: FAILED the accuracy gate evaluate.min_accuracy = {min_accuracy}: "
+            f"{', '.join(evaluation.failures)}. All reports are written; see "
+            f"{Path(metrics_dir) / 'misclassified'} and retrain, or lower the bar with "
+            "`dvc exp run -S evaluate.min_accuracy=...`.",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+def main() -> None:
+    params = load_params()
+    paths = params["paths"]
+    hp = params["evaluate"]
+    code = run(
+        bottleneck_dir=paths["bottlenecks"],
+        models_dir=paths["models"],
+        metrics_dir=paths["metrics"],
+        split_dir=paths["split"],
+        min_accuracy=float(hp["min_accuracy"]),
+        sheet_max=int(hp["misclassified_sheet_max"]),
+    )
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,38 @@
+"""Stage `ingest`: data.source -> data/images/<class>/<file> + data/manifest.csv + reports.
+
+See imgclf/ingest.py for what is validated, de-duplicated and reported.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from imgclf.config import load_params
+from imgclf.ingest import IngestError, IngestOptions, run_ingest
+from imgclf.sources import SourceUnavailable, resolve_source
+
+
+def main() -> None:
+    params = load_params()
+    paths = params["paths"]
+    try:
+        options = IngestOptions.from_params(params.get("ingest") or {})
+        download = (params.get("ingest") or {}).get("download") or {}
+        source = resolve_source(
+            params["data"]["source"],
+            timeout_s=float(download.get("timeout_s", 60)),
+            retries=int(download.get("retries", 2)),
+        )
+        run_ingest(
+            source,
+            options,
+            images_dir=Path(paths["images"]),
+            manifest=Path(paths["manifest"]),
+            metrics_dir=Path(paths["metrics"]),
+        )
+    except (IngestError, SourceUnavailable) as e:
+        raise SystemExit(f"ingest: error: {e}") from None
+
+
+if __name__ == "__main__":
+    main()

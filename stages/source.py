@@ -1,0 +1,43 @@
+"""DVC stage `source`: resolve data.source (download, cache, extract) and fingerprint it.
+
+Writes paths.source_info = {"source", "kind", "fingerprint"}; no machine-specific paths,
+so the file (and its hash in dvc.lock) is the same on every machine for the same data, and
+ingest reruns exactly when the data changes. Cheap after the first run: it only hashes.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from imgclf.config import load_params
+from imgclf.fileio import write_json
+from imgclf.sources import SourceUnavailable, fingerprint_source, resolve_source
+
+
+def write_source_info(source: str, out: Path, *, base_dir: Path | None = None) -> dict:
+    """Resolve and fingerprint `source`, write the stage output, and return what was written."""
+    resolved = resolve_source(source, base_dir=base_dir)
+    fingerprint = fingerprint_source(resolved)
+    info = {"source": resolved.source, "kind": resolved.kind, "fingerprint": fingerprint}
+    write_json(out, info)
+    print(
+        f"source: {resolved.kind} from {resolved.origin}: {fingerprint['files']} files, "
+        f"{fingerprint['bytes'] / 1e6:.1f} MB, sha256 {fingerprint['sha256'][:12]}",
+        file=sys.stderr,
+    )
+    return info
+
+
+def main() -> None:
+    params = load_params()
+    try:
+        write_source_info(str(params["data"]["source"]), Path(params["paths"]["source_info"]))
+    except SourceUnavailable as e:
+        # The message says what to do; a traceback would only bury it.
+        print(e, file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,29 @@
+"""Stage track: record the pipeline result in MLflow (runs, metrics, curves, artifacts, and the
+end-to-end tf/keras models in the registry). See imgclf/tracking.py for what goes where."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from imgclf.config import load_params
+from imgclf.fileio import write_json
+from imgclf.tracking import track_pipeline
+
+
+def main() -> None:
+    params = load_params()
+    summary = track_pipeline(params)
+    write_json(Path(params["paths"]["metrics"]) / "mlflow_run.json", summary)
+    versions = ", ".join(
+        f"{h['registered_model']} v{h['registered_version']}"
+        for h in summary["heads"].values()
+        if "registered_model" in h
+    )
+    print(
+        f"track: run {summary['run_name']} ({summary['run_id']}) in {summary['tracking_uri']}"
+        + (f"; registered {versions}" if versions else "")
+    )
+
+
+if __name__ == "__main__":
+    main()

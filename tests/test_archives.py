@@ -1,0 +1,160 @@
+"""extract_archive on real .tgz/.tar/.zip files, including hostile ones."""
+
+from __future__ import annotations
+
+import io
+import stat
+import tarfile
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from imgclf.archives import UnsafeArchiveError, archive_format, extract_archive
+from imgclf.fileio import sha256_file
+from tests.helpers import make_class_tree
+
+
+def _tree_bytes(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+@pytest.fixture
+def flowers(tmp_path) -> Path:
+    """A miniature flower_photos/: class folders plus the top-level LICENSE.txt."""
+    root = make_class_tree(tmp_path / "src" / "flower_photos", {"daisy": 3, "roses": 2})
+    (root / "LICENSE.txt").write_text("CC-BY 2.0\n")
+    return root
+
+
+def _tar(path: Path, members: list[tuple[tarfile.TarInfo, bytes | None]], mode="w:gz") -> Path:
+    with tarfile.open(path, mode) as tar:
+        for info, data in members:
+            if data is not None:
+                info.size = len(data)
+            tar.addfile(info, io.BytesIO(data) if data is not None else None)
+    return path
+
+
+def _file(name: str, data: bytes = b"data") -> tuple[tarfile.TarInfo, bytes]:
+    return tarfile.TarInfo(name), data
+
+
+def _link(name: str, target: str, kind: bytes) -> tuple[tarfile.TarInfo, None]:
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname = kind, target
+    return info, None
+
+
+@pytest.mark.parametrize("suffix,mode", [(".tgz", "w:gz"), (".tar", "w"), (".tar.gz", "w:gz")])
+def test_tar_round_trip(tmp_path, flowers, suffix, mode):
+    archive = tmp_path / f"flower_photos{suffix}"
+    with tarfile.open(archive, mode) as tar:
+        tar.add(flowers, arcname="flower_photos")
+    before = sha256_file(archive)
+    target = tmp_path / "out" / "x"
+    assert extract_archive(archive, target) == target
+    assert _tree_bytes(target / "flower_photos") == _tree_bytes(flowers)
+    assert sha256_file(archive) == before  # only read
+    assert [p.name for p in target.parent.iterdir()] == ["x"]  # no temporary left over
+
+
+def test_zip_round_trip(tmp_path, flowers):
+    archive = tmp_path / "flower_photos.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for p in sorted(flowers.rglob("*")):
+            zf.write(p, "flower_photos/" + p.relative_to(flowers).as_posix())
+    target = extract_archive(archive, tmp_path / "out")
+    assert _tree_bytes(target / "flower_photos") == _tree_bytes(flowers)
+    assert archive_format(archive) == "zip"
+
+
+def test_empty_target_dir_is_accepted_populated_one_is_not(tmp_path, flowers):
+    archive = tmp_path / "a.tgz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(flowers, arcname="flower_photos")
+    (tmp_path / "empty").mkdir()
+    extract_archive(archive, tmp_path / "empty")
+    with pytest.raises(FileExistsError, match="never overwrites"):
+        extract_archive(archive, tmp_path / "empty")
+
+
+def _assert_nothing_written(tmp_path: Path, target: Path) -> None:
+    assert not target.exists()
+    leftovers = [p.name for p in target.parent.iterdir() if p.name.endswith(".tmp")]
+    assert leftovers == []
+    assert not list(tmp_path.rglob("evil*"))
+
+
+@pytest.mark.parametrize(
+    "member,why",
+    [
+        (_file("../evil.txt"), "escapes the target"),
+        (_file("flower_photos/../../evil.txt"), "escapes the target"),
+        (_link("flower_photos/evil_link", "/etc/passwd", tarfile.SYMTYPE), "symbolic link"),
+        (_link("flower_photos/evil_hard", "../../outside", tarfile.LNKTYPE), "hard link"),
+        (_link("flower_photos/evil_dev", "", tarfile.CHRTYPE), "device"),
+        (_link("flower_photos/evil_fifo", "", tarfile.FIFOTYPE), "device or FIFO"),
+    ],
+)
+def test_unsafe_tar_members_are_refused(tmp_path, member, why):
+    # Good members first: what was already extracted must vanish with the refusal.
+    archive = _tar(
+        tmp_path / "hostile.tgz",
+        [_file("flower_photos/daisy/1.jpg"), _file("flower_photos/daisy/2.jpg"), member],
+    )
+    target = tmp_path / "deep" / "out"
+    with pytest.raises(UnsafeArchiveError, match=why) as e:
+        extract_archive(archive, target)
+    assert member[0].name in str(e.value)
+    _assert_nothing_written(tmp_path, target)
+
+
+def test_absolute_tar_member_is_refused(tmp_path):
+    outside = tmp_path / "evil_abs.txt"
+    archive = _tar(tmp_path / "abs.tar", [_file(str(outside))], mode="w")
+    with pytest.raises(UnsafeArchiveError, match="absolute path") as e:
+        extract_archive(archive, tmp_path / "out")
+    assert str(outside) in str(e.value)
+    _assert_nothing_written(tmp_path, tmp_path / "out")
+
+
+@pytest.mark.parametrize(
+    "name,why",
+    [("../evil.txt", "escapes"), ("/evil_abs.txt", "absolute"), ("a\\..\\..\\evil", "escapes")],
+)
+def test_unsafe_zip_names_are_refused(tmp_path, name, why):
+    archive = tmp_path / "hostile.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("flower_photos/daisy/1.jpg", b"ok")
+        zf.writestr(zipfile.ZipInfo(name), b"evil")
+    with pytest.raises(UnsafeArchiveError, match=why):
+        extract_archive(archive, tmp_path / "out")
+    _assert_nothing_written(tmp_path, tmp_path / "out")
+
+
+def test_zip_symlink_is_refused(tmp_path):
+    archive = tmp_path / "link.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        info = zipfile.ZipInfo("flower_photos/evil_link")
+        info.external_attr = (stat.S_IFLNK | 0o777) << 16
+        zf.writestr(info, "/etc/passwd")
+    with pytest.raises(UnsafeArchiveError, match="'flower_photos/evil_link' is a symbolic link"):
+        extract_archive(archive, tmp_path / "out")
+    _assert_nothing_written(tmp_path, tmp_path / "out")
+
+
+def test_not_an_archive_and_truncated_archive(tmp_path, flowers):
+    text = tmp_path / "notes.tgz"
+    text.write_text("not really an archive\n")
+    with pytest.raises(ValueError, match=r"not a \.tgz/\.tar\.gz/\.tar/\.zip archive"):
+        extract_archive(text, tmp_path / "out")
+
+    archive = tmp_path / "full.tgz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(flowers, arcname="flower_photos")
+    cut = tmp_path / "cut.tgz"
+    cut.write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])
+    with pytest.raises(ValueError, match="damaged or truncated"):
+        extract_archive(cut, tmp_path / "out")
+    _assert_nothing_written(tmp_path, tmp_path / "out")

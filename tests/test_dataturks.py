@@ -1,0 +1,156 @@
+"""Reading Dataturks exports: schema variants, malformed lines, other task types, real exports."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from imgclf.dataturks import (
+    DataturksError,
+    DataturksItem,
+    is_url,
+    local_path,
+    original_name,
+    read_export,
+)
+
+
+def write_export(path: Path, records: list) -> Path:
+    lines = [r if isinstance(r, str) else json.dumps(r) for r in records]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def record(content: str, annotation, status: str | None = "done") -> dict:
+    metadata = None if status is None else {"status": status, "evaluation": "NONE"}
+    return {"content": content, "annotation": annotation, "extras": None, "metadata": metadata}
+
+
+def test_label_variants(tmp_path):
+    export = write_export(
+        tmp_path / "e.json",
+        [
+            record("a.jpg", {"labels": ["cat"], "note": ""}),
+            record("b.jpg", {"label": ["dog"], "notes": "pre-labelled"}),
+            record("c.jpg", {"labels": "cat"}),
+            record("d.jpg", {"label": " Rosé "}, status=None),  # NFD input below
+            record("e.jpg", {"labels": ["cat", "dog", "cat"]}),
+            {"content": "f.jpg", "annotation": {"labels": ["cat"]}},  # no metadata at all
+            "",  # blank lines are ignored
+        ],
+    )
+    text = export.read_text(encoding="utf-8").replace("Rosé", "Rose\u0301")
+    export.write_text(text, encoding="utf-8")
+    items = read_export(export)
+    assert [(i.line, i.content, i.labels, i.problem) for i in items] == [
+        (1, "a.jpg", ("cat",), None),
+        (2, "b.jpg", ("dog",), None),
+        (3, "c.jpg", ("cat",), None),
+        (4, "d.jpg", ("Rosé",), None),
+        (5, "e.jpg", ("cat", "dog"), None),
+        (6, "f.jpg", ("cat",), None),
+    ]
+    assert items[3].labels[0] == "Ros\u00e9"  # NFC
+    assert items[0].status == "done" and items[3].status is None
+
+
+def test_unusable_items_are_reported_not_fatal(tmp_path):
+    export = write_export(
+        tmp_path / "e.json",
+        [
+            record("a.jpg", None, status="skipped"),
+            record("b.jpg", {"labels": ["cat"]}, status="skipped"),
+            record("c.jpg", None, status="NOT_DONE"),
+            record("d.jpg", {"labels": []}),
+            record("e.jpg", {"labels": ["  "], "note": ""}),
+            record("f.jpg", {"labels": [{"x": 1}]}),
+            {"annotation": {"labels": ["cat"]}},
+        ],
+    )
+    items = read_export(export)
+    assert [(i.line, i.problem) for i in items] == [
+        (1, "skipped"),
+        (2, "skipped"),
+        (3, "unlabelled"),
+        (4, "unlabelled"),
+        (5, "unlabelled"),
+        (6, "bad_label"),
+        (7, "bad_item"),
+    ]
+    assert "NOT_DONE" in items[2].detail
+
+
+def test_malformed_line_is_reported_with_its_number(tmp_path):
+    export = write_export(
+        tmp_path / "e.json",
+        [
+            record("a.jpg", {"labels": ["cat"]}),
+            record("b.jpg", {"labels": ["dog"]}),
+            '{"content": "c.jpg", "annot',
+        ],
+    )
+    with pytest.raises(DataturksError, match=r"e\.json:3: invalid JSON .*fix or delete that line"):
+        read_export(export)
+    write_export(export, [record("a.jpg", {"labels": ["cat"]}), '["not", "an", "object"]'])
+    with pytest.raises(DataturksError, match=r"e\.json:2: expected a JSON object"):
+        read_export(export)
+
+
+def test_json_array_export(tmp_path):
+    path = tmp_path / "e.json"
+    path.write_text(json.dumps([record("a.jpg", {"labels": ["cat"]})]), encoding="utf-8")
+    assert read_export(path) == [DataturksItem(1, "a.jpg", ("cat",), "done")]
+
+
+def test_bounding_box_export_is_refused(tmp_path):
+    boxes = [
+        {
+            "label": ["Face"],
+            "notes": "",
+            "points": [{"x": 0.1, "y": 0.2}, {"x": 0.3, "y": 0.4}],
+            "imageWidth": 100,
+            "imageHeight": 80,
+        }
+    ]
+    export = write_export(
+        tmp_path / "boxes.json",
+        [record("a.jpg", None), record("b.jpg", boxes), record("c.jpg", [])],
+    )
+    with pytest.raises(DataturksError) as info:
+        read_export(export)
+    message = str(info.value)
+    assert "boxes.json:2: not an image-classification export" in message
+    assert "bounding boxes" in message and "IMAGE_BOUNDING_BOX" in message
+
+
+def test_real_bbox_export_is_refused(shared_datasets):
+    export = shared_datasets / "dataturks" / "tcs_face_recognition_bbox.json"
+    with pytest.raises(DataturksError, match=r"bbox\.json:1: not an image-classification export"):
+        read_export(export)
+
+
+def test_real_classification_export(shared_datasets):
+    items = read_export(shared_datasets / "dataturks" / "gaa_county_classification.json")
+    assert len(items) == 277
+    assert all(len(i.labels) == 1 and i.problem is None for i in items)
+    assert len({i.labels[0] for i in items}) == 4
+    assert all(is_url(i.content) for i in items)
+    assert original_name(items[0].content) == "county_player_1.jpg"
+
+
+def test_original_names_and_locations(tmp_path):
+    url = (
+        "http://com.dataturks.a96-i23.open.s3.amazonaws.com/2c9fafb06477f4cb0164895548a600a3/"
+        "66127d05-93eb-498f-bac3-85a19bcbbbc7___2538464.main_image.jpg.jpeg"
+    )
+    assert original_name(url) == "2538464.main_image.jpg.jpeg"
+    assert original_name("https://h/x/my%20photo.png?sig=1") == "my photo.png"
+    assert original_name("https://h/x/plain___name.png") == "plain___name.png"
+    assert original_name("sub/dir/a.jpg") == "a.jpg"
+    assert original_name("file:///tmp/x/b.gif") == "b.gif"
+    assert is_url("HTTPS://h/a.jpg") and not is_url("file:///a.jpg") and not is_url("a.jpg")
+    assert local_path("sub/a.jpg", tmp_path) == tmp_path / "sub" / "a.jpg"
+    assert local_path((tmp_path / "a b.jpg").as_uri(), Path("/elsewhere")) == tmp_path / "a b.jpg"
+    assert local_path(str(tmp_path / "abs.jpg"), Path("/elsewhere")) == tmp_path / "abs.jpg"

@@ -1,0 +1,537 @@
+"""The ingest stage end to end on real files: class trees, Dataturks exports served over real
+HTTP on 127.0.0.1, the real exports and a sample of the real flower photos."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+import unicodedata
+from pathlib import Path
+
+import pytest
+
+from imgclf.fileio import read_csv, read_json, sha256_file
+from imgclf.ingest import MANIFEST_FIELDS, IngestError, IngestOptions, run_ingest
+from imgclf.labels import ClassNameCollision, class_dir_name, class_dirs, safe_file_name
+from imgclf.sources import ResolvedSource
+from tests.helpers import make_class_tree, make_image
+from tests.http_server import LoopbackServer
+from tests.test_images import exif_rotated_jpeg, png_header_only
+
+
+def options(**overrides) -> IngestOptions:
+    base = {
+        "min_images_per_class": 2,
+        "download_workers": 4,
+        "download_timeout_s": 2.0,
+        "download_retries": 0,
+    }
+    return IngestOptions(**{**base, **overrides})
+
+
+def tree_source(path: Path) -> ResolvedSource:
+    return ResolvedSource(source=str(path), kind="tree", path=path, origin=str(path))
+
+
+def export_source(path: Path) -> ResolvedSource:
+    return ResolvedSource(source=str(path), kind="dataturks", path=path, origin=str(path))
+
+
+def ingest(source: ResolvedSource, out: Path, opts: IngestOptions | None = None):
+    return run_ingest(
+        source,
+        opts or options(),
+        images_dir=out / "data" / "images",
+        manifest=out / "data" / "manifest.csv",
+        metrics_dir=out / "metrics",
+        log=lambda _: None,
+    )
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """Every file under root (hidden ones too) -> sha256: what 'untouched' and 'identical' mean."""
+    return {p.relative_to(root).as_posix(): sha256_file(p) for p in root.rglob("*") if p.is_file()}
+
+
+def skipped(out: Path) -> dict[str, str]:
+    return {r["origin"]: r["reason"] for r in read_csv(out / "metrics" / "ingest_skipped.csv")}
+
+
+def manifest(out: Path) -> dict[str, dict[str, str]]:
+    return {r["file"]: r for r in read_csv(out / "data" / "manifest.csv")}
+
+
+def write_export(path: Path, records: list) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def item(content: str, labels, status: str = "done") -> dict:
+    annotation = None if labels is None else {"labels": labels, "note": ""}
+    return {
+        "content": content,
+        "annotation": annotation,
+        "extras": None,
+        "metadata": {"status": status},
+    }
+
+
+# ------------------------------------------------------------------------------- trees
+
+
+@pytest.fixture
+def messy_tree(tmp_path) -> Path:
+    src = make_class_tree(tmp_path / "src", {"cats": 4, "dogs": 4}, seed=1)
+    cats, dogs = src / "cats", src / "dogs"
+    (cats / "empty.jpg").write_bytes(b"")
+    good = (cats / "img_0001.jpg").read_bytes()
+    (cats / "truncated.jpg").write_bytes(make_image(tmp_path / "t.jpg", seed=99).read_bytes()[:300])
+    (dogs / "notes.txt").write_text("not an image\n")
+    png_header_only(dogs / "bomb.png", 50_000, 50_000)
+    make_image(dogs / "cmyk.jpg", mode="CMYK", seed=5)
+    make_image(dogs / "gray.png", mode="L", seed=6)
+    make_image(cats / "palette.gif", mode="P", seed=7)
+    exif_rotated_jpeg(cats / "rotated.jpg", size=(64, 48), orientation=6)
+    make_image(cats / "deeper" / "nested.jpg", seed=8)
+    (cats / "a_copy.jpg").write_bytes((cats / "img_0000.jpg").read_bytes())  # in-class duplicate
+    (dogs / "same_as_a_cat.jpg").write_bytes(good)  # cross-class duplicate
+    (src / "LICENSE.txt").write_text("CC-BY 2.0\n")
+    make_image(src / "stray.jpg", seed=9)
+    (src / ".git").mkdir()
+    (src / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    (dogs / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    return src
+
+
+def test_tree(messy_tree, tmp_path):
+    before = snapshot(messy_tree)
+    out = tmp_path / "out"
+    result = ingest(tree_source(messy_tree), out)
+
+    rows = read_csv(out / "data" / "manifest.csv")
+    assert tuple(rows[0]) == MANIFEST_FIELDS
+    assert [r["file"] for r in rows] == sorted(r["file"] for r in rows)
+    by_file = manifest(out)
+    assert sorted(by_file) == [
+        "cats/a_copy.jpg",  # smaller name than img_0000.jpg: the copy that is kept
+        "cats/img_0002.jpg",
+        "cats/img_0003.jpg",
+        "cats/nested.jpg",
+        "cats/palette.gif",
+        "cats/rotated.jpg",
+        "dogs/cmyk.jpg",
+        "dogs/gray.png",
+        "dogs/img_0000.jpg",
+        "dogs/img_0001.jpg",
+        "dogs/img_0002.jpg",
+        "dogs/img_0003.jpg",
+    ]
+    assert by_file["cats/rotated.jpg"] | {} == {
+        "class": "cats",
+        "label": "cats",
+        "file": "cats/rotated.jpg",
+        "sha256": sha256_file(messy_tree / "cats" / "rotated.jpg"),
+        "width": "48",  # after EXIF orientation
+        "height": "64",
+        "format": "JPEG",
+        "origin": "cats/rotated.jpg",
+    }
+    assert by_file["cats/nested.jpg"]["origin"] == "cats/deeper/nested.jpg"
+    assert by_file["cats/palette.gif"]["format"] == "GIF"
+    # Original bytes, never re-encoded.
+    for row in rows:
+        copied = out / "data" / "images" / row["file"]
+        assert sha256_file(copied) == row["sha256"] == sha256_file(messy_tree / row["origin"])
+
+    assert skipped(out) == {
+        ".git/": "ignored",
+        "dogs/.DS_Store": "ignored",
+        "LICENSE.txt": "not_an_image",
+        "stray.jpg": "unlabelled",
+        "cats/empty.jpg": "empty_file",
+        "cats/truncated.jpg": "truncated",
+        "cats/img_0000.jpg": "duplicate",
+        "cats/img_0001.jpg": "cross_class_duplicate",
+        "dogs/same_as_a_cat.jpg": "cross_class_duplicate",
+        "dogs/notes.txt": "not_an_image",
+        "dogs/bomb.png": "too_large",
+    }
+    metrics = read_json(out / "metrics" / "ingest.json")
+    assert metrics["images"] == 12 and metrics["classes"] == 2
+    assert metrics["per_class"] == {"cats": 6, "dogs": 6}
+    assert metrics["skipped_total"] == 11
+    assert metrics["skipped"]["cross_class_duplicate"] == 2
+    assert metrics["duplicates_dropped"] == 1
+    assert metrics["cross_class_duplicates"] == {"mode": "drop", "contents": 1, "files_dropped": 2}
+    assert read_csv(out / "metrics" / "ingest_classes.csv") == [
+        {"class": "cats", "images": "6"},
+        {"class": "dogs", "images": "6"},
+    ]
+    assert result.usable
+
+    # The input is untouched; a re-run replaces every output with identical bytes.
+    assert snapshot(messy_tree) == before
+    first = snapshot(out)
+    (out / "data" / "images" / "cats" / "stale.jpg").write_bytes(b"left over")
+    ingest(tree_source(messy_tree), out)
+    assert snapshot(out) == first
+    assert snapshot(messy_tree) == before
+
+
+def test_cross_class_duplicates_keep(messy_tree, tmp_path):
+    out = tmp_path / "out"
+    ingest(tree_source(messy_tree), out, options(cross_class_duplicates="keep"))
+    by_file = manifest(out)
+    assert by_file["cats/img_0001.jpg"]["sha256"] == by_file["dogs/same_as_a_cat.jpg"]["sha256"]
+    assert "cross_class_duplicate" not in skipped(out).values()
+
+
+def test_labels_differing_only_in_case_are_an_error(tmp_path):
+    src = make_class_tree(tmp_path / "src", {"Cat": 3, "cat": 3, "dog": 3})
+    with pytest.raises(
+        IngestError, match=r"(?s)'Cat' -> 'Cat', 'cat' -> 'cat'\n.*Rename the labels"
+    ):
+        ingest(tree_source(src), tmp_path / "out")
+
+
+def test_unusable_tree_fails_after_writing_reports(tmp_path):
+    src = make_class_tree(tmp_path / "src", {"big": 5, "small": 2, "empty": 0})
+    (src / "empty").mkdir()
+    (src / "small" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really")
+    out = tmp_path / "out"
+    with pytest.raises(IngestError) as info:
+        ingest(tree_source(src), out, options(min_images_per_class=3))
+    message = str(info.value)
+    assert "fewer than ingest.min_images_per_class=3 images (empty: 0, small: 2)" in message
+    assert "small/broken.jpg: truncated" in message
+    assert "dvc exp run -S ingest.min_images_per_class=N" in message
+    assert read_json(out / "metrics" / "ingest.json")["usable"] is False
+    assert skipped(out) == {"small/broken.jpg": "truncated"}
+    assert not (out / "data" / "images").exists()
+
+    only_one = make_class_tree(tmp_path / "one", {"a": 5})
+    with pytest.raises(IngestError, match="a classifier needs at least 2"):
+        ingest(tree_source(only_one), tmp_path / "out1")
+
+
+def test_input_inside_the_output_is_refused(tmp_path):
+    out = tmp_path / "out"
+    src = make_class_tree(out / "data" / "images", {"a": 3, "b": 3})
+    with pytest.raises(IngestError, match="overlaps the output folder"):
+        ingest(tree_source(src), out)
+    assert len(snapshot(src)) == 6
+
+
+# ------------------------------------------------------------------------------- names
+
+
+@pytest.mark.parametrize(
+    ("label", "folder"),
+    [
+        ("roses", "roses"),
+        ("Rose\u0301", "Ros\u00e9"),  # NFD -> NFC
+        ("a/b\\c", "a_b_c"),
+        ("..", ""),
+        ("../etc", "_etc"),
+        (".hidden", "hidden"),
+        ("tab\there\x00nul", "tab_here_nul"),  # control characters, tab included
+        ("  spaced   out  ", "spaced out"),
+        ('why?: "no"', "why__ _no_"),
+        ("trailing. ", "trailing"),
+    ],
+)
+def test_class_dir_name(label, folder):
+    assert class_dir_name(label) == folder
+
+
+def test_safe_file_name():
+    assert safe_file_name("photo.jpg") == "photo.jpg"
+    assert safe_file_name("../../etc/passwd.png") == "passwd.png"
+    assert safe_file_name("C:\\x\\y.gif") == "y.gif"
+    assert safe_file_name(".hidden.jpg") == "hidden.jpg"
+    assert safe_file_name("noext", ".png") == "noext.png"
+    assert safe_file_name("", ".jpg") == "image.jpg"
+    long = safe_file_name("x" * 300 + ".jpg")
+    assert long.endswith(".jpg") and len(long.encode()) <= 150
+    assert safe_file_name("y" * 300 + ".jpg") != safe_file_name("y" * 299 + "z.jpg")
+
+
+def test_labels_that_collapse_to_one_folder_are_an_error():
+    assert class_dirs(["a", "b", ".."]) == {"a": "a", "b": "b"}
+    with pytest.raises(ClassNameCollision, match="'a/b' -> 'a_b', 'a_b' -> 'a_b'"):
+        class_dirs(["a/b", "a_b", "c"])
+
+
+# ------------------------------------------------------------------------------- Dataturks
+
+
+def test_dataturks_local_items_and_safe_class_names(tmp_path):
+    folder = tmp_path / "export"
+    make_class_tree(folder / "pics", {"x": 6}, seed=3)
+    pics = sorted((folder / "pics" / "x").iterdir())
+    nfd = unicodedata.normalize("NFD", "Rosé")
+    records = [
+        item("pics/x/img_0000.jpg", ["a/b"]),
+        item("pics/x/img_0001.jpg", ["a/b"]),
+        item(pics[2].as_uri(), [nfd]),  # file:// URL
+        item(str(pics[3]), ["Rosé"]),  # absolute path; the same label in NFC
+        {"content": "pics/x/img_0004.jpg", "annotation": {"label": "..hidden"}},
+        {"content": "pics/x/img_0005.jpg", "annotation": {"labels": "..hidden"}, "metadata": None},
+        item("pics/x/missing.jpg", ["a/b"]),
+        item("pics/x/img_0005.jpg", None, status="skipped"),
+        item("pics/x/img_0004.jpg", None, status="NOT_DONE"),
+    ]
+    export = write_export(folder / "export.json", records)
+    out = tmp_path / "out"
+    ingest(export_source(export), out)
+    rows = read_csv(out / "data" / "manifest.csv")
+    assert [(r["class"], r["label"], r["file"], r["origin"]) for r in rows] == [
+        ("Rosé", "Rosé", "Rosé/img_0002.jpg", pics[2].as_uri()),
+        ("Rosé", "Rosé", "Rosé/img_0003.jpg", str(pics[3])),
+        ("a_b", "a/b", "a_b/img_0000.jpg", "pics/x/img_0000.jpg"),
+        ("a_b", "a/b", "a_b/img_0001.jpg", "pics/x/img_0001.jpg"),
+        ("hidden", "..hidden", "hidden/img_0004.jpg", "pics/x/img_0004.jpg"),
+        ("hidden", "..hidden", "hidden/img_0005.jpg", "pics/x/img_0005.jpg"),
+    ]
+    assert unicodedata.is_normalized("NFC", rows[0]["class"])
+    reasons = [(r["origin"], r["reason"]) for r in read_csv(out / "metrics" / "ingest_skipped.csv")]
+    assert reasons == [
+        ("pics/x/img_0004.jpg", "unlabelled"),
+        ("pics/x/img_0005.jpg", "skipped"),
+        ("pics/x/missing.jpg", "missing_file"),
+    ]
+
+
+def test_dataturks_over_http(tmp_path):
+    served = tmp_path / "served"
+    files = {}
+    for i in range(8):
+        label = "cat" if i % 2 else "dog"
+        files[f"{label}/{i}.jpg"] = make_image(served / f"{i}.jpg", seed=100 + i).read_bytes()
+    # Two different pictures that Dataturks stored as "<uuid>___photo.jpg": same original name.
+    files["u1/0b6f2a1c-1111-4c2d-9e3f-000000000001___photo.jpg"] = make_image(
+        served / "p1.jpg", seed=201
+    ).read_bytes()
+    files["u2/0b6f2a1c-2222-4c2d-9e3f-000000000002___photo.jpg"] = make_image(
+        served / "p2.jpg", seed=202
+    ).read_bytes()
+    files["slow.jpg"] = make_image(served / "slow.jpg", seed=203).read_bytes()
+    files["fine.png"] = make_image(served / "fine.png", seed=204, fmt="PNG").read_bytes()
+
+    with LoopbackServer(files, delays={"slow.jpg": 5}, statuses={"gone.jpg": 404}) as srv:
+        records = [
+            item(srv.url(f"{'cat' if i % 2 else 'dog'}/{i}.jpg"), ["cat" if i % 2 else "dog"])
+            for i in range(8)
+        ]
+        records += [
+            item(srv.url("u1/0b6f2a1c-1111-4c2d-9e3f-000000000001___photo.jpg"), ["cat"]),
+            item(srv.url("u2/0b6f2a1c-2222-4c2d-9e3f-000000000002___photo.jpg"), ["cat"]),
+            item(srv.url("gone.jpg"), ["dog"]),
+            item(srv.url("slow.jpg"), ["dog"]),
+            item(srv.url("fine.png"), "dog"),  # a single string
+            item(srv.url("cat/1.jpg"), ["cat"]),  # the same URL twice: one download
+        ]
+        export = write_export(tmp_path / "export.json", records)
+        out = tmp_path / "out"
+        start = time.monotonic()
+        result = ingest(export_source(export), out, options(download_timeout_s=0.5))
+        elapsed = time.monotonic() - start
+        assert srv.count("cat/1.jpg") == 1
+        url_of_dog_0 = srv.url("dog/0.jpg")
+        # A re-run gives identical bytes, from the download cache.
+        first = snapshot(out)
+        srv.reset_counts()
+        ingest(export_source(export), out, options(download_timeout_s=0.5))
+        assert snapshot(out) == first
+        assert srv.count("dog/0.jpg") == 0
+
+    assert elapsed < 4, "a slow server must time out, not hold the run"
+    by_file = manifest(out)
+    photos = sorted(f for f in by_file if "photo" in f)
+    assert len(photos) == 2 and all(f.startswith("cat/photo_") for f in photos)
+    assert sorted(by_file[f]["sha256"][:10] for f in photos) == [f[10:20] for f in photos]
+    assert by_file["dog/fine.png"]["format"] == "PNG"
+    assert by_file["dog/0.jpg"]["origin"] == url_of_dog_0
+    rows = read_csv(out / "metrics" / "ingest_skipped.csv")
+    reasons = {(r["origin"].rsplit("/", 1)[-1], r["reason"]) for r in rows}
+    assert reasons == {
+        ("gone.jpg", "download_failed"),
+        ("slow.jpg", "download_failed"),
+        ("1.jpg", "duplicate"),
+    }
+    assert any("404" in r["detail"] for r in rows if r["origin"].endswith("gone.jpg"))
+    assert result.stats["downloads"] == {"requested": 13, "failed": 2}
+    assert read_json(out / "metrics" / "ingest.json")["per_class"] == {"cat": 6, "dog": 5}
+
+
+@pytest.fixture
+def multi_label_export(tmp_path) -> Path:
+    make_class_tree(tmp_path / "pics", {"p": 9}, seed=4)
+    labels = [
+        ["cat"],
+        ["cat"],
+        ["cat"],
+        ["dog"],
+        ["dog"],
+        ["dog"],
+        ["cat", "dog"],
+        ["bird", "cat"],
+        ["cat"],
+    ]
+    records = [item(f"pics/p/img_{i:04d}.jpg", lab) for i, lab in enumerate(labels)]
+    return write_export(tmp_path / "multi.json", records)
+
+
+def test_multiple_labels_error(multi_label_export, tmp_path):
+    with pytest.raises(IngestError) as info:
+        ingest(export_source(multi_label_export), tmp_path / "out")
+    message = str(info.value)
+    assert "multi.json:7: the item has 2 labels ('cat', 'dog')" in message
+    assert "lines 7, 8" in message and "ingest.on_multiple_labels=skip" in message
+    assert not (tmp_path / "out").exists()  # refused before anything is read or written
+
+
+def test_multiple_labels_first(multi_label_export, tmp_path):
+    out = tmp_path / "out"
+    ingest(
+        export_source(multi_label_export),
+        out,
+        options(on_multiple_labels="first", min_images_per_class=1),
+    )
+    metrics = read_json(out / "metrics" / "ingest.json")
+    # No empty "dog"-only or "cat"-only extra classes from the labels that were not chosen.
+    assert metrics["per_class"] == {"bird": 1, "cat": 5, "dog": 3}
+    assert metrics["multiple_labels"] == {"mode": "first", "items": 2}
+    assert metrics["skipped_total"] == 0
+
+
+def test_multiple_labels_skip(multi_label_export, tmp_path):
+    out = tmp_path / "out"
+    ingest(export_source(multi_label_export), out, options(on_multiple_labels="skip"))
+    assert read_json(out / "metrics" / "ingest.json")["per_class"] == {"cat": 4, "dog": 3}
+    rows = read_csv(out / "metrics" / "ingest_skipped.csv")
+    assert [(r["origin"], r["reason"], r["detail"]) for r in rows] == [
+        ("pics/p/img_0006.jpg", "multiple_labels", "line 7: cat, dog"),
+        ("pics/p/img_0007.jpg", "multiple_labels", "line 8: bird, cat"),
+    ]
+
+
+def test_malformed_export_line(tmp_path):
+    export = tmp_path / "bad.json"
+    export.write_text(json.dumps(item("a.jpg", ["x"])) + "\n{oops\n", encoding="utf-8")
+    with pytest.raises(IngestError, match=r"bad\.json:2: invalid JSON"):
+        ingest(export_source(export), tmp_path / "out")
+
+
+# ------------------------------------------------------------------------------- real data
+
+
+def test_real_classification_export_with_dead_urls(shared_datasets, tmp_path):
+    export = shared_datasets / "dataturks" / "gaa_county_classification.json"
+    out = tmp_path / "out"
+    start = time.monotonic()
+    with pytest.raises(IngestError) as info:
+        ingest(export_source(export), out, options(download_timeout_s=2.0, download_retries=0))
+    assert time.monotonic() - start < 30
+    message = str(info.value)
+    assert "0 class(es) with images" in message
+    assert "download_failed 277" in message
+    assert "https://countyclassifier.s3-us-west-2.amazonaws.com/" in message
+    assert "point data.source at a local copy" in message
+    rows = read_csv(out / "metrics" / "ingest_skipped.csv")
+    assert len(rows) == 277 and {r["reason"] for r in rows} == {"download_failed"}
+    metrics = read_json(out / "metrics" / "ingest.json")
+    assert metrics["downloads"] == {"requested": 277, "failed": 277}
+    assert len(metrics["per_class"]) == 4 and not any(metrics["per_class"].values())
+
+
+def test_real_bbox_export_is_refused_at_once(shared_datasets, tmp_path):
+    export = shared_datasets / "dataturks" / "tcs_face_recognition_bbox.json"
+    start = time.monotonic()
+    with pytest.raises(
+        IngestError, match=r"not an image-classification export.*IMAGE_BOUNDING_BOX"
+    ):
+        ingest(export_source(export), tmp_path / "out")
+    assert time.monotonic() - start < 2
+    assert not (tmp_path / "out").exists()
+
+
+def test_flower_photos_sample(shared_datasets, tmp_path):
+    flowers = shared_datasets / "flower_photos"
+    src = tmp_path / "flower_photos"
+    for folder in sorted(p for p in flowers.iterdir() if p.is_dir()):
+        (src / folder.name).mkdir(parents=True)
+        for photo in sorted(folder.iterdir())[:8]:
+            shutil.copy2(photo, src / folder.name / photo.name)
+    quirks = [
+        "roses/15922772266_1167a06620.jpg",
+        "tulips/15922772266_1167a06620.jpg",
+        "sunflowers/14889392928_9742aed45b_m.jpg",
+        "sunflowers/15066430311_fb57fa92b0_m.jpg",
+    ]
+    for rel in quirks:
+        shutil.copy2(flowers / rel, src / rel)
+    shutil.copy2(flowers / "LICENSE.txt", src / "LICENSE.txt")
+    before = snapshot(src)
+    expected = {d.name: len(list(d.iterdir())) for d in src.iterdir() if d.is_dir()}
+
+    out = tmp_path / "out"
+    ingest(tree_source(src), out, options(min_images_per_class=5))
+    metrics = read_json(out / "metrics" / "ingest.json")
+    expected["roses"] -= 1
+    expected["tulips"] -= 1
+    expected["sunflowers"] -= 1
+    assert metrics["per_class"] == expected
+    assert skipped(out) == {
+        "LICENSE.txt": "not_an_image",
+        "roses/15922772266_1167a06620.jpg": "cross_class_duplicate",
+        "tulips/15922772266_1167a06620.jpg": "cross_class_duplicate",
+        # Same bytes: the smaller name is kept.
+        "sunflowers/15066430311_fb57fa92b0_m.jpg": "duplicate",
+    }
+    assert "sunflowers/14889392928_9742aed45b_m.jpg" in manifest(out)
+    first = snapshot(out)
+    ingest(tree_source(src), out, options(min_images_per_class=5))
+    assert snapshot(out) == first
+    assert snapshot(src) == before
+
+
+# ------------------------------------------------------------------------------- the stage
+
+
+def write_params(root: Path, source: str, **ingest_params) -> None:
+    params = {
+        "data": {"source": source},
+        "ingest": {
+            "on_multiple_labels": "error",
+            "cross_class_duplicates": "drop",
+            "min_images_per_class": 3,
+            "max_image_pixels": 89_478_485,
+            "download": {"workers": 2, "timeout_s": 2, "retries": 0},
+            **ingest_params,
+        },
+        "paths": {"images": "data/images", "manifest": "data/manifest.csv", "metrics": "metrics"},
+    }
+    (root / "params.yaml").write_text(json.dumps(params), encoding="utf-8")  # JSON is YAML
+
+
+def test_stage_main(tmp_path, monkeypatch, capsys):
+    from stages.ingest import main
+
+    make_class_tree(tmp_path / "input" / "flowers", {"daisy": 4, "roses": 3}, seed=7)
+    (tmp_path / "input" / "flowers" / "LICENSE.txt").write_text("CC-BY\n")
+    project = tmp_path / "project"
+    project.mkdir()
+    write_params(project, "../input/flowers")
+    monkeypatch.chdir(project)
+    main()
+    summary = capsys.readouterr().out
+    assert "ingest: 7 images in 2 classes from ../input/flowers (tree)" in summary
+    assert "daisy       4" in summary and "not_an_image       1" in summary
+    assert len(read_csv(project / "data" / "manifest.csv")) == 7
+    assert read_json(project / "metrics" / "ingest.json")["source"] == "../input/flowers"
+
+    write_params(project, "../input/flowers", min_images_per_class=4)
+    with pytest.raises(SystemExit, match=r"(?s)ingest: error: .*\(roses: 3\)"):
+        main()
