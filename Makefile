@@ -4,6 +4,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 # Point the pipeline at a local copy of the data: make run DATA=../shared/datasets/flower_photos
 DATA   ?=
+# Stage commands run `python`, `dvc` and `mlflow`: those of the venv, as if it were activated.
+export PATH := $(abspath $(BIN)):$(PATH)
 
 .PHONY: run test lint bench ui setup clean
 

@@ -129,6 +129,28 @@ def _extract_zip(archive: Path, root: Path, bar: tqdm) -> None:
                 bar.update(1)
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _clean_stale(target: Path) -> None:
+    """Remove temporary trees of extractions into `target` that were killed (their process
+    is gone); a live one, in a parallel run, is left alone."""
+    pattern = re.compile(rf"^\.{re.escape(target.name)}\.(\d+)\.[A-Za-z0-9_]+\.tmp$")
+    if not target.parent.is_dir():
+        return
+    for entry in target.parent.iterdir():
+        m = pattern.match(entry.name)
+        if m and entry.is_dir() and not _pid_alive(int(m.group(1))):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
 def extract_archive(archive: Path, target: Path) -> Path:
     """Extract a .tgz/.tar.gz/.tar/.zip (recognised by content) into `target`, which must
     not exist yet (an empty directory is accepted). Returns `target`. The archive is only
@@ -147,8 +169,11 @@ def extract_archive(archive: Path, target: Path) -> Path:
             target.rmdir()
         else:
             raise FileExistsError(f"{target} already exists; extract_archive never overwrites")
+    _clean_stale(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+    tmp = Path(
+        tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.{os.getpid()}.", suffix=".tmp")
+    )
     try:
         with tqdm(
             desc=f"extract {archive.name}", unit="file", file=sys.stderr, mininterval=0.5

@@ -71,8 +71,9 @@ def _load_head(head_dir: Path, kind: str) -> tuple[Any, Callable[[tf.Tensor], tf
 class EndToEndModel(tf.Module):
     """uint8 images [N, H, W, 3] -> probabilities [N, n_classes] (see the module doc)."""
 
-    def __init__(self, backbone: Backbone, head: Any, head_fn: Callable, labels: list[str],
-                 kind: str) -> None:  # fmt: skip
+    def __init__(
+        self, backbone: Backbone, head: Any, head_fn: Callable, labels: list[str], kind: str
+    ) -> None:
         super().__init__(name=f"end_to_end_{kind}")
         self.backbone = backbone.model
         self.head = head
@@ -86,7 +87,9 @@ class EndToEndModel(tf.Module):
     @tf.function(input_signature=[INPUT_SPEC])
     def __call__(self, images: tf.Tensor) -> tf.Tensor:
         features = self.backbone(self._preprocess(images), training=False)
-        return self._head_fn(features)
+        # A bfloat16 backbone (bottlenecks.precision) hands out bfloat16; the heads take float32,
+        # as they did on the widened bottleneck files.
+        return self._head_fn(tf.cast(features, tf.float32))
 
     def metadata(self) -> dict[str, Any]:
         return {
@@ -98,13 +101,17 @@ class EndToEndModel(tf.Module):
         }
 
 
-def build(backbone_dir: str | Path, head_dir: str | Path, kind: str) -> EndToEndModel:
-    """The end-to-end model of the backbone stage's output and one trained head."""
+def build(
+    backbone_dir: str | Path, head_dir: str | Path, kind: str, precision: str = "float32"
+) -> EndToEndModel:
+    """The end-to-end model of the backbone stage's output and one trained head. `precision`
+    should be the bottlenecks stage's (bottlenecks.precision), so the backbone computes what
+    the heads were trained and evaluated on."""
     if kind not in HEAD_KINDS:
         raise ValueError(f"unknown head {kind!r}: expected one of {HEAD_KINDS}")
     head_dir = Path(head_dir)
     labels = read_labels(head_dir)
-    backbone = load_backbone(backbone_dir)
+    backbone = load_backbone(backbone_dir, precision=precision)
     head, head_fn = _load_head(head_dir, kind)
     return EndToEndModel(backbone, head, head_fn, labels, kind)
 
@@ -163,10 +170,18 @@ class Predictor:
     source: str
 
 
-def local_predictor(models_dir: str | Path, kind: str = "keras") -> Predictor:
+def local_predictor(
+    models_dir: str | Path, kind: str = "keras", precision: str = "float32"
+) -> Predictor:
     """The end-to-end model built from the pipeline's latest outputs in `models_dir`."""
     models_dir = Path(models_dir)
-    model = build(models_dir / "backbone", models_dir / f"{kind}_head", kind)
+    missing = [d for d in ("backbone", f"{kind}_head") if not (models_dir / d).is_dir()]
+    if missing:
+        raise FileNotFoundError(
+            f"{', '.join(str(models_dir / d) for d in missing)} not found: run the pipeline "
+            "(dvc repro) or give --models-dir, or an MLflow model with --model"
+        )
+    model = build(models_dir / "backbone", models_dir / f"{kind}_head", kind, precision)
 
     def predict(images: np.ndarray) -> np.ndarray:
         return model(tf.constant(images, tf.uint8)).numpy()

@@ -98,7 +98,7 @@ def annotate(image: Image.Image, text: str) -> Image.Image:
     while size > 8 and draw.textlength(text, font=font) > w - 8:
         size -= 1
         font = _font(size)
-    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+    left, _top, right, bottom = draw.textbbox((0, 0), text, font=font)
     pad = max(2, size // 4)
     box = (0, 0, min(w, right - left + 2 * pad), min(h, bottom + 2 * pad))
     draw.rectangle(box, fill=(20, 20, 20))
@@ -116,8 +116,9 @@ def probability_chart(
     thumb = img.resize((max(1, min(round(img.width * scale), 2 * height)), height))
     order = np.argsort(-probs, kind="stable")
     font = _font(14)
-    label_w = max(60, *(int(ImageDraw.Draw(thumb).textlength(str(labels[i]), font=font))
-                        for i in order))  # fmt: skip
+    label_w = max(
+        60, *(int(ImageDraw.Draw(thumb).textlength(str(labels[i]), font=font)) for i in order)
+    )
     bar_w, row_h, margin = 220, 24, 12
     chart_w = margin + label_w + 8 + bar_w + 64
     rows = min(len(order), max(1, (height - 2 * margin) // row_h))
@@ -213,7 +214,7 @@ def print_table(results: Sequence[Labelled], out=None) -> None:
     out = out or sys.stdout
     if not results:
         return
-    name_w = min(60, max(len("image"), *(len(r.image) for r in results)))
+    name_w = max(len("image"), *(len(r.image) for r in results))
     label_w = max(len("label"), *(len(lab) for r in results for lab, _ in r.top))
     print(f"{'image':<{name_w}}  {'#':>2}  {'label':<{label_w}}  confidence", file=out)
     for r in results:
@@ -222,8 +223,9 @@ def print_table(results: Sequence[Labelled], out=None) -> None:
             print(f"{name:<{name_w}}  {rank:>2}  {label:<{label_w}}  {p:>9.2%}", file=out)
 
 
-def print_json(results: Sequence[Labelled], failures: Sequence[dict], source: str,
-               out=None) -> None:  # fmt: skip
+def print_json(
+    results: Sequence[Labelled], failures: Sequence[dict], source: str, out=None
+) -> None:
     doc = {
         "model": source,
         "results": [
@@ -255,27 +257,50 @@ def print_csv(results: Sequence[Labelled], out=None) -> None:
 # --------------------------------------------------------------------------- models
 
 
-def _default_models_dir() -> Path:
-    """paths.models of ./params.yaml when run from the repository, else ./models."""
+def _pipeline_defaults() -> tuple[Path, str]:
+    """(paths.models, bottlenecks.precision) of ./params.yaml when run from the repository,
+    else (./models, float32)."""
     try:
         from imgclf.config import load_params
 
-        return Path(load_params()["paths"]["models"])
+        params = load_params()
+        return Path(params["paths"]["models"]), params["bottlenecks"]["precision"]
     except (FileNotFoundError, KeyError, TypeError):
-        return Path("models")
+        return Path("models"), "float32"
 
 
 def is_mlflow_uri(model: str) -> bool:
     return model.startswith(MODEL_URI_SCHEMES) or (Path(model) / "MLmodel").is_file()
 
 
+def _import_tensorflow_quietly() -> None:
+    """Import TensorFlow and initialise its devices with the C++ stderr muted: TF 2.21 prints
+    oneDNN/CUDA notices before its logging is set up, whatever TF_CPP_MIN_LOG_LEVEL says, and
+    they would bury the one-line errors this command promises. Python exceptions still surface
+    (after stderr is restored)."""
+    if "tensorflow" in sys.modules:
+        return
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        import tensorflow as tf
+
+        tf.config.list_logical_devices()
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 def load_model(model: str | None, head: str, models_dir: Path | None) -> Any:
     """A Predictor (imgclf.end_to_end) for --model / --head / --models-dir."""
+    _import_tensorflow_quietly()
     from imgclf import end_to_end
 
     if model is None:
-        models_dir = models_dir or _default_models_dir()
-        return end_to_end.local_predictor(models_dir, head)
+        default_dir, precision = _pipeline_defaults()
+        return end_to_end.local_predictor(models_dir or default_dir, head, precision)
     if not is_mlflow_uri(model):
         raise ValueError(
             f"{model!r} is neither an MLflow model URI (models:/<name>/<version>, "
@@ -307,8 +332,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Label images with the pipeline's end-to-end model (Inception V3 + a "
         "head) or any MLflow model URI; print the top labels and write annotated copies.",
     )
-    parser.add_argument("images", nargs="+", help="image files and/or folders (searched "
-                        "recursively for .jpg .png .gif .bmp .webp .tif)")  # fmt: skip
+    parser.add_argument(
+        "images",
+        nargs="+",
+        help="image files and/or folders (searched recursively for .jpg .png .gif .bmp .webp .tif)",
+    )
     parser.add_argument(
         "-m",
         "--model",
@@ -316,21 +344,35 @@ def build_parser() -> argparse.ArgumentParser:
         "runs:/<run id>/model, or a folder with an MLmodel file. Default: the latest pipeline "
         "output, built from <models-dir>/backbone + <models-dir>/<head>_head",
     )
-    parser.add_argument("--head", choices=("tf", "keras"), default="keras",
-                        help="which trained head when --model is not given (default: keras)")  # fmt: skip
-    parser.add_argument("--models-dir", type=Path, default=None,
-                        help="the pipeline's models folder (default: paths.models, i.e. models)")  # fmt: skip
+    parser.add_argument(
+        "--head",
+        choices=("tf", "keras"),
+        default="keras",
+        help="which trained head when --model is not given (default: keras)",
+    )
+    parser.add_argument(
+        "--models-dir",
+        type=Path,
+        default=None,
+        help="the pipeline's models folder (default: paths.models, i.e. models)",
+    )
     parser.add_argument("-k", "--top-k", type=int, default=3, help="labels to show (default 3)")
     fmt = parser.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true", help="JSON on stdout (all probabilities)")
     fmt.add_argument("--csv", action="store_true", help="CSV on stdout (one row per label)")
-    parser.add_argument("-o", "--out-dir", type=Path, default=Path("labelled"),
-                        help="where annotated copies go (default: ./labelled)")  # fmt: skip
-    parser.add_argument("--no-annotate", action="store_true",
-                        help="do not write annotated copies")  # fmt: skip
-    parser.add_argument("--chart", action="store_true",
-                        help="also write <name>.chart.png: the image beside a bar chart of "
-                        "the class probabilities")  # fmt: skip
+    parser.add_argument(
+        "-o",
+        "--out-dir",
+        type=Path,
+        default=Path("labelled"),
+        help="where annotated copies go (default: ./labelled)",
+    )
+    parser.add_argument("--no-annotate", action="store_true", help="do not write annotated copies")
+    parser.add_argument(
+        "--chart",
+        action="store_true",
+        help="also write <name>.chart.png: the image beside a bar chart of the class probabilities",
+    )
     return parser
 
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from imgclf.archives import archive_format, extract_archive
-from imgclf.config import cache_dir
+from imgclf.config import cache_dir, repo_root
 from imgclf.downloads import DownloadError, download_file
 from imgclf.fileio import sha256_file
 
@@ -260,7 +260,9 @@ def resolve_source(
     path = Path(text).expanduser()
     if path.is_absolute():
         return _resolve_local(text, path, None)
-    base = Path(base_dir) if base_dir is not None else Path.cwd()
+    # Relative to the ORIGINAL repo root, so `dvc exp run --temp/--queue` (which run in a copy
+    # under .dvc/tmp/exps) read the same folder as `dvc repro`.
+    base = Path(base_dir) if base_dir is not None else repo_root()
     return _resolve_local(text, base / path, base)
 
 

@@ -36,6 +36,7 @@ from typing import Any
 
 import yaml
 
+from imgclf.config import repo_root
 from imgclf.fileio import read_csv, read_json, sha256_file
 
 log = logging.getLogger(__name__)
@@ -46,43 +47,11 @@ DB_FILE = "mlflow.db"
 ARTIFACTS_DIR = "mlartifacts"
 # The stages whose dvc.lock output hashes identify the data and the backbone of a result.
 PROVENANCE_STAGES = ("ingest", "split", "backbone", "bottlenecks")
-# DVC puts the repository copy of a --temp/--queue experiment here.
-_EXP_TMP_PARTS = (".dvc", "tmp", "exps")
 _MAX_TAG = 5000  # MLflow's tag value limit is 8000; stay well inside it
 _MAX_PARAM = 6000
 
 
 # --------------------------------------------------------------------------- the store
-
-
-def repo_root(start: str | Path | None = None) -> Path:
-    """The root of the ORIGINAL repository, also from inside a `dvc exp run --temp` copy.
-
-    Order: DVC_ROOT (set by DVC for every stage command; for --temp/--queue it is overridden to
-    the original repo's root), then a path under `.dvc/tmp/exps/` (a stage command run by hand in
-    an executor copy), then `git rev-parse --show-toplevel`, then `start` itself.
-    """
-    env_root = os.environ.get("DVC_ROOT")
-    if env_root:
-        return Path(env_root).resolve()
-    here = Path(start or Path.cwd()).resolve()
-    parts = here.parts
-    for i in range(len(parts) - len(_EXP_TMP_PARTS)):
-        if parts[i : i + len(_EXP_TMP_PARTS)] == _EXP_TMP_PARTS:
-            return Path(*parts[:i])
-    try:
-        top = subprocess.run(
-            ["git", "rev-parse", "--show-toplevel"],
-            cwd=here,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        if top:
-            return Path(top).resolve()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    return here
 
 
 @dataclass(frozen=True)
@@ -203,13 +172,10 @@ def git_info(workdir: str | Path, ignore: Iterable[str] = ()) -> dict[str, str]:
     commit = _git(workdir, "rev-parse", "HEAD")
     if commit is None:
         return {"git.commit": "none", "git.dirty": "unknown"}
-    status = _git(workdir, "status", "--porcelain", "--untracked-files=no") or ""
+    # Staged or not, every tracked file that differs from HEAD.
+    diff = _git(workdir, "diff", "--name-only", "HEAD") or ""
     skip = ("dvc.lock", *ignore)
-    changed = sorted(
-        line[3:].split(" -> ")[-1]
-        for line in status.splitlines()
-        if line[3:] and not any(line[3:].startswith(p) for p in skip)
-    )
+    changed = sorted(f for f in diff.splitlines() if f and not f.startswith(skip))
     info = {"git.commit": commit, "git.dirty": str(bool(changed)).lower()}
     if changed:
         info["git.changed_files"] = " ".join(changed)[:_MAX_TAG]
@@ -264,6 +230,8 @@ def provenance_tags(params: Mapping[str, Any], workdir: str | Path) -> dict[str,
         if os.environ.get(env):
             tags[tag] = os.environ[env]
     tags["data.source"] = str(params.get("data", {}).get("source", ""))[:_MAX_TAG]
+    # Where the stage ran: the repository, or a `dvc exp run --temp/--queue` copy of it.
+    tags["imgclf.workdir"] = str(workdir.resolve())[:_MAX_TAG]
     return tags
 
 
@@ -285,8 +253,10 @@ def classification_report(evaluation: Mapping[str, Any]) -> str:
     if "accuracy" in evaluation:
         lines.append(f"{'accuracy':>{width}}  {'':9} {'':9} {evaluation['accuracy']:9.4f} {n:9d}")
     if per_class:
-        macro = [sum(r[k] for r in per_class.values()) / len(per_class) for k in
-                 ("precision", "recall", "f1")]  # fmt: skip
+        macro = [
+            sum(r[k] for r in per_class.values()) / len(per_class)
+            for k in ("precision", "recall", "f1")
+        ]
         lines.append(
             f"{'macro avg':>{width}}  {macro[0]:9.4f} {macro[1]:9.4f} {macro[2]:9.4f} {n:9d}"
         )
@@ -345,10 +315,10 @@ class ResultFiles:
         """(file, artifact folder) of one head; files that do not exist are skipped."""
         m = self.metrics
         return [
-            (m / "confusion" / f"{head}.png", "evaluation"),
-            (m / "confusion" / f"{head}.csv", "evaluation"),
-            (m / "misclassified" / f"{head}.png", "evaluation"),
-            (m / "misclassified" / f"{head}.csv", "evaluation"),
+            (m / "confusion" / f"{head}.png", "evaluation/confusion"),
+            (m / "confusion" / f"{head}.csv", "evaluation/confusion"),
+            (m / "misclassified" / f"{head}.png", "evaluation/misclassified"),
+            (m / "misclassified" / f"{head}.csv", "evaluation/misclassified"),
             (m / "evaluate" / f"{head}.json", "evaluation"),
             (m / "train" / f"{head}.json", "training"),
             (m / "curves" / f"{head}.csv", "training"),
@@ -375,6 +345,18 @@ def _log_params(client: Any, run_id: str, params: Mapping[str, Any]) -> None:
     items = [Param(k, param_value(v)) for k, v in sorted(params.items())]
     for i in range(0, len(items), 100):
         client.log_batch(run_id, params=items[i : i + 100])
+
+
+def _redact(uri: str) -> str:
+    """The URI without a password (the summary file is committed to git)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    if parts.password is None:
+        return uri
+    host = parts.hostname or ""
+    netloc = f"{parts.username}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def _run_name(tags: Mapping[str, str]) -> str:
@@ -405,12 +387,6 @@ def track_pipeline(
     if log_models is None:
         log_models = bool(track.get("log_models", True))
     files = ResultFiles.from_params(params, workdir)
-    store = configure_store(root, tracking_uri)
-    experiment_id = get_or_create_experiment(track.get("experiment", "tf-or-keras"), store)
-    client = MlflowClient(store.tracking_uri, store.registry_uri)
-
-    flat_params = flatten(params)
-    tags = provenance_tags(params, workdir)
     evaluations = {
         head: read_json(p)
         for head in HEADS
@@ -422,9 +398,15 @@ def track_pipeline(
             f"no metrics/evaluate/<head>.json for {missing} under {files.metrics}: run the "
             "evaluate stage first (dvc repro evaluate)."
         )
+    # Only now touch the store: a missing result must not leave an empty database behind.
+    store = configure_store(root, tracking_uri)
+    experiment_id = get_or_create_experiment(track.get("experiment", "tf-or-keras"), store)
+    client = MlflowClient(store.tracking_uri, store.registry_uri)
+    flat_params = flatten(params)
+    tags = provenance_tags(params, workdir)
 
     summary: dict[str, Any] = {
-        "tracking_uri": store.tracking_uri,
+        "tracking_uri": _redact(store.tracking_uri),
         "experiment_id": experiment_id,
         "heads": {},
     }
@@ -527,7 +509,8 @@ def _log_end_to_end(
     from imgclf import end_to_end
 
     name = params.get("track", {}).get("registered_models", {}).get(head, f"flowers-{head}")
-    model = end_to_end.build(files.backbone, files.head_dir(head), head)
+    precision = params.get("bottlenecks", {}).get("precision", "float32")
+    model = end_to_end.build(files.backbone, files.head_dir(head), head, precision)
     print(f"track: logging the end-to-end {head} model as {name!r}...", file=sys.stderr)
     info = end_to_end.log_model(model, registered_model_name=name)
     version = str(info.registered_model_version)

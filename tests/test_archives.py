@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import io
+import os
 import stat
+import subprocess
+import sys
 import tarfile
 import zipfile
 from pathlib import Path
@@ -77,6 +80,20 @@ def test_empty_target_dir_is_accepted_populated_one_is_not(tmp_path, flowers):
     extract_archive(archive, tmp_path / "empty")
     with pytest.raises(FileExistsError, match="never overwrites"):
         extract_archive(archive, tmp_path / "empty")
+
+
+def test_tree_left_by_a_killed_extraction_is_removed(tmp_path, flowers):
+    archive = tmp_path / "a.tgz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(flowers, arcname="flower_photos")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    corpse = tmp_path / "out" / f".x.{dead}.k1ll3d.tmp"
+    (corpse / "flower_photos" / "daisy").mkdir(parents=True)
+    alive = tmp_path / "out" / f".x.{os.getpid()}.busy.tmp"  # a parallel run, still working
+    alive.mkdir()
+    extract_archive(archive, tmp_path / "out" / "x")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [alive.name, "x"]
 
 
 def _assert_nothing_written(tmp_path: Path, target: Path) -> None:

@@ -26,7 +26,6 @@ import pytest
 import yaml
 
 from imgclf.fileio import sha256_file, write_csv, write_json
-from tests.helpers import make_image
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -83,13 +82,24 @@ def build_tiny_result(workdir: Path) -> dict:
                 rel = f"{subset}/{name}/{name}_{i:02d}.jpg"
                 path = _coloured_image(split / rel, rgb, seed)
                 w, h = load_rgb(path).shape[1::-1]
-                rows.append({"class": name, "label": name, "file": rel,
-                             "sha256": sha256_file(path), "width": w, "height": h,
-                             "format": "JPEG", "origin": f"generated:{seed}", "subset": subset})  # fmt: skip
+                rows.append(
+                    {
+                        "class": name,
+                        "label": name,
+                        "file": rel,
+                        "sha256": sha256_file(path),
+                        "width": w,
+                        "height": h,
+                        "format": "JPEG",
+                        "origin": f"generated:{seed}",
+                        "subset": subset,
+                    }
+                )
     fields = ["class", "label", "file", "sha256", "width", "height", "format", "origin", "subset"]
     write_csv(split / "manifest.csv", fields, rows)
-    write_csv(workdir / paths["manifest"], fields[:-1],
-              [{k: r[k] for k in fields[:-1]} for r in rows])  # fmt: skip
+    write_csv(
+        workdir / paths["manifest"], fields[:-1], [{k: r[k] for k in fields[:-1]} for r in rows]
+    )
 
     # The real architecture, seeded random weights, the backbone stage's file format.
     keras_seed = 0
@@ -113,10 +123,14 @@ def build_tiny_result(workdir: Path) -> dict:
     bottlenecks = workdir / paths["bottlenecks"]
     for subset in ("train", "test"):
         subset_rows = sorted((r for r in rows if r["subset"] == subset), key=lambda r: r["file"])
-        feats = np.concatenate([
-            backbone.model(backbone.preprocess(load_rgb(split / r["file"])), training=False).numpy()
-            for r in subset_rows
-        ])  # fmt: skip
+        feats = np.concatenate(
+            [
+                backbone.model(
+                    backbone.preprocess(load_rgb(split / r["file"])), training=False
+                ).numpy()
+                for r in subset_rows
+            ]
+        )
         bottlenecks.mkdir(parents=True, exist_ok=True)
         np.savez(
             bottlenecks / f"{subset}.npz",
@@ -146,3 +160,451 @@ def build_tiny_result(workdir: Path) -> dict:
     finally:
         os.chdir(cwd)
     return params
+
+
+_RESULTS: dict[str, tuple[Path, dict]] = {}
+
+
+def tiny_result(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """One tiny pipeline result per test session (building it takes ~25 s), shared by this
+    file and test_label_image.py. Tests must not modify it."""
+    if "result" not in _RESULTS:
+        workdir = tmp_path_factory.mktemp("tiny_result")
+        _RESULTS["result"] = (workdir, build_tiny_result(workdir))
+    return _RESULTS["result"]
+
+
+# --------------------------------------------------------------------------- fast unit tests
+
+
+def test_repo_root_prefers_dvc_root_then_exp_copy_then_git(tmp_path, monkeypatch):
+    from imgclf.config import repo_root
+
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path / "original"))
+    assert repo_root(tmp_path) == (tmp_path / "original").resolve()
+    monkeypatch.delenv("DVC_ROOT")
+    executor = tmp_path / "repo" / ".dvc" / "tmp" / "exps" / "tmpabc123"
+    executor.mkdir(parents=True)
+    assert repo_root(executor) == (tmp_path / "repo").resolve()
+    subprocess.run(["git", "init", "-q", str(tmp_path / "g")], check=True)
+    (tmp_path / "g" / "sub").mkdir()
+    assert repo_root(tmp_path / "g" / "sub") == (tmp_path / "g").resolve()
+
+
+def test_store_defaults_to_repo_root_and_env_overrides(tmp_path, monkeypatch):
+    from imgclf.tracking import resolve_store
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    store = resolve_store()
+    assert store.is_default
+    assert store.tracking_uri == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    assert store.artifact_root == (tmp_path.resolve() / "mlartifacts").as_uri()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    store = resolve_store()
+    assert (store.tracking_uri, store.artifact_root, store.is_default) == (
+        "http://127.0.0.1:5000",
+        None,
+        False,
+    )
+
+
+def test_flatten_and_numeric_leaves():
+    from imgclf.tracking import flatten, numeric_leaves, param_value
+
+    params = {"train_tf": {"learning_rate": 0.01, "steps": 4000}, "a": {"b": {"c": [1, 2]}}}
+    assert flatten(params) == {
+        "train_tf.learning_rate": 0.01,
+        "train_tf.steps": 4000,
+        "a.b.c": [1, 2],
+    }
+    assert param_value([1, 2]) == "[1, 2]"
+    ev = {"accuracy": 0.9, "ci_method": "wilson-95", "ok": True, "per_class": {"r": {"f1": 1}}}
+    assert numeric_leaves(ev) == {"accuracy": 0.9, "per_class.r.f1": 1.0}
+
+
+def test_dvc_lock_hashes(tmp_path):
+    from imgclf.tracking import dvc_lock_hashes
+
+    lock = {
+        "schema": "2.0",
+        "stages": {
+            "split": {
+                "outs": [
+                    {"path": "data/split/train", "md5": "aa.dir"},
+                    {"path": "data/split/manifest.csv", "md5": "bb"},
+                ]
+            },
+            "backbone": {"outs": [{"path": "models/backbone", "md5": "cc.dir"}]},
+            "train_tf": {"outs": [{"path": "models/tf_head", "md5": "dd.dir"}]},
+        },
+    }
+    (tmp_path / "dvc.lock").write_text(yaml.safe_dump(lock))
+    assert dvc_lock_hashes(tmp_path / "dvc.lock") == {
+        "dvc.split.data/split/train": "aa.dir",
+        "dvc.split.data/split/manifest.csv": "bb",
+        "dvc.backbone.models/backbone": "cc.dir",
+    }
+    assert dvc_lock_hashes(tmp_path / "missing.lock") == {}
+
+
+def test_git_dirty_ignores_pipeline_outputs(tmp_path):
+    from imgclf.tracking import git_info
+
+    def git(*args):
+        subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True)
+
+    git("init", "-q")
+    for name in ("params.yaml", "dvc.lock", "metrics/x.json"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("a\n")
+    git("add", "-A")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")
+    (tmp_path / "dvc.lock").write_text("b\n")
+    (tmp_path / "metrics" / "x.json").write_text("b\n")
+    (tmp_path / "untracked.txt").write_text("b\n")
+    info = git_info(tmp_path, ignore=("metrics/",))
+    assert info["git.dirty"] == "false" and len(info["git.commit"]) == 40
+    (tmp_path / "params.yaml").write_text("b\n")
+    info = git_info(tmp_path, ignore=("metrics/",))
+    assert info["git.dirty"] == "true" and info["git.changed_files"] == "params.yaml"
+
+
+# --------------------------------------------------------------------------- the track stage
+
+
+@pytest.fixture(scope="module")
+def tracked(tmp_path_factory):
+    """The tiny result tracked once, with models, in a private default store."""
+    import mlflow
+
+    workdir, params = tiny_result(tmp_path_factory)
+    store_root = tmp_path_factory.mktemp("store")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        mp.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+        mp.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+        mp.setenv("DVC_ROOT", str(store_root))
+        mp.setenv("DVC_EXP_NAME", "tiny-exp")
+        started = time.perf_counter()
+        summary = track_result(params, workdir)
+        seconds = time.perf_counter() - started
+    client = mlflow.MlflowClient(summary["tracking_uri"])
+    return {
+        "workdir": workdir,
+        "params": params,
+        "summary": summary,
+        "client": client,
+        "store_root": store_root,
+        "seconds": seconds,
+    }
+
+
+def track_result(params: dict, workdir: Path) -> dict:
+    from imgclf.tracking import track_pipeline
+
+    return track_pipeline(
+        {**params, "track": {**params["track"], "log_models": True}}, workdir=workdir
+    )
+
+
+def _runs(client, experiment_id):
+    runs = client.search_runs([experiment_id], max_results=100)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    return parents, children
+
+
+@pytest.mark.slow
+def test_one_parent_run_three_children_with_params_metrics_curves_tags(tracked):
+    from imgclf.fileio import read_csv, read_json
+
+    client, summary, workdir = tracked["client"], tracked["summary"], tracked["workdir"]
+    store_root = tracked["store_root"].resolve()
+    assert summary["tracking_uri"] == f"sqlite:///{store_root}/mlflow.db"
+    assert (store_root / "mlflow.db").is_file() and (store_root / "mlartifacts").is_dir()
+    parents, children = _runs(client, summary["experiment_id"])
+    assert [p.info.run_id for p in parents] == [summary["run_id"]]
+    parent = parents[0]
+    assert parent.info.run_name == "tiny-exp"  # DVC_EXP_NAME names the run
+    assert parent.info.artifact_uri.startswith((store_root / "mlartifacts").as_uri())
+    assert sorted(c.info.run_name for c in children) == ["keras", "sklearn", "tf"]
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
+
+    for run in (parent, *children):
+        assert run.data.params["train_tf.learning_rate"] == "0.5"
+        assert run.data.params["paths.models"] == "models"
+        tags = run.data.tags
+        assert tags["dvc.exp_name"] == "tiny-exp"
+        assert tags["git.commit"]  # "none": the tiny result is not a git checkout
+        backbone = read_json(workdir / "models/backbone/backbone.json")
+        assert tags["backbone.sha256"] == backbone["sha256"]
+        assert tags["data.manifest_sha256"] == sha256_file(workdir / "data/manifest.csv")
+
+    by_name = {c.info.run_name: c for c in children}
+    for head, run in by_name.items():
+        ev = read_json(workdir / f"metrics/evaluate/{head}.json")
+        assert run.data.metrics["test.accuracy"] == pytest.approx(ev["accuracy"])
+        assert run.data.metrics["test.per_class.red.f1"] == pytest.approx(
+            ev["per_class"]["red"]["f1"]
+        )
+        assert parent.data.metrics[f"{head}.accuracy"] == pytest.approx(ev["accuracy"])
+        assert "train.train_seconds" in run.data.metrics
+    for head in ("tf", "keras"):
+        curve = read_csv(workdir / f"metrics/curves/{head}.csv")
+        for key in ("train_loss", "val_accuracy"):
+            history = client.get_metric_history(by_name[head].info.run_id, key)
+            assert [(m.step, m.value) for m in sorted(history, key=lambda m: m.step)] == [
+                (int(row["step"]), pytest.approx(float(row[key]))) for row in curve
+            ]
+    assert client.get_metric_history(by_name["sklearn"].info.run_id, "val_accuracy") == []
+
+
+@pytest.mark.slow
+def test_artifacts_are_logged(tracked, tmp_path):
+    client, summary = tracked["client"], tracked["summary"]
+    parent_files = {a.path for a in client.list_artifacts(summary["run_id"])}
+    assert {"params.yaml", "comparison.md", "backbone.json"} <= parent_files
+    for head in ("tf", "keras", "sklearn"):
+        run_id = summary["heads"][head]["run_id"]
+        files = {
+            a.path
+            for folder in ("evaluation", "evaluation/confusion", "evaluation/misclassified")
+            for a in client.list_artifacts(run_id, folder)
+        }
+        assert {
+            f"evaluation/confusion/{head}.png",
+            f"evaluation/confusion/{head}.csv",
+            f"evaluation/misclassified/{head}.png",
+            f"evaluation/misclassified/{head}.csv",
+            f"evaluation/{head}.json",
+            "evaluation/classification_report.txt",
+        } <= files
+        assert {"labels.txt", "training"} <= {a.path for a in client.list_artifacts(run_id)}
+        local = Path(
+            client.download_artifacts(
+                run_id, "evaluation/classification_report.txt", str(tmp_path / head)
+            )
+        )
+        report = local.read_text()
+        assert "accuracy" in report and "red" in report and "macro avg" in report
+
+
+@pytest.mark.slow
+def test_registered_models_reproduce_the_evaluate_stage(tracked):
+    import mlflow
+
+    from imgclf.fileio import read_json
+    from imgclf.heads import load_predictor
+    from imgclf.images import load_rgb
+
+    client, summary, workdir = tracked["client"], tracked["summary"], tracked["workdir"]
+    test = np.load(workdir / "data/bottlenecks/test.npz")
+    classes = read_json(workdir / "data/bottlenecks/classes.json")
+    for head, name in (("tf", "flowers-tf"), ("keras", "flowers-keras")):
+        versions = client.search_model_versions(f"name='{name}'")
+        assert [str(v.version) for v in versions] == ["1"]
+        assert versions[0].run_id == summary["heads"][head]["run_id"]
+        assert summary["heads"][head]["registered_version"] == "1"
+        model = mlflow.pyfunc.load_model(f"models:/{name}/1")
+        assert model.metadata.metadata["labels"] == classes
+        assert model.metadata.get_input_schema().inputs[0].shape == (-1, -1, -1, 3)
+        probs = np.concatenate(
+            [model.predict(load_rgb(workdir / "data/split" / i)[np.newaxis]) for i in test["ids"]]
+        )
+        expected = load_predictor(head, workdir / f"models/{head}_head")(test["features"])
+        np.testing.assert_allclose(probs, expected, atol=1e-4)
+        accuracy = float(np.mean(probs.argmax(1) == test["labels"]))
+        ev = read_json(workdir / f"metrics/evaluate/{head}.json")
+        assert round(accuracy, 6) == ev["accuracy"]
+    assert client.search_model_versions("name='flowers-sklearn'") == []
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_served_model_answers_like_label_image(tracked, tmp_path, monkeypatch, capsys):
+    """`mlflow models serve` of the registered Keras model, a real HTTP request on 127.0.0.1,
+    and label-image (pipeline output, and the same registry URI): the same probabilities."""
+    from imgclf import label_image
+    from imgclf.images import load_rgb
+
+    workdir, summary = tracked["workdir"], tracked["summary"]
+    image = workdir / "data/split/test/green/green_01.jpg"
+    port = _free_port()
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": summary["tracking_uri"],
+        "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}",
+    }
+    server = subprocess.Popen(
+        [
+            str(VENV_BIN / "mlflow"),
+            "models",
+            "serve",
+            "-m",
+            "models:/flowers-keras/1",
+            "--env-manager",
+            "local",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+        ],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        # label-image meanwhile (the server takes a few seconds to load the model).
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", summary["tracking_uri"])
+        outputs = {}
+        for key, extra in (
+            ("local", ["--models-dir", str(workdir / "models")]),
+            ("registry", ["--model", "models:/flowers-keras/1"]),
+        ):
+            code = label_image.main([str(image), "--json", "--no-annotate", *extra])
+            assert code == 0
+            outputs[key] = json.loads(capsys.readouterr().out)["results"][0]["probabilities"]
+
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if server.poll() is not None or time.monotonic() > deadline:
+                log = server.stdout.read().decode(errors="replace") if server.poll() else ""
+                pytest.fail(f"mlflow models serve did not come up (exit {server.poll()}):\n{log}")
+            time.sleep(0.5)
+        body = json.dumps({"inputs": load_rgb(image)[np.newaxis].tolist()}).encode()
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations",
+            data=body,
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=60) as r:
+            served = json.loads(r.read())["predictions"][0]
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=30)
+    labels = sorted(CLASSES)
+    served_probs = dict(zip(labels, served, strict=True))
+    # The served SavedModel, the same model loaded by label-image, and the graph label-image
+    # builds from the pipeline's outputs: bit-for-bit the same probabilities.
+    assert served_probs == outputs["registry"]
+    assert served_probs == outputs["local"]
+
+
+# --------------------------------------------------------------------------- under DVC
+
+
+def _git_env() -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    env.update(
+        PATH=f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}",
+        GIT_AUTHOR_NAME="test",
+        GIT_AUTHOR_EMAIL="test@example.com",
+        GIT_COMMITTER_NAME="test",
+        GIT_COMMITTER_EMAIL="test@example.com",
+        DVC_NO_ANALYTICS="1",
+    )
+    return env
+
+
+def _run(cmd: list[str], cwd: Path, env: dict) -> str:
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout + proc.stderr
+
+
+def make_dvc_repo(repo: Path, workdir: Path, params: dict) -> None:
+    """A git+DVC repo holding the tiny result, the track code and the `track` stage of the real
+    dvc.yaml (the earlier stages' outputs are committed files here, not stages). Models are
+    not logged (track.log_models=false): the point is which runs DVC creates, and where."""
+    repo.mkdir()
+    for rel in ("data/manifest.csv", "data/split/manifest.csv", "models", "metrics"):
+        src = workdir / rel
+        if src.is_dir():
+            shutil.copytree(src, repo / rel)
+        else:
+            (repo / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, repo / rel)
+    # track does not load the backbone without models: a small stand-in keeps git fast.
+    weights = repo / "models/backbone/inception_v3.weights.h5"
+    weights.write_bytes(b"stand-in weights")
+    shutil.copytree(ROOT / "imgclf", repo / "imgclf", ignore=shutil.ignore_patterns("__pycache__"))
+    (repo / "stages").mkdir()
+    for name in ("__init__.py", "track.py"):
+        shutil.copy2(ROOT / "stages" / name, repo / "stages" / name)
+    shutil.copy2(ROOT / ".gitignore", repo / ".gitignore")
+    tiny = {**params, "track": {**params["track"], "log_models": False}}
+    (repo / "params.yaml").write_text(yaml.safe_dump(tiny, sort_keys=False))
+    track_stage = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["track"]
+    (repo / "dvc.yaml").write_text(
+        yaml.safe_dump({"stages": {"track": track_stage}}, sort_keys=False)
+    )
+
+
+@pytest.mark.slow
+def test_dvc_repro_tracks_each_result_once_and_exp_temp_uses_the_same_store(
+    tmp_path_factory, tmp_path
+):
+    import mlflow
+
+    workdir, params = tiny_result(tmp_path_factory)
+    repo = tmp_path / "repo"
+    make_dvc_repo(repo, workdir, params)
+    env = _git_env()
+    _run(["git", "init", "-q"], repo, env)
+    _run(["dvc", "init", "-q"], repo, env)
+    _run(["git", "add", "-A"], repo, env)
+    _run(["git", "commit", "-qm", "tiny result"], repo, env)
+
+    out = _run(["dvc", "repro"], repo, env)
+    assert "Running stage 'track'" in out
+    client = mlflow.MlflowClient(f"sqlite:///{repo.resolve()}/mlflow.db")
+
+    def parents():
+        exps = client.search_experiments()
+        runs = client.search_runs([e.experiment_id for e in exps], max_results=100)
+        return [r for r in runs if "mlflow.parentRunId" not in r.data.tags], runs
+
+    first, runs = parents()
+    assert len(first) == 1 and len(runs) == 4
+    assert first[0].data.tags["git.dirty"] == "false"
+    assert first[0].data.tags["git.commit"] == _run(["git", "rev-parse", "HEAD"], repo, env).strip()
+    run_json = json.loads((repo / "metrics/mlflow_run.json").read_text())
+    assert run_json["run_id"] == first[0].info.run_id
+
+    out = _run(["dvc", "repro"], repo, env)  # nothing changed: skipped, no run
+    assert "Running stage 'track'" not in out
+    assert len(parents()[1]) == 4
+
+    _run(["git", "add", "-A"], repo, env)
+    _run(["git", "commit", "-qm", "tracked"], repo, env)
+    out = _run(
+        ["dvc", "exp", "run", "--temp", "-n", "tiny-temp", "-S", "track.experiment=tiny-temp-exp"],
+        repo,
+        env,
+    )
+    now, runs = parents()
+    assert len(now) == 2 and len(runs) == 8, out
+    new = next(r for r in now if r.info.run_id != first[0].info.run_id)
+    assert new.data.tags["dvc.exp_name"] == "tiny-temp"
+    assert new.info.run_name == "tiny-temp"
+    # It ran in DVC's temporary copy of the repo, and still landed in the repo's own store.
+    assert ".dvc/tmp/exps/" in new.data.tags["imgclf.workdir"]
+    assert first[0].data.tags["imgclf.workdir"] == str(repo.resolve())
+    assert client.get_experiment(new.info.experiment_id).name == "tiny-temp-exp"
+    assert new.info.artifact_uri.startswith((repo.resolve() / "mlartifacts").as_uri())
+    assert not list((repo / ".dvc").rglob("mlflow.db"))
+    assert list((repo / "mlartifacts").rglob("classification_report.txt"))

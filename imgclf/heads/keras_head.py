@@ -54,7 +54,9 @@ class _EpochProgress(keras.callbacks.Callback):
                         disable=not enabled)  # fmt: skip
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        self.bar.set_postfix(val_accuracy=f"{(logs or {}).get('val_accuracy', 0):.3f}")
+        self.bar.set_postfix(
+            val_accuracy=f"{(logs or {}).get('val_accuracy', 0):.3f}", refresh=False
+        )
         self.bar.update(1)
 
     def on_train_end(self, logs: dict | None = None) -> None:

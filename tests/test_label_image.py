@@ -1,0 +1,170 @@
+"""label-image: top-k output, annotated copies, charts, and one clear line per bad input.
+
+The models are the tiny pipeline result of test_tracking.py (real Inception V3 architecture with
+random weights, real heads): what is checked is the command, not the accuracy on flowers.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from imgclf import label_image
+from imgclf.images import load_rgb
+from tests.helpers import make_image
+from tests.test_tracking import CLASSES, tiny_result
+
+VENV_BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory) -> Path:
+    workdir, _ = tiny_result(tmp_path_factory)
+    return workdir / "models"
+
+
+@pytest.fixture
+def photo(tmp_path, shared_datasets_or_none) -> Path:
+    """A real flower photo when ../shared is present (read in place, never copied into the
+    repo), else a generated JPEG."""
+    if shared_datasets_or_none is not None:
+        found = sorted((shared_datasets_or_none / "flower_photos" / "roses").glob("*.jpg"))
+        if found:
+            return found[0]
+    return make_image(tmp_path / "photo.jpg", size=(320, 240), seed=3)
+
+
+@pytest.fixture
+def shared_datasets_or_none(request) -> Path | None:
+    try:
+        return request.getfixturevalue("shared_datasets")
+    except pytest.skip.Exception:
+        return None
+
+
+def run(argv: list[str], capsys) -> tuple[int, str, list[str]]:
+    code = label_image.main(argv)
+    captured = capsys.readouterr()
+    err_lines = [line for line in captured.err.splitlines() if line.startswith("label-image:")]
+    return code, captured.out, err_lines
+
+
+def test_help_runs_as_a_console_script():
+    # The entry point declared in pyproject.toml; --help must not need TensorFlow.
+    proc = subprocess.run(
+        [str(VENV_BIN / "label-image"), "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0 and "--model" in proc.stdout and "--chart" in proc.stdout
+
+
+@pytest.mark.slow
+def test_annotated_copy_and_table(photo, models_dir, tmp_path, capsys):
+    out_dir = tmp_path / "out"
+    code, out, errors = run(
+        [str(photo), "--models-dir", str(models_dir), "--head", "tf", "-o", str(out_dir)], capsys
+    )
+    assert code == 0 and errors == []
+    lines = out.splitlines()
+    assert lines[0].split() == ["image", "#", "label", "confidence"]
+    assert len(lines) == 1 + 3  # top 3 of the 3 classes
+    assert lines[1].startswith(str(photo))
+    assert {line.split()[-2] for line in lines[1:]} == set(CLASSES)
+
+    annotated = out_dir / f"{photo.stem}.labelled.png"
+    source = load_rgb(photo)
+    drawn = np.asarray(Image.open(annotated).convert("RGB"))
+    assert drawn.shape == source.shape  # the image as displayed, same width and height
+    # The label box is at the top left: those pixels changed, the far corner did not.
+    h, w = source.shape[:2]
+    box = (slice(0, max(4, h // 20)), slice(0, max(4, w // 10)))
+    assert np.mean(np.any(drawn[box] != source[box], axis=-1)) > 0.9
+    corner = (slice(h - h // 4, h), slice(w - w // 4, w))
+    assert np.array_equal(drawn[corner], source[corner])
+    # The box holds text: more than the one fill colour.
+    assert len(np.unique(drawn[: h // 8, : w // 4].reshape(-1, 3), axis=0)) > 2
+
+
+@pytest.mark.slow
+def test_json_batch_with_bad_inputs(models_dir, tmp_path, capsys):
+    folder = tmp_path / "batch"
+    good = [make_image(folder / f"img_{i}.jpg", size=(60 + 10 * i, 50), seed=i) for i in range(2)]
+    (folder / "notes.txt").write_text("not an image, and not picked from a folder\n")
+    single = make_image(tmp_path / "single.png", size=(33, 71), seed=9, fmt="PNG")
+    not_image = tmp_path / "fake.jpg"
+    not_image.write_text("this is text with a .jpg name\n")
+    missing = tmp_path / "missing.jpg"
+    argv = [str(folder), str(missing), str(not_image), str(single)]
+    code, out, errors = run(
+        [*argv, "--models-dir", str(models_dir), "--json", "-k", "2", "-o", str(tmp_path / "o")],
+        capsys,
+    )
+    assert code == 1
+    assert len(errors) == 2
+    assert any(str(missing) in e and "no such file" in e for e in errors)
+    assert any(str(not_image) in e and "not an image" in e for e in errors)
+    doc = json.loads(out)
+    assert [r["image"] for r in doc["results"]] == [*map(str, good), str(single)]
+    assert {e["image"] for e in doc["errors"]} == {str(missing), str(not_image)}
+    for r in doc["results"]:
+        assert len(r["top"]) == 2
+        assert r["top"][0]["confidence"] >= r["top"][1]["confidence"]
+        assert sum(r["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+        assert r["top"][0]["confidence"] == max(r["probabilities"].values())
+        assert Path(r["annotated"]).is_file()
+        assert Image.open(r["annotated"]).size == (r["width"], r["height"])
+    assert doc["results"][2]["width"] == 33 and doc["results"][2]["height"] == 71
+
+
+@pytest.mark.slow
+def test_csv_and_chart(models_dir, tmp_path, capsys):
+    image = make_image(tmp_path / "a.jpg", size=(90, 60), seed=1)
+    code, out, errors = run(
+        [
+            str(image),
+            "--models-dir",
+            str(models_dir),
+            "--csv",
+            "--chart",
+            "-o",
+            str(tmp_path / "o"),
+        ],
+        capsys,
+    )
+    assert code == 0 and errors == []
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert [r["rank"] for r in rows] == ["1", "2", "3"]
+    assert {r["label"] for r in rows} == set(CLASSES)
+    chart = Image.open(tmp_path / "o" / "a.chart.png")
+    assert chart.width > chart.height  # the image and the bars side by side
+    assert np.asarray(chart.convert("RGB")).std() > 10
+
+
+def test_unreadable_model_uri_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
+    image = make_image(tmp_path / "a.jpg", seed=2)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'empty.db'}")
+    for model in ("models:/no-such-model/1", str(tmp_path / "not-a-model-dir"), "runs:/abc/m"):
+        code, out, errors = run([str(image), "--model", model, "--no-annotate"], capsys)
+        assert code == 2, model
+        assert len(errors) == 1 and "cannot load model" in errors[0] and model in errors[0]
+        assert out == ""
+
+
+def test_missing_models_dir_is_one_line(tmp_path, capsys):
+    image = make_image(tmp_path / "a.jpg", seed=2)
+    code, _, errors = run([str(image), "--models-dir", str(tmp_path / "nope")], capsys)
+    assert code == 2 and len(errors) == 1
+    assert "nope/backbone" in errors[0] and "dvc repro" in errors[0]
+
+
+def test_only_bad_inputs_exit_1_without_loading_a_model(tmp_path, capsys):
+    code, out, errors = run([str(tmp_path / "a.jpg"), str(tmp_path), "--json"], capsys)
+    assert code == 1 and len(errors) == 2
+    assert json.loads(out)["results"] == []
