@@ -83,7 +83,7 @@ def cache_key(backbone_sha256: str, preprocessing: str, precision: str) -> str:
 def image_batches(
     paths: Sequence[Path], preprocess: Callable[[tf.Tensor], tf.Tensor], batch_size: int
 ) -> tf.data.Dataset:
-    """Decoded, preprocessed batches, built by tf.data threads while the model runs.
+    """Decoded, preprocessed batches, built by a tf.data thread while the model runs.
 
     Decoding goes through Pillow (EXIF rotation, CMYK, palette, GIF), so the features
     see exactly the pixels that ingest validated. Only `batch_size * prefetch` images are
@@ -95,11 +95,19 @@ def image_batches(
         image.set_shape([None, None, 3])
         return preprocess(image[tf.newaxis])[0]
 
+    # Decoding costs ~1 ms an image against ~25 ms in the model, so one pipeline thread keeps
+    # up. Autotuning and a wider pool only steal the model's two cores: with them, about one
+    # process in three ran at 0.55x the model's speed instead of 0.95x (bench/bottlenecks.py).
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    options.threading.private_threadpool_size = 1
+    options.threading.max_intra_op_parallelism = 1
     return (
         tf.data.Dataset.from_tensor_slices([str(p) for p in paths])
-        .map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        .map(decode, num_parallel_calls=1, deterministic=True)
         .batch(batch_size)
         .prefetch(2)
+        .with_options(options)
     )
 
 
@@ -124,7 +132,9 @@ def fill_cache(
     start = time.perf_counter()
     if todo:
 
-        @tf.function
+        # One trace for every batch size (the last batch is usually short): tracing
+        # Inception V3 costs seconds.
+        @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32)])
         def infer(images: tf.Tensor) -> tf.Tensor:
             return tf.cast(model(images, training=False), tf.float32)
 

@@ -2,48 +2,27 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from imgclf.config import load_params
-from imgclf.heads import model_dir
-from imgclf.heads.common import load_bottlenecks, split_train_val, write_training_metrics
+from imgclf.heads.common import train_and_save_head
 from imgclf.heads.keras_head import count_parameters, save_keras_head, train_keras_head
-
-HEAD = "keras"
 
 
 def main() -> None:
     params = load_params()
-    paths = params["paths"]
-    shared = params["heads"]
     hp = params["train_keras"]
-    train = load_bottlenecks(paths["bottlenecks"], "train")
-    x_train, y_train, x_val, y_val = split_train_val(
-        train, shared["validation_fraction"], shared["seed"]
-    )
-    result = train_keras_head(
-        x_train,
-        y_train,
-        x_val,
-        y_val,
-        n_classes=len(train.classes),
+    metrics = train_and_save_head(
+        "keras",
+        paths=params["paths"],
+        shared=params["heads"],
+        train_fn=train_keras_head,
+        save_fn=save_keras_head,
+        count_parameters=count_parameters,
         hidden_units=int(hp["hidden_units"]),
         dropout=float(hp["dropout"]),
         learning_rate=float(hp["learning_rate"]),
         epochs=int(hp["epochs"]),
         batch_size=int(hp["batch_size"]),
         early_stopping_patience=int(hp["early_stopping_patience"]),
-        seed=int(shared["seed"]),
-    )
-    save_keras_head(result.model, model_dir(paths["models"], HEAD), train.classes)
-    metrics = write_training_metrics(
-        Path(paths["metrics"]),
-        HEAD,
-        result,
-        n_parameters=count_parameters(result.model),
-        n_train=len(y_train),
-        n_val=len(y_val),
-        n_classes=len(train.classes),
     )
     print(
         f"train_keras: val_accuracy {metrics['final_val_accuracy']:.4f} "

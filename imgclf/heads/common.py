@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -255,4 +255,44 @@ def split_train_val(
         train.labels[train_idx],
         train.features[val_idx],
         train.labels[val_idx],
+    )
+
+
+def train_and_save_head(
+    head: str,
+    *,
+    paths: Mapping[str, str],
+    shared: Mapping[str, Any],
+    train_fn: Callable[..., TrainResult],
+    save_fn: Callable[[Any, Path, list[str]], None],
+    count_parameters: Callable[[Any], int],
+    **hyperparameters: Any,
+) -> dict[str, Any]:
+    """What every train_* stage does: the shared train/validation slices, `train_fn` with the
+    head's own hyperparameters, then the model, metrics and curves where dvc.yaml wants them.
+    Returns the metrics written."""
+    from imgclf.heads import model_dir
+
+    train = load_bottlenecks(paths["bottlenecks"], "train")
+    x_train, y_train, x_val, y_val = split_train_val(
+        train, shared["validation_fraction"], shared["seed"]
+    )
+    result = train_fn(
+        x_train,
+        y_train,
+        x_val,
+        y_val,
+        n_classes=len(train.classes),
+        seed=int(shared["seed"]),
+        **hyperparameters,
+    )
+    save_fn(result.model, model_dir(paths["models"], head), train.classes)
+    return write_training_metrics(
+        paths["metrics"],
+        head,
+        result,
+        n_parameters=count_parameters(result.model),
+        n_train=len(y_train),
+        n_val=len(y_val),
+        n_classes=len(train.classes),
     )
