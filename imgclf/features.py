@@ -131,7 +131,6 @@ def fill_cache(
     todo = cache.missing(sorted(first_path))
     start = time.perf_counter()
     if todo:
-
         # One trace for every batch size (the last batch is usually short): tracing
         # Inception V3 costs seconds.
         @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32)])

@@ -273,29 +273,9 @@ def is_mlflow_uri(model: str) -> bool:
     return model.startswith(MODEL_URI_SCHEMES) or (Path(model) / "MLmodel").is_file()
 
 
-def _import_tensorflow_quietly() -> None:
-    """Import TensorFlow and initialise its devices with the C++ stderr muted: TF 2.21 prints
-    oneDNN/CUDA notices before its logging is set up, whatever TF_CPP_MIN_LOG_LEVEL says, and
-    they would bury the one-line errors this command promises. Python exceptions still surface
-    (after stderr is restored)."""
-    if "tensorflow" in sys.modules:
-        return
-    sys.stderr.flush()
-    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, 2)
-        import tensorflow as tf
-
-        tf.config.list_logical_devices()
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
-
-
 def load_model(model: str | None, head: str, models_dir: Path | None) -> Any:
     """A Predictor (imgclf.end_to_end) for --model / --head / --models-dir."""
-    _import_tensorflow_quietly()
+    import imgclf.quiet_tf  # noqa: F401
     from imgclf import end_to_end
 
     if model is None:

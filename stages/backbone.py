@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import imgclf.quiet_tf  # noqa: F401  (first: TensorFlow without its start-up notices)
 from imgclf.config import load_params
 from imgclf.fileio import write_json
 from imgclf.inception import TF2015_REQUIREMENT, WEIGHTS_FILE, build_backbone, save_backbone

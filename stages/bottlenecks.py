@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import imgclf.quiet_tf  # noqa: F401  (first: TensorFlow without its start-up notices)
 from imgclf.config import cache_dir, load_params
 from imgclf.features import (
     FeatureCache,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import imgclf.quiet_tf  # noqa: F401  (first: TensorFlow without its start-up notices)
 from imgclf.config import load_params
 from imgclf.fileio import write_json
 from imgclf.tracking import track_pipeline

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import imgclf.quiet_tf  # noqa: F401  (first: TensorFlow without its start-up notices)
 from imgclf.config import load_params
 from imgclf.heads.common import train_and_save_head
 from imgclf.heads.tf_head import count_parameters, save_tf_head, train_tf_head
