@@ -16,7 +16,7 @@ import numpy as np
 from tqdm import tqdm
 
 import imgclf.heads
-import imgclf.quiet_tf  # noqa: F401  (TensorFlow without its start-up notices)
+import imgclf.quiet_tf  # TensorFlow without its start-up notices
 from imgclf.config import load_params
 from imgclf.evaluation import HeadResult, PairedTest, all_pairs, evaluate_head
 from imgclf.heads import HEADS, load_predictor, model_dir
