@@ -1,5 +1,5 @@
 # Two entry points: `make run` and `make test`. Both create .venv when it is missing.
-PYTHON ?= python3.11
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
 # Point the pipeline at a local copy of the data: make run DATA=../shared/datasets/flower_photos
