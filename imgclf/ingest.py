@@ -39,7 +39,7 @@ from imgclf.downloads import download_many
 from imgclf.fileio import sha256_file, write_csv, write_json
 from imgclf.images import DEFAULT_MAX_PIXELS, FORMAT_EXTENSIONS, BadImage, inspect_image
 from imgclf.labels import ClassNameCollision, class_dirs, normalize_label, safe_file_name
-from imgclf.sources import ResolvedSource, ignored_name
+from imgclf.sources import ResolvedSource, ignored_name, walk_tree
 
 MANIFEST_FIELDS = ("class", "label", "file", "sha256", "width", "height", "format", "origin")
 SKIPPED_FIELDS = ("origin", "reason", "detail")
@@ -191,25 +191,14 @@ _IGNORED = {
 
 def _walk_files(folder: Path, skipped: list[Skip], root: Path) -> list[Path]:
     files: list[Path] = []
-    seen: set[tuple[int, int]] = set()
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        st = os.stat(dirpath)
-        if (st.st_dev, st.st_ino) in seen:
-            dirnames[:] = []
-            continue
-        seen.add((st.st_dev, st.st_ino))
-        base = Path(dirpath)
-        for name in sorted(dirnames):
-            if ignored_name(name):
-                rel = (base / name).relative_to(root).as_posix() + "/"
-                skipped.append(Skip(rel, "ignored", _IGNORED["folder"]))
-        dirnames[:] = sorted(d for d in dirnames if not ignored_name(d))
-        for name in sorted(filenames):
-            if ignored_name(name):
-                rel = (base / name).relative_to(root).as_posix()
-                skipped.append(Skip(rel, "ignored", _IGNORED["file"]))
-            elif (base / name).is_file():
-                files.append(base / name)
+    for path, ignored in walk_tree(folder):
+        if not ignored:
+            files.append(path)
+        elif path.is_dir():
+            rel = path.relative_to(root).as_posix() + "/"
+            skipped.append(Skip(rel, "ignored", _IGNORED["folder"]))
+        else:
+            skipped.append(Skip(path.relative_to(root).as_posix(), "ignored", _IGNORED["file"]))
     return sorted(files)
 
 

@@ -22,6 +22,7 @@ import sys
 import unicodedata
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -266,28 +267,41 @@ def resolve_source(
     return _resolve_local(text, base / path, base)
 
 
-def _tree_files(root: Path) -> list[tuple[str, Path]]:
-    """(relative POSIX path, file) for every data file under root, sorted by path."""
-    files: list[tuple[str, Path]] = []
+def walk_tree(root: Path) -> Iterator[tuple[Path, bool]]:
+    """Every file under `root` in sorted order as (path, False), and every hidden or system
+    file or folder (`ignored_name`) as (path, True); ignored folders are not entered.
+
+    Symlinked folders are followed (users link big data in); loops are cut. Ingest and the
+    fingerprint both walk with this, so they always agree on what the data is.
+    """
     seen: set[tuple[int, int]] = set()
-    # Symlinked class folders are followed (users link big data in); loops are cut.
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         st = os.stat(dirpath)
         if (st.st_dev, st.st_ino) in seen:
             dirnames[:] = []
             continue
         seen.add((st.st_dev, st.st_ino))
-        dirnames[:] = [d for d in dirnames if not ignored_name(d)]
         base = Path(dirpath)
-        for name in filenames:
+        for name in sorted(dirnames):
+            if ignored_name(name):
+                yield base / name, True
+        dirnames[:] = sorted(d for d in dirnames if not ignored_name(d))
+        for name in sorted(filenames):
             path = base / name
-            if ignored_name(name) or not path.is_file():
-                continue
-            # NFC: macOS spells accented names decomposed; the same data must hash the same.
-            rel = unicodedata.normalize("NFC", path.relative_to(root).as_posix())
-            files.append((rel, path))
-    files.sort()
-    return files
+            if ignored_name(name):
+                yield path, True
+            elif path.is_file():
+                yield path, False
+
+
+def _tree_files(root: Path) -> list[tuple[str, Path]]:
+    """(relative POSIX path, file) for every data file under root, sorted by path."""
+    # NFC: macOS spells accented names decomposed; the same data must hash the same.
+    return sorted(
+        (unicodedata.normalize("NFC", path.relative_to(root).as_posix()), path)
+        for path, ignored in walk_tree(root)
+        if not ignored
+    )
 
 
 def fingerprint_source(resolved: ResolvedSource) -> dict:
