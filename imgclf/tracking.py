@@ -23,6 +23,7 @@ a team tracking server is used unchanged.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -510,17 +511,54 @@ def _log_end_to_end(
 
     name = params.get("track", {}).get("registered_models", {}).get(head, f"flowers-{head}")
     precision = params.get("bottlenecks", {}).get("precision", "float32")
-    model = end_to_end.build(files.backbone, files.head_dir(head), head, precision)
-    print(f"track: logging the end-to-end {head} model as {name!r}...", file=sys.stderr)
-    info = end_to_end.log_model(model, registered_model_name=name)
-    version = str(info.registered_model_version)
     client = mlflow.MlflowClient()
+    run = mlflow.active_run()
+    key = end_to_end_key(files.backbone, files.head_dir(head), head, precision)
+    model_uri = _logged_model_with_key(client, run.info.experiment_id, key)
+    if model_uri:
+        # Same backbone, head and code as an earlier result (an experiment that changed the
+        # other head, say): register that model again instead of exporting 90 MB anew.
+        print(
+            f"track: {head} model unchanged, registering {model_uri} as {name!r}", file=sys.stderr
+        )
+        version = str(mlflow.register_model(model_uri, name).version)
+    else:
+        model = end_to_end.build(files.backbone, files.head_dir(head), head, precision)
+        print(f"track: logging the end-to-end {head} model as {name!r}...", file=sys.stderr)
+        info = end_to_end.log_model(model, registered_model_name=name)
+        model_uri, version = info.model_uri, str(info.registered_model_version)
+    client.set_tag(run.info.run_id, "imgclf.model_key", key)
+    client.set_tag(run.info.run_id, "imgclf.model_uri", model_uri)
     for key in ("git.commit", "dvc.exp_name", "backbone.sha256", "data.manifest_sha256"):
         if key in tags:
             client.set_model_version_tag(name, version, key, tags[key])
     client.set_model_version_tag(name, version, "head", head)
     return {
-        "model_uri": info.model_uri,
+        "model_uri": model_uri,
         "registered_model": name,
         "registered_version": version,
     }
+
+
+def end_to_end_key(backbone_dir: Path, head_dir: Path, head: str, precision: str) -> str:
+    """What determines an end-to-end model: the files of its backbone and head, the precision
+    and the code that assembles them."""
+    from imgclf import end_to_end
+
+    digest = hashlib.sha256(f"{head}:{precision}".encode())
+    for path in [
+        Path(end_to_end.__file__),
+        *sorted(backbone_dir.rglob("*")),
+        *sorted(head_dir.rglob("*")),
+    ]:
+        if path.is_file():
+            digest.update(path.name.encode() + sha256_file(path).encode())
+    return digest.hexdigest()
+
+
+def _logged_model_with_key(client: Any, experiment_id: str, key: str) -> str | None:
+    """The model URI an earlier head run logged for the same `end_to_end_key`, if any."""
+    runs = client.search_runs(
+        [experiment_id], filter_string=f"tags.`imgclf.model_key` = '{key}'", max_results=1
+    )
+    return runs[0].data.tags.get("imgclf.model_uri") if runs else None

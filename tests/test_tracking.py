@@ -420,6 +420,25 @@ def test_registered_models_reproduce_the_evaluate_stage(tracked):
     assert client.search_model_versions("name='flowers-sklearn'") == []
 
 
+@pytest.mark.slow
+def test_an_unchanged_model_is_registered_again_not_exported_again(tracked, tmp_path):
+    """A result whose tf head is unchanged (an experiment on the keras head, say) registers
+    a new version of the tf model that points at the model already logged."""
+    import mlflow
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        mp.setenv("DVC_ROOT", str(tmp_path))
+        first = track_result(tracked["params"], tracked["workdir"])
+        second = track_result(tracked["params"], tracked["workdir"])
+    for head in ("tf", "keras"):
+        assert second["heads"][head]["model_uri"] == first["heads"][head]["model_uri"]
+        assert second["heads"][head]["registered_version"] == "2"
+    assert len(list((tmp_path / "mlartifacts").rglob("saved_model.pb"))) == 2  # not 4
+    classes = json.loads((tracked["workdir"] / "data/bottlenecks/classes.json").read_text())
+    assert mlflow.pyfunc.load_model("models:/flowers-tf/2").metadata.metadata["labels"] == classes
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
