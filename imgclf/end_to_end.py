@@ -33,23 +33,15 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+from imgclf.heads.common import read_labels
 from imgclf.inception import Backbone, load_backbone
 
 HEAD_KINDS = ("tf", "keras")
 INPUT_SPEC = tf.TensorSpec([None, None, None, 3], tf.uint8, name="images")
-LABELS_FILE = "labels.txt"
 INPUT_DOC = (
     "uint8 RGB [N, H, W, 3] as imgclf.images.load_rgb decodes an image file (any H, W; one image "
     "per request unless sizes match); output float32 [N, n_classes], columns in `labels` order"
 )
-
-
-def read_labels(head_dir: str | Path) -> list[str]:
-    path = Path(head_dir) / LABELS_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: the head directory has no class labels")
-    labels = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
-    return [label for label in labels if label]
 
 
 def _load_head(head_dir: Path, kind: str) -> tuple[Any, Callable[[tf.Tensor], tf.Tensor]]:
