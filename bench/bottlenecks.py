@@ -211,9 +211,8 @@ def main() -> None:
             "target < 3 GiB",
         ),
     ]
-    widths = [max(len(row[i]) for row in rows) for i in range(4)]
     header = ("measure", "value", "ratio", "target")
-    widths = [max(w, len(h)) for w, h in zip(widths, header, strict=True)]
+    widths = [max(len(row[i]) for row in (header, *rows)) for i in range(4)]
     fmt = "| " + " | ".join(f"{{:{w}}}" for w in widths) + " |"
     print(fmt.format(*header))
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")

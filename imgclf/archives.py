@@ -22,6 +22,8 @@ from typing import BinaryIO
 
 from tqdm import tqdm
 
+from imgclf.downloads import pid_alive
+
 _CHUNK = 1 << 20
 
 
@@ -129,16 +131,6 @@ def _extract_zip(archive: Path, root: Path, bar: tqdm) -> None:
                 bar.update(1)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _clean_stale(target: Path) -> None:
     """Remove temporary trees of extractions into `target` that were killed (their process
     is gone); a live one, in a parallel run, is left alone."""
@@ -147,7 +139,7 @@ def _clean_stale(target: Path) -> None:
         return
     for entry in target.parent.iterdir():
         m = pattern.match(entry.name)
-        if m and entry.is_dir() and not _pid_alive(int(m.group(1))):
+        if m and entry.is_dir() and not pid_alive(int(m.group(1))):
             shutil.rmtree(entry, ignore_errors=True)
 
 

@@ -165,8 +165,8 @@ def is_url(content: str) -> bool:
 def local_path(content: str, base_dir: Path) -> Path:
     """The file a non-http(s) `content` names: a file:// URL, or a path (relative to the
     export's folder unless absolute)."""
-    if urllib.parse.urlsplit(content).scheme.lower() == "file":
-        parts = urllib.parse.urlsplit(content)
+    parts = urllib.parse.urlsplit(content)
+    if parts.scheme.lower() == "file":
         return Path(urllib.request.url2pathname(parts.netloc + parts.path))
     path = Path(content).expanduser()
     return path if path.is_absolute() else base_dir / path

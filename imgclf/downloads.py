@@ -103,13 +103,19 @@ def _suffix(url: str) -> str:
     return ext if re.fullmatch(r"\.[a-z0-9]{1,8}", ext) else ""
 
 
+def url_file_name(url: str) -> str:
+    """The last component of the URL's path, percent-decoded ("" when there is none)."""
+    return urllib.parse.unquote(urllib.parse.urlsplit(url).path.rsplit("/", 1)[-1])
+
+
 def cached_path(url: str, cache: Path | None = None) -> Path:
     """Where `url` is (or would be) cached: `<cache>/<sha256 of the URL><extension>`."""
     cache = Path(cache) if cache is not None else cache_dir("downloads")
     return cache / (hashlib.sha256(url.encode("utf-8")).hexdigest() + _suffix(url))
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` still runs (the owner of a temporary file or folder)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -130,8 +136,16 @@ def _clean_stale_tmp(cache: Path) -> None:
         if not entry.name.endswith(".tmp") or not entry.is_file(follow_symlinks=False):
             continue
         m = _TMP_RE.match(entry.name)
-        if m is None or not _pid_alive(int(m.group(1))):
+        if m is None or not pid_alive(int(m.group(1))):
             Path(entry.path).unlink(missing_ok=True)
+
+
+def _ready_cache(cache: Path | None) -> Path:
+    """The cache folder (default cache_dir("downloads")), created, stale temporaries removed."""
+    cache = Path(cache) if cache is not None else cache_dir("downloads")
+    cache.mkdir(parents=True, exist_ok=True)
+    _clean_stale_tmp(cache)
+    return cache
 
 
 def _local_path(url: str) -> Path | None:
@@ -314,9 +328,7 @@ def download_many(
     """Fetch many URLs concurrently into the cache; one result per distinct URL, in input
     order. Failures are returned (`path=None`, `error` set), never raised. Cached URLs are
     not requested again. file:// URLs and plain paths are checked on disk, not copied."""
-    cache = Path(cache) if cache is not None else cache_dir("downloads")
-    cache.mkdir(parents=True, exist_ok=True)
-    _clean_stale_tmp(cache)
+    cache = _ready_cache(cache)
     unique = list(dict.fromkeys(urls))
     results: dict[str, DownloadResult] = {}
     todo: list[str] = []
@@ -387,13 +399,11 @@ def download_file(
         if local.is_file():
             return local
         raise DownloadError(url, f"no such file: {local}")
-    cache = Path(cache) if cache is not None else cache_dir("downloads")
-    cache.mkdir(parents=True, exist_ok=True)
-    _clean_stale_tmp(cache)
+    cache = _ready_cache(cache)
     dest = cached_path(url, cache)
     if dest.is_file():
         return dest
-    name = urllib.parse.unquote(urllib.parse.urlsplit(url).path.rsplit("/", 1)[-1]) or url
+    name = url_file_name(url) or url
     bar: tqdm | None = None
 
     def on_start(total: int | None) -> None:

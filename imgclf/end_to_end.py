@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+from imgclf.heads import model_dir
 from imgclf.heads.common import read_labels
 from imgclf.inception import Backbone, load_backbone
 
@@ -46,18 +47,17 @@ INPUT_DOC = (
 
 def _load_head(head_dir: Path, kind: str) -> tuple[Any, Callable[[tf.Tensor], tf.Tensor]]:
     """The trained head as a TF object (kept as an attribute so its variables are saved) and the
-    function bottlenecks [N, 2048] -> probabilities, usable inside a tf.function."""
+    function bottlenecks [N, 2048] -> probabilities, usable inside a tf.function. `kind` is one
+    of HEAD_KINDS (checked by `build`)."""
     if kind == "tf":
         from imgclf.heads.tf_head import load_tf_head
 
         head = load_tf_head(head_dir)
         return head, head.predict
-    if kind == "keras":
-        from imgclf.heads.keras_head import load_keras_head
+    from imgclf.heads.keras_head import load_keras_head
 
-        head = load_keras_head(head_dir)
-        return head, lambda x: head(x, training=False)
-    raise ValueError(f"unknown head {kind!r}: expected one of {HEAD_KINDS}")
+    head = load_keras_head(head_dir)
+    return head, lambda x: head(x, training=False)
 
 
 class EndToEndModel(tf.Module):
@@ -94,16 +94,18 @@ class EndToEndModel(tf.Module):
 
 
 def build(
-    backbone_dir: str | Path, head_dir: str | Path, kind: str, precision: str = "float32"
+    backbone: str | Path | Backbone, head_dir: str | Path, kind: str, precision: str = "float32"
 ) -> EndToEndModel:
-    """The end-to-end model of the backbone stage's output and one trained head. `precision`
-    should be the bottlenecks stage's (bottlenecks.precision), so the backbone computes what
-    the heads were trained and evaluated on."""
+    """The end-to-end model of the backbone stage's output and one trained head. `backbone` is
+    the backbone folder, or a Backbone already loaded (shared by several models). `precision`
+    (for a folder) should be the bottlenecks stage's (bottlenecks.precision), so the backbone
+    computes what the heads were trained and evaluated on."""
     if kind not in HEAD_KINDS:
         raise ValueError(f"unknown head {kind!r}: expected one of {HEAD_KINDS}")
     head_dir = Path(head_dir)
     labels = read_labels(head_dir)
-    backbone = load_backbone(backbone_dir, precision=precision)
+    if not isinstance(backbone, Backbone):
+        backbone = load_backbone(backbone, precision=precision)
     head, head_fn = _load_head(head_dir, kind)
     return EndToEndModel(backbone, head, head_fn, labels, kind)
 
@@ -166,19 +168,19 @@ def local_predictor(
     models_dir: str | Path, kind: str = "keras", precision: str = "float32"
 ) -> Predictor:
     """The end-to-end model built from the pipeline's latest outputs in `models_dir`."""
-    models_dir = Path(models_dir)
-    missing = [d for d in ("backbone", f"{kind}_head") if not (models_dir / d).is_dir()]
+    backbone_dir, head_dir = Path(models_dir) / "backbone", model_dir(models_dir, kind)
+    missing = [str(d) for d in (backbone_dir, head_dir) if not d.is_dir()]
     if missing:
         raise FileNotFoundError(
-            f"{', '.join(str(models_dir / d) for d in missing)} not found: run the pipeline "
-            "(dvc repro) or give --models-dir, or an MLflow model with --model"
+            f"{', '.join(missing)} not found: run the pipeline (dvc repro) or give "
+            "--models-dir, or an MLflow model with --model"
         )
-    model = build(models_dir / "backbone", models_dir / f"{kind}_head", kind, precision)
+    model = build(backbone_dir, head_dir, kind, precision)
 
     def predict(images: np.ndarray) -> np.ndarray:
         return model(tf.constant(images, tf.uint8)).numpy()
 
-    return Predictor(predict, model.labels, f"{models_dir}/backbone + {models_dir}/{kind}_head")
+    return Predictor(predict, model.labels, f"{backbone_dir} + {head_dir}")
 
 
 def mlflow_predictor(model_uri: str) -> Predictor:

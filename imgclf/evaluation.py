@@ -131,12 +131,12 @@ class HeadResult:
         return len(self.labels)
 
     @property
-    def n_correct(self) -> int:
-        return int(np.sum(self.predicted == self.labels))
-
-    @property
     def correct(self) -> np.ndarray:
         return self.predicted == self.labels
+
+    @property
+    def n_correct(self) -> int:
+        return int(np.sum(self.correct))
 
 
 def evaluate_head(

@@ -8,6 +8,7 @@ determines it (backbone weights, preprocessing, precision). So adding 10 images 
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -18,6 +19,7 @@ import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
+from imgclf.fileio import atomic_write_bytes
 from imgclf.images import load_rgb
 
 _DIGEST = 32  # bytes of sha256 appended to every cache entry
@@ -113,8 +115,7 @@ def image_batches(
 
 def fill_cache(
     items: Sequence[ImageItem],
-    model: tf.keras.Model,
-    preprocess: Callable[[tf.Tensor], tf.Tensor],
+    load_model: Callable[[], tuple[tf.keras.Model, Callable[[tf.Tensor], tf.Tensor]]],
     cache: FeatureCache,
     *,
     batch_size: int,
@@ -122,38 +123,44 @@ def fill_cache(
 ) -> dict[str, float]:
     """Compute the features of every item whose content is not cached yet.
 
-    Each batch is written as soon as it is computed, so an interrupted run resumes where
-    it stopped. Returns counts and throughput.
+    `load_model()` returns the model and its preprocessing; it is only called when something
+    is left to compute (building Inception V3 takes seconds). Each batch is written as soon
+    as it is computed, so an interrupted run resumes where it stopped. Returns counts and
+    throughput.
     """
     first_path: dict[str, Path] = {}
     for item in items:
         first_path.setdefault(item.sha256, item.path)
     todo = cache.missing(sorted(first_path))
-    start = time.perf_counter()
-    if todo:
-        # One trace for every batch size (the last batch is usually short): tracing
-        # Inception V3 costs seconds.
-        @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32)])
-        def infer(images: tf.Tensor) -> tf.Tensor:
-            return tf.cast(model(images, training=False), tf.float32)
-
-        batches = image_batches([first_path[sha] for sha in todo], preprocess, batch_size)
-        with tqdm(total=len(todo), unit="img", desc="bottlenecks", disable=not progress) as bar:
-            done = 0
-            for batch in batches:
-                features = infer(batch).numpy()
-                for sha, vector in zip(todo[done : done + len(features)], features, strict=True):
-                    cache.put(sha, vector)
-                done += len(features)
-                bar.update(len(features))
-    seconds = time.perf_counter() - start
-    return {
+    stats = {
         "images": len(items),
         "computed": len(todo),
         "cached": len(first_path) - len(todo),
-        "seconds": seconds,
-        "images_per_second": len(todo) / seconds if todo and seconds > 0 else 0.0,
+        "seconds": 0.0,
+        "images_per_second": 0.0,
     }
+    if not todo:
+        return stats
+    model, preprocess = load_model()
+    start = time.perf_counter()
+
+    # One trace for every batch size (the last batch is usually short): tracing
+    # Inception V3 costs seconds.
+    @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32)])
+    def infer(images: tf.Tensor) -> tf.Tensor:
+        return tf.cast(model(images, training=False), tf.float32)
+
+    batches = image_batches([first_path[sha] for sha in todo], preprocess, batch_size)
+    with tqdm(total=len(todo), unit="img", desc="bottlenecks", disable=not progress) as bar:
+        done = 0
+        for batch in batches:
+            features = infer(batch).numpy()
+            for sha, vector in zip(todo[done : done + len(features)], features, strict=True):
+                cache.put(sha, vector)
+            done += len(features)
+            bar.update(len(features))
+    seconds = time.perf_counter() - start
+    return {**stats, "seconds": seconds, "images_per_second": len(todo) / seconds}
 
 
 def gather_features(items: Sequence[ImageItem], cache: FeatureCache) -> np.ndarray:
@@ -169,12 +176,11 @@ def gather_features(items: Sequence[ImageItem], cache: FeatureCache) -> np.ndarr
 
 def save_bottlenecks(path: Path, items: Sequence[ImageItem], features: np.ndarray) -> None:
     """One .npz per subset: features, labels, ids (np.savez output is deterministic)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.npz")
+    buf = io.BytesIO()
     np.savez(
-        tmp,
+        buf,
         features=features,
         labels=np.array([item.label for item in items], dtype=np.int64),
         ids=np.array([item.id for item in items], dtype=str),
     )
-    os.replace(tmp, path)
+    atomic_write_bytes(path, buf.getvalue())

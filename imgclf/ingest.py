@@ -151,6 +151,10 @@ class IngestResult:
     def usable(self) -> bool:
         return not self.problems
 
+    @property
+    def classes_with_images(self) -> int:
+        return sum(1 for n in self.class_counts.values() if n > 0)
+
 
 # --------------------------------------------------------------------------- collect
 
@@ -167,10 +171,7 @@ def collect_tree(root: Path) -> Collected:
     out = Collected()
     for entry in sorted(os.scandir(root), key=lambda e: e.name):
         if ignored_name(entry.name):
-            kind = "folder" if entry.is_dir() else "file"
-            out.skipped.append(
-                Skip(entry.name + ("/" if kind == "folder" else ""), "ignored", _IGNORED[kind])
-            )
+            out.skipped.append(_ignored(Path(entry.path), root))
         elif entry.is_dir():
             label = normalize_label(entry.name)
             out.labels.add(label)
@@ -183,22 +184,21 @@ def collect_tree(root: Path) -> Collected:
     return out
 
 
-_IGNORED = {
-    "folder": "hidden or system folder: not read",
-    "file": "hidden or system file: not data",
-}
+def _ignored(path: Path, root: Path) -> Skip:
+    """The report row of a hidden or system file or folder (`sources.ignored_name`)."""
+    rel = path.relative_to(root).as_posix()
+    if path.is_dir():
+        return Skip(rel + "/", "ignored", "hidden or system folder: not read")
+    return Skip(rel, "ignored", "hidden or system file: not data")
 
 
 def _walk_files(folder: Path, skipped: list[Skip], root: Path) -> list[Path]:
     files: list[Path] = []
     for path, ignored in walk_tree(folder):
-        if not ignored:
-            files.append(path)
-        elif path.is_dir():
-            rel = path.relative_to(root).as_posix() + "/"
-            skipped.append(Skip(rel, "ignored", _IGNORED["folder"]))
+        if ignored:
+            skipped.append(_ignored(path, root))
         else:
-            skipped.append(Skip(path.relative_to(root).as_posix(), "ignored", _IGNORED["file"]))
+            files.append(path)
     return sorted(files)
 
 
@@ -482,7 +482,6 @@ def write_outputs(
     The image folder is built next to its final place and swapped in, so an interrupted run
     leaves the old set or the new one. Bytes are copied, never re-encoded.
     """
-    metrics_dir.mkdir(parents=True, exist_ok=True)
     write_json(metrics_dir / "ingest.json", ingest_metrics(result))
     write_csv(
         metrics_dir / "ingest_classes.csv",
@@ -537,7 +536,7 @@ def ingest_metrics(result: IngestResult) -> dict[str, Any]:
         "kind": result.kind,
         "usable": result.usable,
         "images": len(result.images),
-        "classes": sum(1 for n in result.class_counts.values() if n > 0),
+        "classes": result.classes_with_images,
         "per_class": dict(result.class_counts),
         "skipped": dict(sorted(Counter(s.reason for s in result.skipped).items())),
         "skipped_total": len(result.skipped),
@@ -596,7 +595,7 @@ def format_summary(result: IngestResult) -> str:
     width = max([len(c) for c in result.class_counts] + [len("class")])
     lines = [
         f"ingest: {len(result.images)} images in "
-        f"{sum(1 for n in result.class_counts.values() if n > 0)} classes from "
+        f"{result.classes_with_images} classes from "
         f"{result.source} ({result.kind}); {result.stats['items']} items read, "
         f"{len(result.skipped)} skipped",
         f"  {'class'.ljust(width)}  images",
@@ -622,7 +621,7 @@ def failure_message(result: IngestResult, skipped_csv: Path, examples: int = 5) 
         f"{result.stats['items']} items skipped: "
         + (", ".join(f"{r} {n}" for r, n in reasons.most_common()) or "none")
     )
-    failing = [s for s in result.skipped if s.reason not in ("duplicate",)]
+    failing = [s for s in result.skipped if s.reason != "duplicate"]
     if failing:
         lines.append("first failures:")
         lines += [f"  {s.origin}: {s.reason}: {s.detail}" for s in failing[:examples]]

@@ -51,8 +51,11 @@ def error(message: str) -> None:
 
 
 def expand_inputs(args: Sequence[str]) -> tuple[list[Path], list[tuple[str, str]]]:
-    """Files to label (folders expanded to their image files, recursively, sorted) and the
-    (input, problem) pairs of arguments that name nothing usable."""
+    """Files to label (folders expanded to their image files, recursively, sorted, hidden and
+    system files left out as ingest does) and the (input, problem) pairs of arguments that name
+    nothing usable."""
+    from imgclf.sources import walk_tree
+
     files: list[Path] = []
     problems: list[tuple[str, str]] = []
     for arg in args:
@@ -60,10 +63,8 @@ def expand_inputs(args: Sequence[str]) -> tuple[list[Path], list[tuple[str, str]
         if path.is_dir():
             found = sorted(
                 p
-                for p in path.rglob("*")
-                if p.is_file()
-                and p.suffix.lower() in IMAGE_SUFFIXES
-                and not any(part.startswith(".") for part in p.relative_to(path).parts)
+                for p, ignored in walk_tree(path)
+                if not ignored and p.suffix.lower() in IMAGE_SUFFIXES
             )
             if not found:
                 problems.append(
@@ -377,8 +378,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         predictor = load_model(args.model, args.head, args.models_dir)
     except Exception as e:  # any loader failure (missing file, bad URI, registry...) is one line
-        first = (str(e).strip().splitlines() or [""])[0][:300]
-        error(f"cannot load model {args.model or f'{args.head} head'}: {type(e).__name__}: {first}")
+        error(f"cannot load model {args.model or f'{args.head} head'}: {_first_line(e)}")
         return EXIT_MODEL
 
     from tqdm import tqdm
@@ -413,6 +413,11 @@ def _image_error(e: Exception) -> str:
         return "not an image (Pillow cannot identify the file)"
     if isinstance(e, OSError) and not isinstance(e, FileNotFoundError):
         return f"unreadable or damaged image ({e})"
+    return _first_line(e)
+
+
+def _first_line(e: Exception) -> str:
+    """`Type: first line of the message` (at most 300 characters of it)."""
     first = (str(e).strip().splitlines() or [""])[0][:300]
     return f"{type(e).__name__}: {first}"
 

@@ -22,6 +22,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from imgclf.evaluation import ALPHA, HeadResult, PairedTest, metrics_dict
 from imgclf.fileio import atomic_write_bytes, read_json, write_csv, write_json
+from imgclf.images import load_rgb
 
 DISPLAY_NAMES = {"tf": "TF", "keras": "Keras", "sklearn": "scikit-learn"}
 
@@ -33,14 +34,7 @@ def display_name(head: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Per-head metrics and confusion matrix
-
-
-def write_head_metrics(path: str | Path, result: HeadResult) -> dict[str, Any]:
-    """metrics/evaluate/<head>.json; returns what was written."""
-    payload = metrics_dict(result)
-    write_json(path, payload)
-    return payload
+# Confusion matrix
 
 
 def _by_id(result: HeadResult) -> np.ndarray:
@@ -112,7 +106,6 @@ def misclassified_rows(result: HeadResult, split_dir: str | Path) -> list[dict[s
     predicted class, `p_actual` the probability the head gave the true class.
     """
     names = result.classes
-    wrong = [int(i) for i in _by_id(result) if result.predicted[i] != result.labels[i]]
     rows = [
         {
             "id": str(result.ids[i]),
@@ -122,7 +115,7 @@ def misclassified_rows(result: HeadResult, split_dir: str | Path) -> list[dict[s
             "confidence": round(float(result.confidence[i]), 4),
             "p_actual": round(float(result.probabilities[i, result.labels[i]]), 4),
         }
-        for i in wrong
+        for i in np.flatnonzero(~result.correct)
     ]
     rows.sort(key=lambda r: (-r["confidence"], r["id"]))
     return rows
@@ -185,17 +178,7 @@ def _thumbnail(path: Path) -> Image.Image | None:
     """The image as the model saw it (EXIF-upright RGB), shrunk to fit THUMB x THUMB; None when
     it cannot be read."""
     try:
-        from imgclf.images import load_rgb
-    except ImportError:  # pragma: no cover - images.py is part of the package
-        load_rgb = None
-    try:
-        if load_rgb is not None:
-            img = Image.fromarray(load_rgb(path), "RGB")
-        else:  # pragma: no cover
-            from PIL import ImageOps
-
-            with Image.open(path) as raw:
-                img = ImageOps.exif_transpose(raw).convert("RGB")
+        img = Image.fromarray(load_rgb(path), "RGB")
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
         print(f"evaluate: cannot read {path} for the contact sheet: {exc}", file=sys.stderr)
         return None
@@ -395,14 +378,6 @@ def write_comparison_json(path: str | Path, tests: Sequence[PairedTest]) -> None
     write_json(path, {f"{t.a}_vs_{t.b}": t.as_dict() for t in tests})
 
 
-def write_text(path: str | Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def write_png(path: str | Path, data: bytes) -> None:
-    atomic_write_bytes(path, data)
-
-
 @dataclass(frozen=True)
 class ReportSummary:
     misclassified: dict[str, int]
@@ -424,17 +399,16 @@ def write_reports(
     misclassified: dict[str, int] = {}
     unreadable = 0
     for r in results:
-        write_head_metrics(metrics_dir / "evaluate" / f"{r.head}.json", r)
+        write_json(metrics_dir / "evaluate" / f"{r.head}.json", metrics_dict(r))
         write_confusion_csv(metrics_dir / "confusion" / f"{r.head}.csv", r)
-        write_png(metrics_dir / "confusion" / f"{r.head}.png", confusion_png(r))
+        atomic_write_bytes(metrics_dir / "confusion" / f"{r.head}.png", confusion_png(r))
         rows = misclassified_rows(r, split_dir)
         write_misclassified_csv(metrics_dir / "misclassified" / f"{r.head}.csv", rows)
         sheet = contact_sheet(rows, display_name(r.head), sheet_max)
-        write_png(metrics_dir / "misclassified" / f"{r.head}.png", sheet.png)
+        atomic_write_bytes(metrics_dir / "misclassified" / f"{r.head}.png", sheet.png)
         misclassified[r.head] = len(rows)
         unreadable += sheet.unreadable
     write_comparison_json(metrics_dir / "evaluate" / "comparison.json", tests)
-    write_text(
-        metrics_dir / "comparison.md", comparison_markdown(results, tests, train_metrics, loc)
-    )
+    markdown = comparison_markdown(results, tests, train_metrics, loc)
+    atomic_write_bytes(metrics_dir / "comparison.md", markdown.encode("utf-8"))
     return ReportSummary(misclassified=misclassified, unreadable_thumbnails=unreadable)

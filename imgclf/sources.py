@@ -29,7 +29,7 @@ from pathlib import Path
 
 from imgclf.archives import archive_format, extract_archive
 from imgclf.config import cache_dir, repo_root
-from imgclf.downloads import DownloadError, download_file
+from imgclf.downloads import DownloadError, download_file, url_file_name
 from imgclf.fileio import sha256_file
 
 DEFAULT_SOURCE = (
@@ -111,9 +111,9 @@ def _first_line(path: Path) -> str | None:
     return None
 
 
-def is_dataturks_export(path: Path) -> bool:
-    """JSON Lines whose first non-empty line is an object with a "content" key."""
-    line = _first_line(path)
+def _is_export_line(line: str | None) -> bool:
+    """A Dataturks export is JSON Lines whose first non-empty line (`_first_line`) is an
+    object with a "content" key."""
     if line is None or not line.startswith("{"):
         return False
     try:
@@ -150,9 +150,9 @@ def _resolve_file(source: str, file: Path, origin: str, name: str) -> ResolvedSo
         except ValueError as e:  # includes UnsafeArchiveError
             raise SourceUnavailable(f"data.source {source!r}: {e}. Expected {_EXPECTED}.") from e
         return _tree(source, root, f"{origin} (extracted)")
-    if is_dataturks_export(file):
-        return ResolvedSource(source, "dataturks", file, origin)
     line = _first_line(file)
+    if _is_export_line(line):
+        return ResolvedSource(source, "dataturks", file, origin)
     if name.lower().endswith(EXPORT_SUFFIXES) and line is not None:
         hint = " (a JSON array: export as JSON Lines, one item per line)" if line[:1] == "[" else ""
         raise SourceUnavailable(
@@ -230,7 +230,7 @@ def offline_message(url: str, reason: str, network: bool = True) -> str:
 
 
 def _resolve_url(source: str, url: str, timeout_s: float, retries: int) -> ResolvedSource:
-    name = urllib.parse.unquote(urllib.parse.urlsplit(url).path.rsplit("/", 1)[-1])
+    name = url_file_name(url)
     if name == FLOWERS_ARCHIVE:
         cached = keras_cached_flowers(source)
         if cached is not None:

@@ -67,22 +67,19 @@ def assign_subsets(
         units: dict[str, list[int]] = defaultdict(list)
         for i in indices:
             units[rows[i]["sha256"]].append(i)
-        n_test = 0
-        free: list[tuple[float, str]] = []
-        for sha, members in units.items():
-            score = content_score(sha, seed)
-            if len(classes_of_content[sha]) > 1:
-                side = "test" if score < test_fraction else "train"
-                for i in members:
-                    subsets[i] = side
-                n_test += len(members) if side == "test" else 0
-            else:
-                free.append((score, sha))
+        pinned, free = [], []
+        for sha in units:
+            several_classes = len(classes_of_content[sha]) > 1
+            (pinned if several_classes else free).append((content_score(sha, seed), sha))
+        # Content filed under several classes: its score alone sets its side, in every class.
+        sides = {sha: "test" if score < test_fraction else "train" for score, sha in pinned}
+        n_test = sum(len(units[sha]) for sha, side in sides.items() if side == "test")
         for _, sha in sorted(free):
-            side = "test" if n_test < target else "train"
+            sides[sha] = "test" if n_test < target else "train"
+            n_test += len(units[sha]) if sides[sha] == "test" else 0
+        for sha, side in sides.items():
             for i in units[sha]:
                 subsets[i] = side
-            n_test += len(units[sha]) if side == "test" else 0
     return subsets
 
 

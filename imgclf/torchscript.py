@@ -160,8 +160,7 @@ def load_torchscript(archive: str | Path | bytes) -> Any:
     """Unpickle a TorchScript archive (a path or its bytes) into a tree of `ScriptObject`s
     whose tensor attributes are numpy arrays."""
     source = "<bytes>" if isinstance(archive, bytes) else str(archive)
-    fileobj = io.BytesIO(archive) if isinstance(archive, bytes) else open(archive, "rb")  # noqa: SIM115
-    with fileobj, zipfile.ZipFile(fileobj) as zf:
+    with zipfile.ZipFile(io.BytesIO(archive) if isinstance(archive, bytes) else archive) as zf:
         root = _archive_root(zf.namelist(), source)
         storages: dict[str, np.ndarray] = {}
 
@@ -180,8 +179,8 @@ def load_torchscript(archive: str | Path | bytes) -> Any:
                 storages[key] = np.frombuffer(raw, dtype=dtype, count=numel)
             return storages[key]
 
-        with zf.open(f"{root}data.pkl") as f:
-            return SafeUnpickler(io.BytesIO(f.read()), load_storage, source).load()
+        pickled = io.BytesIO(zf.read(f"{root}data.pkl"))
+        return SafeUnpickler(pickled, load_storage, source).load()
 
 
 def named_tensors(tree: Any, prefix: str = "") -> dict[str, np.ndarray]:

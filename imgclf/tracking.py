@@ -25,13 +25,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -39,10 +38,8 @@ import yaml
 
 from imgclf.config import repo_root
 from imgclf.fileio import read_csv, read_json, sha256_file
+from imgclf.heads import HEADS, model_dir
 
-log = logging.getLogger(__name__)
-
-HEADS = ("tf", "keras", "sklearn")
 MODEL_HEADS = ("tf", "keras")  # the heads that get an end-to-end model in the registry
 DB_FILE = "mlflow.db"
 ARTIFACTS_DIR = "mlartifacts"
@@ -310,7 +307,7 @@ class ResultFiles:
         )
 
     def head_dir(self, head: str) -> Path:
-        return self.models / f"{head}_head"
+        return model_dir(self.models, head)
 
     def head_artifacts(self, head: str) -> list[tuple[Path, str]]:
         """(file, artifact folder) of one head; files that do not exist are skipped."""
@@ -327,8 +324,8 @@ class ResultFiles:
         ]
 
 
-def _log_metrics(client: Any, run_id: str, items: Iterable[tuple[str, float, int]]) -> int:
-    """log_batch in chunks of MLflow's 1,000-metric limit; returns how many were logged."""
+def _log_metrics(client: Any, run_id: str, items: Iterable[tuple[str, float, int]]) -> None:
+    """log_batch in chunks of MLflow's 1,000-metric limit."""
     import time
 
     from mlflow.entities import Metric
@@ -337,7 +334,6 @@ def _log_metrics(client: Any, run_id: str, items: Iterable[tuple[str, float, int
     metrics = [Metric(key, value, now, step) for key, value, step in items]
     for i in range(0, len(metrics), 1000):
         client.log_batch(run_id, metrics=metrics[i : i + 1000])
-    return len(metrics)
 
 
 def _log_params(client: Any, run_id: str, params: Mapping[str, Any]) -> None:
@@ -405,6 +401,11 @@ def track_pipeline(
     client = MlflowClient(store.tracking_uri, store.registry_uri)
     flat_params = flatten(params)
     tags = provenance_tags(params, workdir)
+    models = EndToEndModels(
+        files,
+        precision=params.get("bottlenecks", {}).get("precision", "float32"),
+        registered_models=track.get("registered_models", {}),
+    )
 
     summary: dict[str, Any] = {
         "tracking_uri": _redact(store.tracking_uri),
@@ -443,12 +444,11 @@ def track_pipeline(
                 head,
                 files=files,
                 evaluation=evaluations[head],
-                params=params,
                 flat_params=flat_params,
                 tags=tags,
                 experiment_id=experiment_id,
                 client=client,
-                log_model=log_models and head in MODEL_HEADS,
+                models=models if log_models and head in MODEL_HEADS else None,
             )
     return summary
 
@@ -458,12 +458,11 @@ def _track_head(
     *,
     files: ResultFiles,
     evaluation: Mapping[str, Any],
-    params: Mapping[str, Any],
     flat_params: Mapping[str, Any],
     tags: Mapping[str, str],
     experiment_id: str,
     client: Any,
-    log_model: bool,
+    models: EndToEndModels | None,
 ) -> dict[str, Any]:
     import mlflow
 
@@ -482,38 +481,85 @@ def _track_head(
                 (f"train.{k}", v, 0) for k, v in numeric_leaves(read_json(train_json)).items()
             ]
         curve_csv = files.metrics / "curves" / f"{head}.csv"
-        n_curve = 0
-        if curve_csv.is_file():
-            curve = curve_metrics(curve_csv)
-            n_curve = len(curve)
-            metrics += curve
-        _log_metrics(client, run_id, metrics)
+        curve = curve_metrics(curve_csv) if curve_csv.is_file() else []
+        _log_metrics(client, run_id, metrics + curve)
         for path, folder in files.head_artifacts(head):
             if path.is_file():
                 client.log_artifact(run_id, str(path), folder or None)
-        with tempfile.TemporaryDirectory() as tmp:
-            report = Path(tmp) / "classification_report.txt"
-            report.write_text(classification_report(evaluation), encoding="utf-8")
-            client.log_artifact(run_id, str(report), "evaluation")
-        result: dict[str, Any] = {"run_id": run_id, "curve_points": n_curve}
-        if log_model:
-            result.update(_log_end_to_end(head, files, params, tags))
+        client.log_text(
+            run_id,
+            classification_report(evaluation),
+            "evaluation/classification_report.txt",
+        )
+        result: dict[str, Any] = {"run_id": run_id, "curve_points": len(curve)}
+        if models is not None:
+            result.update(_log_end_to_end(head, models, client, run, tags))
     return result
 
 
+@dataclass
+class EndToEndModels:
+    """The end-to-end models of one result (`imgclf.end_to_end`), for the tf and keras runs:
+    the backbone is hashed (for the keys) and loaded (for an export) at most once for both."""
+
+    files: ResultFiles
+    precision: str  # bottlenecks.precision: the backbone computes what the heads were trained on
+    registered_models: Mapping[str, str]  # track.registered_models
+
+    def registered_name(self, head: str) -> str:
+        return self.registered_models.get(head, f"flowers-{head}")
+
+    @cached_property
+    def _shared_files(self) -> bytes:
+        from imgclf import end_to_end, inception
+
+        # The code that builds the model (preprocessing included) is part of what it is.
+        code = (Path(end_to_end.__file__), Path(inception.__file__))
+        return _files_digest(*code, self.files.backbone)
+
+    @cached_property
+    def _backbone(self) -> Any:
+        from imgclf.inception import load_backbone
+
+        return load_backbone(self.files.backbone, precision=self.precision)
+
+    def key(self, head: str) -> str:
+        """What determines the end-to-end model of `head`: the files of its backbone and head,
+        the precision and the code that assembles them."""
+        digest = hashlib.sha256(f"{head}:{self.precision}".encode())
+        digest.update(self._shared_files)
+        from imgclf.heads import head_module
+
+        digest.update(_files_digest(Path(head_module(head).__file__), self.files.head_dir(head)))
+        return digest.hexdigest()
+
+    def build(self, head: str) -> Any:
+        from imgclf import end_to_end
+
+        return end_to_end.build(self._backbone, self.files.head_dir(head), head)
+
+
+def _files_digest(*paths: Path) -> bytes:
+    """Name + sha256 of each of `paths` that is a file and of every file under those that are
+    folders (in path order)."""
+    out = b""
+    for root in paths:
+        for path in sorted(root.rglob("*")) if root.is_dir() else [root]:
+            if path.is_file():
+                out += path.name.encode() + sha256_file(path).encode()
+    return out
+
+
 def _log_end_to_end(
-    head: str, files: ResultFiles, params: Mapping[str, Any], tags: Mapping[str, str]
+    head: str, models: EndToEndModels, client: Any, run: Any, tags: Mapping[str, str]
 ) -> dict[str, Any]:
-    """Build, log and register the end-to-end model of `head` in the active run."""
+    """Log (or, when unchanged, register again) the end-to-end model of `head` in `run`."""
     import mlflow
 
     from imgclf import end_to_end
 
-    name = params.get("track", {}).get("registered_models", {}).get(head, f"flowers-{head}")
-    precision = params.get("bottlenecks", {}).get("precision", "float32")
-    client = mlflow.MlflowClient()
-    run = mlflow.active_run()
-    key = end_to_end_key(files.backbone, files.head_dir(head), head, precision)
+    name = models.registered_name(head)
+    key = models.key(head)
     model_uri = _logged_model_with_key(client, run.info.experiment_id, key)
     if model_uri:
         # Same backbone, head and code as an earlier result (an experiment that changed the
@@ -523,15 +569,15 @@ def _log_end_to_end(
         )
         version = str(mlflow.register_model(model_uri, name).version)
     else:
-        model = end_to_end.build(files.backbone, files.head_dir(head), head, precision)
+        model = models.build(head)
         print(f"track: logging the end-to-end {head} model as {name!r}...", file=sys.stderr)
         info = end_to_end.log_model(model, registered_model_name=name)
         model_uri, version = info.model_uri, str(info.registered_model_version)
     client.set_tag(run.info.run_id, "imgclf.model_key", key)
     client.set_tag(run.info.run_id, "imgclf.model_uri", model_uri)
-    for key in ("git.commit", "dvc.exp_name", "backbone.sha256", "data.manifest_sha256"):
-        if key in tags:
-            client.set_model_version_tag(name, version, key, tags[key])
+    for tag in ("git.commit", "dvc.exp_name", "backbone.sha256", "data.manifest_sha256"):
+        if tag in tags:
+            client.set_model_version_tag(name, version, tag, tags[tag])
     client.set_model_version_tag(name, version, "head", head)
     return {
         "model_uri": model_uri,
@@ -540,24 +586,8 @@ def _log_end_to_end(
     }
 
 
-def end_to_end_key(backbone_dir: Path, head_dir: Path, head: str, precision: str) -> str:
-    """What determines an end-to-end model: the files of its backbone and head, the precision
-    and the code that assembles them."""
-    from imgclf import end_to_end
-
-    digest = hashlib.sha256(f"{head}:{precision}".encode())
-    for path in [
-        Path(end_to_end.__file__),
-        *sorted(backbone_dir.rglob("*")),
-        *sorted(head_dir.rglob("*")),
-    ]:
-        if path.is_file():
-            digest.update(path.name.encode() + sha256_file(path).encode())
-    return digest.hexdigest()
-
-
 def _logged_model_with_key(client: Any, experiment_id: str, key: str) -> str | None:
-    """The model URI an earlier head run logged for the same `end_to_end_key`, if any."""
+    """The model URI an earlier head run logged for the same `EndToEndModels.key`, if any."""
     runs = client.search_runs(
         [experiment_id], filter_string=f"tags.`imgclf.model_key` = '{key}'", max_results=1
     )

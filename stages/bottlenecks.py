@@ -49,19 +49,13 @@ def run_bottlenecks(
     info = read_backbone_info(backbone_dir)
     key = cache_key(info["sha256"], info["preprocessing"], precision)
     cache = FeatureCache(cache_dir("bottlenecks"), key, dim=info["feature_dim"])
-    every_item = [item for subset in SUBSETS for item in items[subset]]
-    stats = {"computed": 0, "cached": len(every_item), "images_per_second": 0.0}
-    if cache.missing(sorted({item.sha256 for item in every_item})):
-        # Building Inception V3 takes seconds: only when something is left to compute.
+
+    def load_model():
         backbone = load_backbone(backbone_dir, precision=precision)
-        stats = fill_cache(
-            every_item,
-            backbone.model,
-            backbone.preprocess,
-            cache,
-            batch_size=batch_size,
-            progress=progress,
-        )
+        return backbone.model, backbone.preprocess
+
+    every_item = [item for subset in SUBSETS for item in items[subset]]
+    stats = fill_cache(every_item, load_model, cache, batch_size=batch_size, progress=progress)
     for subset in SUBSETS:
         features = gather_features(items[subset], cache)
         save_bottlenecks(out_dir / f"{subset}.npz", items[subset], features)

@@ -79,16 +79,12 @@ def evaluate_predictions(
 def predict_heads(
     test: Bottlenecks, models_dir: str | Path, heads: Sequence[str] = HEADS
 ) -> dict[str, np.ndarray]:
-    """Each head's test-set probabilities, from the models the train stages saved."""
-    probabilities = {}
-    for head in tqdm(heads, desc="evaluate", unit="head", file=sys.stderr):
-        directory = model_dir(models_dir, head)
-        if not directory.is_dir():
-            raise FileNotFoundError(
-                f"{directory} not found: train the {head} head first (dvc repro train_{head})"
-            )
-        probabilities[head] = np.asarray(load_predictor(head, directory)(test.features))
-    return probabilities
+    """Each head's test-set probabilities, from the models the train stages saved (a missing
+    model raises FileNotFoundError naming the train stage to run)."""
+    return {
+        head: load_predictor(head, model_dir(models_dir, head))(test.features)
+        for head in tqdm(heads, desc="evaluate", unit="head", file=sys.stderr)
+    }
 
 
 def run(

@@ -16,8 +16,9 @@ def main() -> None:
     params = load_params()
     paths = params["paths"]
     try:
-        options = IngestOptions.from_params(params.get("ingest") or {})
-        download = (params.get("ingest") or {}).get("download") or {}
+        ingest = params.get("ingest") or {}
+        options = IngestOptions.from_params(ingest)
+        download = ingest.get("download") or {}
         source = resolve_source(
             params["data"]["source"],
             timeout_s=float(download.get("timeout_s", 60)),

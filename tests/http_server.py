@@ -11,6 +11,7 @@ repeating), so "fails twice, then works" is `statuses={"x": [503, 503, 200]}`.
 
 from __future__ import annotations
 
+import socket
 import threading
 import urllib.parse
 from collections import Counter
@@ -105,6 +106,13 @@ class LoopbackServer:
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
 
+            def _start(self, status: int, content_type: str, length: int, key: str) -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(length))
+                for name, value in server.headers.get(key, {}).items():
+                    self.send_header(name, value)
+
             def log_message(self, *args) -> None:  # keep pytest output clean
                 pass
 
@@ -127,20 +135,12 @@ class LoopbackServer:
                 status = _nth(server.statuses.get(key), n) or (200 if content is not None else 404)
                 if status != 200 or content is None:
                     payload = f"status {status} for {key}\n".encode()
-                    self.send_response(status)
-                    self.send_header("Content-Type", "text/plain")
-                    self.send_header("Content-Length", str(len(payload)))
-                    for name, value in server.headers.get(key, {}).items():
-                        self.send_header(name, value)
+                    self._start(status, "text/plain", len(payload), key)
                     self.end_headers()
                     if body:
                         self.wfile.write(payload)
                     return
-                self.send_response(200)
-                self.send_header("Content-Type", "application/octet-stream")
-                self.send_header("Content-Length", str(len(content)))
-                for name, value in server.headers.get(key, {}).items():
-                    self.send_header(name, value)
+                self._start(200, "application/octet-stream", len(content), key)
                 cut = server.truncate.get(key)
                 if cut is not None:
                     self.send_header("Connection", "close")
@@ -180,8 +180,6 @@ class LoopbackServer:
 
 def closed_port_url(path: str = "x") -> str:
     """A URL on 127.0.0.1 where nothing listens: a real 'connection refused'."""
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

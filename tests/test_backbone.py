@@ -27,6 +27,7 @@ from imgclf.inception import (
     preprocess_tf2015,
 )
 from imgclf.torchscript import UnsafePickleError, _rebuild_tensor_v2, load_torchscript
+from tools.make_backbone_reference import make_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = ROOT / "tests" / "data" / "inception_v3_tf2015_reference.npz"
@@ -47,19 +48,6 @@ def wheel(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tf2015_model(wheel):
     return convert_tf2015(fetch_tf2015(str(wheel)).pt_bytes)
-
-
-def _reference_inputs(recipe: dict) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """The inputs tools/make_backbone_reference.py fed the original model (same recipe)."""
-    images = [
-        np.random.default_rng(r["seed"]).integers(0, 256, (r["height"], r["width"], 3), np.uint8)
-        for r in recipe["images"]
-    ]
-    pre = [
-        np.random.default_rng(r["seed"]).uniform(-1, 1, (299, 299, 3)).astype(np.float32)
-        for r in recipe["preprocessed"]
-    ]
-    return images, pre
 
 
 # ---------------------------------------------------------------------------- fast tests
@@ -161,7 +149,8 @@ def test_builder_mirrors_keras_applications():
 @pytest.mark.slow
 def test_conversion_matches_the_original_torchscript_model(tf2015_model):
     ref = np.load(REFERENCE)
-    images, pre = _reference_inputs(json.loads(str(ref["recipe"])))
+    # The inputs the tool fed the original model, from the recipe stored with its features.
+    images, pre = make_inputs(json.loads(str(ref["recipe"])))
     digest = hashlib.sha256()
     for a in (*images, *pre):
         digest.update(a.tobytes())

@@ -3,6 +3,7 @@ gate, and the whole stage on tiny real heads."""
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -246,7 +247,7 @@ def test_contact_sheet_layout_exif_and_unreadable(tmp_path: Path) -> None:
     ] * 3  # fmt: skip
     sheet = contact_sheet(rows, "TF", max_images=8)
     assert (sheet.shown, sheet.unreadable) == (8, 2)
-    img = Image.open(__import__("io").BytesIO(sheet.png))
+    img = Image.open(io.BytesIO(sheet.png))
     assert img.size == contact_sheet_size(8) == (SHEET_COLUMNS * CELL_W, HEADER_H + 2 * CELL_H)
 
     # Cell 0: the upright thumbnail, centred in its THUMB box.
@@ -261,7 +262,7 @@ def test_contact_sheet_layout_exif_and_unreadable(tmp_path: Path) -> None:
     assert _bbox_of_ink(img, label_box)[2] > 60
     assert _bbox_of_ink(img, (0, 0, img.width, HEADER_H))[2] > 100
 
-    empty = Image.open(__import__("io").BytesIO(contact_sheet([], "Keras", 48).png))
+    empty = Image.open(io.BytesIO(contact_sheet([], "Keras", 48).png))
     assert empty.size == contact_sheet_size(0) == (SHEET_COLUMNS * CELL_W, HEADER_H)
 
 

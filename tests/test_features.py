@@ -55,8 +55,7 @@ def make_items(folder: Path, n: int, start: int = 0) -> list[ImageItem]:
 
 
 def fill(items, cache, seed=0):
-    model, preprocess = tiny_backbone(seed)
-    return fill_cache(items, model, preprocess, cache, batch_size=4, progress=False)
+    return fill_cache(items, lambda: tiny_backbone(seed), cache, batch_size=4, progress=False)
 
 
 def test_adding_images_computes_only_them_and_resplitting_computes_nothing(tmp_path):
@@ -138,7 +137,7 @@ def test_kill_9_mid_run_then_rerun_finishes_without_recomputing(tmp_path):
                 return preprocess(tf.ensure_shape(images, [None, None, None, 3]))
 
             cache = FeatureCache(Path({str(cache_root)!r}), "k", 8)
-            fill_cache(items, model, slow_preprocess, cache, batch_size=1, progress=False)
+            fill_cache(items, lambda: (model, slow_preprocess), cache, batch_size=1, progress=False)
             """
         )
     )

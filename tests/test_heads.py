@@ -4,7 +4,6 @@ train_* stages write the files dvc.yaml declares."""
 from __future__ import annotations
 
 import ast
-import copy
 import json
 from pathlib import Path
 
@@ -242,7 +241,6 @@ def test_load_predictor_rejects_unknown_heads_and_missing_models(tmp_path: Path)
 
 def _small_params() -> dict:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params = copy.deepcopy(params)
     params["heads"] = {"validation_fraction": 0.2, "seed": 0}
     params["train_tf"].update(steps=150, eval_every=50, batch_size=32)
     params["train_keras"].update(hidden_units=16, epochs=3, learning_rate=1e-3)

@@ -17,6 +17,7 @@ from imgclf.labels import ClassNameCollision, class_dir_name, class_dirs, safe_f
 from imgclf.sources import ResolvedSource
 from tests.helpers import make_class_tree, make_image
 from tests.http_server import LoopbackServer
+from tests.test_dataturks import write_export
 from tests.test_images import exif_rotated_jpeg, png_header_only
 
 
@@ -60,11 +61,6 @@ def skipped(out: Path) -> dict[str, str]:
 
 def manifest(out: Path) -> dict[str, dict[str, str]]:
     return {r["file"]: r for r in read_csv(out / "data" / "manifest.csv")}
-
-
-def write_export(path: Path, records: list) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-    return path
 
 
 def item(content: str, labels, status: str = "done") -> dict:

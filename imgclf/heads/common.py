@@ -9,6 +9,7 @@ imports TensorFlow/Keras lazily so that the scikit-learn stage stays light.
 from __future__ import annotations
 
 import math
+import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -18,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from imgclf.evaluation import log_loss
 from imgclf.fileio import atomic_write_bytes, read_json, write_csv, write_json
 
 N_FEATURES = 2048
@@ -170,15 +172,10 @@ def stopwatch() -> Iterator[dict[str, float]]:
 
 
 def accuracy_and_loss(probabilities: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
-    """(accuracy, mean cross-entropy) of predicted probabilities against integer labels."""
-    probabilities = np.asarray(probabilities, dtype=np.float64)
-    labels = np.asarray(labels)
-    if labels.size == 0:
-        return float("nan"), float("nan")
-    picked = probabilities[np.arange(labels.size), labels]
-    loss = float(-np.log(np.clip(picked, 1e-12, 1.0)).mean())
-    accuracy = float((probabilities.argmax(axis=1) == labels).mean())
-    return accuracy, loss
+    """(accuracy, mean cross-entropy) of predicted probabilities against integer labels; the
+    loss is the evaluate stage's log loss."""
+    accuracy = float((np.argmax(probabilities, axis=1) == np.asarray(labels)).mean())
+    return accuracy, log_loss(labels, probabilities)
 
 
 def curve_summary(curve: Sequence[Mapping[str, float | int]]) -> dict[str, float | int]:
@@ -202,6 +199,21 @@ def write_labels(model_dir: str | Path, classes: Sequence[str]) -> None:
     """labels.txt, one class per line in label order (retrain.py's output_labels.txt)."""
     text = "".join(f"{c}\n" for c in classes)
     atomic_write_bytes(Path(model_dir) / LABELS_FILE, text.encode("utf-8"))
+
+
+def save_model_dir(
+    model_dir: str | Path, classes: Sequence[str], write_model: Callable[[Path], Any]
+) -> None:
+    """`write_model(folder)` + labels.txt, built in a folder beside `model_dir` and then moved
+    in, so `model_dir` is replaced as a whole."""
+    model_dir = Path(model_dir)
+    tmp = model_dir.with_name(f".{model_dir.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write_model(tmp)
+    write_labels(tmp, classes)
+    shutil.rmtree(model_dir, ignore_errors=True)
+    tmp.rename(model_dir)
 
 
 def read_labels(model_dir: str | Path) -> list[str]:

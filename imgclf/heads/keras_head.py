@@ -8,7 +8,6 @@ model (backbone -> head) is built from.
 
 from __future__ import annotations
 
-import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -17,7 +16,7 @@ import keras
 import numpy as np
 from tqdm import tqdm
 
-from imgclf.heads.common import N_FEATURES, TrainResult, set_determinism, stopwatch, write_labels
+from imgclf.heads.common import N_FEATURES, TrainResult, save_model_dir, set_determinism, stopwatch
 
 MODEL_FILE = "model.keras"
 
@@ -150,14 +149,7 @@ def train_keras_head(
 
 def save_keras_head(model: keras.Model, model_dir: str | Path, classes: list[str]) -> None:
     """model.keras + labels.txt in `model_dir`, replaced as a whole."""
-    model_dir = Path(model_dir)
-    tmp = model_dir.with_name(f".{model_dir.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    model.save(tmp / MODEL_FILE)
-    write_labels(tmp, classes)
-    shutil.rmtree(model_dir, ignore_errors=True)
-    tmp.rename(model_dir)
+    save_model_dir(model_dir, classes, lambda tmp: model.save(tmp / MODEL_FILE))
 
 
 def load_keras_head(model_dir: str | Path) -> keras.Model:
@@ -176,5 +168,4 @@ def predictor(model_dir: str | Path) -> Callable[[np.ndarray], np.ndarray]:
         x = np.asarray(bottlenecks, dtype=np.float32)
         return np.asarray(model.predict(x, batch_size=512, verbose=0), dtype=np.float32)
 
-    predict.model = model  # type: ignore[attr-defined]
     return predict

@@ -10,7 +10,6 @@ fitted on the training part only.
 
 from __future__ import annotations
 
-import shutil
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -26,8 +25,8 @@ from imgclf.heads.common import (
     TrainResult,
     accuracy_and_loss,
     read_labels,
+    save_model_dir,
     stopwatch,
-    write_labels,
 )
 
 MODEL_FILE = "model.joblib"
@@ -103,14 +102,7 @@ def train_sklearn_head(
 
 
 def save_sklearn_head(model: Pipeline, model_dir: str | Path, classes: list[str]) -> None:
-    model_dir = Path(model_dir)
-    tmp = model_dir.with_name(f".{model_dir.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    joblib.dump(model, tmp / MODEL_FILE)
-    write_labels(tmp, classes)
-    shutil.rmtree(model_dir, ignore_errors=True)
-    tmp.rename(model_dir)
+    save_model_dir(model_dir, classes, lambda tmp: joblib.dump(model, tmp / MODEL_FILE))
 
 
 def load_sklearn_head(model_dir: str | Path) -> Pipeline:
@@ -128,5 +120,4 @@ def predictor(model_dir: str | Path) -> Callable[[np.ndarray], np.ndarray]:
     def predict(bottlenecks: np.ndarray) -> np.ndarray:
         return predict_proba(model, bottlenecks, n_classes)
 
-    predict.model = model  # type: ignore[attr-defined]
     return predict

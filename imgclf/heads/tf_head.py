@@ -16,7 +16,6 @@ No Keras here on purpose: this module is the "TensorFlow" side of the comparison
 from __future__ import annotations
 
 import math
-import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -29,9 +28,9 @@ from tqdm import tqdm
 from imgclf.heads.common import (
     N_FEATURES,
     TrainResult,
+    save_model_dir,
     set_determinism,
     stopwatch,
-    write_labels,
 )
 
 SIGNATURE_KEY = "serving_default"
@@ -116,6 +115,15 @@ def count_parameters(head: tf.Module) -> int:
     return int(sum(int(np.prod(v.shape)) for v in head.trainable_variables))
 
 
+def loss_and_accuracy(logits: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """(mean cross-entropy, accuracy) of logits against integer labels."""
+    loss = tf.reduce_mean(
+        tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
+    )
+    accuracy = tf.reduce_mean(tf.cast(tf.equal(tf.argmax(logits, 1), labels), tf.float32))
+    return loss, accuracy
+
+
 class SGDTrainer:
     """Plain SGD on a SoftmaxHead. Kept out of the module so the SavedModel holds only the head."""
 
@@ -126,16 +134,12 @@ class SGDTrainer:
     def train_step(self, x: tf.Tensor, y: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         """One SGD step on a batch; returns the batch's (loss, accuracy) before the update."""
         with tf.GradientTape() as tape:
-            logits = self.head.logits(x, training=True)
-            loss = tf.reduce_mean(
-                tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=logits)
-            )
+            loss, accuracy = loss_and_accuracy(self.head.logits(x, training=True), y)
         variables = self.head.trainable_variables
         grads = tape.gradient(loss, variables)
         for var, grad in zip(variables, grads, strict=True):
             var.assign_sub(self.learning_rate * grad)
         self.head.step.assign_add(1)
-        accuracy = tf.reduce_mean(tf.cast(tf.equal(tf.argmax(logits, 1), y), tf.float32))
         return loss, accuracy
 
     @tf.function
@@ -159,12 +163,7 @@ class SGDTrainer:
     @tf.function
     def evaluate(self, features: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         """(mean cross-entropy, accuracy) on a whole set, no dropout."""
-        logits = self.head.logits(features, training=False)
-        loss = tf.reduce_mean(
-            tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
-        )
-        accuracy = tf.reduce_mean(tf.cast(tf.equal(tf.argmax(logits, 1), labels), tf.float32))
-        return loss, accuracy
+        return loss_and_accuracy(self.head.logits(features, training=False), labels)
 
 
 def train_tf_head(
@@ -247,18 +246,13 @@ def train_tf_head(
 
 def save_tf_head(head: SoftmaxHead, model_dir: str | Path, classes: list[str]) -> None:
     """SavedModel + labels.txt in `model_dir`, replaced as a whole (built beside it, then moved)."""
-    model_dir = Path(model_dir)
-    tmp = model_dir.with_name(f".{model_dir.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
     spec = tf.TensorSpec([None, head.n_features], tf.float32, name=INPUT_NAME)
     # Tracing `predict` here also stores it on the SavedModel, callable after loading.
     head.predict.get_concrete_function(spec)
-    tf.saved_model.save(
-        head, str(tmp), signatures={SIGNATURE_KEY: head.serve.get_concrete_function(spec)}
+    signatures = {SIGNATURE_KEY: head.serve.get_concrete_function(spec)}
+    save_model_dir(
+        model_dir, classes, lambda tmp: tf.saved_model.save(head, str(tmp), signatures=signatures)
     )
-    write_labels(tmp, classes)
-    shutil.rmtree(model_dir, ignore_errors=True)
-    tmp.rename(model_dir)
 
 
 def load_tf_head(model_dir: str | Path) -> Any:
@@ -281,5 +275,4 @@ def predictor(model_dir: str | Path) -> Callable[[np.ndarray], np.ndarray]:
         x = tf.constant(np.asarray(bottlenecks, dtype=np.float32))
         return serve(**{INPUT_NAME: x})[OUTPUT_KEY].numpy()
 
-    predict.model = loaded  # type: ignore[attr-defined]
     return predict
