@@ -272,7 +272,8 @@ def walk_tree(root: Path) -> Iterator[tuple[Path, bool]]:
     file or folder (`ignored_name`) as (path, True); ignored folders are not entered.
 
     Symlinked folders are followed (users link big data in); loops are cut. Ingest and the
-    fingerprint both walk with this, so they always agree on what the data is.
+    fingerprint both walk with this, so they skip the same clutter. (Ingest walks class by
+    class: a class folder linked to another class's folder is read as both.)
     """
     seen: set[tuple[int, int]] = set()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
