@@ -11,9 +11,12 @@ skipped or unfinished items. A whole-file JSON array of the same objects is acce
 An item's labels are used whatever its status, except "skipped" (the annotator's verdict);
 an item without labels is `unlabelled`.
 
-Refused at once, before anything is downloaded, with `DataturksError` (`<file>:<line>: ...`):
-a line that is not valid JSON or not an object, and exports of another Dataturks task type
-(bounding boxes, polygons, NER...: their `annotation` is a list).
+A line that is not valid JSON, or not a JSON object, is an item with problem `bad_line`
+(on_bad_line="skip", the default: one bad line must not sink a 10,000-line export), or is
+refused with `DataturksError` (`<file>:<line>: ...`) when on_bad_line="error". Refused at once,
+before anything is downloaded, whatever on_bad_line says: a whole-file JSON array that does not
+parse, and exports of another Dataturks task type (bounding boxes, polygons, NER...: their
+`annotation` is a list).
 """
 
 from __future__ import annotations
@@ -46,9 +49,15 @@ class DataturksItem:
     detail: str = ""
 
 
-def read_export(path: str | Path) -> list[DataturksItem]:
-    """Every item of the export at `path`, or `DataturksError` for a file that cannot be one."""
+def read_export(path: str | Path, on_bad_line: str = "skip") -> list[DataturksItem]:
+    """Every item of the export at `path`, or `DataturksError` for a file that cannot be one.
+
+    A malformed line is an item with problem "bad_line" (on_bad_line="skip") or an error
+    ("error")."""
     path = Path(path)
+    if on_bad_line not in ("skip", "error"):
+        raise ValueError(f"on_bad_line must be 'skip' or 'error', not {on_bad_line!r}")
+    bad: list[DataturksItem] = []
     text = path.read_text(encoding="utf-8-sig")
     if text.lstrip().startswith("["):
         try:
@@ -65,17 +74,32 @@ def read_export(path: str | Path) -> list[DataturksItem]:
             if not line.strip():
                 continue
             try:
-                numbered.append((number, json.loads(line)))
+                record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataturksError(
-                    f"{path}:{number}: invalid JSON ({e.msg}, column {e.colno}). Each line of "
-                    "a Dataturks export must be one complete JSON object: fix or delete that "
-                    "line (or re-export the data set)."
-                ) from None
+                if on_bad_line == "error":
+                    raise DataturksError(
+                        f"{path}:{number}: invalid JSON ({e.msg}, column {e.colno}). Each line "
+                        "of a Dataturks export must be one complete JSON object: fix or delete "
+                        "that line (or re-export the data set), or set ingest.on_bad_line=skip."
+                    ) from None
+                bad.append(_bad_line(number, f"invalid JSON ({e.msg}, column {e.colno})", line))
+                continue
+            if not isinstance(record, dict) and on_bad_line == "skip":
+                what = f"a JSON {type(record).__name__}, not an object"
+                bad.append(_bad_line(number, what, line))
+                continue
+            numbered.append((number, record))
     items = [_parse_record(path, number, record) for number, record in numbered]
+    items = sorted(items + bad, key=lambda item: item.line)
     if not items:
         raise DataturksError(f"{path}: the export has no items (an empty file?)")
     return items
+
+
+def _bad_line(number: int, what: str, line: str) -> DataturksItem:
+    text = line.strip()
+    shown = text[:60] + ("..." if len(text) > 60 else "")
+    return DataturksItem(number, "", (), None, "bad_line", f"{what}: {shown!r}")
 
 
 def _parse_record(path: Path, number: int, record: Any) -> DataturksItem:

@@ -27,7 +27,7 @@ from __future__ import annotations
 import os
 import shutil
 from collections import Counter, defaultdict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,13 +39,27 @@ from imgclf.downloads import download_many
 from imgclf.fileio import sha256_file, write_csv, write_json
 from imgclf.images import DEFAULT_MAX_PIXELS, FORMAT_EXTENSIONS, BadImage, inspect_image
 from imgclf.labels import ClassNameCollision, class_dirs, normalize_label, safe_file_name
-from imgclf.sources import ResolvedSource, ignored_name, walk_tree
+from imgclf.sources import (
+    BROKEN_LINK,
+    IGNORED,
+    LINK_OUTSIDE,
+    ResolvedSource,
+    ignored_name,
+    link_outside,
+    presplit_folders,
+    walk_source,
+)
 
 MANIFEST_FIELDS = ("class", "label", "file", "sha256", "width", "height", "format", "origin")
+# Written only for a pre-split tree kept as given (ingest.presplit=keep): "train" or "test",
+# the subset the user's folders put the image in. Other manifests keep MANIFEST_FIELDS only.
+GIVEN_SUBSET_FIELD = "given_subset"
 SKIPPED_FIELDS = ("origin", "reason", "detail")
 CLASSES_FIELDS = ("class", "images")
 MULTIPLE_LABEL_MODES = ("error", "first", "skip")
 CROSS_CLASS_MODES = ("drop", "keep")
+PRESPLIT_MODES = ("keep", "pool")
+BAD_LINE_MODES = ("skip", "error")
 
 
 class IngestError(RuntimeError):
@@ -61,8 +75,19 @@ class IngestOptions:
     download_workers: int = 8
     download_timeout_s: float = 20
     download_retries: int = 2
+    presplit: str = "keep"
+    on_bad_line: str = "skip"
 
     def __post_init__(self) -> None:
+        for key, value, modes in (
+            ("presplit", self.presplit, PRESPLIT_MODES),
+            ("on_bad_line", self.on_bad_line, BAD_LINE_MODES),
+        ):
+            if value not in modes:
+                raise IngestError(
+                    f"ingest.{key} must be one of {', '.join(modes)}, not {value!r} "
+                    f"(params.yaml, or dvc exp run -S ingest.{key}={modes[0]})"
+                )
         if self.on_multiple_labels not in MULTIPLE_LABEL_MODES:
             raise IngestError(
                 f"ingest.on_multiple_labels must be one of {', '.join(MULTIPLE_LABEL_MODES)}, "
@@ -91,6 +116,8 @@ class IngestOptions:
             download_workers=int(download.get("workers", defaults.download_workers)),
             download_timeout_s=float(download.get("timeout_s", defaults.download_timeout_s)),
             download_retries=int(download.get("retries", defaults.download_retries)),
+            presplit=str(ingest.get("presplit", defaults.presplit)),
+            on_bad_line=str(ingest.get("on_bad_line", defaults.on_bad_line)),
         )
 
 
@@ -103,6 +130,8 @@ class Candidate:
     origin: str
     name: str  # original base name
     line: int | None = None  # line of the Dataturks export, for reports
+    subset: str = ""  # "train" | "test" given by a kept pre-split tree, else ""
+    nested: bool = False  # found in a sub-folder of its class folder (flattened)
 
 
 @dataclass(frozen=True)
@@ -123,6 +152,8 @@ class IngestedImage:
     format: str
     origin: str
     path: Path  # where the bytes are read from
+    subset: str = ""
+    nested: bool = False
 
 
 @dataclass
@@ -134,6 +165,8 @@ class Collected:
     downloads_requested: int = 0
     downloads_failed: int = 0
     multiple_labels: int = 0
+    bad_lines: list[int] = field(default_factory=list)
+    presplit: dict[str, Any] | None = None  # {"mode", "folders": {folder: subset}} if detected
 
 
 @dataclass
@@ -159,29 +192,121 @@ class IngestResult:
 # --------------------------------------------------------------------------- collect
 
 
-def collect_tree(root: Path) -> Collected:
+def collect_tree(root: Path, presplit: str = "keep") -> Collected:
     """Every file under `root/<class>/` (recursively) is a candidate of that class.
 
     Files directly in `root` (LICENSE.txt...) are validated too and reported: as not_an_image,
     or, if they are images, as unlabelled. Hidden files and folders and OS litter (.git,
     .DS_Store, __MACOSX, Thumbs.db: `sources.ignored_name`, which the source fingerprint
-    leaves out too) are not read: each is reported once, reason `ignored`. Symlinked folders
-    are followed (loops are cut), as the source stage does.
+    leaves out too) are not read: each is reported once, reason `ignored`.
+
+    Symbolic links: one whose target is inside the source tree is followed (loops are cut);
+    one whose target is outside it is reported as `link_outside` and neither opened nor
+    entered; a broken one is `broken_link`. A class folder that is a link to another class
+    folder is read once, as the class it links to (`linked_class`), not as a second class
+    holding the same files, which would make every one of them a cross-class duplicate.
+
+    A pre-split tree (`sources.presplit_folders`: <root>/train/<class>/*, <root>/val/... or
+    test/...) takes its classes from the inner folders. With presplit="keep" the user's
+    held-out folder is the test set: test/ (or testing/, eval/) when there is one, and then
+    val/ is pooled into train (the heads carve their own validation slice out of train);
+    otherwise val/. With presplit="pool" every folder is pooled and split as any tree.
     """
     out = Collected()
-    for entry in sorted(os.scandir(root), key=lambda e: e.name):
-        if ignored_name(entry.name):
-            out.skipped.append(_ignored(Path(entry.path), root))
-        elif entry.is_dir():
-            label = normalize_label(entry.name)
-            out.labels.add(label)
-            for path in _walk_files(Path(entry.path), out.skipped, root):
-                rel = path.relative_to(root).as_posix()
-                out.candidates.append(Candidate(label, path, rel, path.name))
-        elif entry.is_file():
-            out.candidates.append(Candidate("", Path(entry.path), entry.name, entry.name))
+    inside = Path(os.path.realpath(root))
+    roles = presplit_folders(root)
+    if roles is None:
+        _collect_level(root, root, inside, out, "")
+    else:
+        has_test = "test" in roles.values()
+        folders = {}
+        for name, role in roles.items():
+            held_out = role == "test" or (role == "val" and not has_test)
+            folders[name] = "" if presplit == "pool" else "test" if held_out else "train"
+        out.presplit = {
+            "mode": presplit,
+            "folders": {name: folders[name] or "pooled" for name in sorted(folders)},
+        }
+        for entry in sorted(os.scandir(root), key=lambda e: e.name):
+            path = Path(entry.path)
+            if entry.name in folders and not link_outside(path, inside):
+                _collect_level(path, root, inside, out, folders[entry.name])
+            else:
+                _collect_entry(path, root, inside, out, "", classes=False)
     out.items = len(out.candidates) + len(out.skipped)
     return out
+
+
+def _collect_level(folder: Path, root: Path, inside: Path, out: Collected, subset: str) -> None:
+    """The class folders (and stray files) directly in `folder`."""
+    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+        _collect_entry(Path(entry.path), root, inside, out, subset, classes=True)
+
+
+def _collect_entry(
+    path: Path, root: Path, inside: Path, out: Collected, subset: str, *, classes: bool
+) -> None:
+    rel = path.relative_to(root).as_posix()
+    if ignored_name(path.name):
+        out.skipped.append(_ignored(path, root))
+    elif link_outside(path, inside):
+        out.skipped.append(_link_skip(path, rel, LINK_OUTSIDE))
+    elif path.is_dir() and classes:
+        alias = _linked_class(path)
+        if alias is not None:
+            out.skipped.append(
+                Skip(
+                    rel + "/",
+                    "linked_class",
+                    f"a link to the class folder {alias}/: its images are read once, as {alias}",
+                )
+            )
+            return
+        label = normalize_label(path.name)
+        out.labels.add(label)
+        for file, reason in walk_source(path, inside):
+            file_rel = file.relative_to(root).as_posix()
+            if reason == IGNORED:
+                out.skipped.append(_ignored(file, root))
+            elif reason is not None:
+                out.skipped.append(_link_skip(file, file_rel, reason))
+            else:
+                nested = len(file.relative_to(path).parts) > 1
+                out.candidates.append(
+                    Candidate(label, file, file_rel, file.name, subset=subset, nested=nested)
+                )
+    elif path.is_file():
+        out.candidates.append(Candidate("", path, rel, path.name))
+    elif path.is_dir():  # a folder next to the subset folders of a pre-split tree
+        out.skipped.append(
+            Skip(rel + "/", "ignored", "not a subset folder of the pre-split tree: not read")
+        )
+    elif path.is_symlink():
+        out.skipped.append(_link_skip(path, rel, BROKEN_LINK))
+
+
+def _linked_class(path: Path) -> str | None:
+    """The sibling class folder that the link `path` points to, if it is one."""
+    if not path.is_symlink():
+        return None
+    target = Path(os.path.realpath(path))
+    for sibling in sorted(path.parent.iterdir()):
+        if sibling != path and not sibling.is_symlink() and sibling.resolve() == target:
+            return sibling.name
+    return None
+
+
+def _link_skip(path: Path, rel: str, reason: str) -> Skip:
+    # os.readlink reads the link itself: the target is never opened.
+    link = os.readlink(path)
+    if reason == BROKEN_LINK:
+        return Skip(rel, reason, f"a symbolic link to {link}, which does not exist")
+    what = "a folder" if path.is_dir() else "a file"
+    return Skip(
+        rel + ("/" if path.is_dir() else ""),
+        reason,
+        f"a symbolic link to {what} outside the source tree ({link}): not read",
+    )
 
 
 def _ignored(path: Path, root: Path) -> Skip:
@@ -192,23 +317,15 @@ def _ignored(path: Path, root: Path) -> Skip:
     return Skip(rel, "ignored", "hidden or system file: not data")
 
 
-def _walk_files(folder: Path, skipped: list[Skip], root: Path) -> list[Path]:
-    files: list[Path] = []
-    for path, ignored in walk_tree(folder):
-        if ignored:
-            skipped.append(_ignored(path, root))
-        else:
-            files.append(path)
-    return sorted(files)
-
-
 def collect_dataturks(export: Path, options: IngestOptions) -> Collected:
     """Items of a Dataturks export with their files (downloaded when they are URLs).
 
-    Everything that makes the whole export unusable (malformed line, wrong task type,
-    several labels with on_multiple_labels=error) is raised before anything is downloaded.
+    Everything that makes the whole export unusable (wrong task type, a malformed line with
+    on_bad_line=error, several labels with on_multiple_labels=error) is raised before anything
+    is downloaded. With on_bad_line=skip a malformed line is a skip row whose origin is
+    `<export file name>:<line>`.
     """
-    items = dataturks.read_export(export)
+    items = dataturks.read_export(export, options.on_bad_line)
     out = Collected(items=len(items))
     chosen: list[tuple[dataturks.DataturksItem, str]] = []
     multi = [item for item in items if len(item.labels) > 1]
@@ -225,6 +342,10 @@ def collect_dataturks(export: Path, options: IngestOptions) -> Collected:
         )
     for item in items:
         where = f"line {item.line}"
+        if item.problem == "bad_line":
+            out.bad_lines.append(item.line)
+            out.skipped.append(Skip(f"{export.name}:{item.line}", item.problem, item.detail))
+            continue
         if item.problem:
             out.skipped.append(Skip(item.content, item.problem, f"{where}: {item.detail}"))
             continue
@@ -388,17 +509,29 @@ def build_image_set(
                     format=info.format,
                     origin=cand.origin,
                     path=cand.path,
+                    subset=cand.subset,
+                    nested=cand.nested,
                 )
             )
     images.sort(key=lambda im: (im.class_dir, im.file))
     skipped.sort(key=lambda s: (s.origin, s.reason, s.detail))
 
     counts = Counter(im.class_dir for im in images)
-    class_counts = {folder: counts.get(folder, 0) for folder in sorted(set(folders.values()))}
+    # A folder (or label) without a single usable image is not a class: reported, left out.
+    every_class = sorted(set(folders.values()))
+    empty = [folder for folder in every_class if not counts.get(folder)]
+    class_counts = {folder: counts[folder] for folder in every_class if counts.get(folder)}
     labels = {folder: label for label, folder in folders.items()}
-    problems = usability_problems(class_counts, options.min_images_per_class)
+    problems = usability_problems(class_counts, options.min_images_per_class, empty)
+    nested = Counter(im.class_dir for im in images if im.nested)
     stats = {
         "items": collected.items,
+        "empty_classes": empty,
+        "from_subfolders": {
+            "images": sum(nested.values()),
+            "per_class": dict(sorted(nested.items())),
+        },
+        "links_refused": sum(1 for s in skipped if s.reason == LINK_OUTSIDE),
         "downloads": {
             "requested": collected.downloads_requested,
             "failed": collected.downloads_failed,
@@ -416,6 +549,14 @@ def build_image_set(
         "renamed": renamed,
         "formats": dict(sorted(Counter(im.format for im in images).items())),
     }
+    if collected.bad_lines or kind == "dataturks":
+        stats["bad_lines"] = {"mode": options.on_bad_line, "lines": collected.bad_lines}
+    if collected.presplit is not None:
+        given = Counter(im.subset for im in images if im.subset)
+        stats["presplit"] = {
+            **collected.presplit,
+            "images": {subset: given.get(subset, 0) for subset in ("train", "test")},
+        }
     return IngestResult(
         source=source,
         kind=kind,
@@ -453,12 +594,15 @@ def _unique_names(entries: list[tuple[str, str]]) -> list[str]:
     return result
 
 
-def usability_problems(class_counts: Mapping[str, int], min_per_class: int) -> list[str]:
+def usability_problems(
+    class_counts: Mapping[str, int], min_per_class: int, empty: Sequence[str] = ()
+) -> list[str]:
     problems = []
     usable = [c for c, n in class_counts.items() if n > 0]
     if len(usable) < 2:
+        without = f"; without any usable image: {', '.join(empty)}" if empty else ""
         problems.append(
-            f"{len(usable)} class(es) with images ({', '.join(usable) or 'none'}): "
+            f"{len(usable)} class(es) with images ({', '.join(usable) or 'none'}{without}): "
             "a classifier needs at least 2"
         )
     small = {c: n for c, n in class_counts.items() if n < min_per_class}
@@ -504,9 +648,10 @@ def write_outputs(
     staging.mkdir(parents=True, exist_ok=True)
     _remove(images_dir)
     staging.rename(images_dir)
+    given = any(im.subset for im in result.images)
     write_csv(
         manifest,
-        MANIFEST_FIELDS,
+        (*MANIFEST_FIELDS, GIVEN_SUBSET_FIELD) if given else MANIFEST_FIELDS,
         (
             {
                 "class": im.class_dir,
@@ -517,6 +662,7 @@ def write_outputs(
                 "height": im.height,
                 "format": im.format,
                 "origin": im.origin,
+                **({GIVEN_SUBSET_FIELD: im.subset} if given else {}),
             }
             for im in result.images
         ),
@@ -561,7 +707,7 @@ def run_ingest(
     images_dir, manifest, metrics_dir = Path(images_dir), Path(manifest), Path(metrics_dir)
     if source.kind == "tree":
         _refuse_overlap(Path(source.path), images_dir)
-        collected = collect_tree(Path(source.path))
+        collected = collect_tree(Path(source.path), options.presplit)
     elif source.kind == "dataturks":
         try:
             collected = collect_dataturks(Path(source.path), options)
@@ -609,7 +755,51 @@ def format_summary(result: IngestResult) -> str:
     downloads = result.stats["downloads"]
     if downloads["requested"]:
         lines.append(f"  downloads: {downloads['requested']} URLs, {downloads['failed']} failed")
+    lines += _notes(result)
     return "\n".join(lines)
+
+
+def _notes(result: IngestResult) -> list[str]:
+    """What changed the shape of the input: said at the end of every summary."""
+    stats, lines = result.stats, []
+    presplit = stats.get("presplit")
+    if presplit:
+        folders = ", ".join(f"{f}/ -> {s}" for f, s in presplit["folders"].items())
+        if presplit["mode"] == "keep":
+            images = presplit["images"]
+            lines.append(
+                f"  pre-split tree ({folders}): classes from the inner folders; your split is "
+                f"kept ({images['train']} train, {images['test']} test; "
+                "ingest.presplit=pool re-splits)"
+            )
+        else:
+            lines.append(
+                f"  pre-split tree ({folders}): classes from the inner folders, pooled and "
+                "re-split (ingest.presplit=pool)"
+            )
+    nested = stats["from_subfolders"]
+    if nested["images"]:
+        listed = ", ".join(f"{c} {n}" for c, n in nested["per_class"].items())
+        lines.append(
+            f"  from sub-folders of class folders (flattened into their class): "
+            f"{nested['images']} images ({listed})"
+        )
+    if stats["empty_classes"]:
+        lines.append(
+            f"  folders without any usable image, not classes: {', '.join(stats['empty_classes'])}"
+        )
+    if stats["links_refused"]:
+        lines.append(
+            f"  symbolic links to outside the source tree, not read: {stats['links_refused']}"
+        )
+    bad = stats.get("bad_lines")
+    if bad and bad["lines"]:
+        shown = ", ".join(map(str, bad["lines"][:20])) + (" ..." if len(bad["lines"]) > 20 else "")
+        lines.append(
+            f"  malformed export lines skipped: {len(bad['lines'])} (line {shown}; "
+            "ingest.on_bad_line=error refuses the export)"
+        )
+    return lines
 
 
 def failure_message(result: IngestResult, skipped_csv: Path, examples: int = 5) -> str:

@@ -67,6 +67,38 @@ def ignored_name(name: str) -> bool:
     return name.startswith(".") or name in ("__MACOSX", "Thumbs.db", "desktop.ini")
 
 
+# -- pre-split trees ------------------------------------------------------------------------
+# Top-level folder names that mean "a subset" rather than "a class" (Keras' and torchvision's
+# tutorials lay data out as <root>/train/<class>/* and <root>/val/<class>/*).
+TRAIN_NAMES = frozenset({"train", "training"})
+VAL_NAMES = frozenset({"val", "valid", "validation", "dev"})
+TEST_NAMES = frozenset({"test", "testing", "eval", "evaluation"})
+SPLIT_NAMES = TRAIN_NAMES | VAL_NAMES | TEST_NAMES
+
+
+def presplit_folders(root: Path) -> dict[str, str] | None:
+    """{top-level folder: "train" | "val" | "test"} when `root` is a pre-split tree, else None.
+
+    A pre-split tree: every top-level folder is named like a subset (case ignored), one of
+    them like train and at least one other like val or test, each holds class folders, and
+    they share at least one class name. A class folder literally named `train` holding images
+    is not mistaken for one: it has no sub-folders.
+    """
+    dirs = _subdirs(root)
+    if len(dirs) < 2 or any(d.name.lower() not in SPLIT_NAMES for d in dirs):
+        return None
+    roles = {}
+    for d in dirs:
+        name = d.name.lower()
+        roles[d.name] = "train" if name in TRAIN_NAMES else "val" if name in VAL_NAMES else "test"
+    if "train" not in roles.values() or set(roles.values()) == {"train"}:
+        return None
+    classes = [{c.name for c in _subdirs(d)} for d in dirs]
+    if not all(classes) or not set.intersection(*classes):
+        return None
+    return roles
+
+
 # -- trees ----------------------------------------------------------------------------------
 def _subdirs(path: Path) -> list[Path]:
     return sorted(p for p in path.iterdir() if p.is_dir() and not ignored_name(p.name))
@@ -267,14 +299,30 @@ def resolve_source(
     return _resolve_local(text, base / path, base)
 
 
-def walk_tree(root: Path) -> Iterator[tuple[Path, bool]]:
-    """Every file under `root` in sorted order as (path, False), and every hidden or system
-    file or folder (`ignored_name`) as (path, True); ignored folders are not entered.
+# Why walk_source did not yield a file as data (ingest reports these; they are never read).
+IGNORED = "ignored"  # hidden file or OS litter (`ignored_name`)
+LINK_OUTSIDE = "link_outside"  # a symbolic link whose target is outside the source tree
+BROKEN_LINK = "broken_link"  # a symbolic link to nothing
 
-    Symlinked folders are followed (users link big data in); loops are cut. Ingest and the
-    fingerprint both walk with this, so they skip the same clutter. (Ingest walks class by
-    class: a class folder linked to another class's folder is read as both.)
+
+def link_outside(path: Path, within: Path) -> bool:
+    """True when `path` is a symbolic link whose target (all links resolved) is not under
+    `within`, which must be resolved already. Only the link is read, never its target."""
+    if not path.is_symlink():
+        return False
+    target = Path(os.path.realpath(path))
+    return target != within and within not in target.parents
+
+
+def walk_source(root: Path, within: Path | None = None) -> Iterator[tuple[Path, str | None]]:
+    """Every file under `root` in sorted order as (path, None), and what is not data as
+    (path, reason): hidden or system files and folders (IGNORED, not entered), and, when
+    `within` is given, links whose target leaves `within` (LINK_OUTSIDE: neither opened
+    nor entered) and broken links (BROKEN_LINK).
+
+    Symlinked folders inside `within` are followed; loops are cut.
     """
+    inside = Path(os.path.realpath(within)) if within is not None else None
     seen: set[tuple[int, int]] = set()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         st = os.stat(dirpath)
@@ -283,16 +331,39 @@ def walk_tree(root: Path) -> Iterator[tuple[Path, bool]]:
             continue
         seen.add((st.st_dev, st.st_ino))
         base = Path(dirpath)
+        kept_dirs = []
         for name in sorted(dirnames):
             if ignored_name(name):
-                yield base / name, True
-        dirnames[:] = sorted(d for d in dirnames if not ignored_name(d))
+                yield base / name, IGNORED
+            elif inside is not None and link_outside(base / name, inside):
+                yield base / name, LINK_OUTSIDE
+            else:
+                kept_dirs.append(name)
+        dirnames[:] = kept_dirs
         for name in sorted(filenames):
             path = base / name
             if ignored_name(name):
-                yield path, True
+                yield path, IGNORED
+            elif inside is not None and link_outside(path, inside):
+                yield path, LINK_OUTSIDE
             elif path.is_file():
-                yield path, False
+                yield path, None
+            elif inside is not None and path.is_symlink():
+                yield path, BROKEN_LINK
+
+
+def walk_tree(root: Path, within: Path | None = None) -> Iterator[tuple[Path, bool]]:
+    """Every file under `root` in sorted order as (path, False), and every hidden or system
+    file or folder (`ignored_name`) as (path, True); ignored folders are not entered. With
+    `within`, links leaving it are left out as well (see `walk_source`).
+
+    Symlinked folders are followed (users link big data in); loops are cut. Ingest and the
+    fingerprint both walk with `walk_source`, so they skip the same clutter and the same
+    links. (Ingest reads a class folder that is a link to another class folder once, as the
+    class it links to.)
+    """
+    for path, reason in walk_source(root, within):
+        yield path, reason is not None
 
 
 def _tree_files(root: Path) -> list[tuple[str, Path]]:
@@ -300,8 +371,8 @@ def _tree_files(root: Path) -> list[tuple[str, Path]]:
     # NFC: macOS spells accented names decomposed; the same data must hash the same.
     return sorted(
         (unicodedata.normalize("NFC", path.relative_to(root).as_posix()), path)
-        for path, ignored in walk_tree(root)
-        if not ignored
+        for path, reason in walk_source(root, root)
+        if reason is None
     )
 
 

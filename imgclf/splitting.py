@@ -5,6 +5,10 @@ Within a class the lowest-scoring images go to test, as many as the class's shar
 the score depends only on the image's content, adding images to a class moves at most the
 few images near the class's cut-off (retrain.py's stability idea, made stratified), and
 renaming a file moves nothing.
+
+A pre-split tree kept as given (ingest.presplit=keep) carries its subsets in the manifest's
+`given_subset` column; `given_subsets` then replaces the stratified assignment, and the split
+summary says so (`"method": "given"`).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 SUBSETS = ("train", "test")
+GIVEN_SUBSET_FIELD = "given_subset"  # ingest.GIVEN_SUBSET_FIELD (ingest imports nothing here)
 
 
 class SplitError(ValueError):
@@ -83,6 +88,40 @@ def assign_subsets(
     return subsets
 
 
+def given_subsets(rows: Sequence[Mapping[str, str]], *, min_per_class: int) -> list[str] | None:
+    """The subsets a kept pre-split tree gave every row, or None when the manifest has none
+    (an older manifest, or any other source). A class without a training image is an error;
+    one without a test image is allowed (`split_summary` lists it)."""
+    if not rows or not any(row.get(GIVEN_SUBSET_FIELD) for row in rows):
+        return None
+    subsets = [row.get(GIVEN_SUBSET_FIELD, "") for row in rows]
+    wrong = sorted({s for s in subsets if s not in SUBSETS})
+    if wrong:
+        raise SplitError(
+            f"the manifest's {GIVEN_SUBSET_FIELD} column holds {', '.join(map(repr, wrong))}; "
+            f"expected {' or '.join(SUBSETS)}. Re-run the ingest stage."
+        )
+    per_class: dict[str, dict[str, int]] = defaultdict(lambda: dict.fromkeys(SUBSETS, 0))
+    for row, subset in zip(rows, subsets, strict=True):
+        per_class[row["class"]][subset] += 1
+    too_small = {c: n["train"] + n["test"] for c, n in per_class.items()}
+    too_small = {c: n for c, n in too_small.items() if n < min_per_class}
+    no_train = sorted(c for c, n in per_class.items() if not n["train"])
+    if too_small or no_train:
+        listing = ", ".join(f"'{c}' has {n}" for c, n in sorted(too_small.items()))
+        problems = [f"class too small: {listing} image(s) (split.min_per_class)"] * bool(too_small)
+        problems += [f"no training image in your train folder for: {', '.join(no_train)}"] * bool(
+            no_train
+        )
+        raise SplitError(
+            "the pre-split tree's own split cannot be used: "
+            + "; ".join(problems)
+            + ". Add images, or pool the folders and let split re-split them "
+            "(dvc exp run -S ingest.presplit=pool)."
+        )
+    return subsets
+
+
 def link_or_copy(src: Path, dst: Path) -> None:
     """Hard-link (free, instant) and fall back to a copy across filesystems."""
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -106,18 +145,31 @@ def write_split_trees(
     return sorted(out_rows, key=lambda r: r["file"])
 
 
-def split_summary(split_rows: Iterable[Mapping[str, str]], test_fraction: float) -> dict:
-    """Per-class counts and the realised test share, for metrics/split.json."""
+def split_summary(
+    split_rows: Iterable[Mapping[str, str]], test_fraction: float, *, given: bool = False
+) -> dict:
+    """Per-class counts and the realised test share, for metrics/split.json.
+
+    `method` is "stratified" (ours), or "given" for a kept pre-split tree; then `given_from`
+    names the user's folders behind each subset (the first component of `origin`) and
+    split.test_fraction and split.seed play no part."""
     counts: dict[str, dict[str, int]] = defaultdict(lambda: dict.fromkeys(SUBSETS, 0))
+    folders: dict[str, set[str]] = defaultdict(set)
     for row in split_rows:
         counts[row["class"]][row["subset"]] += 1
+        folders[row["subset"]].add(row.get("origin", "").split("/")[0])
     train = sum(c["train"] for c in counts.values())
     test = sum(c["test"] for c in counts.values())
-    return {
+    summary: dict = {
+        "method": "given" if given else "stratified",
         "classes": len(counts),
         "train": train,
         "test": test,
-        "test_fraction_target": test_fraction,
+        "test_fraction_target": None if given else test_fraction,
         "test_fraction": round(test / max(train + test, 1), 4),
         "per_class": {name: counts[name] for name in sorted(counts)},
     }
+    if given:
+        summary["given_from"] = {s: sorted(folders[s]) for s in SUBSETS}
+        summary["classes_without_test"] = sorted(c for c, n in counts.items() if not n["test"])
+    return summary

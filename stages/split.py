@@ -7,7 +7,13 @@ from pathlib import Path
 
 from imgclf.config import load_params
 from imgclf.fileio import read_csv, write_csv, write_json
-from imgclf.splitting import SplitError, assign_subsets, split_summary, write_split_trees
+from imgclf.splitting import (
+    SplitError,
+    assign_subsets,
+    given_subsets,
+    split_summary,
+    write_split_trees,
+)
 
 
 def main() -> None:
@@ -17,22 +23,36 @@ def main() -> None:
     if not rows:
         sys.exit(f"split: {paths['manifest']} lists no images; run the ingest stage first.")
     try:
-        subsets = assign_subsets(
-            rows,
-            test_fraction=cfg["test_fraction"],
-            seed=cfg["seed"],
-            min_per_class=cfg["min_per_class"],
-        )
+        subsets = given_subsets(rows, min_per_class=cfg["min_per_class"])
+        given = subsets is not None
+        if subsets is None:
+            subsets = assign_subsets(
+                rows,
+                test_fraction=cfg["test_fraction"],
+                seed=cfg["seed"],
+                min_per_class=cfg["min_per_class"],
+            )
     except SplitError as err:
         sys.exit(f"split: {err}")
     split_dir = Path(paths["split"])
     split_rows = write_split_trees(rows, subsets, Path(paths["images"]), split_dir)
     write_csv(split_dir / "manifest.csv", [*rows[0].keys(), "subset"], split_rows)
-    summary = split_summary(split_rows, cfg["test_fraction"])
+    summary = split_summary(split_rows, cfg["test_fraction"], given=given)
     write_json(Path(paths["metrics"]) / "split.json", summary)
+    how = ""
+    if given:
+        sources = {
+            s: ", ".join(f"{f}/" for f in folders) for s, folders in summary["given_from"].items()
+        }
+        how = (
+            f"; your pre-split tree's split, kept (train from {sources['train']}, test from "
+            f"{sources['test']}; split.test_fraction and split.seed unused)"
+        )
+        if summary["classes_without_test"]:
+            how += f"; no test image for {', '.join(summary['classes_without_test'])}"
     print(
         f"split: {summary['train']} train, {summary['test']} test images "
-        f"in {summary['classes']} classes (test share {summary['test_fraction']:.3f})"
+        f"in {summary['classes']} classes (test share {summary['test_fraction']:.3f}){how}"
     )
 
 

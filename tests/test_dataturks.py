@@ -92,10 +92,14 @@ def test_malformed_line_is_reported_with_its_number(tmp_path):
         ],
     )
     with pytest.raises(DataturksError, match=r"e\.json:3: invalid JSON .*fix or delete that line"):
-        read_export(export)
+        read_export(export, on_bad_line="error")
+    items = read_export(export)  # skip, the default: the good lines are kept
+    assert [(i.line, i.problem) for i in items] == [(1, None), (2, None), (3, "bad_line")]
+    assert items[2].detail.startswith("invalid JSON (") and "annot" in items[2].detail
     write_export(export, [record("a.jpg", {"labels": ["cat"]}), '["not", "an", "object"]'])
     with pytest.raises(DataturksError, match=r"e\.json:2: expected a JSON object"):
-        read_export(export)
+        read_export(export, on_bad_line="error")
+    assert read_export(export)[1].problem == "bad_line"
 
 
 def test_json_array_export(tmp_path):

@@ -199,10 +199,12 @@ def test_unusable_tree_fails_after_writing_reports(tmp_path):
     with pytest.raises(IngestError) as info:
         ingest(tree_source(src), out, options(min_images_per_class=3))
     message = str(info.value)
-    assert "fewer than ingest.min_images_per_class=3 images (empty: 0, small: 2)" in message
+    # The empty folder is not a class: only `small` is too small.
+    assert "fewer than ingest.min_images_per_class=3 images (small: 2)" in message
     assert "small/broken.jpg: truncated" in message
     assert "dvc exp run -S ingest.min_images_per_class=N" in message
     assert read_json(out / "metrics" / "ingest.json")["usable"] is False
+    assert read_json(out / "metrics" / "ingest.json")["empty_classes"] == ["empty"]
     assert skipped(out) == {"small/broken.jpg": "truncated"}
     assert not (out / "data" / "images").exists()
 
@@ -413,11 +415,40 @@ def test_multiple_labels_skip(multi_label_export, tmp_path):
     ]
 
 
-def test_malformed_export_line(tmp_path):
-    export = tmp_path / "bad.json"
-    export.write_text(json.dumps(item("a.jpg", ["x"])) + "\n{oops\n", encoding="utf-8")
-    with pytest.raises(IngestError, match=r"bad\.json:2: invalid JSON"):
-        ingest(export_source(export), tmp_path / "out")
+def test_a_malformed_line_is_skipped_with_its_number_and_the_rest_ingested(tmp_path):
+    folder = tmp_path / "export"
+    make_class_tree(folder / "pics", {"cat": 3, "dog": 3}, seed=4)
+    lines = [
+        json.dumps(item(f"pics/{c}/img_000{i}.jpg", [c])) for c in ("cat", "dog") for i in range(3)
+    ]
+    lines.insert(3, '{"content": "pics/cat/x.jpg", "annot')  # a line cut short
+    lines.append("42")  # valid JSON, not an object
+    export = folder / "bad.json"
+    export.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    out = tmp_path / "out"
+    messages: list[str] = []
+    run_ingest(
+        export_source(export),
+        options(),
+        images_dir=out / "data" / "images",
+        manifest=out / "data" / "manifest.csv",
+        metrics_dir=out / "metrics",
+        log=messages.append,
+    )
+    assert len(manifest(out)) == 6
+    rows = read_csv(out / "metrics" / "ingest_skipped.csv")
+    assert [(r["origin"], r["reason"]) for r in rows] == [
+        ("bad.json:4", "bad_line"),
+        ("bad.json:8", "bad_line"),
+    ]
+    assert rows[0]["detail"].startswith("invalid JSON (")
+    metrics = read_json(out / "metrics" / "ingest.json")
+    assert metrics["bad_lines"] == {"mode": "skip", "lines": [4, 8]}
+    assert metrics["items"] == metrics["images"] + metrics["skipped_total"] == 8
+    assert "malformed export lines skipped: 2 (line 4, 8;" in messages[0]
+
+    with pytest.raises(IngestError, match=r"bad\.json:4: invalid JSON"):
+        ingest(export_source(export), tmp_path / "strict", options(on_bad_line="error"))
 
 
 # ------------------------------------------------------------------------------- real data
@@ -439,7 +470,8 @@ def test_real_classification_export_with_dead_urls(shared_datasets, tmp_path):
     assert len(rows) == 277 and {r["reason"] for r in rows} == {"download_failed"}
     metrics = read_json(out / "metrics" / "ingest.json")
     assert metrics["downloads"] == {"requested": 277, "failed": 277}
-    assert len(metrics["per_class"]) == 4 and not any(metrics["per_class"].values())
+    # Four labels, none with a usable image: no class at all, each one reported.
+    assert metrics["per_class"] == {} and len(metrics["empty_classes"]) == 4
 
 
 def test_real_bbox_export_is_refused_at_once(shared_datasets, tmp_path):
