@@ -25,6 +25,12 @@ from imgclf.images import load_rgb
 _DIGEST = 32  # bytes of sha256 appended to every cache entry
 
 
+def _entry_digest(sha256: str, body: bytes) -> bytes:
+    # The key is hashed with the vector: an entry copied or renamed over another image's entry
+    # fails its check there, like a corrupt one, instead of giving that image its features.
+    return hashlib.sha256(sha256.encode("ascii") + b"\0" + body).digest()
+
+
 @dataclass(frozen=True)
 class ImageItem:
     id: str  # the split manifest's `file`, e.g. "test/roses/1.jpg"
@@ -34,17 +40,20 @@ class ImageItem:
 
 
 class FeatureCache:
-    """One file per image: the float32 vector followed by its own sha256.
+    """One file per image: the float32 vector followed by the sha256 of (image sha256, vector).
 
     Entries are written to a temporary name and renamed, so `kill -9` leaves either no
-    entry or a whole one; the checksum catches anything else (a disk error, a hand edit),
-    and a corrupt entry is treated as missing, hence recomputed.
+    entry or a whole one; the checksum catches anything else (a disk error, a hand edit, an
+    entry of another image copied or moved here), and a bad entry is deleted and treated as
+    missing, hence recomputed; `bad` counts them. Entries written before the checksum covered
+    the key fail it too and are recomputed once.
     """
 
     def __init__(self, root: Path, key: str, dim: int):
         self.dir = Path(root) / key
         self.dim = dim
         self.dir.mkdir(parents=True, exist_ok=True)
+        self.bad = 0  # entries found bad (and deleted) by `get`
 
     def path(self, sha256: str) -> Path:
         return self.dir / sha256[:2] / f"{sha256}.f32"
@@ -55,8 +64,9 @@ class FeatureCache:
         except FileNotFoundError:
             return None
         body, digest = blob[:-_DIGEST], blob[-_DIGEST:]
-        if len(body) != 4 * self.dim or hashlib.sha256(body).digest() != digest:
+        if len(body) != 4 * self.dim or _entry_digest(sha256, body) != digest:
             self.path(sha256).unlink(missing_ok=True)
+            self.bad += 1
             return None
         return np.frombuffer(body, dtype="<f4")
 
@@ -67,7 +77,7 @@ class FeatureCache:
         path = self.path(sha256)
         path.parent.mkdir(exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_bytes(body + hashlib.sha256(body).digest())
+        tmp.write_bytes(body + _entry_digest(sha256, body))
         # No fsync: a killed process cannot tear a rename, and a power loss is what the
         # checksum is for.
         os.replace(tmp, path)
@@ -131,10 +141,12 @@ def fill_cache(
     first_path: dict[str, Path] = {}
     for item in items:
         first_path.setdefault(item.sha256, item.path)
+    bad_before = cache.bad
     todo = cache.missing(sorted(first_path))
     stats = {
         "images": len(items),
         "computed": len(todo),
+        "recomputed_bad": cache.bad - bad_before,  # of `computed`: entries that failed a check
         "cached": len(first_path) - len(todo),
         "seconds": 0.0,
         "images_per_second": 0.0,

@@ -306,12 +306,13 @@ BROKEN_LINK = "broken_link"  # a symbolic link to nothing
 
 
 def link_outside(path: Path, within: Path) -> bool:
-    """True when `path` is a symbolic link whose target (all links resolved) is not under
-    `within`, which must be resolved already. Only the link is read, never its target."""
+    """True when `path` is a symbolic link whose existing target (all links resolved) is not
+    under `within`, which must be resolved already. Only links are read, never the target; a
+    broken link is not "outside" (walk_source reports it as BROKEN_LINK)."""
     if not path.is_symlink():
         return False
     target = Path(os.path.realpath(path))
-    return target != within and within not in target.parents
+    return os.path.lexists(target) and target != within and within not in target.parents
 
 
 def walk_source(root: Path, within: Path | None = None) -> Iterator[tuple[Path, str | None]]:

@@ -88,9 +88,16 @@ def main() -> None:
             "backbone_sha256": stats["backbone_sha256"],
         },
     )
+    bad = stats["recomputed_bad"]
+    recomputed = (
+        f" ({bad} of them because their cache entry was bad: corrupt, truncated, written by an "
+        "older version, or another image's entry)"
+        if bad
+        else ""
+    )
     print(
-        f"bottlenecks: {stats['computed']} computed, {stats['cached']} from the cache "
-        f"({stats['cache_dir']}); {stats['images_per_second']:.1f} images/s"
+        f"bottlenecks: {stats['computed']} computed{recomputed}, {stats['cached']} from the "
+        f"cache ({stats['cache_dir']}); {stats['images_per_second']:.1f} images/s"
     )
 
 

@@ -115,6 +115,34 @@ def test_a_corrupt_entry_is_detected_and_recomputed(tmp_path, damage):
     np.testing.assert_array_equal(gather_features(items, cache), good)
 
 
+@pytest.mark.parametrize("how", ["copied", "renamed"])
+def test_an_entry_moved_over_another_images_entry_is_detected_and_recomputed(tmp_path, how):
+    items = make_items(tmp_path / "img", 3)
+    cache = FeatureCache(tmp_path / "cache", "k", dim=8)
+    fill(items, cache)
+    good = gather_features(items, cache)
+    a, b = cache.path(items[0].sha256), cache.path(items[2].sha256)
+    if how == "copied":
+        b.write_bytes(a.read_bytes())  # a valid entry, but image 0's features
+    else:
+        os.replace(a, b)
+    stats = fill(items, FeatureCache(tmp_path / "cache", "k", dim=8))
+    # Renamed: image 0's entry is missing too, which is not a bad entry.
+    assert stats["computed"] == (1 if how == "copied" else 2)
+    assert stats["recomputed_bad"] == 1
+    np.testing.assert_array_equal(gather_features(items, cache), good)
+
+
+def test_the_stage_says_how_many_bad_entries_it_recomputed(tmp_path):
+    items = make_items(tmp_path / "img", 4)
+    cache = FeatureCache(tmp_path / "cache", "k", dim=8)
+    fill(items, cache)
+    cache.path(items[3].sha256).write_bytes(cache.path(items[1].sha256).read_bytes())
+    cache.path(items[2].sha256).write_bytes(b"garbage")
+    stats = fill(items, FeatureCache(tmp_path / "cache", "k", dim=8))
+    assert (stats["computed"], stats["recomputed_bad"], stats["cached"]) == (2, 2, 2)
+
+
 def test_kill_9_mid_run_then_rerun_finishes_without_recomputing(tmp_path):
     items = make_items(tmp_path / "img", 40)
     cache_root = tmp_path / "cache"

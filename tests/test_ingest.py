@@ -4,21 +4,28 @@ HTTP on 127.0.0.1, the real exports and a sample of the real flower photos."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 import time
 import unicodedata
+from collections import Counter
 from pathlib import Path
 
 import pytest
+import yaml
 
 from imgclf.fileio import read_csv, read_json, sha256_file
-from imgclf.ingest import MANIFEST_FIELDS, IngestError, IngestOptions, run_ingest
+from imgclf.ingest import MANIFEST_FIELDS, IngestError, IngestOptions, format_summary, run_ingest
 from imgclf.labels import ClassNameCollision, class_dir_name, class_dirs, safe_file_name
-from imgclf.sources import ResolvedSource
+from imgclf.sources import ResolvedSource, fingerprint_source
 from tests.helpers import make_class_tree, make_image
 from tests.http_server import LoopbackServer
 from tests.test_dataturks import write_export
 from tests.test_images import exif_rotated_jpeg, png_header_only
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def options(**overrides) -> IngestOptions:
@@ -563,3 +570,194 @@ def test_stage_main(tmp_path, monkeypatch, capsys):
     write_params(project, "../input/flowers", min_images_per_class=4)
     with pytest.raises(SystemExit, match=r"(?s)ingest: error: .*\(roses: 3\)"):
         main()
+
+
+# ------------------------------------------------------------------- awkward trees (issue 10)
+
+
+def presplit_tree(root: Path, subsets: dict[str, int]) -> Path:
+    """The Keras tutorial's layout: <root>/<subset>/{ants,bees}/*.jpg."""
+    for k, (subset, n) in enumerate(subsets.items()):
+        make_class_tree(root / subset, {"ants": n, "bees": n}, seed=10 + k)
+    return root
+
+
+def run_split(workdir: Path, ingested: Path) -> tuple[dict, str]:
+    """The real split stage on what ingest wrote into `ingested`."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["paths"].update(
+        images=str(ingested / "data" / "images"),
+        manifest=str(ingested / "data" / "manifest.csv"),
+        split=str(workdir / "split"),
+        metrics=str(workdir / "metrics"),
+    )
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "params.yaml").write_text(yaml.safe_dump(params))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-m", "stages.split"], cwd=workdir, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    return read_json(workdir / "metrics" / "split.json"), done.stdout
+
+
+def test_a_pre_split_tree_takes_its_classes_inside_and_its_val_folder_is_the_test_set(tmp_path):
+    src = presplit_tree(tmp_path / "hymenoptera_data", {"train": 6, "val": 3})
+    out = tmp_path / "out"
+    messages: list[str] = []
+    run_ingest(
+        tree_source(src),
+        options(),
+        images_dir=out / "data" / "images",
+        manifest=out / "data" / "manifest.csv",
+        metrics_dir=out / "metrics",
+        log=messages.append,
+    )
+    rows = read_csv(out / "data" / "manifest.csv")
+    assert {r["class"] for r in rows} == {"ants", "bees"}  # not {"train", "val"}
+    given = {r["origin"]: r["given_subset"] for r in rows}
+    assert len(given) == 18
+    assert all(v == ("test" if o.startswith("val/") else "train") for o, v in given.items())
+    metrics = read_json(out / "metrics" / "ingest.json")
+    assert metrics["per_class"] == {"ants": 9, "bees": 9}
+    assert metrics["presplit"] == {
+        "mode": "keep",
+        "folders": {"train": "train", "val": "test"},
+        "images": {"train": 12, "test": 6},
+    }
+    assert "pre-split tree (train/ -> train, val/ -> test)" in messages[0]
+
+    split, printed = run_split(tmp_path / "work", out)
+    assert split["method"] == "given"
+    assert split["given_from"] == {"train": ["train"], "test": ["val"]}
+    assert split["per_class"] == {"ants": {"train": 6, "test": 3}, "bees": {"train": 6, "test": 3}}
+    assert "your pre-split tree's split, kept" in printed
+    test_rows = [r for r in read_csv(tmp_path / "work" / "split" / "manifest.csv")]
+    assert {r["origin"].split("/")[0] for r in test_rows if r["subset"] == "test"} == {"val"}
+
+
+def test_pre_split_with_val_and_test_pools_val_into_train(tmp_path):
+    src = presplit_tree(tmp_path / "data", {"train": 5, "validation": 2, "test": 3})
+    out = tmp_path / "out"
+    ingest(tree_source(src), out)
+    rows = read_csv(out / "data" / "manifest.csv")
+    subsets = Counter((r["origin"].split("/")[0], r["given_subset"]) for r in rows)
+    assert subsets == {("train", "train"): 10, ("validation", "train"): 4, ("test", "test"): 6}
+    assert read_json(out / "metrics" / "ingest.json")["presplit"]["folders"] == {
+        "test": "test",
+        "train": "train",
+        "validation": "train",
+    }
+
+
+def test_pre_split_pool_re_splits_with_our_stratified_split(tmp_path):
+    src = presplit_tree(tmp_path / "data", {"train": 6, "val": 4})
+    out = tmp_path / "out"
+    ingest(tree_source(src), out, options(presplit="pool"))
+    rows = read_csv(out / "data" / "manifest.csv")
+    assert tuple(rows[0]) == MANIFEST_FIELDS  # no given_subset: split stratifies as usual
+    assert Counter(r["class"] for r in rows) == {"ants": 10, "bees": 10}
+    assert read_json(out / "metrics" / "ingest.json")["presplit"]["folders"] == {
+        "train": "pooled",
+        "val": "pooled",
+    }
+    split, _ = run_split(tmp_path / "work", out)
+    assert split["method"] == "stratified"
+    assert split["per_class"] == {"ants": {"train": 8, "test": 2}, "bees": {"train": 8, "test": 2}}
+
+
+def test_folders_named_like_subsets_holding_images_are_classes(tmp_path):
+    src = make_class_tree(tmp_path / "src", {"train": 3, "test": 3})  # no inner folders
+    out = tmp_path / "out"
+    ingest(tree_source(src), out)
+    assert read_json(out / "metrics" / "ingest.json")["per_class"] == {"test": 3, "train": 3}
+    assert "presplit" not in read_json(out / "metrics" / "ingest.json")
+
+
+def test_images_from_sub_folders_are_counted_per_class(tmp_path):
+    src = make_class_tree(tmp_path / "src", {"cats": 3, "dogs": 3})
+    make_image(src / "cats" / "2019" / "a.jpg", seed=70)
+    make_image(src / "cats" / "2019" / "deep" / "b.jpg", seed=71)
+    make_image(src / "dogs" / "extra" / "c.jpg", seed=72)
+    out = tmp_path / "out"
+    result = run_ingest(
+        tree_source(src),
+        options(),
+        images_dir=out / "data" / "images",
+        manifest=out / "data" / "manifest.csv",
+        metrics_dir=out / "metrics",
+        log=lambda _: None,
+    )
+    metrics = read_json(out / "metrics" / "ingest.json")
+    assert metrics["from_subfolders"] == {"images": 3, "per_class": {"cats": 2, "dogs": 1}}
+    assert "from sub-folders of class folders (flattened into their class): 3 images (cats 2, " in (
+        format_summary(result)
+    )
+
+
+def test_links_out_of_the_tree_are_refused_unread_and_links_inside_followed(tmp_path):
+    src = make_class_tree(tmp_path / "src", {"cats": 3, "dogs": 3})
+    outside = make_class_tree(tmp_path / "elsewhere", {"birds": 3}, seed=5)
+    (src / "cats" / "outside.jpg").symlink_to(outside / "birds" / "img_0000.jpg")
+    (src / "cats" / "passwd.jpg").symlink_to("/etc/passwd")
+    (src / "cats" / "nothing.jpg").symlink_to(tmp_path / "no-such-file")
+    (src / "birds").symlink_to(outside / "birds", target_is_directory=True)
+    (src / "dogs" / "more").symlink_to(outside / "birds", target_is_directory=True)
+    (src / "dogs" / "inside.jpg").symlink_to(src / "cats" / "img_0002.jpg")  # inside: followed
+    (src / "kittens").symlink_to(src / "cats", target_is_directory=True)  # another class's folder
+    out = tmp_path / "out"
+    result = run_ingest(
+        tree_source(src),
+        options(cross_class_duplicates="keep"),
+        images_dir=out / "data" / "images",
+        manifest=out / "data" / "manifest.csv",
+        metrics_dir=out / "metrics",
+        log=lambda _: None,
+    )
+    assert skipped(out) == {
+        "birds/": "link_outside",
+        "cats/outside.jpg": "link_outside",
+        "cats/passwd.jpg": "link_outside",
+        "cats/nothing.jpg": "broken_link",
+        "dogs/more/": "link_outside",
+        "kittens/": "linked_class",
+    }
+    rows = read_csv(out / "metrics" / "ingest_skipped.csv")
+    assert all("/etc/passwd" not in r["detail"] or "not read" in r["detail"] for r in rows)
+    metrics = read_json(out / "metrics" / "ingest.json")
+    assert metrics["per_class"] == {"cats": 3, "dogs": 4}  # dogs/inside.jpg is read
+    assert metrics["links_refused"] == 4
+    assert metrics["items"] == metrics["images"] + metrics["skipped_total"]
+    assert "symbolic links to outside the source tree, not read: 4" in format_summary(result)
+    # The fingerprint leaves the same links out: data outside the tree never changes it.
+    before = fingerprint_source(tree_source(src))
+    make_image(outside / "birds" / "img_9999.jpg", seed=77)
+    assert fingerprint_source(tree_source(src)) == before
+
+
+def test_an_empty_class_folder_is_reported_not_a_class(tmp_path):
+    src = make_class_tree(tmp_path / "src", {"cats": 3, "dogs": 3})
+    (src / "empty").mkdir()
+    (src / "only_junk").mkdir()
+    (src / "only_junk" / "notes.txt").write_text("no image here\n")
+    out = tmp_path / "out"
+    result = run_ingest(
+        tree_source(src),
+        options(min_images_per_class=3),
+        images_dir=out / "data" / "images",
+        manifest=out / "data" / "manifest.csv",
+        metrics_dir=out / "metrics",
+        log=lambda _: None,
+    )
+    assert result.usable
+    metrics = read_json(out / "metrics" / "ingest.json")
+    assert metrics["per_class"] == {"cats": 3, "dogs": 3}
+    assert metrics["empty_classes"] == ["empty", "only_junk"]
+    assert sorted(p.name for p in (out / "data" / "images").iterdir()) == ["cats", "dogs"]
+    assert "folders without any usable image, not classes: empty, only_junk" in format_summary(
+        result
+    )
+
+    (src / "dogs").rename(tmp_path / "gone")
+    with pytest.raises(IngestError, match=r"1 class\(es\) with images \(cats; without any usable"):
+        ingest(tree_source(src), tmp_path / "out2", options(min_images_per_class=3))
