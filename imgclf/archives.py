@@ -1,9 +1,15 @@
 """Safe, atomic extraction of .tgz/.tar.gz/.tar/.zip archives.
 
 Only regular files and directories are ever written, under names checked to stay inside
-the target: absolute names, '..' components, links and device files are refused. Members
-go to a temporary sibling of the target, renamed into place at the end, so the target
-either does not exist or holds the whole archive.
+the target: absolute names, '..' components, links and device files are refused, and the
+refusal names every such member (the first MAX_NAMED, then a count). Members go to a
+temporary sibling of the target, renamed into place at the end, so the target either does not
+exist or holds the whole archive.
+
+What an archive may write is capped (`ArchiveLimits`: total bytes, and bytes per byte of
+archive): the member whose size crosses a cap is named and nothing stays on disk. The sizes
+checked are the members' declared ones (tar headers, the zip directory), known before a byte
+of the member is written; neither reader writes more than the declared size.
 """
 
 from __future__ import annotations
@@ -17,25 +23,97 @@ import tarfile
 import tempfile
 import zipfile
 import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from tqdm import tqdm
 
 from imgclf.downloads import pid_alive
 
 _CHUNK = 1 << 20
+MAX_NAMED = 10  # unsafe members named in a refusal; the rest are counted
+
+
+@dataclass(frozen=True)
+class ArchiveLimits:
+    """Caps on what one archive may write (params.yaml ingest.max_extracted_bytes and
+    ingest.max_expansion_ratio). The flower archive is 218 MB and writes 1.03 times that."""
+
+    max_bytes: int = 20_000_000_000
+    max_ratio: float = 100.0
+
+    @classmethod
+    def from_params(cls, ingest: Mapping[str, Any]) -> ArchiveLimits:
+        """From the `ingest:` block of params.yaml (missing keys take the defaults)."""
+        return cls(
+            int(ingest.get("max_extracted_bytes", cls.max_bytes)),
+            float(ingest.get("max_expansion_ratio", cls.max_ratio)),
+        )
+
+    def __post_init__(self) -> None:
+        if self.max_bytes <= 0 or self.max_ratio <= 0:
+            raise ValueError(
+                "ingest.max_extracted_bytes and ingest.max_expansion_ratio must be positive, "
+                f"not {self.max_bytes} and {self.max_ratio}"
+            )
 
 
 class UnsafeArchiveError(ValueError):
-    """An archive member would write outside the target, or is a link or device file."""
+    """Archive members would write outside the target, or are links or device files."""
 
-    def __init__(self, archive: Path, member: str, why: str) -> None:
+    def __init__(self, archive: Path, problems: list[tuple[str, str]]) -> None:
+        self.archive = archive
+        self.members = [member for member, _ in problems]
+        self.member = self.members[0]
+        named = "; ".join(f"{member!r} {why}" for member, why in problems[:MAX_NAMED])
+        more = len(problems) - MAX_NAMED
+        if len(problems) == 1:
+            what = f"member {named}"
+        else:
+            what = f"{len(problems)} unsafe members: {named}"
+            what += f"; and {more} more" if more > 0 else ""
+        super().__init__(f"refusing to extract {archive}: {what}; nothing was extracted")
+
+
+class ArchiveTooLarge(ValueError):
+    """Extracting the archive would write more than `ArchiveLimits` allows."""
+
+    def __init__(self, archive: Path, member: str, total: int, cap: str) -> None:
         self.archive = archive
         self.member = member
         super().__init__(
-            f"refusing to extract {archive}: member {member!r} {why}; nothing was extracted"
+            f"refusing to extract {archive}: member {member!r} takes what it would write to "
+            f"{total:,} bytes, above {cap}. It looks like a decompression bomb; the partial "
+            "extraction was removed. If the archive is genuine, raise the cap in params.yaml "
+            "(dvc exp run -S ingest.max_extracted_bytes=N or ingest.max_expansion_ratio=R), "
+            "or extract it yourself and point data.source at the folder"
         )
+
+
+class _Budget:
+    """The bytes an extraction may still write; `take` raises before a cap is crossed."""
+
+    def __init__(self, archive: Path, limits: ArchiveLimits) -> None:
+        self.archive = archive
+        self.size = archive.stat().st_size
+        self.limits = limits
+        self.total = 0
+
+    def take(self, member: str, size: int) -> None:
+        self.total += size
+        ratio_cap = self.limits.max_ratio * max(self.size, 1)
+        if self.total > self.limits.max_bytes:
+            cap = f"ingest.max_extracted_bytes={self.limits.max_bytes:,}"
+        elif self.total > ratio_cap:
+            cap = (
+                f"ingest.max_expansion_ratio={self.limits.max_ratio:g} times the archive's "
+                f"{self.size:,} bytes"
+            )
+        else:
+            return
+        raise ArchiveTooLarge(self.archive, member, self.total, cap)
 
 
 def archive_format(path: Path) -> str | None:
@@ -50,18 +128,29 @@ def archive_format(path: Path) -> str | None:
     return None
 
 
-def _safe_parts(archive: Path, name: str) -> list[str]:
-    """The path components of member `name`, or UnsafeArchiveError."""
+def _name_problem(name: str) -> tuple[list[str], str | None]:
+    """The path components of member `name`, and why it is unsafe (None when it is not)."""
     if "\x00" in name:
-        raise UnsafeArchiveError(archive, name, "has a NUL byte in its name")
+        return [], "has a NUL byte in its name"
     # Backslashes are separators in zips made on Windows: check them as such.
     normal = name.replace("\\", "/")
     if normal.startswith("/") or re.match(r"^[A-Za-z]:", normal):
-        raise UnsafeArchiveError(archive, name, "has an absolute path")
+        return [], "has an absolute path"
     parts = [p for p in normal.split("/") if p not in ("", ".")]
     if ".." in parts:
-        raise UnsafeArchiveError(archive, name, "escapes the target with '..'")
-    return parts
+        return [], "escapes the target with '..'"
+    return parts, None
+
+
+def _tar_problem(member: tarfile.TarInfo) -> str | None:
+    if member.issym() or member.islnk():
+        kind = "a symbolic link" if member.issym() else "a hard link"
+        return f"is {kind} (to {member.linkname!r})"
+    if member.ischr() or member.isblk() or member.isfifo():
+        return "is a device or FIFO"
+    if not (member.isdir() or member.isfile()):
+        return f"has unsupported type {member.type!r}"
+    return None
 
 
 def _write(src: BinaryIO, dest: Path) -> None:
@@ -70,54 +159,61 @@ def _write(src: BinaryIO, dest: Path) -> None:
         shutil.copyfileobj(src, out, _CHUNK)
 
 
-def _extract_tar(archive: Path, root: Path, bar: tqdm) -> None:
-    # Streaming mode ("r|*"): one pass over a compressed archive, members checked one by one;
-    # anything refused midway discards the whole temporary tree.
+def _extract_tar(archive: Path, root: Path, bar: tqdm, budget: _Budget) -> None:
+    # Streaming mode ("r|*"): one pass over a compressed archive, members checked one by one.
+    # After the first unsafe member nothing more is written, but the rest is still read so
+    # that the refusal names every unsafe member; the temporary tree is then discarded.
+    problems: list[tuple[str, str]] = []
     with tarfile.open(archive, "r|*") as tar:
         for member in tar:
-            parts = _safe_parts(archive, member.name)
-            if member.issym() or member.islnk():
-                kind = "a symbolic link" if member.issym() else "a hard link"
-                raise UnsafeArchiveError(
-                    archive, member.name, f"is {kind} (to {member.linkname!r})"
-                )
-            if member.ischr() or member.isblk() or member.isfifo():
-                raise UnsafeArchiveError(archive, member.name, "is a device or FIFO")
-            if not parts:
+            parts, why = _name_problem(member.name)
+            why = why or _tar_problem(member)
+            if why:
+                problems.append((member.name, why))
+            if problems or not parts:
                 continue
             dest = root.joinpath(*parts)
             if member.isdir():
                 dest.mkdir(parents=True, exist_ok=True)
-            elif member.isfile():
+            else:
+                budget.take(member.name, member.size)
                 src = tar.extractfile(member)
                 assert src is not None
                 with src:
                     _write(src, dest)
                 bar.update(1)
-            else:
-                raise UnsafeArchiveError(
-                    archive, member.name, f"has unsupported type {member.type!r}"
-                )
+    if problems:
+        raise UnsafeArchiveError(archive, problems)
 
 
-def _extract_zip(archive: Path, root: Path, bar: tqdm) -> None:
+def _extract_zip(archive: Path, root: Path, bar: tqdm, budget: _Budget) -> None:
     with zipfile.ZipFile(archive) as zf:
         infos = zf.infolist()
-        # A zip has a table of contents: check every member before writing any.
-        checked = []
+        # A zip has a table of contents: check every member (names, types, declared sizes)
+        # before writing any. ZipExtFile never returns more than the declared file_size.
+        checked, problems = [], []
         for info in infos:
-            parts = _safe_parts(archive, info.filename)
+            parts, why = _name_problem(info.filename)
             mode = info.external_attr >> 16  # Unix mode bits, when made on Unix
-            if stat.S_ISLNK(mode):
-                raise UnsafeArchiveError(archive, info.filename, "is a symbolic link")
-            if (
+            if why:
+                pass
+            elif stat.S_ISLNK(mode):
+                why = "is a symbolic link"
+            elif (
                 stat.S_ISCHR(mode)
                 or stat.S_ISBLK(mode)
                 or stat.S_ISFIFO(mode)
                 or stat.S_ISSOCK(mode)
             ):
-                raise UnsafeArchiveError(archive, info.filename, "is a device or FIFO")
+                why = "is a device or FIFO"
+            if why:
+                problems.append((info.filename, why))
             checked.append((info, parts))
+        if problems:
+            raise UnsafeArchiveError(archive, problems)
+        for info, parts in checked:
+            if parts and not info.is_dir():
+                budget.take(info.filename, info.file_size)
         bar.reset(total=sum(not info.is_dir() for info in infos))
         for info, parts in checked:
             if not parts:
@@ -143,11 +239,12 @@ def _clean_stale(target: Path) -> None:
             shutil.rmtree(entry, ignore_errors=True)
 
 
-def extract_archive(archive: Path, target: Path) -> Path:
+def extract_archive(archive: Path, target: Path, limits: ArchiveLimits | None = None) -> Path:
     """Extract a .tgz/.tar.gz/.tar/.zip (recognised by content) into `target`, which must
     not exist yet (an empty directory is accepted). Returns `target`. The archive is only
-    read. Raises UnsafeArchiveError naming the first unsafe member, ValueError when the
-    file is not an archive, FileExistsError when `target` is already populated."""
+    read. Raises UnsafeArchiveError naming the unsafe members, ArchiveTooLarge when `limits`
+    (default: `ArchiveLimits()`) would be crossed, ValueError when the file is not an
+    archive, FileExistsError when `target` is already populated."""
     archive, target = Path(archive), Path(target)
     if not archive.is_file():
         raise FileNotFoundError(f"archive not found: {archive}")
@@ -171,10 +268,11 @@ def extract_archive(archive: Path, target: Path) -> Path:
             desc=f"extract {archive.name}", unit="file", file=sys.stderr, mininterval=0.5
         ) as bar:
             try:
+                budget = _Budget(archive, limits or ArchiveLimits())
                 if fmt == "zip":
-                    _extract_zip(archive, tmp, bar)
+                    _extract_zip(archive, tmp, bar, budget)
                 else:
-                    _extract_tar(archive, tmp, bar)
+                    _extract_tar(archive, tmp, bar, budget)
             except (tarfile.TarError, zipfile.BadZipFile, zlib.error, EOFError) as e:
                 raise ValueError(f"{archive} is damaged or truncated: {e}") from e
         os.rename(tmp, target)

@@ -35,6 +35,7 @@ from typing import Any
 from tqdm import tqdm
 
 from imgclf import dataturks
+from imgclf.archives import ArchiveLimits
 from imgclf.downloads import download_many
 from imgclf.fileio import sha256_file, write_csv, write_json
 from imgclf.images import DEFAULT_MAX_PIXELS, FORMAT_EXTENSIONS, BadImage, inspect_image
@@ -77,6 +78,8 @@ class IngestOptions:
     download_retries: int = 2
     presplit: str = "keep"
     on_bad_line: str = "skip"
+    max_extracted_bytes: int = ArchiveLimits.max_bytes
+    max_expansion_ratio: float = ArchiveLimits.max_ratio
 
     def __post_init__(self) -> None:
         for key, value, modes in (
@@ -104,6 +107,10 @@ class IngestOptions:
         """From the `ingest:` block of params.yaml (missing keys take the defaults)."""
         download = ingest.get("download") or {}
         defaults = cls()
+        try:
+            limits = ArchiveLimits.from_params(ingest)
+        except ValueError as e:
+            raise IngestError(str(e)) from None
         return cls(
             on_multiple_labels=str(ingest.get("on_multiple_labels", defaults.on_multiple_labels)),
             cross_class_duplicates=str(
@@ -118,7 +125,16 @@ class IngestOptions:
             download_retries=int(download.get("retries", defaults.download_retries)),
             presplit=str(ingest.get("presplit", defaults.presplit)),
             on_bad_line=str(ingest.get("on_bad_line", defaults.on_bad_line)),
+            max_extracted_bytes=limits.max_bytes,
+            max_expansion_ratio=limits.max_ratio,
         )
+
+    @property
+    def archive_limits(self) -> ArchiveLimits:
+        try:
+            return ArchiveLimits(self.max_extracted_bytes, self.max_expansion_ratio)
+        except ValueError as e:
+            raise IngestError(str(e)) from None
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from imgclf.archives import archive_format, extract_archive
+from imgclf.archives import ArchiveLimits, ArchiveTooLarge, archive_format, extract_archive
 from imgclf.config import cache_dir, repo_root
 from imgclf.downloads import DownloadError, download_file, url_file_name
 from imgclf.fileio import sha256_file
@@ -156,7 +156,7 @@ def _is_export_line(line: str | None) -> bool:
 
 
 # -- archives -------------------------------------------------------------------------------
-def _extracted(archive: Path) -> Path:
+def _extracted(archive: Path, limits: ArchiveLimits | None = None) -> Path:
     """Extract once per archive content into the user cache; reuse a complete extraction."""
     digest = sha256_file(archive)
     target = cache_dir("extracted") / digest
@@ -166,7 +166,7 @@ def _extracted(archive: Path) -> Path:
     if target.exists():  # ours, and incomplete (killed between rename and marker): redo
         shutil.rmtree(target)
     try:
-        extract_archive(archive, target)
+        extract_archive(archive, target, limits)
     except (FileExistsError, OSError):
         if marker.is_file():  # a parallel run extracted it first
             return target
@@ -175,10 +175,14 @@ def _extracted(archive: Path) -> Path:
     return target
 
 
-def _resolve_file(source: str, file: Path, origin: str, name: str) -> ResolvedSource:
+def _resolve_file(
+    source: str, file: Path, origin: str, name: str, limits: ArchiveLimits | None = None
+) -> ResolvedSource:
     if archive_format(file) is not None:
         try:
-            root = _extracted(file)
+            root = _extracted(file, limits)
+        except ArchiveTooLarge as e:
+            raise SourceUnavailable(f"data.source {source!r}: {e}.") from None
         except ValueError as e:  # includes UnsafeArchiveError
             raise SourceUnavailable(f"data.source {source!r}: {e}. Expected {_EXPECTED}.") from e
         return _tree(source, root, f"{origin} (extracted)")
@@ -198,7 +202,9 @@ def _resolve_file(source: str, file: Path, origin: str, name: str) -> ResolvedSo
     )
 
 
-def _resolve_local(source: str, path: Path, relative_to: Path | None) -> ResolvedSource:
+def _resolve_local(
+    source: str, path: Path, relative_to: Path | None, limits: ArchiveLimits | None = None
+) -> ResolvedSource:
     if not path.exists():
         where = f" (relative to {relative_to})" if relative_to is not None else ""
         raise SourceUnavailable(
@@ -207,7 +213,7 @@ def _resolve_local(source: str, path: Path, relative_to: Path | None) -> Resolve
         )
     if path.is_dir():
         return _tree(source, path, str(path))
-    return _resolve_file(source, path, str(path), path.name)
+    return _resolve_file(source, path, str(path), path.name, limits)
 
 
 # -- URLs -----------------------------------------------------------------------------------
@@ -224,7 +230,7 @@ def _display(path: Path) -> str:
         return str(path)
 
 
-def keras_cached_flowers(source: str) -> ResolvedSource | None:
+def keras_cached_flowers(source: str, limits: ArchiveLimits | None = None) -> ResolvedSource | None:
     """flower_photos as keras.utils.get_file left it, in any of its layouts (Keras 2 and 3,
     untar= or extract=), or None."""
     datasets = keras_datasets_dir()
@@ -239,7 +245,8 @@ def keras_cached_flowers(source: str) -> ResolvedSource | None:
         archive = datasets / name
         if archive.is_file() and archive_format(archive) is not None:
             try:
-                return _tree(source, _extracted(archive), f"Keras cache {_display(archive)}")
+                root = _extracted(archive, limits)
+                return _tree(source, root, f"Keras cache {_display(archive)}")
             except (ValueError, SourceUnavailable) as e:  # a truncated Keras download
                 print(f"warning: ignoring {archive}: {e}", file=sys.stderr)
     return None
@@ -261,24 +268,32 @@ def offline_message(url: str, reason: str, network: bool = True) -> str:
     )
 
 
-def _resolve_url(source: str, url: str, timeout_s: float, retries: int) -> ResolvedSource:
+def _resolve_url(
+    source: str, url: str, timeout_s: float, retries: int, limits: ArchiveLimits | None
+) -> ResolvedSource:
     name = url_file_name(url)
     if name == FLOWERS_ARCHIVE:
-        cached = keras_cached_flowers(source)
+        cached = keras_cached_flowers(source, limits)
         if cached is not None:
             return cached
     try:
         file = download_file(url, timeout_s=timeout_s, retries=retries)
     except DownloadError as e:
         raise SourceUnavailable(offline_message(url, e.reason, e.network)) from None
-    return _resolve_file(source, file, url, name)
+    return _resolve_file(source, file, url, name, limits)
 
 
 # -- public API -----------------------------------------------------------------------------
 def resolve_source(
-    source: str, *, base_dir: Path | None = None, timeout_s: float = 60, retries: int = 2
+    source: str,
+    *,
+    base_dir: Path | None = None,
+    timeout_s: float = 60,
+    retries: int = 2,
+    limits: ArchiveLimits | None = None,
 ) -> ResolvedSource:
-    """Make data.source available locally and say what it is; raises SourceUnavailable."""
+    """Make data.source available locally and say what it is; raises SourceUnavailable.
+    An archive is extracted within `limits` (default `ArchiveLimits()`)."""
     text = str(source).strip() if source is not None else ""
     if not text:
         raise SourceUnavailable(
@@ -287,16 +302,16 @@ def resolve_source(
     parts = urllib.parse.urlsplit(text)
     scheme = parts.scheme.lower()
     if scheme in ("http", "https"):
-        return _resolve_url(text, text, timeout_s, retries)
+        return _resolve_url(text, text, timeout_s, retries, limits)
     if scheme == "file":
-        return _resolve_local(text, Path(urllib.request.url2pathname(parts.path)), None)
+        return _resolve_local(text, Path(urllib.request.url2pathname(parts.path)), None, limits)
     path = Path(text).expanduser()
     if path.is_absolute():
-        return _resolve_local(text, path, None)
+        return _resolve_local(text, path, None, limits)
     # Relative to the ORIGINAL repo root, so `dvc exp run --temp/--queue` (which run in a copy
     # under .dvc/tmp/exps) read the same folder as `dvc repro`.
     base = Path(base_dir) if base_dir is not None else repo_root()
-    return _resolve_local(text, base / path, base)
+    return _resolve_local(text, base / path, base, limits)
 
 
 # Why walk_source did not yield a file as data (ingest reports these; they are never read).

@@ -23,6 +23,7 @@ def main() -> None:
             params["data"]["source"],
             timeout_s=float(download.get("timeout_s", 60)),
             retries=int(download.get("retries", 2)),
+            limits=options.archive_limits,
         )
         run_ingest(
             source,

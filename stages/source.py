@@ -10,14 +10,17 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from imgclf.archives import ArchiveLimits
 from imgclf.config import load_params
 from imgclf.fileio import write_json
 from imgclf.sources import SourceUnavailable, fingerprint_source, resolve_source
 
 
-def write_source_info(source: str, out: Path, *, base_dir: Path | None = None) -> dict:
+def write_source_info(
+    source: str, out: Path, *, base_dir: Path | None = None, limits: ArchiveLimits | None = None
+) -> dict:
     """Resolve and fingerprint `source`, write the stage output, and return what was written."""
-    resolved = resolve_source(source, base_dir=base_dir)
+    resolved = resolve_source(source, base_dir=base_dir, limits=limits)
     fingerprint = fingerprint_source(resolved)
     info = {"source": resolved.source, "kind": resolved.kind, "fingerprint": fingerprint}
     write_json(out, info)
@@ -32,7 +35,13 @@ def write_source_info(source: str, out: Path, *, base_dir: Path | None = None) -
 def main() -> None:
     params = load_params()
     try:
-        write_source_info(str(params["data"]["source"]), Path(params["paths"]["source_info"]))
+        limits = ArchiveLimits.from_params(params.get("ingest") or {})
+    except ValueError as e:
+        sys.exit(f"source: params.yaml: {e}")
+    try:
+        write_source_info(
+            str(params["data"]["source"]), Path(params["paths"]["source_info"]), limits=limits
+        )
     except SourceUnavailable as e:
         # The message says what to do; a traceback would only bury it.
         print(e, file=sys.stderr)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -13,7 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from imgclf.archives import UnsafeArchiveError, archive_format, extract_archive
+from imgclf.archives import (
+    ArchiveLimits,
+    ArchiveTooLarge,
+    UnsafeArchiveError,
+    archive_format,
+    extract_archive,
+)
 from imgclf.fileio import sha256_file
 from tests.helpers import make_class_tree
 
@@ -175,3 +182,103 @@ def test_not_an_archive_and_truncated_archive(tmp_path, flowers):
     with pytest.raises(ValueError, match="damaged or truncated"):
         extract_archive(cut, tmp_path / "out")
     _assert_nothing_written(tmp_path, tmp_path / "out")
+
+
+# --------------------------------------------------------------------- size caps (issue 10)
+
+
+class _Zeros(io.RawIOBase):
+    """`size` zero bytes, streamed: a bomb member without holding it in memory."""
+
+    def __init__(self, size: int) -> None:
+        self.left = size
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        n = min(len(buffer), self.left)
+        buffer[:n] = bytes(n)
+        self.left -= n
+        return n
+
+
+def _zip_bomb(path: Path, size: int) -> Path:
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("flower_photos/daisy/1.jpg", b"a small good member")
+        with zf.open("flower_photos/daisy/zeros.jpg", "w", force_zip64=True) as out:
+            shutil.copyfileobj(_Zeros(size), out, 1 << 20)
+    return path
+
+
+def _tar_bomb(path: Path, size: int) -> Path:
+    with tarfile.open(path, "w:gz") as tar:
+        for name, data in [("flower_photos/daisy/1.jpg", b"a small good member")]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        info = tarfile.TarInfo("flower_photos/daisy/zeros.jpg")
+        info.size = size
+        tar.addfile(info, _Zeros(size))
+    return path
+
+
+@pytest.mark.parametrize("make", [_zip_bomb, _tar_bomb])
+def test_an_expanding_archive_is_stopped_at_the_ratio_cap(tmp_path, make):
+    archive = make(tmp_path / ("bomb.zip" if make is _zip_bomb else "bomb.tgz"), 64 << 20)
+    assert archive.stat().st_size < 200_000  # 64 MiB of zeros in well under 1% of that
+    target = tmp_path / "out"
+    with pytest.raises(ArchiveTooLarge, match=r"ingest\.max_expansion_ratio=100 times") as e:
+        extract_archive(archive, target)
+    assert e.value.member == "flower_photos/daisy/zeros.jpg"
+    assert "'flower_photos/daisy/zeros.jpg'" in str(e.value)
+    _assert_nothing_written(tmp_path, target)
+    # A cap on the total bytes stops it too, whatever the ratio.
+    with pytest.raises(ArchiveTooLarge, match=r"ingest.max_extracted_bytes=1,000,000\b"):
+        extract_archive(archive, target, ArchiveLimits(max_bytes=1_000_000, max_ratio=1e6))
+    _assert_nothing_written(tmp_path, target)
+    # Raised caps let the same archive through.
+    extract_archive(archive, target, ArchiveLimits(max_bytes=1 << 30, max_ratio=1e6))
+    assert (target / "flower_photos" / "daisy" / "zeros.jpg").stat().st_size == 64 << 20
+
+
+def test_real_images_pass_the_default_caps(tmp_path, flowers):
+    archive = tmp_path / "flower_photos.tgz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(flowers, arcname="flower_photos")
+    extract_archive(archive, tmp_path / "out")
+    assert _tree_bytes(tmp_path / "out" / "flower_photos") == _tree_bytes(flowers)
+
+
+def test_a_bomb_as_data_source_is_one_paragraph_and_leaves_no_extraction(tmp_path):
+    from imgclf.config import cache_dir
+    from imgclf.sources import SourceUnavailable, resolve_source
+
+    archive = _zip_bomb(tmp_path / "bomb.zip", 32 << 20)
+    with pytest.raises(SourceUnavailable, match="decompression bomb; the partial extraction was"):
+        resolve_source(str(archive))
+    extracted = cache_dir("extracted")
+    assert not extracted.exists() or not any(extracted.iterdir())
+
+
+def test_every_unsafe_member_is_named(tmp_path):
+    members = [_file("flower_photos/daisy/1.jpg")]
+    members += [_file(f"../evil_{i}.txt") for i in range(12)]
+    members += [_link("flower_photos/evil_link", "/etc/passwd", tarfile.SYMTYPE)]
+    archive = _tar(tmp_path / "hostile.tgz", members)
+    with pytest.raises(UnsafeArchiveError, match="13 unsafe members") as e:
+        extract_archive(archive, tmp_path / "out")
+    message = str(e.value)
+    assert "'../evil_0.txt' escapes" in message and "'../evil_9.txt' escapes" in message
+    assert "and 3 more" in message  # ten named, the rest counted
+    assert len(e.value.members) == 13 and e.value.members[-1] == "flower_photos/evil_link"
+    _assert_nothing_written(tmp_path, tmp_path / "out")
+
+    archive = tmp_path / "hostile.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("flower_photos/daisy/1.jpg", b"ok")
+        zf.writestr(zipfile.ZipInfo("../a.txt"), b"evil")
+        zf.writestr(zipfile.ZipInfo("/b.txt"), b"evil")
+    with pytest.raises(UnsafeArchiveError, match=r"2 unsafe members: '\.\./a\.txt' escapes") as e:
+        extract_archive(archive, tmp_path / "out")
+    assert "'/b.txt' has an absolute path" in str(e.value)
