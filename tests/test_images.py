@@ -154,3 +154,17 @@ def test_decompression_bombs(tmp_path):
     assert bad_reason(solid, max_pixels=9_000) == "too_large"
     assert bad_reason(solid, max_pixels=1_000) == "too_large"
     assert inspect_image(solid, max_pixels=10_000) == ImageInfo(100, 100, "PNG")
+
+
+@pytest.mark.parametrize("max_pixels", [89_478_485, 9_000, 1_000])
+def test_a_decompression_bomb_skip_quotes_ingest_max_image_pixels(tmp_path, max_pixels):
+    big = png_header_only(tmp_path / "bomb.png", 100_000, 100_000)
+    small = make_image(tmp_path / "solid.png", size=(100, 100))
+    path = big if max_pixels == 89_478_485 else small
+    with pytest.raises(BadImage) as e:
+        inspect_image(path, max_pixels)
+    assert e.value.reason == "too_large"
+    assert f"ingest.max_image_pixels={max_pixels}" in e.value.detail
+    assert str(2 * max_pixels) not in e.value.detail  # Pillow's own threshold
+    pixels = 100_000 * 100_000 if path is big else 10_000
+    assert e.value.detail.startswith(f"{pixels} pixels > ")
