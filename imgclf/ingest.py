@@ -7,11 +7,17 @@ Nothing is ever dropped silently: every item that does not end up in data/images
 metrics/ingest_skipped.csv with a reason code:
   - from images.inspect_image: not_an_image, unsupported_format, corrupt, truncated,
     empty_file, too_large (decompression bomb), unreadable;
-  - from the source: ignored (hidden files and OS litter), missing_file, download_failed,
-    unlabelled, skipped (by the annotator), bad_item, bad_label, multiple_labels;
+  - from the source: ignored (hidden files and OS litter), link_outside (a symbolic link out
+    of the source tree: never opened), broken_link, linked_class (a class folder linking to
+    another class folder), missing_file, download_failed, unlabelled, skipped (by the
+    annotator), bad_item, bad_label, bad_line (a malformed export line), multiple_labels;
   - duplicate: same bytes twice in one class; the copy with the smallest name is kept;
   - cross_class_duplicate: same bytes under several classes; dropped from all of them unless
     ingest.cross_class_duplicates is "keep" (then kept once in each).
+
+A class folder (or label) left without any usable image is not a class: it is listed in
+`stats["empty_classes"]`, not failed on. Images found in sub-folders of a class folder are
+counted per class (`stats["from_subfolders"]`). `items` = images + skipped, always.
 
 Output names are the original base names made safe (labels.safe_file_name); when different
 files of one class would get the same name (ignoring case), each of them gets "_<sha256[:10]>"

@@ -3,7 +3,8 @@ Dataturks export on local disk, downloading and extracting into the user cache a
 
 data.source may be
 - a folder `<class>/<image files>` (a lone wrapper folder, as in flower_photos.tgz, is
-  unwrapped);
+  unwrapped), or a pre-split one, `<train|val|test>/<class>/<image files>`
+  (`presplit_folders`);
 - a .tgz/.tar.gz/.tar/.zip of such a folder, as a path or an http(s) URL: downloaded once
   into cache_dir("downloads"), extracted once into cache_dir("extracted", <sha256>);
 - a Dataturks image-classification export (JSON Lines whose first line has "content"),
