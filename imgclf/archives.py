@@ -23,11 +23,12 @@ from typing import BinaryIO
 from tqdm import tqdm
 
 from imgclf.downloads import pid_alive
+from imgclf.errors import UserError
 
 _CHUNK = 1 << 20
 
 
-class UnsafeArchiveError(ValueError):
+class UnsafeArchiveError(UserError, ValueError):
     """An archive member would write outside the target, or is a link or device file."""
 
     def __init__(self, archive: Path, member: str, why: str) -> None:

@@ -39,6 +39,7 @@ from urllib3.exceptions import (
 from urllib3.util.retry import Retry
 
 from imgclf.config import cache_dir
+from imgclf.errors import UserError
 
 USER_AGENT = "tf-or-keras-imgclf/0.1 (urllib3)"
 # urllib3's exponential backoff: about BACKOFF_S * 2**n (plus up to BACKOFF_S of jitter),
@@ -62,7 +63,7 @@ def _pool(connections: int) -> PoolManager:
     )
 
 
-class DownloadError(RuntimeError):
+class DownloadError(UserError, RuntimeError):
     """A download failed for good. `network` is True when the host could not be reached
     at all (DNS failure, connection refused, timeout): the machine may be offline."""
 
@@ -248,10 +249,11 @@ def _with_attempts(reason: str, attempts: int) -> str:
 
 
 class _Failure(Exception):
-    def __init__(self, message: str, *, network: bool = False) -> None:
+    def __init__(self, message: str, *, network: bool = False, no_host: bool = False) -> None:
         super().__init__(message)
         self.message = message
         self.network = network
+        self.no_host = no_host  # the host name does not resolve (true of all its URLs)
 
 
 class _Incomplete(Exception):
@@ -285,8 +287,11 @@ def _fetch(
             )
         except MaxRetryError as e:
             reason, network = _reason(e, url, timeout_s)
+            no_host = isinstance(e.reason, NameResolutionError)
             raise _Failure(
-                _with_attempts(reason, getattr(e, "attempts", 1)), network=network
+                _with_attempts(reason, getattr(e, "attempts", 1)),
+                network=network,
+                no_host=no_host,
             ) from None
         except Exception as e:
             reason, network = _reason(e, url, timeout_s)
@@ -386,12 +391,21 @@ def download_many(
             todo.append(url)
 
     pool = _pool(workers)
+    # Hosts whose name did not resolve: their other URLs fail with the same answer at once
+    # (an export of 277 images on one dead host, offline, is then one lookup, not 277
+    # concurrent ones that the resolver serialises).
+    no_host: dict[str, str] = {}
 
     def one(url: str) -> DownloadResult:
+        host = urllib.parse.urlsplit(url).hostname or ""
+        if host in no_host:
+            return DownloadResult(url, None, no_host[host])
         dest = cached_path(url, cache)
         try:
             _fetch(url, dest, timeout_s=timeout_s, retries=retries, pool=pool)
         except _Failure as failure:
+            if failure.no_host:
+                no_host.setdefault(host, failure.message)
             return DownloadResult(url, None, failure.message)
         except Exception as e:  # a disk error, say: reported with the URL, never raised
             return DownloadResult(url, None, _one_line(f"{type(e).__name__}: {e}"))

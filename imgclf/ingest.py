@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 from imgclf import dataturks
 from imgclf.downloads import download_many
+from imgclf.errors import UserError
 from imgclf.fileio import sha256_file, write_csv, write_json
 from imgclf.images import DEFAULT_MAX_PIXELS, FORMAT_EXTENSIONS, BadImage, inspect_image
 from imgclf.labels import ClassNameCollision, class_dirs, normalize_label, safe_file_name
@@ -48,7 +49,7 @@ MULTIPLE_LABEL_MODES = ("error", "first", "skip")
 CROSS_CLASS_MODES = ("drop", "keep")
 
 
-class IngestError(RuntimeError):
+class IngestError(UserError, RuntimeError):
     """The input cannot make a usable image set; the message says why and what to do."""
 
 

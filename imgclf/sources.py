@@ -30,6 +30,7 @@ from pathlib import Path
 from imgclf.archives import archive_format, extract_archive
 from imgclf.config import cache_dir, repo_root
 from imgclf.downloads import DownloadError, download_file, url_file_name
+from imgclf.errors import UserError
 from imgclf.fileio import sha256_file
 
 DEFAULT_SOURCE = (
@@ -49,7 +50,7 @@ _HOW = (
 )
 
 
-class SourceUnavailable(RuntimeError):
+class SourceUnavailable(UserError, RuntimeError):
     """data.source cannot be downloaded, found or understood; the message is one paragraph
     saying what to do."""
 

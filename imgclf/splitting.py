@@ -16,10 +16,12 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
+from imgclf.errors import UserError
+
 SUBSETS = ("train", "test")
 
 
-class SplitError(ValueError):
+class SplitError(UserError, ValueError):
     """The images cannot be split as asked (a class too small, a bad fraction...)."""
 
 

@@ -15,6 +15,7 @@ import imgclf.quiet_tf  # noqa: F401  (first: TensorFlow without its start-up no
 from imgclf.config import load_params
 from imgclf.fileio import write_json
 from imgclf.inception import TF2015_REQUIREMENT, WEIGHTS_FILE, build_backbone, save_backbone
+from imgclf.stage import stage_main
 
 
 def run_backbone(
@@ -44,6 +45,7 @@ def run_backbone(
     return metrics
 
 
+@stage_main
 def main() -> None:
     params = load_params()
     run_backbone(

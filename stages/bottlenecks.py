@@ -17,6 +17,7 @@ from imgclf.features import (
 from imgclf.fileio import read_csv, write_json
 from imgclf.inception import load_backbone, read_backbone_info
 from imgclf.splitting import SUBSETS
+from imgclf.stage import stage_main
 
 
 def split_items(split_dir: Path) -> tuple[list[str], dict[str, list[ImageItem]]]:
@@ -69,6 +70,7 @@ def run_bottlenecks(
     }
 
 
+@stage_main
 def main() -> None:
     params = load_params()
     paths, cfg = params["paths"], params["bottlenecks"]

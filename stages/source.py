@@ -12,7 +12,8 @@ from pathlib import Path
 
 from imgclf.config import load_params
 from imgclf.fileio import write_json
-from imgclf.sources import SourceUnavailable, fingerprint_source, resolve_source
+from imgclf.sources import fingerprint_source, resolve_source
+from imgclf.stage import stage_main
 
 
 def write_source_info(source: str, out: Path, *, base_dir: Path | None = None) -> dict:
@@ -29,14 +30,10 @@ def write_source_info(source: str, out: Path, *, base_dir: Path | None = None) -
     return info
 
 
+@stage_main
 def main() -> None:
     params = load_params()
-    try:
-        write_source_info(str(params["data"]["source"]), Path(params["paths"]["source_info"]))
-    except SourceUnavailable as e:
-        # The message says what to do; a traceback would only bury it.
-        print(e, file=sys.stderr)
-        sys.exit(1)
+    write_source_info(str(params["data"]["source"]), Path(params["paths"]["source_info"]))
 
 
 if __name__ == "__main__":

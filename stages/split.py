@@ -2,29 +2,27 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 from imgclf.config import load_params
 from imgclf.fileio import read_csv, write_csv, write_json
 from imgclf.splitting import SplitError, assign_subsets, split_summary, write_split_trees
+from imgclf.stage import stage_main
 
 
+@stage_main
 def main() -> None:
     params = load_params()
     paths, cfg = params["paths"], params["split"]
     rows = read_csv(paths["manifest"])
     if not rows:
-        sys.exit(f"split: {paths['manifest']} lists no images; run the ingest stage first.")
-    try:
-        subsets = assign_subsets(
-            rows,
-            test_fraction=cfg["test_fraction"],
-            seed=cfg["seed"],
-            min_per_class=cfg["min_per_class"],
-        )
-    except SplitError as err:
-        sys.exit(f"split: {err}")
+        raise SplitError(f"{paths['manifest']} lists no images; run the ingest stage first.")
+    subsets = assign_subsets(
+        rows,
+        test_fraction=cfg["test_fraction"],
+        seed=cfg["seed"],
+        min_per_class=cfg["min_per_class"],
+    )
     split_dir = Path(paths["split"])
     split_rows = write_split_trees(rows, subsets, Path(paths["images"]), split_dir)
     write_csv(split_dir / "manifest.csv", [*rows[0].keys(), "subset"], split_rows)

@@ -5,8 +5,10 @@ from __future__ import annotations
 from imgclf.config import load_params
 from imgclf.heads.common import train_and_save_head
 from imgclf.heads.sklearn_head import count_parameters, save_sklearn_head, train_sklearn_head
+from imgclf.stage import stage_main
 
 
+@stage_main
 def main() -> None:
     params = load_params()
     hp = params["train_sklearn"]

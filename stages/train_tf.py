@@ -6,8 +6,10 @@ import imgclf.quiet_tf  # noqa: F401  (first: TensorFlow without its start-up no
 from imgclf.config import load_params
 from imgclf.heads.common import train_and_save_head
 from imgclf.heads.tf_head import count_parameters, save_tf_head, train_tf_head
+from imgclf.stage import stage_main
 
 
+@stage_main
 def main() -> None:
     params = load_params()
     hp = params["train_tf"]
