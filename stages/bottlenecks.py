@@ -16,6 +16,7 @@ from imgclf.features import (
 )
 from imgclf.fileio import read_csv, write_json
 from imgclf.inception import load_backbone, read_backbone_info
+from imgclf.params import Bottlenecks
 from imgclf.splitting import SUBSETS
 from imgclf.stage import stage_main
 
@@ -73,20 +74,20 @@ def run_bottlenecks(
 @stage_main
 def main() -> None:
     params = load_params()
-    paths, cfg = params["paths"], params["bottlenecks"]
+    paths, cfg = params["paths"], Bottlenecks.from_params(params)
     stats = run_bottlenecks(
         split_dir=Path(paths["split"]),
         backbone_dir=Path(paths["backbone"]),
         out_dir=Path(paths["bottlenecks"]),
-        precision=cfg["precision"],
-        batch_size=cfg["batch_size"],
+        precision=cfg.precision,
+        batch_size=cfg.batch_size,
     )
     write_json(
         Path(paths["metrics"]) / "bottlenecks.json",
         {
             "images": stats["images"],
             "feature_dim": stats["feature_dim"],
-            "precision": cfg["precision"],
+            "precision": cfg.precision,
             "backbone_sha256": stats["backbone_sha256"],
         },
     )

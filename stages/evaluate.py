@@ -22,6 +22,7 @@ from imgclf.errors import StageFailed
 from imgclf.evaluation import HeadResult, PairedTest, all_pairs, evaluate_head
 from imgclf.heads import HEADS, load_predictor, model_dir
 from imgclf.heads.common import Bottlenecks, load_bottlenecks
+from imgclf.params import Evaluate
 from imgclf.reports import (
     ReportSummary,
     display_name,
@@ -145,14 +146,14 @@ def run(
 def main() -> None:
     params = load_params()
     paths = params["paths"]
-    hp = params["evaluate"]
+    hp = Evaluate.from_params(params)
     run(
         bottleneck_dir=paths["bottlenecks"],
         models_dir=paths["models"],
         metrics_dir=paths["metrics"],
         split_dir=paths["split"],
-        min_accuracy=float(hp["min_accuracy"]),
-        sheet_max=int(hp["misclassified_sheet_max"]),
+        min_accuracy=hp.min_accuracy,
+        sheet_max=hp.misclassified_sheet_max,
     )
 
 
