@@ -45,7 +45,7 @@ def test_the_repository_params_parse_completely(block):
         (P.TrainKeras, "learning_rate", -1, "expected a positive number, found -1."),
         (P.TrainSklearn, "standardize", "yes", "expected true or false, found 'yes'."),
         (P.Heads, "validation_fraction", 1, "between 0 and 1 (exclusive), found 1."),
-        (P.Evaluate, "min_accuracy", "nan", "between 0 and 1, found 'nan'."),
+        (P.Evaluate, "min_accuracy", "nan", "expected a number >= 0, found 'nan'."),
         (P.Bottlenecks, "precision", "fp16", "expected one of float32, bfloat16, found 'fp16'."),
         (P.Backbone, "weights", "imagenet", "expected one of tf-2015, keras-imagenet"),
     ],
