@@ -155,8 +155,9 @@ def _local_path(url: str) -> Path | None:
 # -- one download ---------------------------------------------------------------------------
 class _Retry(Retry):
     """urllib3's policy, plus what the pipeline needs from it: a DNS answer "no such host"
-    is final (it will not change in a second; "try again" is retried), a long Retry-After
-    is capped, and the number of attempts survives into the error message."""
+    and a rejected TLS certificate are final (they will not change in a second; DNS "try
+    again" is retried), a long Retry-After is capped, and the number of attempts survives
+    into the error message."""
 
     def increment(  # type: ignore[override]
         self,
@@ -167,7 +168,7 @@ class _Retry(Retry):
         _pool: ConnectionPool | None = None,
         _stacktrace: TracebackType | None = None,
     ) -> _Retry:
-        if isinstance(error, NameResolutionError) and not _transient_dns(error):
+        if _final(error):
             exc = MaxRetryError(_pool, url or "", error)  # type: ignore[arg-type]
         else:
             try:
@@ -187,9 +188,13 @@ def _attempts(retry: Retry) -> int:
     return sum(h.redirect_location is None for h in retry.history)
 
 
-def _transient_dns(error: NameResolutionError) -> bool:
-    reason = getattr(error, "_reason", None)
-    return getattr(reason, "errno", None) == getattr(socket, "EAI_AGAIN", None)
+def _final(error: Exception | None) -> bool:
+    if isinstance(error, NameResolutionError):
+        # urllib3 raises it `from` the resolver's socket.gaierror.
+        return getattr(error.__cause__, "errno", None) != getattr(socket, "EAI_AGAIN", None)
+    return isinstance(error, SSLError) and isinstance(
+        error.args[0] if error.args else None, ssl.SSLCertVerificationError
+    )
 
 
 def _policy(retries: int) -> _Retry:
@@ -217,8 +222,7 @@ def _reason(exc: BaseException, url: str, timeout_s: float) -> tuple[str, bool]:
     host = urllib.parse.urlsplit(url).hostname or "?"
     cause = exc.__cause__ or exc.__context__
     if isinstance(exc, NameResolutionError):
-        reason = getattr(exc, "_reason", None)
-        detail = getattr(reason, "strerror", None) or reason or exc
+        detail = getattr(cause, "strerror", None) or cause or exc
         return f"DNS lookup failed for {host}: {detail}", True
     if isinstance(exc, NewConnectionError):
         if isinstance(cause, ConnectionRefusedError):
