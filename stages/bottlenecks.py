@@ -16,7 +16,7 @@ from imgclf.features import (
 )
 from imgclf.fileio import read_csv, write_json
 from imgclf.inception import load_backbone, read_backbone_info
-from imgclf.params import Bottlenecks
+from imgclf.params import BottlenecksParams
 from imgclf.splitting import SUBSETS
 from imgclf.stage import stage_main
 
@@ -74,7 +74,7 @@ def run_bottlenecks(
 @stage_main
 def main() -> None:
     params = load_params()
-    paths, cfg = params["paths"], Bottlenecks.from_params(params)
+    paths, cfg = params["paths"], BottlenecksParams.from_params(params)
     stats = run_bottlenecks(
         split_dir=Path(paths["split"]),
         backbone_dir=Path(paths["backbone"]),

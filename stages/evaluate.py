@@ -22,7 +22,7 @@ from imgclf.errors import StageFailed
 from imgclf.evaluation import HeadResult, PairedTest, all_pairs, evaluate_head
 from imgclf.heads import HEADS, load_predictor, model_dir
 from imgclf.heads.common import Bottlenecks, load_bottlenecks
-from imgclf.params import Evaluate
+from imgclf.params import EvaluateParams
 from imgclf.reports import (
     ReportSummary,
     display_name,
@@ -146,7 +146,7 @@ def run(
 def main() -> None:
     params = load_params()
     paths = params["paths"]
-    hp = Evaluate.from_params(params)
+    hp = EvaluateParams.from_params(params)
     run(
         bottleneck_dir=paths["bottlenecks"],
         models_dir=paths["models"],

@@ -6,7 +6,7 @@ import imgclf.quiet_tf  # noqa: F401  (first: TensorFlow without its start-up no
 from imgclf.config import load_params
 from imgclf.heads.common import train_and_save_head
 from imgclf.heads.keras_head import count_parameters, save_keras_head, train_keras_head
-from imgclf.params import Heads, TrainKeras
+from imgclf.params import HeadsParams, TrainKerasParams
 from imgclf.stage import stage_main
 
 
@@ -16,11 +16,11 @@ def main() -> None:
     metrics = train_and_save_head(
         "keras",
         paths=params["paths"],
-        shared=Heads.from_params(params).as_kwargs(),
+        shared=HeadsParams.from_params(params).as_kwargs(),
         train_fn=train_keras_head,
         save_fn=save_keras_head,
         count_parameters=count_parameters,
-        **TrainKeras.from_params(params).as_kwargs(),
+        **TrainKerasParams.from_params(params).as_kwargs(),
     )
     print(
         f"train_keras: val_accuracy {metrics['final_val_accuracy']:.4f} "

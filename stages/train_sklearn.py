@@ -5,7 +5,7 @@ from __future__ import annotations
 from imgclf.config import load_params
 from imgclf.heads.common import train_and_save_head
 from imgclf.heads.sklearn_head import count_parameters, save_sklearn_head, train_sklearn_head
-from imgclf.params import Heads, TrainSklearn
+from imgclf.params import HeadsParams, TrainSklearnParams
 from imgclf.stage import stage_main
 
 
@@ -15,11 +15,11 @@ def main() -> None:
     metrics = train_and_save_head(
         "sklearn",
         paths=params["paths"],
-        shared=Heads.from_params(params).as_kwargs(),
+        shared=HeadsParams.from_params(params).as_kwargs(),
         train_fn=train_sklearn_head,
         save_fn=save_sklearn_head,
         count_parameters=count_parameters,
-        **TrainSklearn.from_params(params).as_kwargs(),
+        **TrainSklearnParams.from_params(params).as_kwargs(),
     )
     note = "" if metrics["converged"] else " (lbfgs did NOT converge: raise train_sklearn.max_iter)"
     print(

@@ -6,7 +6,7 @@ import imgclf.quiet_tf  # noqa: F401  (first: TensorFlow without its start-up no
 from imgclf.config import load_params
 from imgclf.heads.common import train_and_save_head
 from imgclf.heads.tf_head import count_parameters, save_tf_head, train_tf_head
-from imgclf.params import Heads, TrainTf
+from imgclf.params import HeadsParams, TrainTfParams
 from imgclf.stage import stage_main
 
 
@@ -16,11 +16,11 @@ def main() -> None:
     metrics = train_and_save_head(
         "tf",
         paths=params["paths"],
-        shared=Heads.from_params(params).as_kwargs(),
+        shared=HeadsParams.from_params(params).as_kwargs(),
         train_fn=train_tf_head,
         save_fn=save_tf_head,
         count_parameters=count_parameters,
-        **TrainTf.from_params(params).as_kwargs(),
+        **TrainTfParams.from_params(params).as_kwargs(),
     )
     print(
         f"train_tf: val_accuracy {metrics['final_val_accuracy']:.4f} "

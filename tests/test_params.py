@@ -14,7 +14,15 @@ from imgclf.errors import ParamsError, UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
-BLOCKS = [P.Backbone, P.Bottlenecks, P.Heads, P.TrainTf, P.TrainKeras, P.TrainSklearn, P.Evaluate]
+BLOCKS = [
+    P.BackboneParams,
+    P.BottlenecksParams,
+    P.HeadsParams,
+    P.TrainTfParams,
+    P.TrainKerasParams,
+    P.TrainSklearnParams,
+    P.EvaluateParams,
+]
 
 
 def with_value(section: str, key: str, value) -> dict:
@@ -32,22 +40,37 @@ def test_the_repository_params_parse_completely(block):
 @pytest.mark.parametrize(
     ("block", "key", "value", "message"),
     [
-        (P.TrainTf, "steps", "abc", "train_tf.steps: expected a positive integer, found 'abc'."),
-        (P.TrainTf, "steps", 0, "train_tf.steps: expected a positive integer, found 0."),
-        (P.TrainTf, "steps", 2.5, "train_tf.steps: expected a positive integer, found 2.5."),
-        (P.TrainTf, "dropout", 1.0, "train_tf.dropout: expected a number >= 0 and < 1, found 1.0."),
         (
-            P.TrainKeras,
+            P.TrainTfParams,
+            "steps",
+            "abc",
+            "train_tf.steps: expected a positive integer, found 'abc'.",
+        ),
+        (P.TrainTfParams, "steps", 0, "train_tf.steps: expected a positive integer, found 0."),
+        (P.TrainTfParams, "steps", 2.5, "train_tf.steps: expected a positive integer, found 2.5."),
+        (
+            P.TrainTfParams,
+            "dropout",
+            1.0,
+            "train_tf.dropout: expected a number >= 0 and < 1, found 1.0.",
+        ),
+        (
+            P.TrainKerasParams,
             "epochs",
             True,
             "train_keras.epochs: expected a positive integer, found True.",
         ),
-        (P.TrainKeras, "learning_rate", -1, "expected a positive number, found -1."),
-        (P.TrainSklearn, "standardize", "yes", "expected true or false, found 'yes'."),
-        (P.Heads, "validation_fraction", 1, "between 0 and 1 (exclusive), found 1."),
-        (P.Evaluate, "min_accuracy", "nan", "expected a number >= 0, found 'nan'."),
-        (P.Bottlenecks, "precision", "fp16", "expected one of float32, bfloat16, found 'fp16'."),
-        (P.Backbone, "weights", "imagenet", "expected one of tf-2015, keras-imagenet"),
+        (P.TrainKerasParams, "learning_rate", -1, "expected a positive number, found -1."),
+        (P.TrainSklearnParams, "standardize", "yes", "expected true or false, found 'yes'."),
+        (P.HeadsParams, "validation_fraction", 1, "between 0 and 1 (exclusive), found 1."),
+        (P.EvaluateParams, "min_accuracy", "nan", "expected a number >= 0, found 'nan'."),
+        (
+            P.BottlenecksParams,
+            "precision",
+            "fp16",
+            "expected one of float32, bfloat16, found 'fp16'.",
+        ),
+        (P.BackboneParams, "weights", "imagenet", "expected one of tf-2015, keras-imagenet"),
     ],
 )
 def test_bad_values_name_the_key(block, key, value, message):
@@ -61,20 +84,20 @@ def test_bad_values_name_the_key(block, key, value, message):
 
 def test_numbers_as_pyyaml_reads_them():
     # PyYAML reads 1e-4 (no dot) as a string; float() reads it, as the stages always did.
-    parsed = P.TrainKeras.from_params(with_value("train_keras", "learning_rate", "1e-4"))
+    parsed = P.TrainKerasParams.from_params(with_value("train_keras", "learning_rate", "1e-4"))
     assert parsed.learning_rate == 1e-4
-    assert P.TrainTf.from_params(with_value("train_tf", "steps", 10.0)).steps == 10
+    assert P.TrainTfParams.from_params(with_value("train_tf", "steps", 10.0)).steps == 10
 
 
 def test_missing_and_unknown_keys_are_errors():
     params = copy.deepcopy(PARAMS)
     del params["train_tf"]["eval_every"]
     with pytest.raises(ParamsError, match=r"train_tf\.eval_every: .*found no such key"):
-        P.TrainTf.from_params(params)
+        P.TrainTfParams.from_params(params)
     with pytest.raises(ParamsError, match=r"train_tf\.learning_rat: .*learning_rat\. Check"):
-        P.TrainTf.from_params(with_value("train_tf", "learning_rat", 0.1))
+        P.TrainTfParams.from_params(with_value("train_tf", "learning_rat", 0.1))
     with pytest.raises(ParamsError, match=r"params\.yaml: evaluate: expected a block of"):
-        P.Evaluate.from_params({"paths": {}})
+        P.EvaluateParams.from_params({"paths": {}})
 
 
 def test_choices_agree_with_the_backbone_module():
@@ -93,9 +116,9 @@ def test_train_signature_defaults_have_not_drifted_from_params_yaml():
     from imgclf.heads.tf_head import train_tf_head
 
     for fn, block in [
-        (train_tf_head, P.TrainTf),
-        (train_keras_head, P.TrainKeras),
-        (train_sklearn_head, P.TrainSklearn),
+        (train_tf_head, P.TrainTfParams),
+        (train_keras_head, P.TrainKerasParams),
+        (train_sklearn_head, P.TrainSklearnParams),
     ]:
         signature = inspect.signature(fn)
         defaults = {k: signature.parameters[k].default for k in PARAMS[block.section]}
