@@ -31,6 +31,7 @@ from typing import Any, BinaryIO
 from tqdm import tqdm
 
 from imgclf.downloads import pid_alive
+from imgclf.errors import UserError
 
 _CHUNK = 1 << 20
 MAX_NAMED = 10  # unsafe members named in a refusal; the rest are counted
@@ -61,7 +62,7 @@ class ArchiveLimits:
             )
 
 
-class UnsafeArchiveError(ValueError):
+class UnsafeArchiveError(UserError, ValueError):
     """Archive members would write outside the target, or are links or device files."""
 
     def __init__(self, archive: Path, problems: list[tuple[str, str]]) -> None:
@@ -78,7 +79,7 @@ class UnsafeArchiveError(ValueError):
         super().__init__(f"refusing to extract {archive}: {what}; nothing was extracted")
 
 
-class ArchiveTooLarge(ValueError):
+class ArchiveTooLarge(UserError, ValueError):
     """Extracting the archive would write more than `ArchiveLimits` allows."""
 
     def __init__(self, archive: Path, member: str, total: int, cap: str) -> None:

@@ -9,6 +9,8 @@ from typing import Any
 
 import yaml
 
+from imgclf.errors import MissingInput
+
 PARAMS_FILE = Path("params.yaml")
 # DVC puts the repository copy of a --temp/--queue experiment here.
 _EXP_TMP_PARTS = (".dvc", "tmp", "exps")
@@ -18,7 +20,7 @@ def load_params(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
     """Return params.yaml as a dict (DVC stages run from the repository root)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(
+        raise MissingInput(
             f"{path} not found: run stages from the repository root (dvc repro does)."
         )
     with path.open(encoding="utf-8") as f:

@@ -29,13 +29,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from imgclf.errors import UserError
 from imgclf.labels import normalize_label
 
 # Dataturks stored uploads as "<uuid or hex id>___<original file name>".
 _UPLOAD_PREFIX = re.compile(r"^[0-9A-Fa-f][0-9A-Fa-f-]{7,}___(?=.)")
 
 
-class DataturksError(ValueError):
+class DataturksError(UserError, ValueError):
     """The export cannot be used as a whole (malformed line, wrong task type)."""
 
 

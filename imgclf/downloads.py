@@ -11,45 +11,59 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
-import random
 import re
 import socket
 import ssl
 import sys
 import tempfile
-import threading
-import time
-import urllib.error
 import urllib.parse
 import urllib.request
-from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
-from email.message import Message
-from http.client import HTTPException
 from pathlib import Path
+from types import TracebackType
 
 from tqdm import tqdm
+from urllib3 import BaseHTTPResponse, PoolManager, Timeout
+from urllib3.connectionpool import ConnectionPool
+from urllib3.exceptions import (
+    ConnectTimeoutError,
+    MaxRetryError,
+    NameResolutionError,
+    NewConnectionError,
+    ProtocolError,
+    ReadTimeoutError,
+    SSLError,
+)
+from urllib3.util.retry import Retry
 
 from imgclf.config import cache_dir
+from imgclf.errors import UserError
 
-USER_AGENT = "tf-or-keras-imgclf/0.1 (Python urllib)"
-# First retry waits about BACKOFF_S, then doubles (with jitter), capped at BACKOFF_MAX_S.
+USER_AGENT = "tf-or-keras-imgclf/0.1 (urllib3)"
+# urllib3's exponential backoff: about BACKOFF_S * 2**n (plus up to BACKOFF_S of jitter),
+# capped at BACKOFF_MAX_S; a server's Retry-After is obeyed up to RETRY_AFTER_MAX_S.
 BACKOFF_S = 0.5
 BACKOFF_MAX_S = 8.0
-# After this many URLs of one host failed at the network level (and none succeeded), the
-# rest of that host's URLs fail at once instead of each waiting out its own timeouts.
-HOST_FAILURE_LIMIT = 3
+RETRY_AFTER_MAX_S = 4 * BACKOFF_MAX_S
 
 _CHUNK = 1 << 16
 _HTTP_SCHEMES = ("http", "https")
-_RETRIABLE_STATUS = (408, 429)
+_RETRIABLE_STATUS = frozenset({408, 429, *range(500, 600)})
 # Our temporary files: ".<final name>.<pid>.<random>.tmp" (see _clean_stale_tmp).
 _TMP_RE = re.compile(r"^\..*\.(\d+)\.[A-Za-z0-9_]+\.tmp$")
 
 
-class DownloadError(RuntimeError):
+def _pool(connections: int) -> PoolManager:
+    # One connection per worker and host is kept alive for the next URL (no "pool is full"
+    # warnings); urllib3's pools are thread-safe.
+    return PoolManager(
+        num_pools=16, maxsize=max(1, connections), headers={"User-Agent": USER_AGENT}
+    )
+
+
+class DownloadError(UserError, RuntimeError):
     """A download failed for good. `network` is True when the host could not be reached
     at all (DNS failure, connection refused, timeout): the machine may be offline."""
 
@@ -69,27 +83,6 @@ class DownloadResult:
     @property
     def ok(self) -> bool:
         return self.path is not None
-
-
-class _Failure(Exception):
-    def __init__(
-        self,
-        reason: str,
-        *,
-        retriable: bool,
-        network: bool = False,
-        retry_after: float | None = None,
-    ) -> None:
-        super().__init__(reason)
-        self.reason = " ".join(reason.split())  # always one line
-        self.retriable = retriable
-        self.network = network
-        self.retry_after = retry_after
-        self.attempts = 1
-
-    @property
-    def message(self) -> str:
-        return self.reason + (f" ({self.attempts} attempts)" if self.attempts > 1 else "")
 
 
 # -- cache layout ---------------------------------------------------------------------------
@@ -159,106 +152,116 @@ def _local_path(url: str) -> Path | None:
     return None
 
 
-def _check_scheme(url: str) -> None:
-    scheme = urllib.parse.urlsplit(url).scheme.lower()
-    if scheme not in _HTTP_SCHEMES:
-        raise _Failure(f"unsupported URL scheme {scheme!r} (http, https or file)", retriable=False)
+# -- one download ---------------------------------------------------------------------------
+class _Retry(Retry):
+    """urllib3's policy, plus what the pipeline needs from it: a DNS answer "no such host"
+    and a rejected TLS certificate are final (they will not change in a second; DNS "try
+    again" is retried), a long Retry-After is capped, and the number of attempts survives
+    into the error message."""
 
-
-# -- one attempt ----------------------------------------------------------------------------
-def _retry_after(headers: Message | None) -> float | None:
-    value = headers.get("Retry-After") if headers is not None else None
-    try:
-        return max(0.0, float(value)) if value is not None else None
-    except ValueError:  # an HTTP date: not worth parsing, the backoff applies
-        return None
-
-
-def _classify(exc: BaseException, url: str, timeout_s: float) -> _Failure:
-    """Turn whatever urllib raised into a one-line reason, and decide whether to retry."""
-    if isinstance(exc, urllib.error.URLError) and not isinstance(exc, urllib.error.HTTPError):
-        if isinstance(exc.reason, BaseException):
-            exc = exc.reason
+    def increment(  # type: ignore[override]
+        self,
+        method: str | None = None,
+        url: str | None = None,
+        response: BaseHTTPResponse | None = None,
+        error: Exception | None = None,
+        _pool: ConnectionPool | None = None,
+        _stacktrace: TracebackType | None = None,
+    ) -> _Retry:
+        if _final(error):
+            exc = MaxRetryError(_pool, url or "", error)  # type: ignore[arg-type]
         else:
-            return _Failure(str(exc.reason), retriable=False)
-    if isinstance(exc, TimeoutError):
-        return _Failure(f"timed out after {timeout_s:g} s", retriable=True, network=True)
+            try:
+                return super().increment(method, url, response, error, _pool, _stacktrace)
+            except MaxRetryError as e:
+                exc = e
+        exc.attempts = _attempts(self) + 1  # type: ignore[attr-defined]
+        raise exc
+
+    def get_retry_after(self, response: BaseHTTPResponse) -> float | None:
+        seconds = super().get_retry_after(response)
+        return None if seconds is None else min(seconds, RETRY_AFTER_MAX_S)
+
+
+def _attempts(retry: Retry) -> int:
+    """Failed attempts so far (a followed redirect is not a failure)."""
+    return sum(h.redirect_location is None for h in retry.history)
+
+
+def _final(error: Exception | None) -> bool:
+    if isinstance(error, NameResolutionError):
+        # urllib3 raises it `from` the resolver's socket.gaierror.
+        return getattr(error.__cause__, "errno", None) != getattr(socket, "EAI_AGAIN", None)
+    return isinstance(error, SSLError) and isinstance(
+        error.args[0] if error.args else None, ssl.SSLCertVerificationError
+    )
+
+
+def _policy(retries: int) -> _Retry:
+    return _Retry(
+        total=None,
+        connect=retries,
+        read=retries,
+        status=retries,
+        other=retries,
+        redirect=10,
+        status_forcelist=_RETRIABLE_STATUS,
+        backoff_factor=BACKOFF_S,
+        backoff_max=BACKOFF_MAX_S,
+        backoff_jitter=BACKOFF_S,
+        # The last 5xx/429 is returned, so that the message says "HTTP 503".
+        raise_on_status=False,
+    )
+
+
+def _reason(exc: BaseException, url: str, timeout_s: float) -> tuple[str, bool]:
+    """A one-line reason for what urllib3 raised, and whether the network was at fault
+    (the host could not be reached at all: the machine may be offline)."""
+    if isinstance(exc, MaxRetryError) and exc.reason is not None:
+        exc = exc.reason
     host = urllib.parse.urlsplit(url).hostname or "?"
-    if isinstance(exc, socket.gaierror):
-        # "Name or service not known" will not change in a second; "try again" might.
-        transient = exc.errno == getattr(socket, "EAI_AGAIN", None)
-        return _Failure(
-            f"DNS lookup failed for {host}: {exc.strerror or exc}",
-            retriable=transient,
-            network=True,
-        )
-    if isinstance(exc, ConnectionRefusedError):
-        return _Failure(f"connection refused by {host}", retriable=True, network=True)
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        return _Failure(
-            f"TLS certificate rejected for {host}: {exc.verify_message}", retriable=False
-        )
-    if isinstance(exc, ConnectionError | HTTPException | ssl.SSLError):
-        return _Failure(
-            f"connection lost ({type(exc).__name__}: {exc})", retriable=True, network=True
-        )
-    if isinstance(exc, OSError) and exc.errno in (errno.ENETUNREACH, errno.EHOSTUNREACH):
-        return _Failure(f"network unreachable for {host}", retriable=True, network=True)
-    return _Failure(f"{type(exc).__name__}: {exc}", retriable=False)
+    cause = exc.__cause__ or exc.__context__
+    if isinstance(exc, NameResolutionError):
+        detail = getattr(cause, "strerror", None) or cause or exc
+        return f"DNS lookup failed for {host}: {detail}", True
+    if isinstance(exc, NewConnectionError):
+        if isinstance(cause, ConnectionRefusedError):
+            return f"connection refused by {host}", True
+        if isinstance(cause, OSError) and cause.errno in (errno.ENETUNREACH, errno.EHOSTUNREACH):
+            return f"network unreachable for {host}", True
+        if isinstance(cause, TimeoutError):
+            return f"timed out after {timeout_s:g} s", True
+        return f"could not connect to {host}: {cause or exc}", True
+    if isinstance(exc, ConnectTimeoutError | ReadTimeoutError):
+        return f"timed out after {timeout_s:g} s", True
+    if isinstance(exc, SSLError):
+        inner = exc.args[0] if exc.args else exc
+        if isinstance(inner, ssl.SSLCertVerificationError):
+            return f"TLS certificate rejected for {host}: {inner.verify_message}", False
+        return f"TLS error with {host}: {inner}", True
+    if isinstance(exc, ProtocolError):
+        return f"connection lost ({exc})", True
+    return f"{type(exc).__name__}: {exc}", False
 
 
-def _attempt(
-    url: str,
-    dest: Path,
-    timeout_s: float,
-    on_start: Callable[[int | None], None] | None,
-    on_bytes: Callable[[int], None] | None,
-) -> None:
-    request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
-    try:
-        # The timeout bounds the connection and every read: a server that stops sending
-        # for timeout_s seconds fails the attempt.
-        response = urllib.request.urlopen(request, timeout=timeout_s)
-    except urllib.error.HTTPError as e:
-        e.close()
-        raise _Failure(
-            f"HTTP {e.code}",
-            retriable=e.code >= 500 or e.code in _RETRIABLE_STATUS,
-            retry_after=_retry_after(e.headers),
-        ) from None
-    except Exception as e:
-        raise _classify(e, url, timeout_s) from None
-    with response:
-        expected = response.length
-        if on_start is not None:
-            on_start(expected)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(
-            dir=dest.parent, prefix=f".{dest.name}.{os.getpid()}.", suffix=".tmp"
-        )
-        try:
-            got = 0
-            with os.fdopen(fd, "wb") as f:
-                try:
-                    while chunk := response.read1(_CHUNK):
-                        f.write(chunk)
-                        got += len(chunk)
-                        if on_bytes is not None:
-                            on_bytes(len(chunk))
-                except (OSError, HTTPException) as e:
-                    raise _classify(e, url, timeout_s) from None
-                f.flush()
-                os.fsync(f.fileno())
-            if expected is not None and got < expected:
-                raise _Failure(
-                    f"incomplete download: {got} of {expected} bytes",
-                    retriable=True,
-                    network=True,
-                )
-            os.replace(tmp, dest)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _with_attempts(reason: str, attempts: int) -> str:
+    return _one_line(reason) + (f" ({attempts} attempts)" if attempts > 1 else "")
+
+
+class _Failure(Exception):
+    def __init__(self, message: str, *, network: bool = False, no_host: bool = False) -> None:
+        super().__init__(message)
+        self.message = message
+        self.network = network
+        self.no_host = no_host  # the host name does not resolve (true of all its URLs)
+
+
+class _Incomplete(Exception):
+    """The body ended before its Content-Length: retried like a dropped connection."""
 
 
 def _fetch(
@@ -267,52 +270,97 @@ def _fetch(
     *,
     timeout_s: float,
     retries: int,
+    pool: PoolManager,
     on_start: Callable[[int | None], None] | None = None,
     on_bytes: Callable[[int], None] | None = None,
 ) -> None:
-    """Download with bounded retries and exponential backoff; raises _Failure."""
-    _check_scheme(url)
-    attempt = 0
+    """Download into `dest` (whole or not at all). urllib3 retries what fails before the
+    body (connection, timeouts, 5xx/408/429, Retry-After); a body that breaks off is
+    charged to the same Retry budget and backoff here. Raises _Failure."""
+    scheme = urllib.parse.urlsplit(url).scheme.lower()
+    if scheme not in _HTTP_SCHEMES:
+        raise _Failure(f"unsupported URL scheme {scheme!r} (http, https or file)")
+    retry = _policy(retries)
+    # The timeout bounds the connection and every read: a server that stops sending for
+    # timeout_s seconds fails the attempt.
+    timeout = Timeout(connect=timeout_s, read=timeout_s)
     while True:
-        attempt += 1
         try:
-            _attempt(url, dest, timeout_s, on_start, on_bytes)
+            response = pool.request(
+                "GET", url, retries=retry, timeout=timeout, preload_content=False
+            )
+        except MaxRetryError as e:
+            reason, network = _reason(e, url, timeout_s)
+            no_host = isinstance(e.reason, NameResolutionError)
+            raise _Failure(
+                _with_attempts(reason, getattr(e, "attempts", 1)),
+                network=network,
+                no_host=no_host,
+            ) from None
+        except Exception as e:
+            reason, network = _reason(e, url, timeout_s)
+            raise _Failure(_one_line(reason), network=network) from None
+        used = response.retries or retry
+        if response.status != 200:
+            response.drain_conn()
+            response.release_conn()
+            raise _Failure(_with_attempts(f"HTTP {response.status}", _attempts(used) + 1))
+        try:
+            _write_body(response, dest, on_start, on_bytes)
+            response.release_conn()
             return
-        except _Failure as failure:
-            failure.attempts = attempt
-            if not failure.retriable or attempt > retries:
+        except (_Incomplete, ProtocolError, ReadTimeoutError, SSLError) as e:
+            # A broken connection must not go back to the pool.
+            response.close()
+            response.release_conn()
+            error = ProtocolError(str(e)) if isinstance(e, _Incomplete) else e
+            try:
+                retry = used.increment("GET", url, error=error)
+            except MaxRetryError as exhausted:
+                reason = str(e) if isinstance(e, _Incomplete) else _reason(e, url, timeout_s)[0]
+                attempts = getattr(exhausted, "attempts", 1)
+                raise _Failure(_with_attempts(reason, attempts), network=True) from None
+            retry.sleep()
+
+
+def _write_body(
+    response: BaseHTTPResponse,
+    dest: Path,
+    on_start: Callable[[int | None], None] | None,
+    on_bytes: Callable[[int], None] | None,
+) -> None:
+    length = response.headers.get("Content-Length")
+    expected = int(length) if length is not None and length.isdigit() else None
+    if on_start is not None:
+        on_start(expected)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(
+        dir=dest.parent, prefix=f".{dest.name}.{os.getpid()}.", suffix=".tmp"
+    )
+    got = 0
+    try:
+        with os.fdopen(fd, "wb") as f:
+            try:
+                # urllib3 refuses a body shorter than its Content-Length with ProtocolError;
+                # counting the bytes gives the message its figures.
+                # read1: whatever has arrived, so the progress bar moves with the bytes.
+                while chunk := response.read1(_CHUNK, decode_content=False):
+                    f.write(chunk)
+                    got += len(chunk)
+                    if on_bytes is not None:
+                        on_bytes(len(chunk))
+            except ProtocolError:
+                if expected is not None and got < expected:
+                    raise _Incomplete(f"incomplete download: {got} of {expected} bytes") from None
                 raise
-            wait = min(BACKOFF_MAX_S, BACKOFF_S * 2 ** (attempt - 1)) * random.uniform(0.5, 1.5)
-            if failure.retry_after is not None:
-                wait = max(wait, min(failure.retry_after, 4 * BACKOFF_MAX_S))
-            time.sleep(wait)
-
-
-class _Hosts:
-    """Per-host tally: stop hammering a host that cannot be reached at all."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._ok: Counter[str] = Counter()
-        self._down: Counter[str] = Counter()
-        self._last: dict[str, str] = {}
-
-    def blocked(self, host: str) -> str | None:
-        with self._lock:
-            if self._ok[host] == 0 and self._down[host] >= HOST_FAILURE_LIMIT:
-                return (
-                    f"not tried: {host} unreachable ({self._down[host]} URLs failed, "
-                    f"last: {self._last[host]})"
-                )
-            return None
-
-    def record(self, host: str, failure: _Failure | None) -> None:
-        with self._lock:
-            if failure is None:
-                self._ok[host] += 1
-            elif failure.network:
-                self._down[host] += 1
-                self._last[host] = failure.message
+            f.flush()
+            os.fsync(f.fileno())
+        if expected is not None and got < expected:
+            raise _Incomplete(f"incomplete download: {got} of {expected} bytes")
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 # -- public API -----------------------------------------------------------------------------
@@ -346,22 +394,25 @@ def download_many(
         else:
             todo.append(url)
 
-    hosts = _Hosts()
+    pool = _pool(workers)
+    # Hosts whose name did not resolve: their other URLs fail with the same answer at once
+    # (an export of 277 images on one dead host, offline, is then one lookup, not 277
+    # concurrent ones that the resolver serialises).
+    no_host: dict[str, str] = {}
 
     def one(url: str) -> DownloadResult:
         host = urllib.parse.urlsplit(url).hostname or ""
-        blocked = hosts.blocked(host)
-        if blocked is not None:
-            return DownloadResult(url, None, blocked)
+        if host in no_host:
+            return DownloadResult(url, None, no_host[host])
         dest = cached_path(url, cache)
         try:
-            _fetch(url, dest, timeout_s=timeout_s, retries=retries)
+            _fetch(url, dest, timeout_s=timeout_s, retries=retries, pool=pool)
         except _Failure as failure:
-            hosts.record(host, failure)
+            if failure.no_host:
+                no_host.setdefault(host, failure.message)
             return DownloadResult(url, None, failure.message)
         except Exception as e:  # a disk error, say: reported with the URL, never raised
-            return DownloadResult(url, None, " ".join(f"{type(e).__name__}: {e}".split()))
-        hosts.record(host, None)
+            return DownloadResult(url, None, _one_line(f"{type(e).__name__}: {e}"))
         return DownloadResult(url, dest, None)
 
     failed = sum(r.error is not None for r in results.values())
@@ -374,9 +425,9 @@ def download_many(
         mininterval=0.5,
         dynamic_ncols=True,
     ) as bar:
-        pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="download")
+        executor = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="download")
         try:
-            for future in as_completed([pool.submit(one, url) for url in todo]):
+            for future in as_completed([executor.submit(one, url) for url in todo]):
                 result = future.result()
                 results[result.url] = result
                 failed += result.error is not None
@@ -385,7 +436,7 @@ def download_many(
                     bar.set_postfix(failed=failed, refresh=False)
         finally:
             # On Ctrl-C, do not start the queued downloads; running ones finish or time out.
-            pool.shutdown(wait=True, cancel_futures=True)
+            executor.shutdown(wait=True, cancel_futures=True)
     return {url: results[url] for url in unique}
 
 
@@ -430,7 +481,13 @@ def download_file(
 
     try:
         _fetch(
-            url, dest, timeout_s=timeout_s, retries=retries, on_start=on_start, on_bytes=on_bytes
+            url,
+            dest,
+            timeout_s=timeout_s,
+            retries=retries,
+            pool=_pool(1),
+            on_start=on_start,
+            on_bytes=on_bytes,
         )
     except _Failure as failure:
         raise DownloadError(url, failure.message, network=failure.network) from None

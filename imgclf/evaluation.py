@@ -1,8 +1,8 @@
 """Test-set statistics for the heads: accuracy with a confidence interval, per-class scores,
 log loss, the confusion matrix, and a paired significance test between two heads.
 
-Plain numpy (checked against scikit-learn and scipy in the tests) so that every number the
-reports show is defined in one readable place:
+scikit-learn computes the confusion matrix, per-class scores and log loss, SciPy the binomial
+test; this module fixes the conventions the reports rely on:
 
 - Accuracy CI: the Wilson score interval at 95% (z = 1.96). Unlike the normal ("Wald")
   interval it stays inside [0, 1] and keeps close to its nominal coverage near 100%
@@ -13,16 +13,21 @@ reports show is defined in one readable place:
   We use the conventional exact (conditional) p-value, 2 * P(X <= min(b, c)) capped at 1,
   which never exceeds the nominal 5% error rate; the mid-p value (less conservative) is
   reported alongside for reference, but "significant" is decided on the exact p.
+- Every class counts, also one absent from the test set or never predicted: its scores are
+  0 (zero_division=0), so a head is not rewarded for never predicting a class.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from scipy.stats import binomtest
+from sklearn import metrics as skm
 
 # Two-sided 95%: the 0.975 quantile of the standard normal.
 Z_95 = 1.959963984540054
@@ -49,59 +54,48 @@ def wilson_interval(successes: int, n: int, z: float = Z_95) -> tuple[float, flo
 def mcnemar_exact(b: int, c: int) -> tuple[float, float]:
     """Exact McNemar test on the discordant counts b and c: (exact p, mid-p), two-sided.
 
-    Exact: 2 * P(X <= min(b, c)), X ~ Binomial(b + c, 1/2), capped at 1 (equal to
-    scipy.stats.binomtest(b, b + c, 0.5).pvalue since the null is symmetric).
-    Mid-p: the same with only half the probability of the observed value counted.
-    No discordant pairs means no evidence either way: p = 1.
+    Exact: scipy's two-sided binomial test of b out of b + c at 1/2, which for this
+    symmetric null is 2 * P(X <= min(b, c)) capped at 1. Mid-p: the same with only half
+    the probability of the observed value counted. No discordant pairs means no evidence
+    either way: p = 1.
     """
     if b < 0 or c < 0:
         raise ValueError(f"discordant counts must be >= 0, got b={b}, c={c}")
     n = b + c
     if n == 0:
         return 1.0, 1.0
-    k = min(b, c)
-    # Sum with exact integers: float binomial tails lose precision for large n.
-    tail = sum(math.comb(n, i) for i in range(k + 1))
-    exact = min(1.0, 2 * tail / 2**n)
-    mid = min(1.0, 2 * (tail - math.comb(n, k) / 2) / 2**n)
+    exact = float(binomtest(b, n, 0.5).pvalue)
+    # b != c: 2 * P(X <= min(b, c)) <= 1, so the exact p is uncapped and the mid-p is it
+    # minus P(X = min(b, c)), in exact integers (scipy's pmf is an ulp off, which moves the
+    # rounded report at exact halves like 1/128). b == c: the centre of the null, p = 1.
+    mid = 1.0 if b == c else exact - math.comb(n, min(b, c)) / 2**n
     return exact, mid
 
 
 def confusion_matrix(labels: np.ndarray, predicted: np.ndarray, n_classes: int) -> np.ndarray:
     """matrix[i, j] = number of test images of class i predicted as class j."""
-    matrix = np.zeros((n_classes, n_classes), dtype=np.int64)
-    np.add.at(matrix, (np.asarray(labels), np.asarray(predicted)), 1)
-    return matrix
+    return skm.confusion_matrix(labels, predicted, labels=np.arange(n_classes)).astype(np.int64)
 
 
-def precision_recall_f1(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per-class precision, recall and F1 from a confusion matrix.
-
-    A ratio with a zero denominator (a class never predicted, or absent from the test set)
-    counts as 0, as scikit-learn does with zero_division=0: a head is not rewarded for
-    never predicting a class.
-    """
-    tp = np.diag(matrix).astype(np.float64)
-    predicted = matrix.sum(axis=0).astype(np.float64)
-    actual = matrix.sum(axis=1).astype(np.float64)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        precision = np.where(predicted > 0, tp / predicted, 0.0)
-        recall = np.where(actual > 0, tp / actual, 0.0)
-        pr = precision + recall
-        f1 = np.where(pr > 0, 2 * precision * recall / pr, 0.0)
-    return precision, recall, f1
+def per_class_scores(
+    labels: np.ndarray, predicted: np.ndarray, n_classes: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per-class precision, recall, F1 and support, every class included (see the module
+    docstring for zero denominators)."""
+    precision, recall, f1, support = skm.precision_recall_fscore_support(
+        labels, predicted, labels=np.arange(n_classes), zero_division=0
+    )
+    return precision, recall, f1, support
 
 
 def log_loss(labels: np.ndarray, probabilities: np.ndarray) -> float:
-    """Mean negative log-likelihood of the true class (natural log).
-
-    Probabilities are clipped to [eps, 1 - eps] in float64, as scikit-learn does, so one
-    confidently wrong image gives a large but finite loss instead of infinity.
-    """
+    """Mean negative log-likelihood of the true class (natural log), clipped to
+    [eps, 1 - eps] so one confidently wrong image gives a large but finite loss."""
     probs = np.asarray(probabilities, dtype=np.float64)
-    eps = np.finfo(np.float64).eps
-    p_true = np.clip(probs[np.arange(len(probs)), np.asarray(labels)], eps, 1 - eps)
-    return float(-np.mean(np.log(p_true)))
+    with warnings.catch_warnings():
+        # The heads' float32 softmax sums to 1 within ~1e-7, looser than sklearn's check.
+        warnings.filterwarnings("ignore", message=".*do not sum to one", category=UserWarning)
+        return float(skm.log_loss(np.asarray(labels), probs, labels=np.arange(probs.shape[1])))
 
 
 @dataclass(frozen=True)
@@ -171,7 +165,7 @@ def evaluate_head(
     predicted = np.argmax(probs, axis=1)
     confidence = probs[np.arange(len(probs)), predicted]
     matrix = confusion_matrix(labels, predicted, n_classes)
-    precision, recall, f1 = precision_recall_f1(matrix)
+    precision, recall, f1, support = per_class_scores(labels, predicted, n_classes)
     n_correct = int(np.trace(matrix))
     low, high = wilson_interval(n_correct, len(labels))
     return HeadResult(
@@ -191,7 +185,7 @@ def evaluate_head(
         precision=precision,
         recall=recall,
         f1=f1,
-        support=matrix.sum(axis=1),
+        support=support,
     )
 
 

@@ -26,6 +26,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from imgclf.errors import UserError
+
 # Pillow's own default (about a 9,500 x 9,500 image); params.yaml ingest.max_image_pixels.
 DEFAULT_MAX_PIXELS = 89_478_485
 
@@ -46,7 +48,7 @@ _EXIF_ORIENTATION = 0x0112
 _TRANSPOSED_ORIENTATIONS = {5, 6, 7, 8}  # the ones that swap width and height
 
 
-class BadImage(Exception):
+class BadImage(UserError):
     """A file that ingest must skip: `reason` is a short code for reports, `detail` says why."""
 
     def __init__(self, reason: str, detail: str) -> None:

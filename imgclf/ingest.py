@@ -43,6 +43,7 @@ from tqdm import tqdm
 from imgclf import dataturks
 from imgclf.archives import ArchiveLimits
 from imgclf.downloads import download_many
+from imgclf.errors import UserError
 from imgclf.fileio import sha256_file, write_csv, write_json
 from imgclf.images import DEFAULT_MAX_PIXELS, FORMAT_EXTENSIONS, BadImage, inspect_image
 from imgclf.labels import ClassNameCollision, class_dirs, normalize_label, safe_file_name
@@ -69,7 +70,7 @@ PRESPLIT_MODES = ("keep", "pool")
 BAD_LINE_MODES = ("skip", "error")
 
 
-class IngestError(RuntimeError):
+class IngestError(UserError, RuntimeError):
     """The input cannot make a usable image set; the message says why and what to do."""
 
 

@@ -24,12 +24,14 @@ import re
 import unicodedata
 from collections.abc import Iterable
 
+from imgclf.errors import UserError
+
 _FORBIDDEN = re.compile(r'[/\\<>:"|?*]')
 _WHITESPACE = re.compile(r"\s+")
 _MAX_BYTES = 150
 
 
-class ClassNameCollision(ValueError):
+class ClassNameCollision(UserError, ValueError):
     """Different labels that would share one class folder."""
 
 

@@ -31,6 +31,7 @@ from pathlib import Path
 from imgclf.archives import ArchiveLimits, ArchiveTooLarge, archive_format, extract_archive
 from imgclf.config import cache_dir, repo_root
 from imgclf.downloads import DownloadError, download_file, url_file_name
+from imgclf.errors import UserError
 from imgclf.fileio import sha256_file
 
 DEFAULT_SOURCE = (
@@ -50,7 +51,7 @@ _HOW = (
 )
 
 
-class SourceUnavailable(RuntimeError):
+class SourceUnavailable(UserError, RuntimeError):
     """data.source cannot be downloaded, found or understood; the message is one paragraph
     saying what to do."""
 

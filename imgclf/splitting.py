@@ -20,11 +20,13 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
+from imgclf.errors import UserError
+
 SUBSETS = ("train", "test")
 GIVEN_SUBSET_FIELD = "given_subset"  # ingest.GIVEN_SUBSET_FIELD (ingest imports nothing here)
 
 
-class SplitError(ValueError):
+class SplitError(UserError, ValueError):
     """The images cannot be split as asked (a class too small, a bad fraction...)."""
 
 

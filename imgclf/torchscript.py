@@ -19,6 +19,8 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from imgclf.errors import UserError
+
 # torch storage classes -> numpy dtypes (every torch storage is little-endian on disk).
 _STORAGE_DTYPES: dict[str, np.dtype] = {
     "FloatStorage": np.dtype("<f4"),
@@ -33,7 +35,7 @@ _STORAGE_DTYPES: dict[str, np.dtype] = {
 }
 
 
-class UnsafePickleError(pickle.UnpicklingError):
+class UnsafePickleError(UserError, pickle.UnpicklingError):
     """The archive's pickle names a global outside the allow-list (it could run code)."""
 
 

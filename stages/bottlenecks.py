@@ -15,8 +15,10 @@ from imgclf.features import (
     save_bottlenecks,
 )
 from imgclf.fileio import read_csv, write_json
-from imgclf.inception import BackboneError, load_backbone, read_backbone_info
+from imgclf.inception import load_backbone, read_backbone_info
+from imgclf.params import BottlenecksParams
 from imgclf.splitting import SUBSETS
+from imgclf.stage import stage_main
 
 
 def split_items(split_dir: Path) -> tuple[list[str], dict[str, list[ImageItem]]]:
@@ -69,25 +71,23 @@ def run_bottlenecks(
     }
 
 
+@stage_main
 def main() -> None:
     params = load_params()
-    paths, cfg = params["paths"], params["bottlenecks"]
-    try:
-        stats = run_bottlenecks(
-            split_dir=Path(paths["split"]),
-            backbone_dir=Path(paths["backbone"]),
-            out_dir=Path(paths["bottlenecks"]),
-            precision=cfg["precision"],
-            batch_size=cfg["batch_size"],
-        )
-    except BackboneError as e:
-        raise SystemExit(f"bottlenecks: error: {e}") from None
+    paths, cfg = params["paths"], BottlenecksParams.from_params(params)
+    stats = run_bottlenecks(
+        split_dir=Path(paths["split"]),
+        backbone_dir=Path(paths["backbone"]),
+        out_dir=Path(paths["bottlenecks"]),
+        precision=cfg.precision,
+        batch_size=cfg.batch_size,
+    )
     write_json(
         Path(paths["metrics"]) / "bottlenecks.json",
         {
             "images": stats["images"],
             "feature_dim": stats["feature_dim"],
-            "precision": cfg["precision"],
+            "precision": cfg.precision,
             "backbone_sha256": stats["backbone_sha256"],
         },
     )

@@ -18,9 +18,11 @@ from tqdm import tqdm
 import imgclf.heads
 import imgclf.quiet_tf  # TensorFlow without its start-up notices
 from imgclf.config import load_params
+from imgclf.errors import StageFailed
 from imgclf.evaluation import HeadResult, PairedTest, all_pairs, evaluate_head
 from imgclf.heads import HEADS, load_predictor, model_dir
 from imgclf.heads.common import Bottlenecks, load_bottlenecks
+from imgclf.params import EvaluateParams
 from imgclf.reports import (
     ReportSummary,
     display_name,
@@ -28,6 +30,7 @@ from imgclf.reports import (
     read_train_metrics,
     write_reports,
 )
+from imgclf.stage import stage_main
 
 # The head modules actually imported (for the "lines of code" column), wherever they live.
 HEADS_SOURCE_DIR = Path(imgclf.heads.__file__).resolve().parent
@@ -98,7 +101,8 @@ def run(
     heads: Sequence[str] = HEADS,
     heads_source_dir: str | Path = HEADS_SOURCE_DIR,
 ) -> int:
-    """The whole stage; returns the exit code (1 when a head fails the accuracy gate)."""
+    """The whole stage. Raises StageFailed, after writing every report, when a head is below
+    `min_accuracy`; returns 0 otherwise (kept for callers that check a status)."""
     test = load_bottlenecks(bottleneck_dir, "test")
     evaluation = evaluate_predictions(
         test,
@@ -129,30 +133,28 @@ def run(
     print(f"evaluate: reports in {metrics_dir} (comparison.md, evaluate/, confusion/, "
           "misclassified/)")  # fmt: skip
     if evaluation.failures:
-        print(
-            f"evaluate: FAILED the accuracy gate evaluate.min_accuracy = {min_accuracy}: "
+        raise StageFailed(
+            f"FAILED the accuracy gate evaluate.min_accuracy = {min_accuracy}: "
             f"{', '.join(evaluation.failures)}. All reports are written; see "
             f"{Path(metrics_dir) / 'misclassified'} and retrain, or lower the bar with "
-            "`dvc exp run -S evaluate.min_accuracy=...`.",
-            file=sys.stderr,
+            "`dvc exp run -S evaluate.min_accuracy=...`."
         )
-        return 1
     return 0
 
 
+@stage_main
 def main() -> None:
     params = load_params()
     paths = params["paths"]
-    hp = params["evaluate"]
-    code = run(
+    hp = EvaluateParams.from_params(params)
+    run(
         bottleneck_dir=paths["bottlenecks"],
         models_dir=paths["models"],
         metrics_dir=paths["metrics"],
         split_dir=paths["split"],
-        min_accuracy=float(hp["min_accuracy"]),
-        sheet_max=int(hp["misclassified_sheet_max"]),
+        min_accuracy=hp.min_accuracy,
+        sheet_max=hp.misclassified_sheet_max,
     )
-    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -8,32 +8,31 @@ from __future__ import annotations
 from pathlib import Path
 
 from imgclf.config import load_params
-from imgclf.ingest import IngestError, IngestOptions, run_ingest
-from imgclf.sources import SourceUnavailable, resolve_source
+from imgclf.ingest import IngestOptions, run_ingest
+from imgclf.sources import resolve_source
+from imgclf.stage import stage_main
 
 
+@stage_main
 def main() -> None:
     params = load_params()
     paths = params["paths"]
-    try:
-        ingest = params.get("ingest") or {}
-        options = IngestOptions.from_params(ingest)
-        download = ingest.get("download") or {}
-        source = resolve_source(
-            params["data"]["source"],
-            timeout_s=float(download.get("timeout_s", 60)),
-            retries=int(download.get("retries", 2)),
-            limits=options.archive_limits,
-        )
-        run_ingest(
-            source,
-            options,
-            images_dir=Path(paths["images"]),
-            manifest=Path(paths["manifest"]),
-            metrics_dir=Path(paths["metrics"]),
-        )
-    except (IngestError, SourceUnavailable) as e:
-        raise SystemExit(f"ingest: error: {e}") from None
+    ingest = params.get("ingest") or {}
+    options = IngestOptions.from_params(ingest)
+    download = ingest.get("download") or {}
+    source = resolve_source(
+        params["data"]["source"],
+        timeout_s=float(download.get("timeout_s", 60)),
+        retries=int(download.get("retries", 2)),
+        limits=options.archive_limits,
+    )
+    run_ingest(
+        source,
+        options,
+        images_dir=Path(paths["images"]),
+        manifest=Path(paths["manifest"]),
+        metrics_dir=Path(paths["metrics"]),
+    )
 
 
 if __name__ == "__main__":

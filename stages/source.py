@@ -13,7 +13,8 @@ from pathlib import Path
 from imgclf.archives import ArchiveLimits
 from imgclf.config import load_params
 from imgclf.fileio import write_json
-from imgclf.sources import SourceUnavailable, fingerprint_source, resolve_source
+from imgclf.sources import fingerprint_source, resolve_source
+from imgclf.stage import stage_main
 
 
 def write_source_info(
@@ -32,20 +33,13 @@ def write_source_info(
     return info
 
 
+@stage_main
 def main() -> None:
     params = load_params()
-    try:
-        limits = ArchiveLimits.from_params(params.get("ingest") or {})
-    except ValueError as e:
-        sys.exit(f"source: params.yaml: {e}")
-    try:
-        write_source_info(
-            str(params["data"]["source"]), Path(params["paths"]["source_info"]), limits=limits
-        )
-    except SourceUnavailable as e:
-        # The message says what to do; a traceback would only bury it.
-        print(e, file=sys.stderr)
-        sys.exit(1)
+    limits = ArchiveLimits.from_params(params.get("ingest") or {})
+    write_source_info(
+        str(params["data"]["source"]), Path(params["paths"]["source_info"]), limits=limits
+    )
 
 
 if __name__ == "__main__":

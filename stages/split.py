@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 from imgclf.config import load_params
@@ -14,26 +13,25 @@ from imgclf.splitting import (
     split_summary,
     write_split_trees,
 )
+from imgclf.stage import stage_main
 
 
+@stage_main
 def main() -> None:
     params = load_params()
     paths, cfg = params["paths"], params["split"]
     rows = read_csv(paths["manifest"])
     if not rows:
-        sys.exit(f"split: {paths['manifest']} lists no images; run the ingest stage first.")
-    try:
-        subsets = given_subsets(rows, min_per_class=cfg["min_per_class"])
-        given = subsets is not None
-        if subsets is None:
-            subsets = assign_subsets(
-                rows,
-                test_fraction=cfg["test_fraction"],
-                seed=cfg["seed"],
-                min_per_class=cfg["min_per_class"],
-            )
-    except SplitError as err:
-        sys.exit(f"split: {err}")
+        raise SplitError(f"{paths['manifest']} lists no images; run the ingest stage first.")
+    subsets = given_subsets(rows, min_per_class=cfg["min_per_class"])
+    given = subsets is not None
+    if subsets is None:
+        subsets = assign_subsets(
+            rows,
+            test_fraction=cfg["test_fraction"],
+            seed=cfg["seed"],
+            min_per_class=cfg["min_per_class"],
+        )
     split_dir = Path(paths["split"])
     split_rows = write_split_trees(rows, subsets, Path(paths["images"]), split_dir)
     write_csv(split_dir / "manifest.csv", [*rows[0].keys(), "subset"], split_rows)

@@ -8,9 +8,11 @@ from pathlib import Path
 import imgclf.quiet_tf  # noqa: F401  (first: TensorFlow without its start-up notices)
 from imgclf.config import load_params
 from imgclf.fileio import write_json
+from imgclf.stage import stage_main
 from imgclf.tracking import track_pipeline
 
 
+@stage_main
 def main() -> None:
     params = load_params()
     summary = track_pipeline(params)

@@ -6,24 +6,21 @@ import imgclf.quiet_tf  # noqa: F401  (first: TensorFlow without its start-up no
 from imgclf.config import load_params
 from imgclf.heads.common import train_and_save_head
 from imgclf.heads.keras_head import count_parameters, save_keras_head, train_keras_head
+from imgclf.params import HeadsParams, TrainKerasParams
+from imgclf.stage import stage_main
 
 
+@stage_main
 def main() -> None:
     params = load_params()
-    hp = params["train_keras"]
     metrics = train_and_save_head(
         "keras",
         paths=params["paths"],
-        shared=params["heads"],
+        shared=HeadsParams.from_params(params).as_kwargs(),
         train_fn=train_keras_head,
         save_fn=save_keras_head,
         count_parameters=count_parameters,
-        hidden_units=int(hp["hidden_units"]),
-        dropout=float(hp["dropout"]),
-        learning_rate=float(hp["learning_rate"]),
-        epochs=int(hp["epochs"]),
-        batch_size=int(hp["batch_size"]),
-        early_stopping_patience=int(hp["early_stopping_patience"]),
+        **TrainKerasParams.from_params(params).as_kwargs(),
     )
     print(
         f"train_keras: val_accuracy {metrics['final_val_accuracy']:.4f} "

@@ -6,24 +6,21 @@ import imgclf.quiet_tf  # noqa: F401  (first: TensorFlow without its start-up no
 from imgclf.config import load_params
 from imgclf.heads.common import train_and_save_head
 from imgclf.heads.tf_head import count_parameters, save_tf_head, train_tf_head
+from imgclf.params import HeadsParams, TrainTfParams
+from imgclf.stage import stage_main
 
 
+@stage_main
 def main() -> None:
     params = load_params()
-    hp = params["train_tf"]
     metrics = train_and_save_head(
         "tf",
         paths=params["paths"],
-        shared=params["heads"],
+        shared=HeadsParams.from_params(params).as_kwargs(),
         train_fn=train_tf_head,
         save_fn=save_tf_head,
         count_parameters=count_parameters,
-        learning_rate=float(hp["learning_rate"]),
-        steps=int(hp["steps"]),
-        batch_size=int(hp["batch_size"]),
-        eval_every=int(hp["eval_every"]),
-        hidden_units=int(hp["hidden_units"]),
-        dropout=float(hp["dropout"]),
+        **TrainTfParams.from_params(params).as_kwargs(),
     )
     print(
         f"train_tf: val_accuracy {metrics['final_val_accuracy']:.4f} "

@@ -172,15 +172,38 @@ def test_kill_9_mid_download_leaves_no_cache_entry(tmp_path):
     assert list(cache.glob(".*.tmp")) == []
 
 
-def test_unreachable_host_is_reported_and_stops_being_tried(tmp_path):
+def test_unreachable_host_is_reported_quickly(tmp_path):
     base = closed_port_url("")
     urls = [f"{base}{i}.jpg" for i in range(6)]
     start = time.monotonic()
-    results = download_many(urls, workers=1, retries=0, cache=tmp_path)
+    results = download_many(urls, workers=1, retries=1, cache=tmp_path)
     assert time.monotonic() - start < 5
     errors = [results[u].error for u in urls]
-    assert all(e.startswith("connection refused by 127.0.0.1") for e in errors[:3])
-    assert all(e.startswith("not tried: 127.0.0.1 unreachable (3 URLs failed") for e in errors[3:])
+    assert all(e == "connection refused by 127.0.0.1 (2 attempts)" for e in errors), errors
+
+
+def test_retry_after_is_obeyed(tmp_path):
+    # 503 with Retry-After: 1, then 200: the second request comes about a second later.
+    files = {"later.jpg": b"later"}
+    with LoopbackServer(
+        files, statuses={"later.jpg": [503, 200]}, headers={"later.jpg": {"Retry-After": "1"}}
+    ) as srv:
+        start = time.monotonic()
+        result = download_many([srv.url("later.jpg")], retries=1, cache=tmp_path)
+        elapsed = time.monotonic() - start
+        assert result[srv.url("later.jpg")].ok and srv.count("later.jpg") == 2
+    assert 0.9 <= elapsed < 3
+
+
+def test_redirects_are_followed_even_without_retries(tmp_path):
+    with LoopbackServer(
+        {"new.jpg": b"moved"},
+        statuses={"old.jpg": 302},
+        headers={"old.jpg": {"Location": "/new.jpg"}},
+    ) as srv:
+        result = download_many([srv.url("old.jpg")], retries=0, cache=tmp_path)
+        r = result[srv.url("old.jpg")]
+        assert r.ok and r.path.read_bytes() == b"moved"
 
 
 def test_local_files_and_bad_schemes(tmp_path):

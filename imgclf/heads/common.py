@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from imgclf.errors import MissingInput
 from imgclf.evaluation import log_loss
 from imgclf.fileio import atomic_write_bytes, read_json, write_csv, write_json
 
@@ -65,7 +66,7 @@ def load_bottlenecks(bottleneck_dir: str | Path, subset: str) -> Bottlenecks:
     classes_path = bottleneck_dir / "classes.json"
     for path in (npz_path, classes_path):
         if not path.is_file():
-            raise FileNotFoundError(
+            raise MissingInput(
                 f"{path} not found: run the bottlenecks stage first (dvc repro bottlenecks)."
             )
     classes = read_json(classes_path)
@@ -219,7 +220,7 @@ def save_model_dir(
 def read_labels(model_dir: str | Path) -> list[str]:
     path = Path(model_dir) / LABELS_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: retrain the head (dvc repro)")
+        raise MissingInput(f"{path} not found: retrain the head (dvc repro)")
     return [line for line in path.read_text(encoding="utf-8").splitlines() if line]
 
 

@@ -16,6 +16,7 @@ import keras
 import numpy as np
 from tqdm import tqdm
 
+from imgclf.errors import MissingInput
 from imgclf.heads.common import N_FEATURES, TrainResult, save_model_dir, set_determinism, stopwatch
 
 MODEL_FILE = "model.keras"
@@ -72,8 +73,8 @@ def train_keras_head(
     hidden_units: int = 1024,
     dropout: float = 0.0,
     learning_rate: float = 1e-4,
-    epochs: int = 30,
-    batch_size: int = 32,
+    epochs: int = 60,
+    batch_size: int = 100,
     early_stopping_patience: int = 5,
     seed: int = 0,
     progress: bool = True,
@@ -156,7 +157,7 @@ def load_keras_head(model_dir: str | Path) -> keras.Model:
     """The trained keras.Model (bottlenecks -> probabilities), e.g. to stack on the backbone."""
     path = Path(model_dir) / MODEL_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: run `dvc repro train_keras` to build it")
+        raise MissingInput(f"{path} not found: run `dvc repro train_keras` to build it")
     return keras.saving.load_model(path, compile=False)
 
 

@@ -21,6 +21,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from imgclf.errors import MissingInput
 from imgclf.heads.common import (
     TrainResult,
     accuracy_and_loss,
@@ -108,7 +109,7 @@ def save_sklearn_head(model: Pipeline, model_dir: str | Path, classes: list[str]
 def load_sklearn_head(model_dir: str | Path) -> Pipeline:
     path = Path(model_dir) / MODEL_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: run `dvc repro train_sklearn` to build it")
+        raise MissingInput(f"{path} not found: run `dvc repro train_sklearn` to build it")
     return joblib.load(path)
 
 

@@ -25,6 +25,7 @@ import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
+from imgclf.errors import MissingInput
 from imgclf.heads.common import (
     N_FEATURES,
     TrainResult,
@@ -260,9 +261,7 @@ def load_tf_head(model_dir: str | Path) -> Any:
     graph, e.g. after the backbone); `.signatures["serving_default"]` is the serving signature."""
     model_dir = Path(model_dir)
     if not (model_dir / "saved_model.pb").is_file():
-        raise FileNotFoundError(
-            f"{model_dir} holds no SavedModel: run `dvc repro train_tf` to build it"
-        )
+        raise MissingInput(f"{model_dir} holds no SavedModel: run `dvc repro train_tf` to build it")
     return tf.saved_model.load(str(model_dir))
 
 

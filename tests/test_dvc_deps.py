@@ -1,0 +1,203 @@
+"""dvc.yaml deps cover the code each stage runs, so a change reruns exactly what it changes.
+
+A stage's code is the import closure of `stages/<name>.py` (its `cmd` is
+`python -m stages.<name>`) inside this repository, computed from the source with `ast`:
+every `import` / `from ... import`, also inside functions, plus the packages' `__init__.py`
+files that Python runs on the way. A function that loads modules by name
+(`importlib.import_module`) counts as importing every module of its package, for the stages
+that use that function. A file is covered by a dep naming it or a folder above it.
+"""
+
+from __future__ import annotations
+
+import ast
+import copy
+import re
+from collections.abc import Iterable, Mapping
+from functools import cache
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+CODE_DIRS = ("imgclf", "stages")
+_CMD = re.compile(r"^python -m stages\.(\w+)$")
+
+
+def load_dvc_stages(root: Path = ROOT) -> dict[str, dict]:
+    params = yaml.safe_load((root / "params.yaml").read_text(encoding="utf-8"))
+    text = (root / "dvc.yaml").read_text(encoding="utf-8")
+
+    def substitute(match: re.Match[str]) -> str:
+        value: object = params
+        for part in match.group(1).split("."):
+            assert isinstance(value, Mapping) and part in value, f"dvc.yaml: no param {part}"
+            value = value[part]
+        return str(value)
+
+    return yaml.safe_load(re.sub(r"\$\{([\w.]+)\}", substitute, text))["stages"]
+
+
+def _module_file(name: str) -> Path | None:
+    """The repo file of module `name` (a.b.c), or None when it is not ours."""
+    if name.split(".")[0] not in CODE_DIRS:
+        return None
+    base = ROOT.joinpath(*name.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _with_packages(name: str) -> list[Path]:
+    """Module `name` and the `__init__.py` of every package above it (Python runs them)."""
+    parts = name.split(".")
+    files = [_module_file(".".join(parts[:i])) for i in range(1, len(parts) + 1)]
+    return [f for f in files if f is not None]
+
+
+def _module_name(path: Path) -> str:
+    rel = path.relative_to(ROOT).with_suffix("")
+    parts = rel.parts[:-1] if rel.name == "__init__" else rel.parts
+    return ".".join(parts)
+
+
+@cache
+def _dynamic_loaders(path: Path) -> frozenset[str]:
+    """Functions of `path` that (directly or via one another) call importlib.import_module."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    functions = {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}
+    calls = {
+        name: {
+            c.func.id if isinstance(c.func, ast.Name) else c.func.attr
+            for c in ast.walk(fn)
+            if isinstance(c, ast.Call) and isinstance(c.func, ast.Name | ast.Attribute)
+        }
+        for name, fn in functions.items()
+    }
+    loaders = {name for name, called in calls.items() if "import_module" in called}
+    while True:
+        more = {name for name, called in calls.items() if called & loaders} - loaders
+        if not more:
+            return frozenset(loaders)
+        loaders |= more
+
+
+def _package_modules(path: Path) -> list[Path]:
+    return sorted(path.parent.glob("*.py"))
+
+
+@cache
+def _imports(path: Path) -> frozenset[Path]:
+    """The repo files that running `path` may import."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    name = _module_name(path)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found: set[Path] = set()
+    imported_modules: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                found.update(_with_packages(alias.name))
+                imported_modules.add(alias.name)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                module = ".".join([*base, node.module] if node.module else base)
+            else:
+                module = node.module or ""
+            found.update(_with_packages(module))
+            target = _module_file(module)
+            for alias in node.names:
+                sub = _module_file(f"{module}.{alias.name}")
+                if sub is not None:  # `from pkg import submodule`
+                    found.add(sub)
+                elif target is not None and alias.name in _dynamic_loaders(target):
+                    found.update(_package_modules(target))
+        elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute | ast.Name):
+            # `import imgclf.heads` ... `imgclf.heads.head_module(...)`
+            owner = ast.unparse(node.value)
+            target = _module_file(owner) if owner in imported_modules else None
+            if target is not None and node.attr in _dynamic_loaders(target):
+                found.update(_package_modules(target))
+    return frozenset(found)
+
+
+def closure(start: Path) -> set[Path]:
+    """Every repo file reachable from `start` through imports (start included)."""
+    seen: set[Path] = set()
+    todo = [start, *_with_packages(_module_name(start))]
+    while todo:
+        path = todo.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        todo.extend(_imports(path) - seen)
+    return seen
+
+
+def stage_code(stage: Mapping) -> set[str]:
+    """The repo files (relative, posix) that the stage's command runs."""
+    match = _CMD.match(stage["cmd"].strip())
+    assert match, f"unexpected cmd {stage['cmd']!r}: expected `python -m stages.<name>`"
+    files = closure(ROOT / "stages" / f"{match.group(1)}.py")
+    return {p.relative_to(ROOT).as_posix() for p in files}
+
+
+def covered(file: str, deps: Iterable[str]) -> bool:
+    parents = {file, *(p.as_posix() for p in Path(file).parents)}
+    return any(dep.rstrip("/") in parents for dep in deps)
+
+
+def uncovered(stages: Mapping[str, Mapping]) -> dict[str, list[str]]:
+    """Per stage, the files it runs that none of its deps covers."""
+    report = {}
+    for name, stage in stages.items():
+        deps = stage.get("deps", [])
+        missing = sorted(f for f in stage_code(stage) if not covered(f, deps))
+        if missing:
+            report[name] = missing
+    return report
+
+
+def test_every_stage_depends_on_the_code_it_runs():
+    missing = uncovered(load_dvc_stages())
+    assert not missing, "dvc.yaml deps miss code the stage runs (add them):\n" + "\n".join(
+        f"  {stage}: {', '.join(files)}" for stage, files in missing.items()
+    )
+
+
+def test_a_removed_dep_is_caught():
+    stages = load_dvc_stages()
+    checked = 0
+    for name, stage in stages.items():
+        for dep in stage.get("deps", []):
+            code = {f for f in stage_code(stage) if covered(f, [dep])}
+            if not code:
+                continue  # data, or code read rather than run
+            broken = copy.deepcopy(stages)
+            broken[name]["deps"].remove(dep)
+            report = uncovered(broken)
+            assert name in report and code <= set(report[name]), (name, dep)
+            checked += 1
+    assert checked >= 20
+
+
+def test_closure_follows_the_kinds_of_import_we_use():
+    bottlenecks = stage_code(load_dvc_stages()["bottlenecks"])
+    # `from imgclf.splitting import SUBSETS`, and inception -> torchscript, two levels down.
+    assert {"imgclf/splitting.py", "imgclf/torchscript.py", "imgclf/__init__.py"} <= bottlenecks
+    assert "stages/__init__.py" in bottlenecks
+    # Heads are loaded by name (importlib) only where a stage uses head_module/load_predictor.
+    evaluate = stage_code(load_dvc_stages()["evaluate"])
+    assert "imgclf/heads/keras_head.py" in evaluate
+    train_tf = stage_code(load_dvc_stages()["train_tf"])
+    assert "imgclf/heads/tf_head.py" in train_tf
+    assert "imgclf/heads/keras_head.py" not in train_tf
+
+
+@pytest.mark.parametrize("name", sorted(load_dvc_stages()))
+def test_stage_commands_are_stage_modules(name):
+    stage = load_dvc_stages()[name]
+    assert _CMD.match(stage["cmd"].strip()), stage["cmd"]

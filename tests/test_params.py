@@ -1,0 +1,126 @@
+"""Typed params.yaml blocks: parsed once, checked, errors naming the key."""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from pathlib import Path
+
+import pytest
+import yaml
+
+from imgclf import params as P
+from imgclf.errors import ParamsError, UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
+BLOCKS = [
+    P.BackboneParams,
+    P.BottlenecksParams,
+    P.HeadsParams,
+    P.TrainTfParams,
+    P.TrainKerasParams,
+    P.TrainSklearnParams,
+    P.EvaluateParams,
+]
+
+
+def with_value(section: str, key: str, value) -> dict:
+    params = copy.deepcopy(PARAMS)
+    params[section][key] = value
+    return params
+
+
+@pytest.mark.parametrize("block", BLOCKS, ids=lambda b: b.section)
+def test_the_repository_params_parse_completely(block):
+    parsed = block.from_params(PARAMS)
+    assert parsed.as_kwargs() == PARAMS[block.section]
+
+
+@pytest.mark.parametrize(
+    ("block", "key", "value", "message"),
+    [
+        (
+            P.TrainTfParams,
+            "steps",
+            "abc",
+            "train_tf.steps: expected a positive integer, found 'abc'.",
+        ),
+        (P.TrainTfParams, "steps", 0, "train_tf.steps: expected a positive integer, found 0."),
+        (P.TrainTfParams, "steps", 2.5, "train_tf.steps: expected a positive integer, found 2.5."),
+        (
+            P.TrainTfParams,
+            "dropout",
+            1.0,
+            "train_tf.dropout: expected a number >= 0 and < 1, found 1.0.",
+        ),
+        (
+            P.TrainKerasParams,
+            "epochs",
+            True,
+            "train_keras.epochs: expected a positive integer, found True.",
+        ),
+        (P.TrainKerasParams, "learning_rate", -1, "expected a positive number, found -1."),
+        (P.TrainSklearnParams, "standardize", "yes", "expected true or false, found 'yes'."),
+        (P.HeadsParams, "validation_fraction", 1, "between 0 and 1 (exclusive), found 1."),
+        (P.EvaluateParams, "min_accuracy", "nan", "expected a number >= 0, found 'nan'."),
+        (
+            P.BottlenecksParams,
+            "precision",
+            "fp16",
+            "expected one of float32, bfloat16, found 'fp16'.",
+        ),
+        (P.BackboneParams, "weights", "imagenet", "expected one of tf-2015, keras-imagenet"),
+    ],
+)
+def test_bad_values_name_the_key(block, key, value, message):
+    with pytest.raises(ParamsError) as info:
+        block.from_params(with_value(block.section, key, value))
+    text = str(info.value)
+    assert text.startswith(f"params.yaml: {block.section}.{key}: "), text
+    assert message in text
+    assert isinstance(info.value, UserError)
+
+
+def test_numbers_as_pyyaml_reads_them():
+    # PyYAML reads 1e-4 (no dot) as a string; float() reads it, as the stages always did.
+    parsed = P.TrainKerasParams.from_params(with_value("train_keras", "learning_rate", "1e-4"))
+    assert parsed.learning_rate == 1e-4
+    assert P.TrainTfParams.from_params(with_value("train_tf", "steps", 10.0)).steps == 10
+
+
+def test_missing_and_unknown_keys_are_errors():
+    params = copy.deepcopy(PARAMS)
+    del params["train_tf"]["eval_every"]
+    with pytest.raises(ParamsError, match=r"train_tf\.eval_every: .*found no such key"):
+        P.TrainTfParams.from_params(params)
+    with pytest.raises(ParamsError, match=r"train_tf\.learning_rat: .*learning_rat\. Check"):
+        P.TrainTfParams.from_params(with_value("train_tf", "learning_rat", 0.1))
+    with pytest.raises(ParamsError, match=r"params\.yaml: evaluate: expected a block of"):
+        P.EvaluateParams.from_params({"paths": {}})
+
+
+def test_choices_agree_with_the_backbone_module():
+    from imgclf import inception
+
+    assert P.BACKBONE_WEIGHTS == inception.WEIGHTS_KINDS
+    assert set(P.PRECISIONS) == set(inception.PRECISIONS)
+
+
+@pytest.mark.slow
+def test_train_signature_defaults_have_not_drifted_from_params_yaml():
+    # The stages pass every key; these defaults only serve direct calls (tests, notebooks),
+    # which must get the recipe params.yaml documents.
+    from imgclf.heads.keras_head import train_keras_head
+    from imgclf.heads.sklearn_head import train_sklearn_head
+    from imgclf.heads.tf_head import train_tf_head
+
+    for fn, block in [
+        (train_tf_head, P.TrainTfParams),
+        (train_keras_head, P.TrainKerasParams),
+        (train_sklearn_head, P.TrainSklearnParams),
+    ]:
+        signature = inspect.signature(fn)
+        defaults = {k: signature.parameters[k].default for k in PARAMS[block.section]}
+        assert defaults == PARAMS[block.section], fn.__name__
+        assert signature.parameters["seed"].default == PARAMS["heads"]["seed"]
