@@ -11,6 +11,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import keras
 import numpy as np
@@ -117,6 +118,7 @@ def train_keras_head(
     h = history.history
     curve = [
         {
+            "epoch": float(epoch + 1),  # fit sees every training image once per epoch
             "step": epoch + 1,
             "train_loss": float(h["loss"][epoch]),
             "train_accuracy": float(h["accuracy"][epoch]),
@@ -148,8 +150,61 @@ def train_keras_head(
 
 
 def save_keras_head(model: keras.Model, model_dir: str | Path, classes: list[str]) -> None:
-    """model.keras + labels.txt in `model_dir`, replaced as a whole."""
-    save_model_dir(model_dir, classes, lambda tmp: model.save(tmp / MODEL_FILE))
+    """model.keras + labels.txt in `model_dir`, replaced as a whole. The same weights give the
+    same bytes (see `_normalise_keras_archive`)."""
+
+    def write(tmp: Path) -> None:
+        model.save(tmp / MODEL_FILE)
+        _normalise_keras_archive(tmp / MODEL_FILE)
+
+    save_model_dir(model_dir, classes, write)
+
+
+# Keras writes the save time into metadata.json, Python object ids (`shared_object_id`) into
+# config.json and stamps the weights member with the clock, so two identical trainings gave
+# different files: a new dvc.lock hash for the same model.
+_FIXED_ZIP_TIME = (1980, 1, 1, 0, 0, 0)
+
+
+def _normalise_keras_archive(path: Path) -> None:
+    """Rewrite a .keras zip without what varies between identical saves: metadata.json's
+    date_saved removed, config.json's shared_object_id numbered in order of appearance (they
+    only pair up references to one object), every member dated 1980-01-01 (zip's epoch),
+    members in Keras's own order. Loading is unchanged."""
+    import json
+    import zipfile
+
+    with zipfile.ZipFile(path) as src:
+        members = [(info, src.read(info)) for info in src.infolist()]
+    tmp = path.with_name(path.name + ".tmp")
+    with zipfile.ZipFile(tmp, "w") as dst:
+        for info, data in members:
+            if info.filename == "metadata.json":
+                meta = json.loads(data)
+                meta.pop("date_saved", None)
+                data = json.dumps(meta).encode()
+            elif info.filename == "config.json":
+                data = json.dumps(_renumber_shared_objects(json.loads(data))).encode()
+            fixed = zipfile.ZipInfo(info.filename, date_time=_FIXED_ZIP_TIME)
+            fixed.compress_type = info.compress_type
+            fixed.external_attr = info.external_attr
+            dst.writestr(fixed, data)
+    tmp.replace(path)
+
+
+def _renumber_shared_objects(config: Any, ids: dict[int, int] | None = None) -> Any:
+    ids = {} if ids is None else ids
+    if isinstance(config, dict):
+        out = {}
+        for key, value in config.items():
+            if key == "shared_object_id" and isinstance(value, int):
+                out[key] = ids.setdefault(value, len(ids) + 1)
+            else:
+                out[key] = _renumber_shared_objects(value, ids)
+        return out
+    if isinstance(config, list):
+        return [_renumber_shared_objects(v, ids) for v in config]
+    return config
 
 
 def load_keras_head(model_dir: str | Path) -> keras.Model:
