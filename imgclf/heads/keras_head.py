@@ -8,8 +8,11 @@ model (backbone -> head) is built from.
 
 from __future__ import annotations
 
+import os
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +66,57 @@ class _EpochProgress(keras.callbacks.Callback):
         self.bar.close()
 
 
+# With op determinism on (set_determinism), tf.data's make_deterministic rewrite turns the
+# ParallelMapDatasetV2 of Keras's array adapter (keras/src/trainers/data_adapters/
+# array_data_adapter.py, `grab_batch`) into a MapDataset and copies its attributes, including
+# `use_unbounded_threadpool`, which MapDataset does not have; TensorFlow 2.21 then logs
+# "E0000 ... NodeDef mentions attribute use_unbounded_threadpool which is not in the op
+# definition ... Unknown attributes will be ignored" once per fit. It is harmless (the attribute
+# is dropped and the sequential map is what determinism wants), TF_CPP_MIN_LOG_LEVEL cannot
+# silence it without silencing real errors, and avoiding the rewrite would mean feeding fit
+# another pipeline, i.e. another shuffle order and other results. So that one line is dropped.
+_TF_DATA_NOTICE = b"NodeDef mentions attribute use_unbounded_threadpool"
+
+
+@contextmanager
+def _without_stderr_lines(marker: bytes) -> Iterator[None]:
+    """Pass everything written to file descriptor 2 (C++ logs included) through, except lines
+    containing `marker`. Bytes go through as they come, so tqdm's bar stays live."""
+    sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:  # no usable stderr: nothing to filter
+        yield
+        return
+    read_fd, write_fd = os.pipe()
+    os.dup2(write_fd, 2)
+    os.close(write_fd)
+
+    def pump() -> None:
+        pending = b""
+        while chunk := os.read(read_fd, 65536):
+            pending += chunk
+            if marker in pending and b"\n" not in pending[pending.index(marker) :]:
+                continue  # the marked line is not complete yet: wait for its end
+            lines = pending.split(b"\n")
+            pending = b""
+            # Dropping an element of the split drops that line and its newline.
+            os.write(saved, b"\n".join(line for line in lines if marker not in line))
+        if pending and marker not in pending:
+            os.write(saved, pending)
+
+    thread = threading.Thread(target=pump, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)  # closes the pipe's last writer: pump sees EOF
+        thread.join(timeout=5)
+        os.close(read_fd)
+        os.close(saved)
+
+
 def train_keras_head(
     x_train: np.ndarray,
     y_train: np.ndarray,
@@ -104,7 +158,7 @@ def train_keras_head(
             monitor="val_loss", patience=early_stopping_patience, restore_best_weights=True
         )
         callbacks.append(early_stopping)
-    with stopwatch() as timer:
+    with stopwatch() as timer, _without_stderr_lines(_TF_DATA_NOTICE):
         history = model.fit(
             np.asarray(x_train, np.float32),
             np.asarray(y_train, np.int64),
