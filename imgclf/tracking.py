@@ -590,7 +590,43 @@ def track_pipeline(
                 client=client,
                 models=models if log_models and head in MODEL_HEADS else None,
             )
+        curve_runs = [summary["heads"][h]["run_id"] for h in MODEL_HEADS]
+        summary["curves_links"] = {
+            what: curves_link(
+                experiment_id, curve_runs, [f"curve.val_{what}", f"curve.train_{what}"]
+            )
+            for what in ("loss", "accuracy")
+        }
+        # The run's description in the UI: one click to the overlaid TF and Keras curves.
+        client.set_tag(
+            parent_id,
+            "mlflow.note.content",
+            "TF and Keras training curves of this result, on one x-axis (training images seen):"
+            f" [loss]({summary['curves_links']['loss']}),"
+            f" [accuracy]({summary['curves_links']['accuracy']}).",
+        )
     return summary
+
+
+def curves_link(experiment_id: str, run_ids: Iterable[str], keys: list[str]) -> str:
+    """The UI's metric page (a hash route, relative to the UI's address) drawing `keys` of
+    `run_ids` on one chart, x = step (= training images seen for the curve.* metrics)."""
+    from urllib.parse import quote
+
+    query = {
+        "runs": json.dumps(list(run_ids), separators=(",", ":")),
+        "metric": quote(json.dumps(keys[0])),
+        "experiments": json.dumps([str(experiment_id)]),
+        "plot_metric_keys": quote(json.dumps(keys, separators=(",", ":"))),
+        "plot_layout": "{}",
+        "x_axis": "step",
+        "y_axis_scale": "linear",
+        "line_smoothness": "1",
+        "show_point": "false",
+        "deselected_curves": "[]",
+        "last_linear_y_axis_range": "[]",
+    }
+    return "#/metric?" + "&".join(f"{k}={v}" for k, v in query.items())
 
 
 def _data_description(source: str, datasets: Mapping[str, Any], tags: Mapping[str, str]) -> str:

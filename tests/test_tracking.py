@@ -380,6 +380,11 @@ def test_one_parent_run_three_children_with_params_metrics_curves_tags(tracked):
     assert last_steps["tf"] == 60 * 8 and last_steps["keras"] == 4 * n_train
     assert client.get_metric_history(by_name["sklearn"].info.run_id, "curve.val_accuracy") == []
 
+    # The parent's description links to the TF and Keras curves overlaid on one chart.
+    note = parent.data.tags["mlflow.note.content"]
+    assert summary["curves_links"]["loss"] in note and "#/metric?runs=" in note
+    assert by_name["tf"].info.run_id in note and by_name["keras"].info.run_id in note
+
     # Train and test sets are dataset inputs of every run (the UI's Dataset column).
     from imgclf.fileio import read_csv as _read_csv
 
@@ -526,7 +531,27 @@ def test_champion_is_the_best_version_that_passes_the_gate(tmp_path):
         _update_champion(client, "m", "5", 0.99, passed=False),  # best, but below the gate
     ]
     assert history == ["1", "1", "3", "3", "3"]
-    assert client.get_model_version_by_alias("m", "champion").version == "3"
+    assert str(client.get_model_version_by_alias("m", "champion").version) == "3"
+
+
+def test_ui_url_opens_the_runs_in_model_training_mode(tmp_path, monkeypatch):
+    from mlflow import MlflowClient
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+    from imgclf.tracking import configure_store, get_or_create_experiment, ui_url
+
+    assert ui_url("http://h:5000/", "tf-or-keras", root=tmp_path) == (
+        "http://h:5000/#/experiments?workflowType=machine_learning"
+    )
+    store = configure_store(tmp_path)
+    exp_id = get_or_create_experiment("tf-or-keras", store)
+    assert ui_url("http://h:5000", "tf-or-keras", root=tmp_path) == (
+        f"http://h:5000/#/experiments/{exp_id}/runs?workflowType=machine_learning"
+    )
+    tags = MlflowClient(store.tracking_uri).get_experiment(exp_id).tags
+    assert tags["mlflow.experimentKind"] == "custom_model_development"
 
 
 def test_dataset_and_registered_model_names_come_from_the_source():
