@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import tensorflow as tf
 from mlflow.pyfunc import PythonModel
 
@@ -120,7 +121,6 @@ def example_input() -> Any:
     """A small deterministic PNG (64x48) in the `image` column: the logged input example."""
     import io
 
-    import pandas as pd
     from PIL import Image
 
     y, x = np.mgrid[0:48, 0:64]
@@ -161,8 +161,6 @@ def _encoded_images(model_input: Any) -> list[bytes]:
     serving has already turned base64 into bytes), a dict or a list of bytes/base64 strings."""
     import base64
 
-    import pandas as pd
-
     if isinstance(model_input, pd.DataFrame):
         if INPUT_COLUMN not in model_input.columns:
             raise ValueError(
@@ -201,11 +199,10 @@ class ImageClassifier(PythonModel):
         rows = [self._model(tf.constant(load_rgb(f)[np.newaxis], tf.uint8)).numpy() for f in files]
         return np.concatenate(rows) if rows else np.zeros((0, len(self.labels)), np.float32)
 
-    # No type hints on purpose: MLflow derives a signature from them, and `Any` gives none
-    # but a warning; the signature is the one `signature()` declares.
-    def predict(self, context, model_input, params=None):
-        import pandas as pd
-
+    # DataFrame hints: MLflow warns about hints it cannot use (Any) and about missing ones.
+    def predict(
+        self, context: Any, model_input: pd.DataFrame, params: dict | None = None
+    ) -> pd.DataFrame:
         probs = self.probabilities(_encoded_images(model_input))
         best = probs.argmax(axis=1) if len(probs) else np.zeros(0, np.int64)
         return pd.DataFrame(
@@ -295,7 +292,6 @@ def mlflow_predictor(model_uri: str) -> Predictor:
     """A logged end-to-end model (`models:/name@champion`, `runs:/id/model`, a local MLmodel
     directory...), loaded through pyfunc like `mlflow models serve` does, fed encoded files."""
     import mlflow
-    import pandas as pd
 
     model = mlflow.pyfunc.load_model(model_uri)
     meta = model.metadata.metadata or {}
