@@ -613,11 +613,12 @@ def curves_link(experiment_id: str, run_ids: Iterable[str], keys: list[str]) -> 
     `run_ids` on one chart, x = step (= training images seen for the curve.* metrics)."""
     from urllib.parse import quote
 
+    compact = {"separators": (",", ":")}
     query = {
-        "runs": json.dumps(list(run_ids), separators=(",", ":")),
-        "metric": quote(json.dumps(keys[0])),
+        "runs": json.dumps(list(run_ids), **compact),
+        "metric": json.dumps(keys[0]),
         "experiments": json.dumps([str(experiment_id)]),
-        "plot_metric_keys": quote(json.dumps(keys, separators=(",", ":"))),
+        "plot_metric_keys": json.dumps(keys, **compact),
         "plot_layout": "{}",
         "x_axis": "step",
         "y_axis_scale": "linear",
@@ -626,7 +627,8 @@ def curves_link(experiment_id: str, run_ids: Iterable[str], keys: list[str]) -> 
         "deselected_curves": "[]",
         "last_linear_y_axis_range": "[]",
     }
-    return "#/metric?" + "&".join(f"{k}={v}" for k, v in query.items())
+    # Every value percent-encoded: a raw quote would end the link in the run's Markdown note.
+    return "#/metric?" + "&".join(f"{k}={quote(v, safe='')}" for k, v in query.items())
 
 
 def _data_description(source: str, datasets: Mapping[str, Any], tags: Mapping[str, str]) -> str:
