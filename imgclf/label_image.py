@@ -291,7 +291,7 @@ def load_model(model: str | None, head: str, models_dir: Path | None) -> Any:
             f"{model!r} is neither an MLflow model URI (models:/<name>/<version>, "
             "runs:/<run id>/model, ...) nor a folder with an MLmodel file"
         )
-    from imgclf.tracking import resolve_store
+    from imgclf.tracking import resolve_store, use_store
 
     store = resolve_store()
     if store.is_default and model.startswith(("models:/", "runs:/")):
@@ -301,10 +301,7 @@ def load_model(model: str | None, head: str, models_dir: Path | None) -> Any:
                 f"no MLflow store at {db}: run the pipeline first (dvc repro) or set "
                 "MLFLOW_TRACKING_URI to the tracking server that has the model"
             )
-    import mlflow
-
-    mlflow.set_tracking_uri(store.tracking_uri)
-    mlflow.set_registry_uri(store.registry_uri)
+    use_store(store)
     return end_to_end.mlflow_predictor(model)
 
 

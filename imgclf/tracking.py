@@ -81,14 +81,25 @@ def resolve_store(root: str | Path | None = None, tracking_uri: str | None = Non
 
 def configure_store(root: str | Path | None = None, tracking_uri: str | None = None) -> Store:
     """Point the `mlflow` module at the store (see `resolve_store`) and return it."""
-    import mlflow
 
     store = resolve_store(root, tracking_uri)
     if store.is_default:
         _init_sqlite_store(store)
+    use_store(store)
+    return store
+
+
+def use_store(store: Store) -> None:
+    """mlflow.set_tracking_uri / set_registry_uri, without the registry's environment variable
+    they leave behind: mlflow also writes MLFLOW_REGISTRY_URI, and a later `resolve_store` in
+    this process would take it for the user's and read another store's registry."""
+    import mlflow
+
+    user_registry = os.environ.get("MLFLOW_REGISTRY_URI")
     mlflow.set_tracking_uri(store.tracking_uri)
     mlflow.set_registry_uri(store.registry_uri)
-    return store
+    if user_registry is None:
+        os.environ.pop("MLFLOW_REGISTRY_URI", None)
 
 
 def _init_sqlite_store(store: Store) -> None:

@@ -209,6 +209,22 @@ def test_store_defaults_to_repo_root_and_env_overrides(tmp_path, monkeypatch):
     )
 
 
+def test_configuring_a_store_leaves_no_registry_behind(tmp_path, monkeypatch):
+    """mlflow.set_registry_uri writes MLFLOW_REGISTRY_URI; a later resolve_store (label-image
+    after track, in one process) must not take it for the user's and read another registry."""
+    from imgclf.tracking import configure_store, resolve_store
+
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    configure_store(tmp_path / "a")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'b.db'}")
+    store = resolve_store()
+    assert store.registry_uri == store.tracking_uri == f"sqlite:///{tmp_path / 'b.db'}"
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", "sqlite:///user.db")
+    configure_store(tmp_path / "c")
+    assert os.environ["MLFLOW_REGISTRY_URI"] == "sqlite:///user.db"  # the user's own is kept
+
+
 def test_flatten_and_numeric_leaves():
     from imgclf.tracking import flatten, numeric_leaves, param_value
 
