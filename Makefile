@@ -34,8 +34,12 @@ lint: setup
 bench: setup
 	$(BIN)/python bench/bottlenecks.py
 
+# MLflow 3 opens an experiment in its GenAI view; the printed link opens the runs, model-training view.
+UI_PORT ?= 5000
 ui: setup
-	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --default-artifact-root ./mlartifacts
+	@echo "MLflow UI: open $$($(BIN)/python -m imgclf.tracking ui-url http://127.0.0.1:$(UI_PORT))"
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --default-artifact-root ./mlartifacts \
+		--host 127.0.0.1 --port $(UI_PORT)
 
 clean:
 	rm -rf data/images data/split data/bottlenecks models

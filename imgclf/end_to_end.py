@@ -1,48 +1,55 @@
-"""End-to-end models: image pixels in, class probabilities out (backbone + preprocessing + head).
+"""End-to-end models: an image file in, its label and class probabilities out.
 
-The input is the decoded image itself: uint8 RGB [N, H, W, 3], exactly what
-`imgclf.images.load_rgb` returns for a file (EXIF orientation applied, alpha on white...), with
-any H and W. The model does the rest in one TensorFlow graph: the backbone's own preprocessing
-(the resize to 299x299 and the scaling its weights need), the backbone, the head. Why this input:
+Two layers:
 
-- it is the path the bottlenecks stage takes (load_rgb -> Backbone.preprocess -> model), so an
-  end-to-end model reproduces the evaluated heads on the test images, not an approximation;
-- there is no second resize to keep in sync: `label-image`, `mlflow models serve` and a Python
-  caller all send the same array and get the same probabilities (bit for bit, same graph);
-- JSON serving works with MLflow's standard tensor input, `{"inputs": <nested list>}`.
+- `EndToEndModel`, a `tf.Module`: decoded pixels, uint8 RGB [N, H, W, 3] exactly as
+  `imgclf.images.load_rgb` returns them (EXIF orientation applied, alpha on white...), any H and
+  W -> probabilities [N, n_classes]. One TensorFlow graph holds the backbone's own preprocessing
+  (the resize to 299x299 and the scaling its weights need), the backbone and the head: the path
+  the bottlenecks stage takes (load_rgb -> Backbone.preprocess -> model), so it reproduces the
+  evaluated heads on the test images, not an approximation.
+- `ImageClassifier`, the MLflow pyfunc model that is logged, registered and served: it takes
+  encoded image files (JPEG, PNG... bytes; base64 strings in JSON, as MLflow's own image
+  example), decodes each with `load_rgb` (the same Pillow code as ingest, the bottlenecks and
+  `label-image`), runs the SavedModel of the graph above and answers one row per image:
+  `label`, `probability` and `probabilities` ({label: probability}). The probabilities are
+  bit for bit those `label-image` prints for the same file. Decoding in TensorFlow instead
+  would give other pixels (its JPEG decoder is not Pillow's) than the heads were trained on.
 
-The cost: images of different sizes cannot share a batch, so callers send one image per request
-(or batch only equal-sized ones), and a JSON request carries H*W*3 numbers (a 500x375 photo is
-about 2 MB of JSON). Encoded bytes decoded inside the model would be smaller on the wire but
-would decode with TensorFlow's JPEG decoder instead of Pillow's, i.e. not the pixels the heads
-were trained on.
+    curl -s http://127.0.0.1:5001/invocations -H 'Content-Type: application/json' \
+      -d '{"dataframe_split": {"columns": ["image"], "data": [["<base64 of a JPEG>"]]}}'
 
-Logged with `mlflow.tensorflow.log_model` as a `tf.Module` (a SavedModel): the same format for
-the low-level TF head (itself a SavedModel) and the Keras head (a Keras 3 model, traced into the
-graph), and the pyfunc flavour MLflow serves. The class labels travel in the MLmodel metadata.
+Images of different sizes are fine in one request (each is run on its own). Raw pixel tensors
+(`{"inputs": <H x W x 3 list>}`) are not accepted by the served model: its signature is the
+`image` column; in Python, `EndToEndModel` takes the array.
 """
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import tensorflow as tf
+from mlflow.pyfunc import PythonModel
 
 from imgclf.heads import model_dir
-from imgclf.heads.common import read_labels
+from imgclf.heads.common import LABELS_FILE, read_labels, write_labels
 from imgclf.inception import Backbone, load_backbone
 
 HEAD_KINDS = ("tf", "keras")
 INPUT_SPEC = tf.TensorSpec([None, None, None, 3], tf.uint8, name="images")
+INPUT_COLUMN = "image"
 INPUT_DOC = (
-    "uint8 RGB [N, H, W, 3] as imgclf.images.load_rgb decodes an image file (any H, W; one image "
-    "per request unless sizes match); output float32 [N, n_classes], columns in `labels` order"
+    "column `image`: encoded image files (JPEG, PNG, ... bytes; base64 in JSON), decoded with "
+    "Pillow as imgclf.images.load_rgb; output per image: label, probability, probabilities "
+    "({label: probability}, in `labels` order)"
 )
+SAVED_MODEL_ARTIFACT = "saved_model"
+LABELS_ARTIFACT = "labels"
 
 
 def _load_head(head_dir: Path, kind: str) -> tuple[Any, Callable[[tf.Tensor], tf.Tensor]]:
@@ -110,22 +117,32 @@ def build(
     return EndToEndModel(backbone, head, head_fn, labels, kind)
 
 
-def example_input() -> np.ndarray:
-    """A small deterministic image batch (uint8 [1, 48, 64, 3]): the logged input example."""
+def example_input() -> Any:
+    """A small deterministic PNG (64x48) in the `image` column: the logged input example."""
+    import io
+
+    from PIL import Image
+
     y, x = np.mgrid[0:48, 0:64]
-    image = np.stack([x * 4, y * 5, (x + y) * 2], axis=-1).clip(0, 255).astype(np.uint8)
-    return image[np.newaxis]
+    pixels = np.stack([x * 4, y * 5, (x + y) * 2], axis=-1).clip(0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels, "RGB").save(buf, format="PNG")
+    return pd.DataFrame({INPUT_COLUMN: [buf.getvalue()]})
 
 
-def signature(n_classes: int) -> Any:
+def signature() -> Any:
     from mlflow.models import ModelSignature
-    from mlflow.types.schema import Schema, TensorSpec
+    from mlflow.types.schema import ColSpec, DataType, Map, Schema
 
-    # Unnamed tensors: pyfunc then hands the model a plain array (a named input would arrive
-    # as a dict, which MLflow's tf.Module wrapper refuses).
     return ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3))]),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, n_classes))]),
+        inputs=Schema([ColSpec(DataType.binary, INPUT_COLUMN)]),
+        outputs=Schema(
+            [
+                ColSpec(DataType.string, "label"),
+                ColSpec(DataType.double, "probability"),
+                ColSpec(Map(DataType.double), "probabilities"),
+            ]
+        ),
     )
 
 
@@ -134,34 +151,122 @@ def pip_requirements() -> list[str]:
     model again in a subprocess (tens of seconds for Inception V3)."""
     from importlib.metadata import version
 
-    return [f"{pkg}=={version(pkg)}" for pkg in ("tensorflow", "keras", "numpy")]
+    return [
+        f"{pkg}=={version(pkg)}" for pkg in ("tensorflow", "keras", "numpy", "pandas", "pillow")
+    ]
+
+
+def _encoded_images(model_input: Any) -> list[bytes]:
+    """The encoded files of a pyfunc input: a DataFrame with an `image` column (MLflow's
+    serving has already turned base64 into bytes), a dict or a list of bytes/base64 strings."""
+    import base64
+
+    if isinstance(model_input, pd.DataFrame):
+        if INPUT_COLUMN not in model_input.columns:
+            raise ValueError(
+                f"expected a column {INPUT_COLUMN!r} of encoded image files, got columns "
+                f"{list(model_input.columns)}"
+            )
+        values = list(model_input[INPUT_COLUMN])
+    elif isinstance(model_input, dict):
+        values = list(np.atleast_1d(model_input[INPUT_COLUMN]))
+    else:
+        values = list(model_input)
+    out = []
+    for i, value in enumerate(values):
+        if isinstance(value, str):
+            value = base64.b64decode(value, validate=False)
+        if not isinstance(value, bytes | bytearray | memoryview):
+            raise ValueError(
+                f"image {i}: expected the bytes of an image file (or base64 text), got "
+                f"{type(value).__name__}"
+            )
+        out.append(bytes(value))
+    return out
+
+
+class ImageClassifier(PythonModel):
+    """The served model (see the module doc): encoded image files -> label + probabilities."""
+
+    def load_context(self, context: Any) -> None:
+        self._model = tf.saved_model.load(context.artifacts[SAVED_MODEL_ARTIFACT])
+        self.labels = read_labels(Path(context.artifacts[LABELS_ARTIFACT]).parent)
+
+    def probabilities(self, files: list[bytes]) -> np.ndarray:
+        """float32 [N, n_classes]: each file decoded with load_rgb, then the graph."""
+        from imgclf.images import load_rgb
+
+        rows = [self._model(tf.constant(load_rgb(f)[np.newaxis], tf.uint8)).numpy() for f in files]
+        return np.concatenate(rows) if rows else np.zeros((0, len(self.labels)), np.float32)
+
+    # DataFrame hints: MLflow warns about hints it cannot use (Any) and about missing ones.
+    def predict(
+        self, context: Any, model_input: pd.DataFrame, params: dict | None = None
+    ) -> pd.DataFrame:
+        probs = self.probabilities(_encoded_images(model_input))
+        best = probs.argmax(axis=1) if len(probs) else np.zeros(0, np.int64)
+        return pd.DataFrame(
+            {
+                "label": [self.labels[i] for i in best],
+                "probability": [float(p[i]) for p, i in zip(probs, best, strict=True)],
+                "probabilities": [
+                    {label: float(v) for label, v in zip(self.labels, p, strict=True)}
+                    for p in probs
+                ],
+            }
+        )
+
+
+def save_saved_model(model: EndToEndModel, path: str | Path) -> Path:
+    """The graph as a SavedModel (`labels` travel with it), fingerprint made deterministic."""
+    from imgclf.heads.tf_head import deterministic_fingerprint
+
+    path = Path(path)
+    tf.saved_model.save(model, str(path))
+    deterministic_fingerprint(path)
+    return path
 
 
 def log_model(
     model: EndToEndModel, *, registered_model_name: str | None = None, name: str = "model"
 ) -> Any:
-    """Log `model` in the active MLflow run (tensorflow flavour, pyfunc-servable), with signature,
-    input example and labels metadata; register it as a new version of `registered_model_name`."""
+    """Log `model` in the active MLflow run as an `ImageClassifier` pyfunc (servable by
+    `mlflow models serve`), with signature, input example, labels metadata and the imgclf
+    package (for the decoding code); register it as a new version of `registered_model_name`."""
+    import tempfile
+
     import mlflow
 
-    return mlflow.tensorflow.log_model(
-        model,
-        name=name,
-        signature=signature(len(model.labels)),
-        input_example=example_input(),
-        registered_model_name=registered_model_name,
-        pip_requirements=pip_requirements(),
-        metadata=model.metadata(),
-    )
+    with tempfile.TemporaryDirectory() as tmp:
+        saved = save_saved_model(model, Path(tmp) / SAVED_MODEL_ARTIFACT)
+        labels_dir = Path(tmp) / LABELS_ARTIFACT
+        write_labels(labels_dir, model.labels)
+        return mlflow.pyfunc.log_model(
+            name=name,
+            python_model=str(Path(__file__).with_name("served_model.py")),
+            artifacts={
+                SAVED_MODEL_ARTIFACT: str(saved),
+                LABELS_ARTIFACT: str(labels_dir / LABELS_FILE),
+            },
+            code_paths=[str(Path(__file__).parent)],
+            signature=signature(),
+            input_example=example_input(),
+            registered_model_name=registered_model_name,
+            pip_requirements=pip_requirements(),
+            metadata=model.metadata(),
+        )
 
 
 @dataclass
 class Predictor:
-    """A loaded model, local or from MLflow: `predict(uint8 [N,H,W,3]) -> float [N, C]`."""
+    """A loaded model, local or from MLflow. `predict(uint8 [N,H,W,3]) -> float [N, C]` for
+    decoded pixels; `predict_files(list of encoded files) -> float [N, C]` when the model
+    decodes them itself (a logged ImageClassifier): label-image then sends the file."""
 
-    predict: Callable[[np.ndarray], np.ndarray]
+    predict: Callable[[np.ndarray], np.ndarray] | None
     labels: list[str]
     source: str
+    predict_files: Callable[[list[bytes]], np.ndarray] | None = None
 
 
 def local_predictor(
@@ -184,20 +289,18 @@ def local_predictor(
 
 
 def mlflow_predictor(model_uri: str) -> Predictor:
-    """A logged end-to-end model (`models:/name/version`, `runs:/id/model`, a local MLmodel
-    directory...), loaded through pyfunc like `mlflow models serve` does."""
+    """A logged end-to-end model (`models:/name@champion`, `runs:/id/model`, a local MLmodel
+    directory...), loaded through pyfunc like `mlflow models serve` does, fed encoded files."""
     import mlflow
 
     model = mlflow.pyfunc.load_model(model_uri)
     meta = model.metadata.metadata or {}
     labels = list(meta.get("labels") or [])
     if not labels:
-        print(
-            f"warning: {model_uri} has no labels metadata; classes are shown as indices",
-            file=sys.stderr,
-        )
+        raise ValueError(f"{model_uri} has no labels metadata: not an imgclf end-to-end model")
 
-    def predict(images: np.ndarray) -> np.ndarray:
-        return np.asarray(model.predict(np.asarray(images, np.uint8)), dtype=np.float32)
+    def predict_files(files: list[bytes]) -> np.ndarray:
+        out = model.predict(pd.DataFrame({INPUT_COLUMN: files}))
+        return np.array([[row[label] for label in labels] for row in out["probabilities"]])
 
-    return Predictor(predict, labels, model_uri)
+    return Predictor(None, labels, model_uri, predict_files=predict_files)

@@ -2,14 +2,14 @@
 
     label-image photo.jpg                       # the latest pipeline output, Keras head
     label-image photos/ --head tf --json        # a folder, the TF head, JSON on stdout
-    label-image a.jpg b.png --model models:/flowers-keras/3 --csv --chart
+    label-image a.jpg b.png --model models:/flower_photos-keras@champion --csv --chart
     label-image a.jpg --model runs:/<run id>/model
 
 The model is either built from the pipeline's outputs (`<models>/backbone` + `<models>/<head>_head`,
 paths.models of params.yaml when run from the repository) or loaded from any MLflow model URI
 (resolved in the same store as the track stage: MLFLOW_TRACKING_URI, else the repository's
-mlflow.db). Both take the pixels `imgclf.images.load_rgb` decodes, one image at a time, so the
-probabilities equal those `mlflow models serve` returns for the same array (see end_to_end.py).
+mlflow.db). Both decode each file with `imgclf.images.load_rgb`, so the probabilities equal
+those `mlflow models serve` returns for the same file sent as base64 (see end_to_end.py).
 
 For each image: the top-k labels on stdout (a table, or --json / --csv), an annotated copy in
 --out-dir (`<name>.labelled.png`: the image as displayed, EXIF orientation applied, same width and
@@ -182,7 +182,11 @@ def label_one(
     from imgclf.images import load_rgb
 
     pixels = load_rgb(path)
-    probs = np.asarray(predictor.predict(pixels[np.newaxis]), dtype=np.float64)[0]
+    if predictor.predict_files is not None:
+        # A logged model decodes the file itself, with the same load_rgb: send it as served.
+        probs = np.asarray(predictor.predict_files([path.read_bytes()]), dtype=np.float64)[0]
+    else:
+        probs = np.asarray(predictor.predict(pixels[np.newaxis]), dtype=np.float64)[0]
     labels = predictor.labels or [f"class_{i}" for i in range(len(probs))]
     if len(labels) != len(probs):
         raise ValueError(f"the model gives {len(probs)} probabilities for {len(labels)} labels")
@@ -287,7 +291,7 @@ def load_model(model: str | None, head: str, models_dir: Path | None) -> Any:
             f"{model!r} is neither an MLflow model URI (models:/<name>/<version>, "
             "runs:/<run id>/model, ...) nor a folder with an MLmodel file"
         )
-    from imgclf.tracking import resolve_store
+    from imgclf.tracking import resolve_store, use_store
 
     store = resolve_store()
     if store.is_default and model.startswith(("models:/", "runs:/")):
@@ -297,10 +301,7 @@ def load_model(model: str | None, head: str, models_dir: Path | None) -> Any:
                 f"no MLflow store at {db}: run the pipeline first (dvc repro) or set "
                 "MLFLOW_TRACKING_URI to the tracking server that has the model"
             )
-    import mlflow
-
-    mlflow.set_tracking_uri(store.tracking_uri)
-    mlflow.set_registry_uri(store.registry_uri)
+    use_store(store)
     return end_to_end.mlflow_predictor(model)
 
 
@@ -321,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "-m",
         "--model",
-        help="an MLflow model URI: models:/flowers-keras/3, models:/flowers-tf/latest, "
+        help="an MLflow model URI: models:/<name>@champion, models:/<name>/3, "
         "runs:/<run id>/model, or a folder with an MLmodel file. Default: the latest pipeline "
         "output, built from <models-dir>/backbone + <models-dir>/<head>_head",
     )

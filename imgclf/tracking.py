@@ -2,16 +2,23 @@
 
 What a run records (see `track_pipeline`):
 
-- parent run: every parameter of params.yaml, flattened (`train_tf.learning_rate`...); a summary
-  metric per head (`<head>.accuracy`...); tags with the provenance of the result: git commit and
+- parent run `<result>` (the DVC experiment name, else repro-<commit>): every parameter of
+  params.yaml, flattened (`train_tf.learning_rate`...); a summary metric per head
+  (`<head>.accuracy`...); the train and test sets as dataset inputs (digest of their split
+  manifest rows, source data.source); tags with the provenance of the result: git commit and
   dirty flag, the dvc.lock hashes of the data and the backbone, the dataset manifest hash, the DVC
   experiment name (`dvc exp run` sets DVC_EXP_NAME); artifacts params.yaml, dvc.lock and
   metrics/comparison.md.
-- one nested run per head (tf, keras, sklearn): the same params and tags, the test metrics, the
-  training curve with its step numbers (so the UI draws it), the train summary, the confusion
-  matrix, the misclassified contact sheet, a classification report and labels.txt. The tf and
-  keras runs also log the end-to-end model (image in, probabilities out; `imgclf.end_to_end`),
-  registered as a new version of `track.registered_models.<head>`.
+- one nested run per head, `<result>/<head>` (tf, keras, sklearn): the same params, datasets and
+  tags, the head's training settings as `train.*` params; metrics `test.*` (accuracy, its CI,
+  log loss...), `train.*` (validation results), `training_seconds`, and the curves `curve.*`
+  at step = training images seen (one x-axis for both heads; `curve.epoch` gives epochs); the
+  per-class scores as a table (evaluation/per_class.json), the confusion matrix, the
+  misclassified contact sheet, a classification report and labels.txt. The tf and keras runs
+  also log the end-to-end model (image file in, label and probabilities out;
+  `imgclf.end_to_end`) in `track.registered_models.<head>`: a new version with a description
+  only when the model is new (same weights, labels, backbone and code = the same version), and
+  the alias @champion on the best version that passes evaluate.min_accuracy.
 
 The store. Without MLFLOW_TRACKING_URI, runs go to `sqlite:///<root>/mlflow.db` with artifacts in
 `<root>/mlartifacts/`, where <root> is the ORIGINAL repository: `dvc exp run --temp/--queue` run
@@ -74,14 +81,25 @@ def resolve_store(root: str | Path | None = None, tracking_uri: str | None = Non
 
 def configure_store(root: str | Path | None = None, tracking_uri: str | None = None) -> Store:
     """Point the `mlflow` module at the store (see `resolve_store`) and return it."""
-    import mlflow
 
     store = resolve_store(root, tracking_uri)
     if store.is_default:
         _init_sqlite_store(store)
+    use_store(store)
+    return store
+
+
+def use_store(store: Store) -> None:
+    """mlflow.set_tracking_uri / set_registry_uri, without the registry's environment variable
+    they leave behind: mlflow also writes MLFLOW_REGISTRY_URI, and a later `resolve_store` in
+    this process would take it for the user's and read another store's registry."""
+    import mlflow
+
+    user_registry = os.environ.get("MLFLOW_REGISTRY_URI")
     mlflow.set_tracking_uri(store.tracking_uri)
     mlflow.set_registry_uri(store.registry_uri)
-    return store
+    if user_registry is None:
+        os.environ.pop("MLFLOW_REGISTRY_URI", None)
 
 
 def _init_sqlite_store(store: Store) -> None:
@@ -112,7 +130,12 @@ def get_or_create_experiment(name: str, store: Store) -> str:
             )
         return exp.experiment_id
     try:
-        return client.create_experiment(name, artifact_location=store.artifact_root)
+        # The kind the UI uses for an experiment of trained models (its GenAI view otherwise).
+        return client.create_experiment(
+            name,
+            artifact_location=store.artifact_root,
+            tags={"mlflow.experimentKind": "custom_model_development"},
+        )
     except Exception:
         # Another run (a parallel `dvc queue start -j 2`) created it between our two calls.
         exp = client.get_experiment_by_name(name)
@@ -267,20 +290,126 @@ def classification_report(evaluation: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def curve_metrics(curve_csv: str | Path) -> list[tuple[str, float, int]]:
-    """(key, value, step) for every numeric column of a curves CSV except `step`."""
-    rows = read_csv(curve_csv)
+CURVE_PREFIX = "curve."
+
+
+def curve_metrics(curve_csv: str | Path, n_train: int) -> list[tuple[str, float, int]]:
+    """(`curve.<column>`, value, step) for every numeric column of a curves CSV (`epoch`
+    included, `step` left out). MLflow steps are integers, so the step is the number of
+    training images seen, round(epoch * n_train): the same axis for every head (the heads share
+    the training slice), which lets the compare view overlay the TF and Keras curves; choose
+    `curve.epoch` as the x-axis of a chart to read it in epochs."""
     out = []
-    for row in rows:
-        step = int(float(row["step"]))
+    for row in read_csv(curve_csv):
+        images_seen = round(float(row["epoch"]) * n_train)
         for key, value in row.items():
             if key == "step" or value in ("", None):
                 continue
             try:
-                out.append((key, float(value), step))
+                out.append((f"{CURVE_PREFIX}{key}", float(value), images_seen))
             except ValueError:
                 continue
     return out
+
+
+# metrics/train/<head>.json keys that are settings of the training, not results: params.
+TRAIN_SETTINGS = frozenset(
+    {
+        "batch_size",
+        "learning_rate",
+        "hidden_units",
+        "dropout",
+        "early_stopping_patience",
+        "max_epochs",
+        "eval_every",
+        "optimizer",
+        "head",
+        "n_train",
+        "n_val",
+        "n_classes",
+    }
+)
+
+
+def split_train_summary(summary: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, float]]:
+    """(params, metrics) of metrics/train/<head>.json: the settings as `train.<key>` params,
+    the results as `train.<key>` metrics, the wall time as `training_seconds`."""
+    params = {f"train.{k}": v for k, v in summary.items() if k in TRAIN_SETTINGS}
+    metrics = {}
+    for key, value in numeric_leaves(summary).items():
+        if key in TRAIN_SETTINGS:
+            continue
+        metrics["training_seconds" if key == "train_seconds" else f"train.{key}"] = value
+    return params, metrics
+
+
+def per_class_table(evaluation: Mapping[str, Any]) -> dict[str, list]:
+    """metrics/evaluate/<head>.json's per-class scores as columns (mlflow.log_table)."""
+    per_class = evaluation.get("per_class", {})
+    return {
+        "class": list(per_class),
+        **{
+            key: [row.get(key) for row in per_class.values()]
+            for key in ("precision", "recall", "f1", "support")
+        },
+    }
+
+
+def dataset_name(source: str) -> str:
+    """A name for the data of `data.source`: the last part of its path or URL without the
+    archive/export suffix (flower_photos.tgz -> flower_photos), safe for a registered model."""
+    import re
+    from urllib.parse import urlsplit
+
+    text = str(source).rstrip("/\\")
+    if "://" in text:
+        text = urlsplit(text).path.rstrip("/")
+    name = re.split(r"[/\\]", text)[-1] if text else ""
+    for suffix in (".tar.gz", ".tgz", ".zip", ".jsonl", ".json", ".tar"):
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-.")
+    return name or "images"
+
+
+def registered_model_names(track: Mapping[str, Any], source: str) -> dict[str, str]:
+    """track.registered_models with `{dataset}` filled in from data.source."""
+    templates = {"tf": "{dataset}-tf", "keras": "{dataset}-keras"}
+    templates.update(track.get("registered_models") or {})
+    return {head: str(t).format(dataset=dataset_name(source)) for head, t in templates.items()}
+
+
+def subset_dataset(split_manifest: str | Path, subset: str, source: str, name: str) -> Any:
+    """The `subset` (train/test) rows of the split manifest as an MLflow dataset: digest = the
+    sha256 of those rows (16 hex digits), source = data.source, targets = class."""
+    import pandas as pd
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.pandas_dataset import PandasDataset
+
+    rows = [r for r in read_csv(split_manifest) if r.get("subset") == subset]
+    frame = pd.DataFrame(rows)
+    canonical = frame.to_csv(index=False, lineterminator="\n").encode()
+    digest = hashlib.sha256(canonical).hexdigest()[:16]
+    # A URL stays a URL (HTTP source); a path is made absolute (a local artifact source).
+    uri = str(source) if "://" in str(source) else str(Path(source).expanduser().resolve())
+    return PandasDataset(
+        df=frame, source=resolve_dataset_source(uri), targets="class", name=name, digest=digest
+    )
+
+
+def log_datasets(client: Any, run_id: str, datasets: Mapping[str, Any]) -> None:
+    """Each dataset as an input of the run, tagged with its context (train, test)."""
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    client.log_inputs(
+        run_id,
+        datasets=[
+            DatasetInput(ds._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, ctx)])
+            for ctx, ds in datasets.items()
+        ],
+    )
 
 
 # --------------------------------------------------------------------------- the stage
@@ -363,6 +492,11 @@ def _run_name(tags: Mapping[str, str]) -> str:
     return f"repro-{commit}{'-dirty' if tags.get('git.dirty') == 'true' else ''}"
 
 
+def child_run_name(parent_name: str, head: str) -> str:
+    """`<result>/<head>`: which result a head run belongs to, in every table and chart legend."""
+    return f"{parent_name}/{head}"
+
+
 def track_pipeline(
     params: Mapping[str, Any],
     *,
@@ -401,10 +535,23 @@ def track_pipeline(
     client = MlflowClient(store.tracking_uri, store.registry_uri)
     flat_params = flatten(params)
     tags = provenance_tags(params, workdir)
+    source = str(params.get("data", {}).get("source", ""))
+    data_name = dataset_name(source)
+    split_manifest = workdir / params["paths"]["split"] / "manifest.csv"
+    datasets = (
+        {
+            subset: subset_dataset(split_manifest, subset, source, f"{data_name}-{subset}")
+            for subset in ("train", "test")
+        }
+        if split_manifest.is_file()
+        else {}
+    )
     models = EndToEndModels(
         files,
         precision=params.get("bottlenecks", {}).get("precision", "float32"),
-        registered_models=track.get("registered_models", {}),
+        registered_models=registered_model_names(track, source),
+        min_accuracy=float(params.get("evaluate", {}).get("min_accuracy", 0.0)),
+        data_description=_data_description(source, datasets, tags),
     )
 
     summary: dict[str, Any] = {
@@ -420,6 +567,8 @@ def track_pipeline(
         summary["run_id"] = parent_id
         summary["run_name"] = parent.info.run_name
         _log_params(client, parent_id, flat_params)
+        if datasets:
+            log_datasets(client, parent_id, datasets)
         _log_metrics(
             client,
             parent_id,
@@ -442,24 +591,72 @@ def track_pipeline(
         for head in HEADS:
             summary["heads"][head] = _track_head(
                 head,
+                run_name=child_run_name(parent.info.run_name, head),
                 files=files,
                 evaluation=evaluations[head],
                 flat_params=flat_params,
                 tags=tags,
+                datasets=datasets,
                 experiment_id=experiment_id,
                 client=client,
                 models=models if log_models and head in MODEL_HEADS else None,
             )
+        curve_runs = [summary["heads"][h]["run_id"] for h in MODEL_HEADS]
+        summary["curves_links"] = {
+            what: curves_link(
+                experiment_id, curve_runs, [f"curve.val_{what}", f"curve.train_{what}"]
+            )
+            for what in ("loss", "accuracy")
+        }
+        # The run's description in the UI: one click to the overlaid TF and Keras curves.
+        client.set_tag(
+            parent_id,
+            "mlflow.note.content",
+            "TF and Keras training curves of this result, on one x-axis (training images seen):"
+            f" [loss]({summary['curves_links']['loss']}),"
+            f" [accuracy]({summary['curves_links']['accuracy']}).",
+        )
     return summary
+
+
+def curves_link(experiment_id: str, run_ids: Iterable[str], keys: list[str]) -> str:
+    """The UI's metric page (a hash route, relative to the UI's address) drawing `keys` of
+    `run_ids` on one chart, x = step (= training images seen for the curve.* metrics)."""
+    from urllib.parse import quote
+
+    compact = {"separators": (",", ":")}
+    query = {
+        "runs": json.dumps(list(run_ids), **compact),
+        "metric": json.dumps(keys[0]),
+        "experiments": json.dumps([str(experiment_id)]),
+        "plot_metric_keys": json.dumps(keys, **compact),
+        "plot_layout": "{}",
+        "x_axis": "step",
+        "y_axis_scale": "linear",
+        "line_smoothness": "1",
+        "show_point": "false",
+        "deselected_curves": "[]",
+        "last_linear_y_axis_range": "[]",
+    }
+    # Every value percent-encoded: a raw quote would end the link in the run's Markdown note.
+    return "#/metric?" + "&".join(f"{k}={quote(v, safe='')}" for k, v in query.items())
+
+
+def _data_description(source: str, datasets: Mapping[str, Any], tags: Mapping[str, str]) -> str:
+    sizes = ", ".join(f"{len(ds.df)} {subset}" for subset, ds in datasets.items())
+    digest = tags.get("data.manifest_sha256", "")[:16]
+    return f"{source} ({sizes} images; manifest sha256 {digest}...)" if sizes else source
 
 
 def _track_head(
     head: str,
     *,
+    run_name: str,
     files: ResultFiles,
     evaluation: Mapping[str, Any],
     flat_params: Mapping[str, Any],
     tags: Mapping[str, str],
+    datasets: Mapping[str, Any],
     experiment_id: str,
     client: Any,
     models: EndToEndModels | None,
@@ -468,20 +665,32 @@ def _track_head(
 
     with mlflow.start_run(
         experiment_id=experiment_id,
-        run_name=head,
+        run_name=run_name,
         nested=True,
         tags={**tags, "imgclf.run_kind": "head", "imgclf.head": head},
     ) as run:
         run_id = run.info.run_id
-        _log_params(client, run_id, {**flat_params, "head": head})
-        metrics = [(f"test.{k}", v, 0) for k, v in numeric_leaves(evaluation).items()]
+        if datasets:
+            log_datasets(client, run_id, datasets)
+        run_params: dict[str, Any] = {**flat_params, "head": head}
+        metrics = [
+            (f"test.{k}", v, 0)
+            for k, v in numeric_leaves(
+                {k: v for k, v in evaluation.items() if k != "per_class"}
+            ).items()
+        ]
         train_json = files.metrics / "train" / f"{head}.json"
-        if train_json.is_file():
-            metrics += [
-                (f"train.{k}", v, 0) for k, v in numeric_leaves(read_json(train_json)).items()
-            ]
+        train = read_json(train_json) if train_json.is_file() else {}
+        train_params, train_metrics = split_train_summary(train)
+        run_params.update(train_params)
+        metrics += [(k, v, 0) for k, v in train_metrics.items()]
         curve_csv = files.metrics / "curves" / f"{head}.csv"
-        curve = curve_metrics(curve_csv) if curve_csv.is_file() else []
+        curve = (
+            curve_metrics(curve_csv, int(train.get("n_train", 0)))
+            if curve_csv.is_file() and train.get("n_train")
+            else []
+        )
+        _log_params(client, run_id, run_params)
         _log_metrics(client, run_id, metrics + curve)
         for path, folder in files.head_artifacts(head):
             if path.is_file():
@@ -491,10 +700,19 @@ def _track_head(
             classification_report(evaluation),
             "evaluation/classification_report.txt",
         )
+        if evaluation.get("per_class"):
+            mlflow.log_table(per_class_table(evaluation), "evaluation/per_class.json", run_id)
         result: dict[str, Any] = {"run_id": run_id, "curve_points": len(curve)}
         if models is not None:
-            result.update(_log_end_to_end(head, models, client, run, tags))
+            result.update(_log_end_to_end(head, models, client, run, tags, evaluation))
     return result
+
+
+HEAD_DESCRIPTIONS = {
+    "tf": "retrain.py's softmax head in low-level TensorFlow (tf.Variable, GradientTape, SGD)",
+    "keras": "the Keras tutorial's head (Dense + softmax, RMSprop, EarlyStopping)",
+}
+CHAMPION = "champion"
 
 
 @dataclass
@@ -504,17 +722,20 @@ class EndToEndModels:
 
     files: ResultFiles
     precision: str  # bottlenecks.precision: the backbone computes what the heads were trained on
-    registered_models: Mapping[str, str]  # track.registered_models
+    registered_models: Mapping[str, str]  # head -> registered model name
+    min_accuracy: float = 0.0  # evaluate.min_accuracy: the gate a @champion must pass
+    data_description: str = ""
 
     def registered_name(self, head: str) -> str:
-        return self.registered_models.get(head, f"flowers-{head}")
+        return self.registered_models[head]
 
     @cached_property
     def _shared_files(self) -> bytes:
-        from imgclf import end_to_end, inception
+        from imgclf import end_to_end, images, inception
 
-        # The code that builds the model (preprocessing included) is part of what it is.
-        code = (Path(end_to_end.__file__), Path(inception.__file__))
+        # The code that builds the model (decoding and preprocessing included) is part of
+        # what it is; of the backbone folder, its weights and how they are read.
+        code = (Path(end_to_end.__file__), Path(images.__file__), Path(inception.__file__))
         return _files_digest(*code, self.files.backbone)
 
     @cached_property
@@ -524,19 +745,46 @@ class EndToEndModels:
         return load_backbone(self.files.backbone, precision=self.precision)
 
     def key(self, head: str) -> str:
-        """What determines the end-to-end model of `head`: the files of its backbone and head,
-        the precision and the code that assembles them."""
-        digest = hashlib.sha256(f"{head}:{self.precision}".encode())
-        digest.update(self._shared_files)
+        """What determines the end-to-end model of `head`: the backbone's files, the head's
+        weights (their values, not the bytes of the files that hold them), labels and code,
+        the precision and the code that assembles them. The same key is the same model."""
         from imgclf.heads import head_module
 
-        digest.update(_files_digest(Path(head_module(head).__file__), self.files.head_dir(head)))
+        head_dir = self.files.head_dir(head)
+        digest = hashlib.sha256(f"{head}:{self.precision}".encode())
+        digest.update(self._shared_files)
+        digest.update(_files_digest(Path(head_module(head).__file__), head_dir / "labels.txt"))
+        digest.update(weights_digest(head_dir, head))
         return digest.hexdigest()
 
     def build(self, head: str) -> Any:
         from imgclf import end_to_end
 
         return end_to_end.build(self._backbone, self.files.head_dir(head), head)
+
+
+def weights_digest(head_dir: Path, head: str) -> bytes:
+    """sha256 over the names, shapes, dtypes and values of a trained head's weights."""
+    import numpy as np
+
+    digest = hashlib.sha256()
+    if head == "tf":
+        import tensorflow as tf
+
+        reader = tf.train.load_checkpoint(str(head_dir / "variables" / "variables"))
+        for name in sorted(reader.get_variable_to_shape_map()):
+            if name == "_CHECKPOINTABLE_OBJECT_GRAPH":
+                continue
+            value = np.asarray(reader.get_tensor(name))
+            digest.update(f"{name}:{value.dtype}:{value.shape}".encode() + value.tobytes())
+    else:
+        from imgclf.heads import head_module
+
+        model = head_module(head).load_keras_head(head_dir)
+        for weight in model.weights:
+            value = np.asarray(weight.numpy())
+            digest.update(f"{weight.path}:{value.dtype}:{value.shape}".encode() + value.tobytes())
+    return digest.digest()
 
 
 def _files_digest(*paths: Path) -> bytes:
@@ -551,39 +799,135 @@ def _files_digest(*paths: Path) -> bytes:
 
 
 def _log_end_to_end(
-    head: str, models: EndToEndModels, client: Any, run: Any, tags: Mapping[str, str]
+    head: str,
+    models: EndToEndModels,
+    client: Any,
+    run: Any,
+    tags: Mapping[str, str],
+    evaluation: Mapping[str, Any],
 ) -> dict[str, Any]:
-    """Log (or, when unchanged, register again) the end-to-end model of `head` in `run`."""
+    """Log the end-to-end model of `head` in `run` and register it, unless the same model (same
+    key) is registered already: then that version is this result's, and nothing new is made."""
     import mlflow
 
     from imgclf import end_to_end
 
     name = models.registered_name(head)
     key = models.key(head)
-    model_uri = _logged_model_with_key(client, run.info.experiment_id, key)
-    if model_uri:
-        # Same backbone, head and code as an earlier result (an experiment that changed the
-        # other head, say): register that model again instead of exporting 90 MB anew.
+    existing = _version_with_key(client, name, key)
+    new_version = existing is None
+    if existing is not None:
+        version, model_uri = str(existing.version), existing.source
         print(
-            f"track: {head} model unchanged, registering {model_uri} as {name!r}", file=sys.stderr
+            f"track: {head} model unchanged, already {name!r} version {version}",
+            file=sys.stderr,
         )
-        version = str(mlflow.register_model(model_uri, name).version)
     else:
-        model = models.build(head)
-        print(f"track: logging the end-to-end {head} model as {name!r}...", file=sys.stderr)
-        info = end_to_end.log_model(model, registered_model_name=name)
-        model_uri, version = info.model_uri, str(info.registered_model_version)
+        model_uri = _logged_model_with_key(client, run.info.experiment_id, key)
+        if model_uri:
+            # Same model logged for another registered name (track.registered_models changed):
+            # register it, without exporting 90 MB anew.
+            version = str(mlflow.register_model(model_uri, name).version)
+        else:
+            model = models.build(head)
+            print(f"track: logging the end-to-end {head} model as {name!r}...", file=sys.stderr)
+            info = end_to_end.log_model(model, registered_model_name=name)
+            model_uri, version = info.model_uri, str(info.registered_model_version)
+        client.set_model_version_tag(name, version, "imgclf.model_key", key)
+        for tag in ("git.commit", "dvc.exp_name", "backbone.sha256", "data.manifest_sha256"):
+            if tag in tags:
+                client.set_model_version_tag(name, version, tag, tags[tag])
+        client.set_model_version_tag(name, version, "head", head)
     client.set_tag(run.info.run_id, "imgclf.model_key", key)
     client.set_tag(run.info.run_id, "imgclf.model_uri", model_uri)
-    for tag in ("git.commit", "dvc.exp_name", "backbone.sha256", "data.manifest_sha256"):
-        if tag in tags:
-            client.set_model_version_tag(name, version, tag, tags[tag])
-    client.set_model_version_tag(name, version, "head", head)
+    client.set_tag(run.info.run_id, "imgclf.registered_model", f"{name}/{version}")
+    accuracy = float(evaluation.get("accuracy", 0.0))
+    passed = accuracy >= models.min_accuracy
+    if new_version:
+        client.set_model_version_tag(name, version, "test.accuracy", f"{accuracy:.6f}")
+        client.set_model_version_tag(name, version, "gate", "passed" if passed else "failed")
+        client.update_model_version(
+            name, version, description=_version_description(head, evaluation, models, tags, run)
+        )
+    _describe_registered_model(client, name, head, models)
+    champion = _update_champion(client, name, version, accuracy, passed)
     return {
         "model_uri": model_uri,
         "registered_model": name,
         "registered_version": version,
+        "new_version": new_version,
+        "champion": champion,
     }
+
+
+def _version_with_key(client: Any, name: str, key: str) -> Any:
+    """The registered version of `name` whose model has `key`, if any (oldest first)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        versions = client.search_model_versions(f"name = '{name}'")
+    except MlflowException:
+        return None
+    same = [v for v in versions if (v.tags or {}).get("imgclf.model_key") == key]
+    return min(same, key=lambda v: int(v.version)) if same else None
+
+
+def _version_description(
+    head: str,
+    evaluation: Mapping[str, Any],
+    models: EndToEndModels,
+    tags: Mapping[str, str],
+    run: Any,
+) -> str:
+    accuracy = float(evaluation.get("accuracy", 0.0))
+    ci = (
+        f" (95% CI {evaluation['ci_low']:.4f}-{evaluation['ci_high']:.4f})"
+        if "ci_low" in evaluation and "ci_high" in evaluation
+        else ""
+    )
+    gate = "passes" if accuracy >= models.min_accuracy else "FAILS"
+    commit = tags.get("git.commit", "none")[:12]
+    return (
+        f"Test accuracy {accuracy:.4f}{ci} on {evaluation.get('n_test', '?')} held-out images; "
+        f"{gate} the gate evaluate.min_accuracy = {models.min_accuracy}. "
+        f"Data: {models.data_description}. Head: {HEAD_DESCRIPTIONS.get(head, head)}. "
+        f"Run {run.info.run_name} ({run.info.run_id}), git commit {commit}."
+    )
+
+
+def _describe_registered_model(client: Any, name: str, head: str, models: EndToEndModels) -> None:
+    from imgclf.heads.common import read_labels
+
+    labels = read_labels(models.files.head_dir(head))
+    shown = ", ".join(labels[:20]) + (f" and {len(labels) - 20} more" if len(labels) > 20 else "")
+    description = (
+        f"Image classifier: Inception V3 (frozen, ImageNet weights) + {HEAD_DESCRIPTIONS[head]}, "
+        f"trained by the tf-or-keras pipeline (imgclf). Input: image files (JPEG, PNG...; "
+        f"base64 in JSON, column `image`); output per image: label, probability and the "
+        f"probabilities of the {len(labels)} classes: {shown}. Data: {models.data_description}. "
+        f"Serve models:/{name}@{CHAMPION}: the version with the best test accuracy that passes "
+        f"evaluate.min_accuracy."
+    )
+    client.update_registered_model(name, description=description)
+
+
+def _update_champion(client: Any, name: str, version: str, accuracy: float, passed: bool) -> str:
+    """Point @champion at `version` when it passes the gate and beats the champion's test
+    accuracy (a tie keeps the older one). Returns the champion's version ("" for none)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        current = client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        current = None
+    if current is not None and str(current.version) == version:
+        return version
+    best = float((current.tags or {}).get("test.accuracy", "-1")) if current is not None else -1.0
+    if passed and accuracy > best:
+        client.set_registered_model_alias(name, CHAMPION, version)
+        print(f"track: {name}@{CHAMPION} is now version {version}", file=sys.stderr)
+        return version
+    return str(current.version) if current is not None else ""
 
 
 def _logged_model_with_key(client: Any, experiment_id: str, key: str) -> str | None:
@@ -592,3 +936,49 @@ def _logged_model_with_key(client: Any, experiment_id: str, key: str) -> str | N
         [experiment_id], filter_string=f"tags.`imgclf.model_key` = '{key}'", max_results=1
     )
     return runs[0].data.tags.get("imgclf.model_uri") if runs else None
+
+
+# --------------------------------------------------------------------------- the UI
+
+
+def ui_url(
+    base_url: str = "http://127.0.0.1:5000",
+    experiment: str = "tf-or-keras",
+    root: str | Path | None = None,
+) -> str:
+    """The link that opens the experiment's runs in the UI's model-training view. MLflow 3's UI
+    opens an experiment in its GenAI view (traces) unless the URL asks for
+    workflowType=machine_learning; no server setting changes that."""
+    base = base_url.rstrip("/")
+    store = resolve_store(root)
+    db = Path(store.tracking_uri.removeprefix("sqlite:///")) if store.is_default else None
+    experiment_id = None
+    if db is None or db.is_file():
+        from mlflow import MlflowClient
+
+        exp = MlflowClient(store.tracking_uri).get_experiment_by_name(experiment)
+        experiment_id = exp.experiment_id if exp is not None else None
+    if experiment_id is None:
+        return f"{base}/#/experiments?workflowType=machine_learning"
+    return f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m imgclf.tracking ui-url [BASE_URL]`: print `ui_url` for track.experiment."""
+    import argparse
+
+    from imgclf.config import load_params
+
+    parser = argparse.ArgumentParser(prog="python -m imgclf.tracking")
+    parser.add_argument("command", choices=["ui-url"])
+    parser.add_argument("base_url", nargs="?", default="http://127.0.0.1:5000")
+    args = parser.parse_args(argv)
+    try:
+        experiment = load_params()["track"]["experiment"]
+    except (FileNotFoundError, KeyError, TypeError):
+        experiment = "tf-or-keras"
+    print(ui_url(args.base_url, experiment))
+
+
+if __name__ == "__main__":
+    main()

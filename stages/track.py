@@ -26,6 +26,8 @@ def main() -> None:
         f"track: run {summary['run_name']} ({summary['run_id']}) in {summary['tracking_uri']}"
         + (f"; registered {versions}" if versions else "")
     )
+    # The link is relative to the UI's address; `make ui` serves it on 127.0.0.1:5000.
+    print(f"track: TF vs Keras curves: http://127.0.0.1:5000/{summary['curves_links']['loss']}")
 
 
 if __name__ == "__main__":

@@ -163,6 +163,9 @@ def test_tf_head_learns_is_deterministic_and_reloads(data, tmp_path: Path) -> No
 
     first, second = train(), train()
     assert [row["step"] for row in first.curve] == [100, 200, 250]
+    # The shared x-axis: training images seen / training-set size.
+    n = len(data["x_train"])
+    assert [row["epoch"] for row in first.curve] == [s * 50 / n for s in (100, 200, 250)]
     assert first.curve == second.curve
     for a, b in zip(first.model.variables, second.model.variables, strict=True):
         assert np.array_equal(a.numpy(), b.numpy()), a.name
@@ -219,6 +222,7 @@ def test_keras_head_learns_is_deterministic_and_reloads(data, tmp_path: Path) ->
     for a, b in zip(first.model.get_weights(), second.model.get_weights(), strict=True):
         assert np.array_equal(a, b)
     assert [row["step"] for row in first.curve] == list(range(1, first.summary["epochs"] + 1))
+    assert [row["epoch"] for row in first.curve] == [float(r["step"]) for r in first.curve]
     assert count_parameters(first.model) == 2048 * 32 + 32 + 32 * 4 + 4
     probs = first.model.predict(data["x_test"], verbose=0)
     assert _accuracy(probs, data["y_test"]) > 0.95
@@ -277,6 +281,10 @@ def test_train_stages_write_declared_outputs(tmp_path: Path, monkeypatch) -> Non
     for head, n_rows in (("tf", 3), ("keras", None)):
         rows = read_csv(metrics_dir / "curves" / f"{head}.csv")
         assert list(rows[0]) == list(CURVE_COLUMNS)
+        # The format the top-level plots of dvc.yaml draw: epoch first, as a float.
+        assert list(rows[0])[:5] == ["epoch", "train_loss", "val_loss", "train_accuracy",
+                                     "val_accuracy"]  # fmt: skip
+        assert float(rows[-1]["epoch"]) > float(rows[0]["epoch"]) > 0
         assert n_rows is None or len(rows) == n_rows
         assert all(len(value) <= 12 for row in rows for value in row.values())  # rounded
     assert not (metrics_dir / "curves" / "sklearn.csv").exists()
@@ -287,3 +295,55 @@ def test_train_stages_write_declared_outputs(tmp_path: Path, monkeypatch) -> Non
     after = read_json(metrics_dir / "train" / "tf.json")
     before.pop("train_seconds"), after.pop("train_seconds")
     assert before == after
+
+
+_TRAIN_AND_SAVE = """
+import os
+import sys
+from stages import train_keras, train_tf
+os.chdir(sys.argv[1])
+train_tf.main()
+train_keras.main()
+"""
+
+
+@pytest.mark.slow
+def test_identical_trainings_in_fresh_processes_write_identical_model_files(tmp_path) -> None:
+    """What two `dvc repro --force` of the train stages do: the same bytes in models/, so
+    dvc.lock does not change and MLflow sees the same model (issue 10, item 8). Keras used to
+    write its save time and Python object ids, TensorFlow a random fingerprint uuid."""
+    import os
+    import subprocess
+    import sys
+
+    params = _small_params()
+    outputs = []
+    for run in ("a", "b"):
+        work = tmp_path / run
+        work.mkdir()
+        (work / "params.yaml").write_text(yaml.safe_dump(params))
+        write_bottlenecks(work / params["paths"]["bottlenecks"])
+        proc = subprocess.run(
+            [sys.executable, "-c", _TRAIN_AND_SAVE, str(work)],
+            cwd=ROOT,
+            capture_output=True,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+        assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+        # TF 2.21's harmless tf.data notice during fit (see keras_head._TF_DATA_NOTICE) is gone;
+        # the stages' own lines are still there.
+        assert b"use_unbounded_threadpool" not in proc.stderr
+        assert b"train_keras: val_accuracy" in proc.stdout
+        models = work / params["paths"]["models"]
+        outputs.append(
+            {
+                str(f.relative_to(models)): f.read_bytes()
+                for head in ("tf", "keras")
+                for f in sorted(model_dir(models, head).rglob("*"))
+                if f.is_file()
+            }
+        )
+    assert outputs[0].keys() == outputs[1].keys()
+    differ = [name for name in outputs[0] if outputs[0][name] != outputs[1][name]]
+    assert differ == []
+    assert "keras_head/model.keras" in outputs[0] and "tf_head/fingerprint.pb" in outputs[0]

@@ -209,6 +209,22 @@ def test_store_defaults_to_repo_root_and_env_overrides(tmp_path, monkeypatch):
     )
 
 
+def test_configuring_a_store_leaves_no_registry_behind(tmp_path, monkeypatch):
+    """mlflow.set_registry_uri writes MLFLOW_REGISTRY_URI; a later resolve_store (label-image
+    after track, in one process) must not take it for the user's and read another registry."""
+    from imgclf.tracking import configure_store, resolve_store
+
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    configure_store(tmp_path / "a")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'b.db'}")
+    store = resolve_store()
+    assert store.registry_uri == store.tracking_uri == f"sqlite:///{tmp_path / 'b.db'}"
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", "sqlite:///user.db")
+    configure_store(tmp_path / "c")
+    assert os.environ["MLFLOW_REGISTRY_URI"] == "sqlite:///user.db"  # the user's own is kept
+
+
 def test_flatten_and_numeric_leaves():
     from imgclf.tracking import flatten, numeric_leaves, param_value
 
@@ -328,7 +344,12 @@ def test_one_parent_run_three_children_with_params_metrics_curves_tags(tracked):
     parent = parents[0]
     assert parent.info.run_name == "tiny-exp"  # DVC_EXP_NAME names the run
     assert parent.info.artifact_uri.startswith((store_root / "mlartifacts").as_uri())
-    assert sorted(c.info.run_name for c in children) == ["keras", "sklearn", "tf"]
+    # Each child says which result it belongs to.
+    assert sorted(c.info.run_name for c in children) == [
+        "tiny-exp/keras",
+        "tiny-exp/sklearn",
+        "tiny-exp/tf",
+    ]
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
 
     for run in (parent, *children):
@@ -341,23 +362,60 @@ def test_one_parent_run_three_children_with_params_metrics_curves_tags(tracked):
         assert tags["backbone.sha256"] == backbone["sha256"]
         assert tags["data.manifest_sha256"] == sha256_file(workdir / "data/manifest.csv")
 
-    by_name = {c.info.run_name: c for c in children}
+    by_name = {c.data.tags["imgclf.head"]: c for c in children}
     for head, run in by_name.items():
         ev = read_json(workdir / f"metrics/evaluate/{head}.json")
         assert run.data.metrics["test.accuracy"] == pytest.approx(ev["accuracy"])
-        assert run.data.metrics["test.per_class.red.f1"] == pytest.approx(
-            ev["per_class"]["red"]["f1"]
-        )
+        # Per-class scores are a table artifact, not dozens of single-value metrics.
+        assert not [k for k in run.data.metrics if "per_class" in k]
         assert parent.data.metrics[f"{head}.accuracy"] == pytest.approx(ev["accuracy"])
-        assert "train.train_seconds" in run.data.metrics
+        train = read_json(workdir / f"metrics/train/{head}.json")
+        assert run.data.metrics["training_seconds"] == pytest.approx(train["train_seconds"])
+        # Settings are params, results are metrics.
+        assert run.data.params["train.n_train"] == str(train["n_train"])
+        assert "train.n_train" not in run.data.metrics
+        assert "train.best_val_accuracy" in run.data.metrics
+    assert by_name["tf"].data.params["train.batch_size"] == "8"
+    assert by_name["keras"].data.params["train.learning_rate"] == "0.01"
+    assert not [k for c in children for k in c.data.metrics if k.split(".")[-1] in (
+        "batch_size", "learning_rate", "hidden_units", "dropout")]  # fmt: skip
+    # Both heads' curves on one x-axis: step = training images seen = epoch * n_train.
+    n_train = read_json(workdir / "metrics/train/tf.json")["n_train"]
+    assert n_train == read_json(workdir / "metrics/train/keras.json")["n_train"]
+    last_steps = {}
     for head in ("tf", "keras"):
         curve = read_csv(workdir / f"metrics/curves/{head}.csv")
-        for key in ("train_loss", "val_accuracy"):
-            history = client.get_metric_history(by_name[head].info.run_id, key)
+        for key in ("train_loss", "val_accuracy", "epoch"):
+            history = client.get_metric_history(by_name[head].info.run_id, f"curve.{key}")
             assert [(m.step, m.value) for m in sorted(history, key=lambda m: m.step)] == [
-                (int(row["step"]), pytest.approx(float(row[key]))) for row in curve
+                (round(float(row["epoch"]) * n_train), pytest.approx(float(row[key])))
+                for row in curve
             ]
-    assert client.get_metric_history(by_name["sklearn"].info.run_id, "val_accuracy") == []
+        last_steps[head] = round(float(curve[-1]["epoch"]) * n_train)
+    # 60 SGD steps of 8 and 4 epochs: the same scale, not 60 against 4.
+    assert last_steps["tf"] == 60 * 8 and last_steps["keras"] == 4 * n_train
+    assert client.get_metric_history(by_name["sklearn"].info.run_id, "curve.val_accuracy") == []
+
+    # The parent's description links to the TF and Keras curves overlaid on one chart.
+    note = parent.data.tags["mlflow.note.content"]
+    assert summary["curves_links"]["loss"] in note and "#/metric?runs=" in note
+    assert by_name["tf"].info.run_id in note and by_name["keras"].info.run_id in note
+
+    # Train and test sets are dataset inputs of every run (the UI's Dataset column).
+    from imgclf.fileio import read_csv as _read_csv
+
+    split_rows = _read_csv(workdir / "data/split/manifest.csv")
+    for run in (parent, *children):
+        inputs = {
+            next(t.value for t in d.tags if t.key == "mlflow.data.context"): d.dataset
+            for d in client.get_run(run.info.run_id).inputs.dataset_inputs
+        }
+        assert set(inputs) == {"train", "test"}
+        assert inputs["train"].name == "generated-train" and len(inputs["train"].digest) == 16
+        assert inputs["train"].digest != inputs["test"].digest
+        profile = json.loads(inputs["test"].profile)
+        assert profile["num_rows"] == sum(r["subset"] == "test" for r in split_rows)
+        assert "generated" in inputs["train"].source
 
 
 @pytest.mark.slow
@@ -381,6 +439,10 @@ def test_artifacts_are_logged(tracked, tmp_path):
             "evaluation/classification_report.txt",
         } <= files
         assert {"labels.txt", "training"} <= {a.path for a in client.list_artifacts(run_id)}
+        table = Path(client.download_artifacts(run_id, "evaluation/per_class.json", str(tmp_path)))
+        doc = json.loads(table.read_text())
+        assert doc["columns"] == ["class", "precision", "recall", "f1", "support"]
+        assert [row[0] for row in doc["data"]] == sorted(CLASSES)
         local = Path(
             client.download_artifacts(
                 run_id, "evaluation/classification_report.txt", str(tmp_path / head)
@@ -393,50 +455,131 @@ def test_artifacts_are_logged(tracked, tmp_path):
 @pytest.mark.slow
 def test_registered_models_reproduce_the_evaluate_stage(tracked):
     import mlflow
+    import pandas as pd
 
     from imgclf.fileio import read_json
     from imgclf.heads import load_predictor
-    from imgclf.images import load_rgb
 
     client, summary, workdir = tracked["client"], tracked["summary"], tracked["workdir"]
     test = np.load(workdir / "data/bottlenecks/test.npz")
     classes = read_json(workdir / "data/bottlenecks/classes.json")
-    for head, name in (("tf", "flowers-tf"), ("keras", "flowers-keras")):
+    # The default names come from the data (data.source = tests/generated), not "flowers".
+    for head, name in (("tf", "generated-tf"), ("keras", "generated-keras")):
         versions = client.search_model_versions(f"name='{name}'")
         assert [str(v.version) for v in versions] == ["1"]
         assert versions[0].run_id == summary["heads"][head]["run_id"]
         assert summary["heads"][head]["registered_version"] == "1"
-        model = mlflow.pyfunc.load_model(f"models:/{name}/1")
+        ev = read_json(workdir / f"metrics/evaluate/{head}.json")
+        registered = client.get_registered_model(name)
+        assert "Inception V3" in registered.description and "3 classes" in registered.description
+        assert f"Test accuracy {ev['accuracy']:.4f}" in versions[0].description
+        assert "tests/generated" in versions[0].description
+        # min_accuracy 0: the first version passes the gate and is the champion.
+        assert client.get_model_version_by_alias(name, "champion").version == versions[0].version
+        model = mlflow.pyfunc.load_model(f"models:/{name}@champion")
         assert model.metadata.metadata["labels"] == classes
-        assert model.metadata.get_input_schema().inputs[0].shape == (-1, -1, -1, 3)
-        probs = np.concatenate(
-            [model.predict(load_rgb(workdir / "data/split" / i)[np.newaxis]) for i in test["ids"]]
+        assert model.metadata.get_input_schema().input_names() == ["image"]
+        # Encoded files in, decoded inside the model with load_rgb.
+        answer = model.predict(
+            pd.DataFrame(
+                {"image": [(workdir / "data/split" / i).read_bytes() for i in test["ids"]]}
+            )
         )
+        probs = np.array([[row[c] for c in classes] for row in answer["probabilities"]])
+        assert list(answer["label"]) == [classes[i] for i in probs.argmax(1)]
+        assert list(answer["probability"]) == list(probs.max(1))
         expected = load_predictor(head, workdir / f"models/{head}_head")(test["features"])
         np.testing.assert_allclose(probs, expected, atol=1e-4)
         accuracy = float(np.mean(probs.argmax(1) == test["labels"]))
-        ev = read_json(workdir / f"metrics/evaluate/{head}.json")
         assert round(accuracy, 6) == ev["accuracy"]
-    assert client.search_model_versions("name='flowers-sklearn'") == []
+    assert [m.name for m in client.search_registered_models()] == [
+        "generated-keras",
+        "generated-tf",
+    ]
 
 
 @pytest.mark.slow
-def test_an_unchanged_model_is_registered_again_not_exported_again(tracked, tmp_path):
-    """A result whose tf head is unchanged (an experiment on the keras head, say) registers
-    a new version of the tf model that points at the model already logged."""
-    import mlflow
+def test_an_identical_result_registers_no_new_version(tracked, tmp_path):
+    """The same weights, labels, backbone and code (a forced rerun, or an experiment that only
+    changed the other head) are the same model: its version is reused, nothing is exported and
+    no version is added (issue 10, item 8). A renamed registered model gets the logged model."""
+    from mlflow import MlflowClient
 
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
         mp.setenv("DVC_ROOT", str(tmp_path))
         first = track_result(tracked["params"], tracked["workdir"])
         second = track_result(tracked["params"], tracked["workdir"])
+        renamed = {
+            **tracked["params"],
+            "track": {**tracked["params"]["track"], "registered_models": {"tf": "other-tf"}},
+        }
+        third = track_result(renamed, tracked["workdir"])
+    client = MlflowClient(first["tracking_uri"])
     for head in ("tf", "keras"):
         assert second["heads"][head]["model_uri"] == first["heads"][head]["model_uri"]
-        assert second["heads"][head]["registered_version"] == "2"
-    assert len(list((tmp_path / "mlartifacts").rglob("saved_model.pb"))) == 2  # not 4
-    classes = json.loads((tracked["workdir"] / "data/bottlenecks/classes.json").read_text())
-    assert mlflow.pyfunc.load_model("models:/flowers-tf/2").metadata.metadata["labels"] == classes
+        assert second["heads"][head]["registered_version"] == "1"
+        assert second["heads"][head]["new_version"] is False
+        name = first["heads"][head]["registered_model"]
+        assert len(client.search_model_versions(f"name='{name}'")) == 1
+    assert third["heads"]["tf"]["registered_model"] == "other-tf"
+    assert third["heads"]["tf"]["model_uri"] == first["heads"]["tf"]["model_uri"]
+    assert third["heads"]["keras"]["registered_version"] == "1"
+    assert len(list((tmp_path / "mlartifacts").rglob("saved_model.pb"))) == 2  # not 4 or 6
+
+
+def test_champion_is_the_best_version_that_passes_the_gate(tmp_path):
+    from mlflow import MlflowClient
+
+    from imgclf.tracking import _update_champion
+
+    uri = f"sqlite:///{tmp_path / 'registry.db'}"
+    client = MlflowClient(uri, uri)
+    client.create_registered_model("m")
+    for accuracy in (0.85, 0.80, 0.95, 0.90, 0.99):
+        v = client.create_model_version("m", str(tmp_path), run_id=None).version
+        client.set_model_version_tag("m", v, "test.accuracy", str(accuracy))
+    history = [
+        _update_champion(client, "m", "1", 0.85, passed=True),
+        _update_champion(client, "m", "2", 0.80, passed=True),  # worse: champion stays
+        _update_champion(client, "m", "3", 0.95, passed=True),
+        _update_champion(client, "m", "4", 0.90, passed=True),
+        _update_champion(client, "m", "5", 0.99, passed=False),  # best, but below the gate
+    ]
+    assert history == ["1", "1", "3", "3", "3"]
+    assert str(client.get_model_version_by_alias("m", "champion").version) == "3"
+
+
+def test_ui_url_opens_the_runs_in_model_training_mode(tmp_path, monkeypatch):
+    from mlflow import MlflowClient
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+    from imgclf.tracking import configure_store, get_or_create_experiment, ui_url
+
+    assert ui_url("http://h:5000/", "tf-or-keras", root=tmp_path) == (
+        "http://h:5000/#/experiments?workflowType=machine_learning"
+    )
+    store = configure_store(tmp_path)
+    exp_id = get_or_create_experiment("tf-or-keras", store)
+    assert ui_url("http://h:5000", "tf-or-keras", root=tmp_path) == (
+        f"http://h:5000/#/experiments/{exp_id}/runs?workflowType=machine_learning"
+    )
+    tags = MlflowClient(store.tracking_uri).get_experiment(exp_id).tags
+    assert tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_dataset_and_registered_model_names_come_from_the_source():
+    from imgclf.tracking import dataset_name, registered_model_names
+
+    url = "https://storage.googleapis.com/download.tensorflow.org/example_images/flower_photos.tgz"
+    assert dataset_name(url) == "flower_photos"
+    assert dataset_name("../shared/datasets/hymenoptera_data/") == "hymenoptera_data"
+    assert dataset_name("exports/ants bees.json") == "ants-bees"
+    assert dataset_name("") == "images"
+    track = {"registered_models": {"tf": "{dataset}-tf", "keras": "my-keras"}}
+    assert registered_model_names(track, "data/ants.zip") == {"tf": "ants-tf", "keras": "my-keras"}
 
 
 def _free_port() -> int:
@@ -447,10 +590,12 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 def test_served_model_answers_like_label_image(tracked, tmp_path, monkeypatch, capsys):
-    """`mlflow models serve` of the registered Keras model, a real HTTP request on 127.0.0.1,
-    and label-image (pipeline output, and the same registry URI): the same probabilities."""
+    """`mlflow models serve` of the registered Keras model (@champion), a real HTTP request on
+    127.0.0.1 with the JPEG file in base64, as in MLflow's image example, and label-image
+    (pipeline output, and the same registry URI): the label and the same probabilities."""
+    import base64
+
     from imgclf import label_image
-    from imgclf.images import load_rgb
 
     workdir, summary = tracked["workdir"], tracked["summary"]
     image = workdir / "data/split/test/green/green_01.jpg"
@@ -466,7 +611,7 @@ def test_served_model_answers_like_label_image(tracked, tmp_path, monkeypatch, c
             "models",
             "serve",
             "-m",
-            "models:/flowers-keras/1",
+            "models:/generated-keras@champion",
             "--env-manager",
             "local",
             "-h",
@@ -486,7 +631,7 @@ def test_served_model_answers_like_label_image(tracked, tmp_path, monkeypatch, c
         outputs = {}
         for key, extra in (
             ("local", ["--models-dir", str(workdir / "models")]),
-            ("registry", ["--model", "models:/flowers-keras/1"]),
+            ("registry", ["--model", "models:/generated-keras@champion"]),
         ):
             code = label_image.main([str(image), "--json", "--no-annotate", *extra])
             assert code == 0
@@ -504,7 +649,8 @@ def test_served_model_answers_like_label_image(tracked, tmp_path, monkeypatch, c
                 log = server.stdout.read().decode(errors="replace") if server.poll() else ""
                 pytest.fail(f"mlflow models serve did not come up (exit {server.poll()}):\n{log}")
             time.sleep(0.5)
-        body = json.dumps({"inputs": load_rgb(image)[np.newaxis].tolist()}).encode()
+        encoded = base64.b64encode(image.read_bytes()).decode("ascii")
+        body = json.dumps({"dataframe_split": {"columns": ["image"], "data": [[encoded]]}}).encode()
         request = urllib.request.Request(
             f"http://127.0.0.1:{port}/invocations",
             data=body,
@@ -515,10 +661,12 @@ def test_served_model_answers_like_label_image(tracked, tmp_path, monkeypatch, c
     finally:
         os.killpg(server.pid, 15)
         server.wait(timeout=30)
-    labels = sorted(CLASSES)
-    served_probs = dict(zip(labels, served, strict=True))
-    # The served SavedModel, the same model loaded by label-image, and the graph label-image
-    # builds from the pipeline's outputs: bit-for-bit the same probabilities.
+    served_probs = served["probabilities"]
+    assert list(served_probs) == sorted(CLASSES)
+    assert served["label"] == max(served_probs, key=served_probs.get)
+    assert served["probability"] == max(served_probs.values())
+    # The served model, the same model loaded by label-image, and the graph label-image builds
+    # from the pipeline's outputs: bit-for-bit the same probabilities.
     assert served_probs == outputs["registry"]
     assert served_probs == outputs["local"]
 

@@ -24,7 +24,9 @@ from imgclf.evaluation import log_loss
 from imgclf.fileio import atomic_write_bytes, read_json, write_csv, write_json
 
 N_FEATURES = 2048
-CURVE_COLUMNS = ("step", "train_loss", "train_accuracy", "val_loss", "val_accuracy")
+# `epoch` (training images seen / training-set size, a float) is the one x-axis every head's
+# curve shares; `step` is the head's own counter (SGD steps for tf, epochs for keras).
+CURVE_COLUMNS = ("epoch", "train_loss", "val_loss", "train_accuracy", "val_accuracy", "step")
 LABELS_FILE = "labels.txt"
 SUBSETS = ("train", "test")
 

@@ -221,6 +221,7 @@ def train_tf_head(
             done = end
             curve.append(
                 {
+                    "epoch": end * batch_size / len(x_train),
                     "step": end,
                     "train_loss": float(train_loss),
                     "train_accuracy": float(train_accuracy),
@@ -251,9 +252,33 @@ def save_tf_head(head: SoftmaxHead, model_dir: str | Path, classes: list[str]) -
     # Tracing `predict` here also stores it on the SavedModel, callable after loading.
     head.predict.get_concrete_function(spec)
     signatures = {SIGNATURE_KEY: head.serve.get_concrete_function(spec)}
-    save_model_dir(
-        model_dir, classes, lambda tmp: tf.saved_model.save(head, str(tmp), signatures=signatures)
-    )
+
+    def write(tmp: Path) -> None:
+        tf.saved_model.save(head, str(tmp), signatures=signatures)
+        deterministic_fingerprint(tmp)
+
+    save_model_dir(model_dir, classes, write)
+
+
+def deterministic_fingerprint(saved_model_dir: str | Path) -> None:
+    """Replace the random `uuid` of a SavedModel's fingerprint.pb by one derived from the
+    fingerprint's content hashes (graph, signatures, objects, checkpoint). TensorFlow draws a
+    new uuid on every save, so identical trainings gave different files, hence a new dvc.lock
+    hash and a new model version for the same model; same content now gives the same uuid."""
+    import hashlib
+
+    from tensorflow.core.protobuf import fingerprint_pb2
+
+    path = Path(saved_model_dir) / "fingerprint.pb"
+    if not path.is_file():
+        return
+    fingerprint = fingerprint_pb2.FingerprintDef()
+    fingerprint.ParseFromString(path.read_bytes())
+    fingerprint.ClearField("uuid")
+    content = fingerprint.SerializeToString(deterministic=True)
+    # Same form as TensorFlow's: a 128-bit number in decimal.
+    fingerprint.uuid = str(int(hashlib.sha256(content).hexdigest()[:32], 16))
+    path.write_bytes(fingerprint.SerializeToString(deterministic=True))
 
 
 def load_tf_head(model_dir: str | Path) -> Any:
