@@ -117,8 +117,9 @@ def run(
         )
     for t in evaluation.tests:
         print(
-            f"evaluate: {t.a} vs {t.b}: b={t.a_only} c={t.b_only} p={t.p_value:.4g}"
-            f"{' (significant)' if t.significant else ''}"
+            f"evaluate: {t.a} vs {t.b}: {t.a_only} test images right only by {t.a}, "
+            f"{t.b_only} right only by {t.b}; exact McNemar p={t.p_value:.4g}"
+            f"{' (significant)' if t.significant else ' (not significant)'}"
         )
     if evaluation.summary.unreadable_thumbnails:
         print(
