@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from imgclf.fileio import read_csv, read_json, sha256_file
+from imgclf.fileio import read_csv, read_json, read_metrics, sha256_file
 from imgclf.ingest import MANIFEST_FIELDS, IngestError, IngestOptions, run_ingest
 from imgclf.labels import ClassNameCollision, class_dir_name, class_dirs, safe_file_name
 from imgclf.sources import ResolvedSource
@@ -153,7 +153,7 @@ def test_tree(messy_tree, tmp_path):
         "dogs/notes.txt": "not_an_image",
         "dogs/bomb.png": "too_large",
     }
-    metrics = read_json(out / "metrics" / "ingest.json")
+    metrics = read_metrics(out / "metrics" / "ingest.json")
     assert metrics["images"] == 12 and metrics["classes"] == 2
     assert metrics["per_class"] == {"cats": 6, "dogs": 6}
     assert metrics["skipped_total"] == 11
@@ -202,7 +202,7 @@ def test_unusable_tree_fails_after_writing_reports(tmp_path):
     assert "fewer than ingest.min_images_per_class=3 images (empty: 0, small: 2)" in message
     assert "small/broken.jpg: truncated" in message
     assert "dvc exp run -S ingest.min_images_per_class=N" in message
-    assert read_json(out / "metrics" / "ingest.json")["usable"] is False
+    assert read_metrics(out / "metrics" / "ingest.json")["usable"] is False
     assert skipped(out) == {"small/broken.jpg": "truncated"}
     assert not (out / "data" / "images").exists()
 
@@ -526,7 +526,7 @@ def test_stage_main(tmp_path, monkeypatch, capsys):
     assert "ingest: 7 images in 2 classes from ../input/flowers (tree)" in summary
     assert "daisy       4" in summary and "not_an_image       1" in summary
     assert len(read_csv(project / "data" / "manifest.csv")) == 7
-    assert read_json(project / "metrics" / "ingest.json")["source"] == "../input/flowers"
+    assert read_metrics(project / "metrics" / "ingest.json")["source"] == "../input/flowers"
 
     write_params(project, "../input/flowers", min_images_per_class=4)
     with pytest.raises(SystemExit, match=r"(?s)ingest: error: .*\(roses: 3\)"):
