@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from imgclf.fileio import read_csv, read_json, read_metrics, sha256_file
+from imgclf.fileio import read_csv, read_metrics, sha256_file
 from imgclf.ingest import MANIFEST_FIELDS, IngestError, IngestOptions, run_ingest
 from imgclf.labels import ClassNameCollision, class_dir_name, class_dirs, safe_file_name
 from imgclf.sources import ResolvedSource
@@ -358,7 +358,7 @@ def test_dataturks_over_http(tmp_path):
     }
     assert any("404" in r["detail"] for r in rows if r["origin"].endswith("gone.jpg"))
     assert result.stats["downloads"] == {"requested": 13, "failed": 2}
-    assert read_json(out / "metrics" / "ingest.json")["per_class"] == {"cat": 6, "dog": 5}
+    assert read_metrics(out / "metrics" / "ingest.json")["per_class"] == {"cat": 6, "dog": 5}
 
 
 @pytest.fixture
@@ -395,7 +395,7 @@ def test_multiple_labels_first(multi_label_export, tmp_path):
         out,
         options(on_multiple_labels="first", min_images_per_class=1),
     )
-    metrics = read_json(out / "metrics" / "ingest.json")
+    metrics = read_metrics(out / "metrics" / "ingest.json")
     # No empty "dog"-only or "cat"-only extra classes from the labels that were not chosen.
     assert metrics["per_class"] == {"bird": 1, "cat": 5, "dog": 3}
     assert metrics["multiple_labels"] == {"mode": "first", "items": 2}
@@ -405,7 +405,7 @@ def test_multiple_labels_first(multi_label_export, tmp_path):
 def test_multiple_labels_skip(multi_label_export, tmp_path):
     out = tmp_path / "out"
     ingest(export_source(multi_label_export), out, options(on_multiple_labels="skip"))
-    assert read_json(out / "metrics" / "ingest.json")["per_class"] == {"cat": 4, "dog": 3}
+    assert read_metrics(out / "metrics" / "ingest.json")["per_class"] == {"cat": 4, "dog": 3}
     rows = read_csv(out / "metrics" / "ingest_skipped.csv")
     assert [(r["origin"], r["reason"], r["detail"]) for r in rows] == [
         ("pics/p/img_0006.jpg", "multiple_labels", "line 7: cat, dog"),
@@ -437,7 +437,7 @@ def test_real_classification_export_with_dead_urls(shared_datasets, tmp_path):
     assert "point data.source at a local copy" in message
     rows = read_csv(out / "metrics" / "ingest_skipped.csv")
     assert len(rows) == 277 and {r["reason"] for r in rows} == {"download_failed"}
-    metrics = read_json(out / "metrics" / "ingest.json")
+    metrics = read_metrics(out / "metrics" / "ingest.json")
     assert metrics["downloads"] == {"requested": 277, "failed": 277}
     assert len(metrics["per_class"]) == 4 and not any(metrics["per_class"].values())
 
@@ -474,7 +474,7 @@ def test_flower_photos_sample(shared_datasets, tmp_path):
 
     out = tmp_path / "out"
     ingest(tree_source(src), out, options(min_images_per_class=5))
-    metrics = read_json(out / "metrics" / "ingest.json")
+    metrics = read_metrics(out / "metrics" / "ingest.json")
     expected["roses"] -= 1
     expected["tulips"] -= 1
     expected["sunflowers"] -= 1
