@@ -117,8 +117,8 @@ def run(
         )
     for t in evaluation.tests:
         print(
-            f"evaluate: {t.a} vs {t.b}: {t.a_only} test images right only by {t.a}, "
-            f"{t.b_only} right only by {t.b}; exact McNemar p={t.p_value:.4g}"
+            f"evaluate: {t.a} vs {t.b}: test images right only by {t.a}: {t.a_only}, "
+            f"only by {t.b}: {t.b_only}; exact McNemar p={t.p_value:.4g}"
             f"{' (significant)' if t.significant else ' (not significant)'}"
         )
     if evaluation.summary.unreadable_thumbnails:
