@@ -1,13 +1,34 @@
-# Two entry points: `make run` and `make test`. Both create .venv when it is missing.
+# Entry points: `make run` and `make test`; `make exp`, `make seeds` and `make plots` for the
+# README's experiments. Every target creates .venv when it is missing.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
 # Point the pipeline at a local copy of the data: make run DATA=../shared/datasets/flower_photos
 DATA   ?=
+# Params for one experiment, as `dvc exp run -S` takes them: make exp SET='train_tf.steps=2000'
+SET    ?=
+# Extra `dvc exp run` options, e.g. EXP_ARGS='--temp' or EXP_ARGS='-n my-try'
+EXP_ARGS ?=
+SEEDS  ?= 0 1 2 3 4
 # Stage commands run `python`, `dvc` and `mlflow`: those of the venv, as if it were activated.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: run test lint bench ui setup clean
+# `dvc exp run` commits each experiment (to refs/exps/, never to a branch) and refuses to without
+# a git identity. A machine that has none (a CI runner, a container) gets git's own fallback,
+# user@host, for make's commands only; a configured identity or GIT_* variables win, and
+# nothing is written to any git config.
+ifeq ($(shell git config user.name),)
+GIT_FALLBACK_NAME := $(shell id -un 2>/dev/null || echo imgclf)
+export GIT_AUTHOR_NAME ?= $(GIT_FALLBACK_NAME)
+export GIT_COMMITTER_NAME ?= $(GIT_FALLBACK_NAME)
+endif
+ifeq ($(shell git config user.email),)
+GIT_FALLBACK_EMAIL := $(shell id -un 2>/dev/null || echo imgclf)@$(shell uname -n)
+export GIT_AUTHOR_EMAIL ?= $(GIT_FALLBACK_EMAIL)
+export GIT_COMMITTER_EMAIL ?= $(GIT_FALLBACK_EMAIL)
+endif
+
+.PHONY: run exp seeds plots test lint bench ui setup clean
 
 $(BIN)/activate: pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -15,14 +36,31 @@ $(BIN)/activate: pyproject.toml
 	$(BIN)/pip install --quiet -e ".[dev]"
 	touch $(BIN)/activate
 
-setup: $(BIN)/activate
+# Built once; without the npm registry it is skipped (DVC's CDN page remains) and retried later.
+PLOTS_PAGE := .dvc/plots/offline.html
+$(PLOTS_PAGE): | $(BIN)/activate
+	-$(BIN)/python -m imgclf.offline_plots
+
+setup: $(BIN)/activate $(PLOTS_PAGE)
 
 run: setup
 ifeq ($(strip $(DATA)),)
 	$(BIN)/dvc repro
 else
-	$(BIN)/dvc exp run -S 'data.source=$(DATA)'
+	$(BIN)/dvc exp run $(EXP_ARGS) -S 'data.source=$(DATA)'
 endif
+
+exp: setup
+	$(BIN)/dvc exp run $(EXP_ARGS) $(foreach s,$(SET),-S '$(s)')
+
+seeds: setup
+	$(BIN)/python tools/split_seeds.py --seeds $(SEEDS) $(foreach s,$(SET),-S '$(s)')
+
+# `dvc plots show` with vega, vega-lite and vega-embed inlined (pinned, checked): the HTML then
+# renders without internet. The same template serves plain `dvc plots show/diff` afterwards.
+plots: setup
+	$(BIN)/python -m imgclf.offline_plots
+	$(BIN)/dvc plots show
 
 test: setup
 	$(BIN)/ruff check .

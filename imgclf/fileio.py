@@ -56,6 +56,64 @@ def read_json(path: str | Path) -> Any:
         return json.load(f)
 
 
+def is_metric(value: Any) -> bool:
+    """A number `dvc metrics diff` can subtract (booleans are not)."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def info_path(metrics_path: str | Path) -> Path:
+    """Where the non-numeric part of a metrics file goes: `x.json` -> `x.info.json`."""
+    path = Path(metrics_path)
+    return path.with_name(f"{path.stem}.info.json")
+
+
+def _partition(tree: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    numbers: dict[str, Any] = {}
+    rest: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            sub_numbers, sub_rest = _partition(value)
+            # An empty mapping (no class has images) stays a metric: readers expect the key.
+            if sub_numbers or not value:
+                numbers[key] = sub_numbers
+            if sub_rest:
+                rest[key] = sub_rest
+        elif is_metric(value):
+            numbers[key] = value
+        else:
+            rest[key] = value
+    return numbers, rest
+
+
+def write_metrics(path: str | Path, payload: Mapping[str, Any]) -> dict[str, Any]:
+    """Write the numbers of `payload` to `path` (a DVC metrics file) and everything else
+    (hashes, modes, flags, names) with the same nesting to `info_path(path)`, which is always
+    written, `{}` when there is nothing; `dvc metrics show/diff` and `dvc exp show` then list
+    only what can be compared. Returns the numbers; `read_metrics` joins the two again."""
+    numbers, rest = _partition(payload)
+    write_json(path, numbers)
+    write_json(info_path(path), rest)
+    return numbers
+
+
+def _merge(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(a)
+    for key, value in b.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def read_metrics(path: str | Path) -> dict[str, Any]:
+    """A metrics file written by `write_metrics`, with its info part merged back in (a file
+    without an info part reads as it is)."""
+    data = read_json(path)
+    extra = info_path(path)
+    return _merge(data, read_json(extra)) if extra.is_file() else data
+
+
 def write_csv(
     path: str | Path, fieldnames: Sequence[str], rows: Iterable[Mapping[str, Any]]
 ) -> None:

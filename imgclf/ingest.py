@@ -44,7 +44,7 @@ from imgclf import dataturks
 from imgclf.archives import ArchiveLimits
 from imgclf.downloads import download_many
 from imgclf.errors import UserError
-from imgclf.fileio import sha256_file, write_csv, write_json
+from imgclf.fileio import sha256_file, write_csv, write_metrics
 from imgclf.images import DEFAULT_MAX_PIXELS, FORMAT_EXTENSIONS, BadImage, inspect_image
 from imgclf.labels import ClassNameCollision, class_dirs, normalize_label, safe_file_name
 from imgclf.sources import (
@@ -649,7 +649,8 @@ def write_outputs(
     The image folder is built next to its final place and swapped in, so an interrupted run
     leaves the old set or the new one. Bytes are copied, never re-encoded.
     """
-    write_json(metrics_dir / "ingest.json", ingest_metrics(result))
+    # The source, its kind and the modes go to ingest.info.json: metrics hold numbers only.
+    write_metrics(metrics_dir / "ingest.json", ingest_metrics(result))
     write_csv(
         metrics_dir / "ingest_classes.csv",
         CLASSES_FIELDS,

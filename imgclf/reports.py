@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from imgclf.evaluation import ALPHA, HeadResult, PairedTest, metrics_dict
-from imgclf.fileio import atomic_write_bytes, read_json, write_csv, write_json
+from imgclf.fileio import atomic_write_bytes, read_json, write_csv, write_metrics
 from imgclf.images import load_rgb
 
 DISPLAY_NAMES = {"tf": "TF", "keras": "Keras", "sklearn": "scikit-learn"}
@@ -375,7 +375,7 @@ def comparison_markdown(
 
 def write_comparison_json(path: str | Path, tests: Sequence[PairedTest]) -> None:
     """metrics/evaluate/comparison.json: one entry per pair, keyed "<a>_vs_<b>"."""
-    write_json(path, {f"{t.a}_vs_{t.b}": t.as_dict() for t in tests})
+    write_metrics(path, {f"{t.a}_vs_{t.b}": t.as_dict() for t in tests})
 
 
 @dataclass(frozen=True)
@@ -399,7 +399,7 @@ def write_reports(
     misclassified: dict[str, int] = {}
     unreadable = 0
     for r in results:
-        write_json(metrics_dir / "evaluate" / f"{r.head}.json", metrics_dict(r))
+        write_metrics(metrics_dir / "evaluate" / f"{r.head}.json", metrics_dict(r))
         write_confusion_csv(metrics_dir / "confusion" / f"{r.head}.csv", r)
         atomic_write_bytes(metrics_dir / "confusion" / f"{r.head}.png", confusion_png(r))
         rows = misclassified_rows(r, split_dir)

@@ -13,7 +13,7 @@ from typing import Any
 
 import imgclf.quiet_tf  # noqa: F401  (first: TensorFlow without its start-up notices)
 from imgclf.config import load_params
-from imgclf.fileio import write_json
+from imgclf.fileio import write_metrics
 from imgclf.inception import WEIGHTS_FILE, build_backbone, save_backbone
 from imgclf.params import BackboneParams
 from imgclf.stage import stage_main
@@ -38,7 +38,7 @@ def run_backbone(
         "build_seconds": round(build_seconds, 2),
         **{k: v for k, v in source.items() if k.endswith("sha256")},
     }
-    write_json(metrics_path, metrics)
+    write_metrics(metrics_path, metrics)  # the hashes and names: backbone.info.json
     print(
         f"backbone: wrote {backbone_dir}/{WEIGHTS_FILE} (sha256 {info['sha256'][:12]}...)",
         file=sys.stderr,

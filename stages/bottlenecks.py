@@ -14,7 +14,7 @@ from imgclf.features import (
     gather_features,
     save_bottlenecks,
 )
-from imgclf.fileio import read_csv, write_json
+from imgclf.fileio import read_csv, write_json, write_metrics
 from imgclf.inception import load_backbone, read_backbone_info
 from imgclf.params import BottlenecksParams
 from imgclf.splitting import SUBSETS
@@ -82,7 +82,7 @@ def main() -> None:
         precision=cfg.precision,
         batch_size=cfg.batch_size,
     )
-    write_json(
+    write_metrics(
         Path(paths["metrics"]) / "bottlenecks.json",
         {
             "images": stats["images"],

@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from imgclf import inception
+from imgclf.fileio import read_metrics
 from imgclf.inception import (
     TF2015_REQUIREMENT,
     build_inception_v3,
@@ -179,7 +180,7 @@ def test_stage_end_to_end(wheel, tf2015_model, tmp_path):
 
     backbone_dir = tmp_path / params["paths"]["backbone"]
     info = json.loads((backbone_dir / "backbone.json").read_text())
-    metrics = json.loads((tmp_path / params["paths"]["metrics"] / "backbone.json").read_text())
+    metrics = read_metrics(tmp_path / params["paths"]["metrics"] / "backbone.json")
     h5 = backbone_dir / "inception_v3.weights.h5"
     assert info["sha256"] == metrics["sha256"] == hashlib.sha256(h5.read_bytes()).hexdigest()
     assert info["weights"] == "tf-2015" and info["source"]["pt_sha256"].startswith("7ff4a85c")

@@ -16,7 +16,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from imgclf.fileio import read_csv, read_json, write_json
+from imgclf.fileio import read_csv, read_json, read_metrics, write_json
 from imgclf.heads.common import Bottlenecks
 from imgclf.reports import (
     CELL_H,
@@ -126,11 +126,12 @@ def test_reports_are_complete_and_consistent(project) -> None:
     root, test, probs = project
     evaluation = run_core(root, test, probs)
     metrics = root / "metrics"
-    expected = {"comparison.md", "evaluate/comparison.json"} | {
+    expected = {"comparison.md", "evaluate/comparison.json", "evaluate/comparison.info.json"} | {
         f"{kind}/{head}.{ext}"
         for head in probs
         for kind, ext in [
             ("evaluate", "json"),
+            ("evaluate", "info.json"),
             ("confusion", "csv"),
             ("confusion", "png"),
             ("misclassified", "csv"),
@@ -191,7 +192,7 @@ def test_comparison_table_and_mcnemar(project) -> None:
     sk_row = next(line for line in md.splitlines() if line.startswith("| scikit-learn |"))
     assert "| – | – | – |" in sk_row
 
-    comparison = read_json(root / "metrics/evaluate/comparison.json")
+    comparison = read_metrics(root / "metrics/evaluate/comparison.json")
     assert list(comparison) == ["keras_vs_sklearn", "tf_vs_keras", "tf_vs_sklearn"]
     assert comparison["tf_vs_keras"] == {
         "b": 7,
@@ -346,7 +347,7 @@ def test_stage_on_tiny_real_heads(tmp_path: Path) -> None:
         os.chdir(cwd)
     assert code == 0
     first = output_files(metrics)
-    assert len(first) == 17
+    assert len(first) == 21
     for head in ("tf", "keras", "sklearn"):
         assert read_json(metrics / f"evaluate/{head}.json")["n_test"] == len(y_test)
     md = first["comparison.md"].decode()
@@ -371,6 +372,9 @@ def test_stage_on_tiny_real_heads(tmp_path: Path) -> None:
     )
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert "evaluate.min_accuracy = 1.01" in proc.stderr
+    # McNemar's b and c in words, not as bare letters.
+    assert "evaluate: tf vs keras: " in proc.stdout and "only by keras: " in proc.stdout
+    assert "b=" not in proc.stdout
     for head in ("tf", "keras", "sklearn"):
         assert f"{head} " in proc.stderr.split("min_accuracy = 1.01")[1]
     assert output_files(metrics) == first

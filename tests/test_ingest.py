@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from imgclf.fileio import read_csv, read_json, sha256_file
+from imgclf.fileio import read_csv, read_metrics, sha256_file
 from imgclf.ingest import MANIFEST_FIELDS, IngestError, IngestOptions, format_summary, run_ingest
 from imgclf.labels import ClassNameCollision, class_dir_name, class_dirs, safe_file_name
 from imgclf.sources import ResolvedSource, fingerprint_source
@@ -160,7 +160,7 @@ def test_tree(messy_tree, tmp_path):
         "dogs/notes.txt": "not_an_image",
         "dogs/bomb.png": "too_large",
     }
-    metrics = read_json(out / "metrics" / "ingest.json")
+    metrics = read_metrics(out / "metrics" / "ingest.json")
     assert metrics["images"] == 12 and metrics["classes"] == 2
     assert metrics["per_class"] == {"cats": 6, "dogs": 6}
     assert metrics["skipped_total"] == 11
@@ -210,8 +210,8 @@ def test_unusable_tree_fails_after_writing_reports(tmp_path):
     assert "fewer than ingest.min_images_per_class=3 images (small: 2)" in message
     assert "small/broken.jpg: truncated" in message
     assert "dvc exp run -S ingest.min_images_per_class=N" in message
-    assert read_json(out / "metrics" / "ingest.json")["usable"] is False
-    assert read_json(out / "metrics" / "ingest.json")["empty_classes"] == ["empty"]
+    assert read_metrics(out / "metrics" / "ingest.json")["usable"] is False
+    assert read_metrics(out / "metrics" / "ingest.json")["empty_classes"] == ["empty"]
     assert skipped(out) == {"small/broken.jpg": "truncated"}
     assert not (out / "data" / "images").exists()
 
@@ -367,7 +367,7 @@ def test_dataturks_over_http(tmp_path):
     }
     assert any("404" in r["detail"] for r in rows if r["origin"].endswith("gone.jpg"))
     assert result.stats["downloads"] == {"requested": 13, "failed": 2}
-    assert read_json(out / "metrics" / "ingest.json")["per_class"] == {"cat": 6, "dog": 5}
+    assert read_metrics(out / "metrics" / "ingest.json")["per_class"] == {"cat": 6, "dog": 5}
 
 
 @pytest.fixture
@@ -404,7 +404,7 @@ def test_multiple_labels_first(multi_label_export, tmp_path):
         out,
         options(on_multiple_labels="first", min_images_per_class=1),
     )
-    metrics = read_json(out / "metrics" / "ingest.json")
+    metrics = read_metrics(out / "metrics" / "ingest.json")
     # No empty "dog"-only or "cat"-only extra classes from the labels that were not chosen.
     assert metrics["per_class"] == {"bird": 1, "cat": 5, "dog": 3}
     assert metrics["multiple_labels"] == {"mode": "first", "items": 2}
@@ -414,7 +414,7 @@ def test_multiple_labels_first(multi_label_export, tmp_path):
 def test_multiple_labels_skip(multi_label_export, tmp_path):
     out = tmp_path / "out"
     ingest(export_source(multi_label_export), out, options(on_multiple_labels="skip"))
-    assert read_json(out / "metrics" / "ingest.json")["per_class"] == {"cat": 4, "dog": 3}
+    assert read_metrics(out / "metrics" / "ingest.json")["per_class"] == {"cat": 4, "dog": 3}
     rows = read_csv(out / "metrics" / "ingest_skipped.csv")
     assert [(r["origin"], r["reason"], r["detail"]) for r in rows] == [
         ("pics/p/img_0006.jpg", "multiple_labels", "line 7: cat, dog"),
@@ -449,7 +449,7 @@ def test_a_malformed_line_is_skipped_with_its_number_and_the_rest_ingested(tmp_p
         ("bad.json:8", "bad_line"),
     ]
     assert rows[0]["detail"].startswith("invalid JSON (")
-    metrics = read_json(out / "metrics" / "ingest.json")
+    metrics = read_metrics(out / "metrics" / "ingest.json")
     assert metrics["bad_lines"] == {"mode": "skip", "lines": [4, 8]}
     assert metrics["items"] == metrics["images"] + metrics["skipped_total"] == 8
     assert "malformed export lines skipped: 2 (line 4, 8;" in messages[0]
@@ -475,7 +475,7 @@ def test_real_classification_export_with_dead_urls(shared_datasets, tmp_path):
     assert "point data.source at a local copy" in message
     rows = read_csv(out / "metrics" / "ingest_skipped.csv")
     assert len(rows) == 277 and {r["reason"] for r in rows} == {"download_failed"}
-    metrics = read_json(out / "metrics" / "ingest.json")
+    metrics = read_metrics(out / "metrics" / "ingest.json")
     assert metrics["downloads"] == {"requested": 277, "failed": 277}
     # Four labels, none with a usable image: no class at all, each one reported.
     assert metrics["per_class"] == {} and len(metrics["empty_classes"]) == 4
@@ -513,7 +513,7 @@ def test_flower_photos_sample(shared_datasets, tmp_path):
 
     out = tmp_path / "out"
     ingest(tree_source(src), out, options(min_images_per_class=5))
-    metrics = read_json(out / "metrics" / "ingest.json")
+    metrics = read_metrics(out / "metrics" / "ingest.json")
     expected["roses"] -= 1
     expected["tulips"] -= 1
     expected["sunflowers"] -= 1
@@ -565,7 +565,7 @@ def test_stage_main(tmp_path, monkeypatch, capsys):
     assert "ingest: 7 images in 2 classes from ../input/flowers (tree)" in summary
     assert "daisy       4" in summary and "not_an_image       1" in summary
     assert len(read_csv(project / "data" / "manifest.csv")) == 7
-    assert read_json(project / "metrics" / "ingest.json")["source"] == "../input/flowers"
+    assert read_metrics(project / "metrics" / "ingest.json")["source"] == "../input/flowers"
 
     write_params(project, "../input/flowers", min_images_per_class=4)
     with pytest.raises(SystemExit, match=r"(?s)ingest: error: .*\(roses: 3\)"):
@@ -598,7 +598,7 @@ def run_split(workdir: Path, ingested: Path) -> tuple[dict, str]:
         [sys.executable, "-m", "stages.split"], cwd=workdir, env=env, capture_output=True, text=True
     )
     assert done.returncode == 0, done.stderr
-    return read_json(workdir / "metrics" / "split.json"), done.stdout
+    return read_metrics(workdir / "metrics" / "split.json"), done.stdout
 
 
 def test_a_pre_split_tree_takes_its_classes_inside_and_its_val_folder_is_the_test_set(tmp_path):
@@ -618,7 +618,7 @@ def test_a_pre_split_tree_takes_its_classes_inside_and_its_val_folder_is_the_tes
     given = {r["origin"]: r["given_subset"] for r in rows}
     assert len(given) == 18
     assert all(v == ("test" if o.startswith("val/") else "train") for o, v in given.items())
-    metrics = read_json(out / "metrics" / "ingest.json")
+    metrics = read_metrics(out / "metrics" / "ingest.json")
     assert metrics["per_class"] == {"ants": 9, "bees": 9}
     assert metrics["presplit"] == {
         "mode": "keep",
@@ -643,7 +643,7 @@ def test_pre_split_with_val_and_test_pools_val_into_train(tmp_path):
     rows = read_csv(out / "data" / "manifest.csv")
     subsets = Counter((r["origin"].split("/")[0], r["given_subset"]) for r in rows)
     assert subsets == {("train", "train"): 10, ("validation", "train"): 4, ("test", "test"): 6}
-    assert read_json(out / "metrics" / "ingest.json")["presplit"]["folders"] == {
+    assert read_metrics(out / "metrics" / "ingest.json")["presplit"]["folders"] == {
         "test": "test",
         "train": "train",
         "validation": "train",
@@ -657,7 +657,7 @@ def test_pre_split_pool_re_splits_with_our_stratified_split(tmp_path):
     rows = read_csv(out / "data" / "manifest.csv")
     assert tuple(rows[0]) == MANIFEST_FIELDS  # no given_subset: split stratifies as usual
     assert Counter(r["class"] for r in rows) == {"ants": 10, "bees": 10}
-    assert read_json(out / "metrics" / "ingest.json")["presplit"]["folders"] == {
+    assert read_metrics(out / "metrics" / "ingest.json")["presplit"]["folders"] == {
         "train": "pooled",
         "val": "pooled",
     }
@@ -670,8 +670,8 @@ def test_folders_named_like_subsets_holding_images_are_classes(tmp_path):
     src = make_class_tree(tmp_path / "src", {"train": 3, "test": 3})  # no inner folders
     out = tmp_path / "out"
     ingest(tree_source(src), out)
-    assert read_json(out / "metrics" / "ingest.json")["per_class"] == {"test": 3, "train": 3}
-    assert "presplit" not in read_json(out / "metrics" / "ingest.json")
+    assert read_metrics(out / "metrics" / "ingest.json")["per_class"] == {"test": 3, "train": 3}
+    assert "presplit" not in read_metrics(out / "metrics" / "ingest.json")
 
 
 def test_images_from_sub_folders_are_counted_per_class(tmp_path):
@@ -688,7 +688,7 @@ def test_images_from_sub_folders_are_counted_per_class(tmp_path):
         metrics_dir=out / "metrics",
         log=lambda _: None,
     )
-    metrics = read_json(out / "metrics" / "ingest.json")
+    metrics = read_metrics(out / "metrics" / "ingest.json")
     assert metrics["from_subfolders"] == {"images": 3, "per_class": {"cats": 2, "dogs": 1}}
     assert "from sub-folders of class folders (flattened into their class): 3 images (cats 2, " in (
         format_summary(result)
@@ -724,7 +724,7 @@ def test_links_out_of_the_tree_are_refused_unread_and_links_inside_followed(tmp_
     }
     rows = read_csv(out / "metrics" / "ingest_skipped.csv")
     assert all("/etc/passwd" not in r["detail"] or "not read" in r["detail"] for r in rows)
-    metrics = read_json(out / "metrics" / "ingest.json")
+    metrics = read_metrics(out / "metrics" / "ingest.json")
     assert metrics["per_class"] == {"cats": 3, "dogs": 4}  # dogs/inside.jpg is read
     assert metrics["links_refused"] == 4
     assert metrics["items"] == metrics["images"] + metrics["skipped_total"]
@@ -750,7 +750,7 @@ def test_an_empty_class_folder_is_reported_not_a_class(tmp_path):
         log=lambda _: None,
     )
     assert result.usable
-    metrics = read_json(out / "metrics" / "ingest.json")
+    metrics = read_metrics(out / "metrics" / "ingest.json")
     assert metrics["per_class"] == {"cats": 3, "dogs": 3}
     assert metrics["empty_classes"] == ["empty", "only_junk"]
     assert sorted(p.name for p in (out / "data" / "images").iterdir()) == ["cats", "dogs"]

@@ -1,8 +1,10 @@
-"""The whole pipeline, as users run it: `dvc repro`, `dvc exp run -S`, `dvc status`, diffs.
+"""The whole pipeline, as users run it: `dvc repro`, `make exp`, `make seeds`, `dvc status`,
+diffs.
 
 Runs in a scratch git repo holding a copy of the project and a small sample of the real
 flower photos (skipped without ../shared). Everything is real: DVC, TensorFlow, the
-converted Inception V3, MLflow with a SQLite store.
+converted Inception V3, MLflow with a SQLite store, make. The README's commands run as in a
+fresh shell: no venv on PATH, no git identity.
 """
 
 from __future__ import annotations
@@ -32,14 +34,64 @@ def run(cmd: list[str], cwd: Path) -> str:
     return done.stdout
 
 
-def copy_project(dest: Path) -> None:
-    """The files git would give a fresh clone (tracked and new, not ignored), no outputs."""
-    listed = run(["git", "ls-files", "-co", "--exclude-standard", "-z"], ROOT).split("\0")
-    for name in filter(None, listed):
-        src = ROOT / name
-        if src.is_file() and not name.startswith(("data/", "models/")):
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / name)
+# New files not yet added to git are copied from these folders only: elsewhere, an untracked
+# file is a pipeline output (metrics/...), a labelled photo or some other trace of use.
+SOURCE_DIRS = ("imgclf/", "stages/", "tools/", "tests/", "bench/", ".dvc/plots/")
+# The files the README's commands rewrite in the workspace (and `dvc exp run` stages too):
+# the copy takes them as committed, so a user's `dvc exp run -S ...` cannot change the tests.
+AS_COMMITTED = ("params.yaml", "dvc.lock")
+
+
+def git_lines(root: Path, command: str, *args: str) -> list[str]:
+    return [n for n in run(["git", command, "-z", *args], root).split("\0") if n]
+
+
+def copy_project(dest: Path, src: Path = ROOT) -> None:
+    """A fresh clone with the working copy's code: the tracked files as they are in the
+    working tree (a change being tested), new files under SOURCE_DIRS, AS_COMMITTED from HEAD."""
+    tracked = git_lines(src, "ls-files", "--cached")
+    new = git_lines(src, "ls-files", "--others", "--exclude-standard", "--", *SOURCE_DIRS)
+    for name in [*tracked, *new]:
+        target = dest / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if name in AS_COMMITTED:
+            committed = subprocess.run(
+                ["git", "show", f"HEAD:{name}"], cwd=src, capture_output=True, check=True
+            ).stdout
+            target.write_bytes(committed)
+        elif (src / name).is_file():  # a tracked file deleted in the working tree is gone
+            shutil.copy2(src / name, target)
+
+
+def fresh_shell(home: Path, **extra: str) -> dict[str, str]:
+    """The environment of a new terminal on a machine where nothing is set up: no venv on
+    PATH, no git identity (`git config user.name` unset), only the test's caches kept."""
+    env = {
+        "HOME": str(home),
+        "PATH": "/usr/local/bin:/usr/bin:/bin",
+        "GIT_CONFIG_GLOBAL": os.devnull,
+        "GIT_CONFIG_NOSYSTEM": "1",
+        "LANG": "C.UTF-8",
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+    }
+    for name in ("IMGCLF_CACHE_DIR", "MLFLOW_TRACKING_URI"):
+        if name in os.environ:
+            env[name] = os.environ[name]
+    return {**env, **extra}
+
+
+def run_in(cmd: list[str], cwd: Path, env: dict[str, str], ok: bool = True):
+    done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env)
+    if ok:
+        assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{done.stdout}\n{done.stderr}"
+    return done
+
+
+def make(project: Path, *args: str, env: dict[str, str]) -> str:
+    # -o: the scratch copy's .venv is the test's own venv (a symlink) and the plots page is
+    # not needed: neither may be rebuilt (that would reinstall the venv from the copy).
+    cmd = ["make", "-o", ".venv/bin/activate", "-o", ".dvc/plots/offline.html", *args]
+    return run_in(cmd, project, env).stdout
 
 
 def sample_flowers(shared: Path, dest: Path) -> Path:
@@ -69,7 +121,10 @@ def project(tmp_path_factory) -> Path:
     params["evaluate"]["min_accuracy"] = 0.0  # 14 images per class: a test of plumbing
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     os.environ.setdefault("IMGCLF_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+    # The venv the tests run in, where the Makefile expects one (kept out of git).
+    (repo / ".venv").symlink_to(sys.prefix, target_is_directory=True)
     run(["git", "init", "-q"], repo)
+    (repo / ".git" / "info" / "exclude").write_text(".venv\n")
     run(["git", "add", "-A"], repo)
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "base"], repo)
     run([*DVC, "repro"], repo)
@@ -111,14 +166,116 @@ def test_forced_rerun_gives_identical_metrics(project):
     assert after == before
 
 
-def test_exp_run_with_a_new_learning_rate_reruns_only_that_head(project):
-    out = run([*DVC, "exp", "run", "-S", "train_keras.learning_rate=0.0003"], project)
+def test_make_exp_in_a_fresh_shell_reruns_only_that_head(project, tmp_path):
+    # As a user pastes the README's line into a new terminal: make finds the venv's python
+    # for the stages and supplies a git identity for DVC's experiment commit.
+    lr = yaml.safe_load((project / "params.yaml").read_text())["train_keras"]["learning_rate"]
+    new_lr = lr * 3
+    env = fresh_shell(tmp_path)
+    assert run_in(["git", "config", "user.name"], project, env, ok=False).stdout == ""
+    out = make(
+        project, "exp", f"SET=train_keras.learning_rate={new_lr}", "EXP_ARGS=-n lr-x3", env=env
+    )
     ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
     assert "train_keras" in ran and "evaluate" in ran
-    assert not ran & {"source", "ingest", "split", "backbone", "bottlenecks", "train_tf"} - {
-        "source"
-    }
+    assert not ran & {"ingest", "split", "backbone", "bottlenecks", "train_tf"}
     diff = run([*DVC, "params", "diff"], project)
-    assert "train_keras.learning_rate" in diff and "0.0003" in diff
+    assert "train_keras.learning_rate" in diff and str(new_lr) in diff
     metrics = run([*DVC, "metrics", "diff", "--all"], project)
     assert "metrics/evaluate/keras.json" in metrics
+    # The README's comparison of two results: changed params and numbers, nothing else.
+    done = run_in([*DVC, "exp", "diff", "HEAD", "lr-x3"], project, os.environ.copy())
+    assert "failed to load" not in done.stdout + done.stderr
+    assert "train_keras.learning_rate" in done.stdout and "sha256" not in done.stdout
+
+
+def test_metrics_files_hold_only_numbers_and_diff_cleanly(project):
+    # Every `metrics:` file of dvc.yaml, as DVC reads it for show/diff/exp show.
+    shown = json.loads(run([*DVC, "metrics", "show", "--json"], project))
+    (workspace,) = shown.values()  # keyed "" or "workspace", depending on the DVC version
+    files = workspace["data"]
+    stages = yaml.safe_load((project / "dvc.yaml").read_text())["stages"]
+    metric_files = {
+        name.replace("${paths.metrics}", "metrics")
+        for stage in stages.values()
+        for entry in stage.get("metrics", [])
+        for name in entry
+    }
+    assert metric_files <= set(files), f"not loaded by DVC: {metric_files - set(files)}"
+    assert len(metric_files) >= 10
+
+    def leaves(tree, prefix=""):
+        for key, value in tree.items():
+            if isinstance(value, dict):
+                yield from leaves(value, f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}", value
+
+    for name in sorted(metric_files):
+        bad = {k: v for k, v in leaves(files[name]["data"]) if type(v) not in (int, float)}
+        assert not bad, f"{name} holds values that are not numbers: {bad}"
+    # The strings moved beside them, where the stages' readers find them.
+    assert read(project, "metrics/backbone.info.json")["weights"] == "tf-2015"
+    assert read(project, "metrics/ingest.info.json")["kind"] == "tree"
+    assert read(project, "metrics/train/tf.info.json")["optimizer"] == "sgd"
+
+
+def test_split_seeds_runs_from_a_fresh_shell_and_restores_params(project, tmp_path):
+    before = (project / "params.yaml").read_bytes()
+    # The script itself, without make: it must give the stages its own interpreter.
+    identity = {f"GIT_{who}_{what}": v for who in ("AUTHOR", "COMMITTER")
+                for what, v in (("NAME", "t"), ("EMAIL", "t@t"))}  # fmt: skip
+    env = fresh_shell(tmp_path, **identity)
+    done = run_in([sys.executable, "tools/split_seeds.py", "--seeds", "1"], project, env)
+    assert "| TF |" in done.stdout
+    assert (project / "params.yaml").read_bytes() == before
+    assert set(json.loads(run([*DVC, "status", "--json"], project))) <= {"source"}
+
+    # A run that fails half-way (a class too small to split) leaves params.yaml as it was too.
+    failed = run_in(
+        ["make", "-o", ".venv/bin/activate", "-o", ".dvc/plots/offline.html", "seeds",
+         "SEEDS=2", "SET=split.min_per_class=1000"],
+        project, fresh_shell(tmp_path), ok=False,
+    )  # fmt: skip
+    assert failed.returncode != 0
+    assert "split.min_per_class is 1000" in failed.stdout + failed.stderr
+    assert (project / "params.yaml").read_bytes() == before
+
+
+def test_a_stage_run_by_another_python_says_what_to_do():
+    other = shutil.which("python3", path="/usr/local/bin:/usr/bin:/bin")
+    probe = "import importlib.metadata as m; m.distribution('tf-or-keras')"
+    if other is None or subprocess.run([other, "-c", probe], capture_output=True).returncode == 0:
+        pytest.skip("no python3 on the system PATH without the project installed")
+    done = subprocess.run([other, "-m", "stages.source"], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 1
+    assert "is not installed for it" in done.stderr and "source .venv/bin/activate" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_copy_project_takes_the_committed_params_and_leaves_outputs(tmp_path):
+    src, dest = tmp_path / "src", tmp_path / "dest"
+    (src / "imgclf").mkdir(parents=True)
+    dest.mkdir()
+    (src / "params.yaml").write_text("lr: 1\n")
+    (src / "imgclf" / "a.py").write_text("A = 1\n")
+    run(["git", "init", "-q"], src)
+    run(["git", "add", "-A"], src)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "base"], src)
+    # What the README's commands leave behind: `dvc exp run -S` rewrites and stages params.yaml,
+    # the pipeline writes untracked metrics, label-image writes pictures.
+    (src / "params.yaml").write_text("lr: 3\n")
+    run(["git", "add", "params.yaml"], src)
+    (src / "metrics").mkdir()
+    (src / "metrics" / "ingest.json").write_text("{}\n")
+    (src / "labelled").mkdir()
+    (src / "labelled" / "photo.labelled.png").write_bytes(b"png")
+    # What a developer is testing: a changed module and a new one not yet added.
+    (src / "imgclf" / "a.py").write_text("A = 2\n")
+    (src / "imgclf" / "new.py").write_text("B = 1\n")
+
+    copy_project(dest, src)
+    assert (dest / "params.yaml").read_text() == "lr: 1\n"
+    assert (dest / "imgclf" / "a.py").read_text() == "A = 2\n"
+    assert (dest / "imgclf" / "new.py").is_file()
+    assert not (dest / "metrics").exists() and not (dest / "labelled").exists()

@@ -1,17 +1,20 @@
 """Test accuracy of every head over several split seeds, as mean ± sd.
 
-    .venv/bin/python tools/split_seeds.py --seeds 0 1 2 3 4 [-S data.source=...]
+    make seeds SEEDS='0 1 2 3 4' [SET='train_tf.hidden_units=1024']
+    .venv/bin/python tools/split_seeds.py --seeds 0 1 2 3 4 [-S train_tf.hidden_units=1024]
 
 Each seed is one `dvc exp run -S split.seed=N` in the workspace: a DVC experiment (see
 `dvc exp show`) and an MLflow run. Only split, the heads, evaluate and track rerun; the
-bottlenecks come from the feature cache. The workspace's own seed is restored at the end.
-Prints a markdown table (the README quotes it).
+bottlenecks come from the feature cache. Afterwards, or when a run fails, params.yaml is put
+back as it was (seed and any -S value), and after a full pass `dvc repro` brings the workspace
+outputs back to it. Prints a markdown table (the README quotes it).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -23,12 +26,19 @@ ROOT = Path(__file__).resolve().parents[1]
 HEADS = {"tf": "TF", "keras": "Keras", "sklearn": "scikit-learn"}
 
 
+def dvc(*args: str) -> None:
+    """`dvc <args>` in the repository, its stages run by this interpreter: their `python` is
+    the first on PATH, so this one's folder goes first (as an activated venv does)."""
+    env = {
+        **os.environ,
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+    }
+    print("$ dvc", " ".join(args), flush=True)
+    subprocess.run([sys.executable, "-m", "dvc", *args], cwd=ROOT, env=env, check=True)
+
+
 def exp_run(overrides: list[str]) -> None:
-    cmd = [sys.executable, "-m", "dvc", "exp", "run"]
-    for override in overrides:
-        cmd += ["-S", override]
-    print("$", " ".join(cmd[2:]), flush=True)
-    subprocess.run(cmd, cwd=ROOT, check=True)
+    dvc("exp", "run", *(arg for override in overrides for arg in ("-S", override)))
 
 
 def test_accuracies(metrics_dir: Path) -> dict[str, float]:
@@ -63,15 +73,23 @@ def main() -> None:
                         help="extra params for every run, as for dvc exp run -S")  # fmt: skip
     args = parser.parse_args()
 
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    original_seed = params["split"]["seed"]
-    metrics_dir = ROOT / params["paths"]["metrics"]
+    params_file = ROOT / "params.yaml"
+    saved = params_file.read_bytes()
+    metrics_dir = ROOT / yaml.safe_load(saved)["paths"]["metrics"]
     results = {}
-    for seed in args.seeds:
-        exp_run([f"split.seed={seed}", *args.set_param])
-        results[seed] = test_accuracies(metrics_dir)
-    if args.seeds[-1] != original_seed:
-        exp_run([f"split.seed={original_seed}", *args.set_param])
+    try:
+        for seed in args.seeds:
+            exp_run([f"split.seed={seed}", *args.set_param])
+            results[seed] = test_accuracies(metrics_dir)
+    finally:
+        # `dvc exp run -S` wrote the last seed (and the -S values) into params.yaml, also when
+        # it failed.
+        if params_file.read_bytes() != saved:
+            params_file.write_bytes(saved)
+            print(f"split_seeds: restored {params_file.name}", file=sys.stderr)
+    # The outputs are the last run's; those of the restored params mostly come from DVC's run
+    # cache.
+    dvc("repro")
     print(summary_table(results))
 
 

@@ -21,7 +21,7 @@ import numpy as np
 
 from imgclf.errors import MissingInput
 from imgclf.evaluation import log_loss
-from imgclf.fileio import atomic_write_bytes, read_json, write_csv, write_json
+from imgclf.fileio import atomic_write_bytes, read_json, write_csv, write_metrics
 
 N_FEATURES = 2048
 # `epoch` (training images seen / training-set size, a float) is the one x-axis every head's
@@ -239,7 +239,8 @@ def write_training_metrics(
     """Write metrics/train/<head>.json and (when the head has one) metrics/curves/<head>.csv.
 
     Every float is rounded to 6 significant digits; only train_seconds varies between reruns.
-    Returns the metrics written.
+    The names and flags (head, optimizer, converged...) go to `train/<head>.info.json`.
+    Returns all of it.
     """
     metrics_dir = Path(metrics_dir)
     metrics: dict[str, Any] = {
@@ -253,7 +254,7 @@ def write_training_metrics(
         **result.summary,
     }
     metrics = round_floats(metrics)
-    write_json(metrics_dir / "train" / f"{head}.json", metrics)
+    write_metrics(metrics_dir / "train" / f"{head}.json", metrics)
     if result.curve:
         rows = [round_floats(dict(row)) for row in result.curve]
         write_csv(metrics_dir / "curves" / f"{head}.csv", CURVE_COLUMNS, rows)
