@@ -36,11 +36,13 @@ import pandas as pd
 import tensorflow as tf
 from mlflow.pyfunc import PythonModel
 
-from imgclf.heads import model_dir
 from imgclf.heads.common import LABELS_FILE, read_labels, write_labels
 from imgclf.inception import Backbone, load_backbone
+from imgclf.layout import Layout
+from imgclf.registry import get_model, model_names
 
-HEAD_KINDS = ("tf", "keras")
+# The registered models servable end to end (their spec names a graph_head function).
+HEAD_KINDS = tuple(model_names(servable=True))
 INPUT_SPEC = tf.TensorSpec([None, None, None, 3], tf.uint8, name="images")
 INPUT_COLUMN = "image"
 INPUT_DOC = (
@@ -54,17 +56,9 @@ LABELS_ARTIFACT = "labels"
 
 def _load_head(head_dir: Path, kind: str) -> tuple[Any, Callable[[tf.Tensor], tf.Tensor]]:
     """The trained head as a TF object (kept as an attribute so its variables are saved) and the
-    function bottlenecks [N, 2048] -> probabilities, usable inside a tf.function. `kind` is one
-    of HEAD_KINDS (checked by `build`)."""
-    if kind == "tf":
-        from imgclf.heads.tf_head import load_tf_head
-
-        head = load_tf_head(head_dir)
-        return head, head.predict
-    from imgclf.heads.keras_head import load_keras_head
-
-    head = load_keras_head(head_dir)
-    return head, lambda x: head(x, training=False)
+    function bottlenecks [N, 2048] -> probabilities, usable inside a tf.function: the spec's
+    graph_head. `kind` is one of HEAD_KINDS (checked by `build`)."""
+    return get_model(kind).function("graph_head")(head_dir)
 
 
 class EndToEndModel(tf.Module):
@@ -107,8 +101,10 @@ def build(
     the backbone folder, or a Backbone already loaded (shared by several models). `precision`
     (for a folder) should be the bottlenecks stage's (bottlenecks.precision), so the backbone
     computes what the heads were trained and evaluated on."""
-    if kind not in HEAD_KINDS:
-        raise ValueError(f"unknown head {kind!r}: expected one of {HEAD_KINDS}")
+    if kind not in model_names(servable=True):
+        raise ValueError(
+            f"unknown head {kind!r}: expected one of {', '.join(model_names(servable=True))}"
+        )
     head_dir = Path(head_dir)
     labels = read_labels(head_dir)
     if not isinstance(backbone, Backbone):
@@ -270,10 +266,16 @@ class Predictor:
 
 
 def local_predictor(
-    models_dir: str | Path, kind: str = "keras", precision: str = "float32"
+    models_dir: str | Path,
+    kind: str = "keras",
+    precision: str = "float32",
+    backbone_dir: str | Path | None = None,
 ) -> Predictor:
-    """The end-to-end model built from the pipeline's latest outputs in `models_dir`."""
-    backbone_dir, head_dir = Path(models_dir) / "backbone", model_dir(models_dir, kind)
+    """The end-to-end model built from the pipeline's latest outputs: the head in `models_dir`
+    (imgclf/layout.py) and the backbone in `backbone_dir` (paths.backbone; default
+    <models_dir>/backbone, params.yaml's layout)."""
+    head_dir = Layout.of(models=models_dir).model_dir(kind)
+    backbone_dir = Path(models_dir) / "backbone" if backbone_dir is None else Path(backbone_dir)
     missing = [str(d) for d in (backbone_dir, head_dir) if not d.is_dir()]
     if missing:
         raise FileNotFoundError(

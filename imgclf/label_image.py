@@ -5,7 +5,7 @@
     label-image a.jpg b.png --model models:/flower_photos-keras@champion --csv --chart
     label-image a.jpg --model runs:/<run id>/model
 
-The model is either built from the pipeline's outputs (`<models>/backbone` + `<models>/<head>_head`,
+The model is either built from the pipeline's outputs (paths.backbone + `<models>/heads/<head>`,
 paths.models of params.yaml when run from the repository) or loaded from any MLflow model URI
 (resolved in the same store as the track stage: MLFLOW_TRACKING_URI, else the repository's
 mlflow.db). Both decode each file with `imgclf.images.load_rgb`, so the probabilities equal
@@ -35,6 +35,8 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from imgclf.registry import model_names
 
 PROG = "label-image"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"}
@@ -262,16 +264,17 @@ def print_csv(results: Sequence[Labelled], out=None) -> None:
 # --------------------------------------------------------------------------- models
 
 
-def _pipeline_defaults() -> tuple[Path, str]:
-    """(paths.models, bottlenecks.precision) of ./params.yaml when run from the repository,
-    else (./models, float32)."""
+def _pipeline_defaults() -> tuple[Path, str, Path | None]:
+    """(paths.models, bottlenecks.precision, paths.backbone) of ./params.yaml when run from the
+    repository, else (./models, float32, None: <models>/backbone)."""
     try:
         from imgclf.config import load_params
 
         params = load_params()
-        return Path(params["paths"]["models"]), params["bottlenecks"]["precision"]
+        paths = params["paths"]
+        return Path(paths["models"]), params["bottlenecks"]["precision"], Path(paths["backbone"])
     except (FileNotFoundError, KeyError, TypeError):
-        return Path("models"), "float32"
+        return Path("models"), "float32", None
 
 
 def is_mlflow_uri(model: str) -> bool:
@@ -284,8 +287,10 @@ def load_model(model: str | None, head: str, models_dir: Path | None) -> Any:
     from imgclf import end_to_end
 
     if model is None:
-        default_dir, precision = _pipeline_defaults()
-        return end_to_end.local_predictor(models_dir or default_dir, head, precision)
+        default_dir, precision, backbone = _pipeline_defaults()
+        if models_dir is not None:  # another models folder: its own backbone
+            backbone = None
+        return end_to_end.local_predictor(models_dir or default_dir, head, precision, backbone)
     if not is_mlflow_uri(model):
         raise ValueError(
             f"{model!r} is neither an MLflow model URI (models:/<name>/<version>, "
@@ -324,11 +329,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--model",
         help="an MLflow model URI: models:/<name>@champion, models:/<name>/3, "
         "runs:/<run id>/model, or a folder with an MLmodel file. Default: the latest pipeline "
-        "output, built from <models-dir>/backbone + <models-dir>/<head>_head",
+        "output, built from paths.backbone + <models-dir>/heads/<head>",
     )
     parser.add_argument(
         "--head",
-        choices=("tf", "keras"),
+        # Every registered model servable end to end (imgclf/registry.py).
+        choices=model_names(servable=True),
         default="keras",
         help="which trained head when --model is not given (default: keras)",
     )

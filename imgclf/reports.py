@@ -23,14 +23,15 @@ from PIL import Image, ImageDraw, ImageFont
 from imgclf.evaluation import ALPHA, HeadResult, PairedTest, metrics_dict
 from imgclf.fileio import atomic_write_bytes, read_json, write_csv, write_metrics
 from imgclf.images import load_rgb
-
-DISPLAY_NAMES = {"tf": "TF", "keras": "Keras", "sklearn": "scikit-learn"}
+from imgclf.layout import Layout
+from imgclf.registry import display_name as _registered_display_name
 
 MISCLASSIFIED_COLUMNS = ("id", "path", "actual", "predicted", "confidence", "p_actual")
 
 
 def display_name(head: str) -> str:
-    return DISPLAY_NAMES.get(head, head)
+    """The registry's display name (imgclf/registry.py); an unregistered name as it is."""
+    return _registered_display_name(head)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -395,20 +396,20 @@ def write_reports(
     sheet_max: int,
 ) -> ReportSummary:
     """Every evaluate output under `metrics_dir` (see the module doc and dvc.yaml)."""
-    metrics_dir = Path(metrics_dir)
+    layout = Layout.of(metrics=metrics_dir)
     misclassified: dict[str, int] = {}
     unreadable = 0
     for r in results:
-        write_metrics(metrics_dir / "evaluate" / f"{r.head}.json", metrics_dict(r))
-        write_confusion_csv(metrics_dir / "confusion" / f"{r.head}.csv", r)
-        atomic_write_bytes(metrics_dir / "confusion" / f"{r.head}.png", confusion_png(r))
+        write_metrics(layout.evaluation(r.head), metrics_dict(r))
+        write_confusion_csv(layout.confusion(r.head), r)
+        atomic_write_bytes(layout.confusion(r.head, ".png"), confusion_png(r))
         rows = misclassified_rows(r, split_dir)
-        write_misclassified_csv(metrics_dir / "misclassified" / f"{r.head}.csv", rows)
+        write_misclassified_csv(layout.misclassified(r.head), rows)
         sheet = contact_sheet(rows, display_name(r.head), sheet_max)
-        atomic_write_bytes(metrics_dir / "misclassified" / f"{r.head}.png", sheet.png)
+        atomic_write_bytes(layout.misclassified(r.head, ".png"), sheet.png)
         misclassified[r.head] = len(rows)
         unreadable += sheet.unreadable
-    write_comparison_json(metrics_dir / "evaluate" / "comparison.json", tests)
+    write_comparison_json(layout.comparison_json, tests)
     markdown = comparison_markdown(results, tests, train_metrics, loc)
-    atomic_write_bytes(metrics_dir / "comparison.md", markdown.encode("utf-8"))
+    atomic_write_bytes(layout.comparison_md, markdown.encode("utf-8"))
     return ReportSummary(misclassified=misclassified, unreadable_thumbnails=unreadable)

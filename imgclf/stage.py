@@ -14,7 +14,7 @@ import functools
 import sys
 import traceback
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from imgclf.errors import UserError
 
@@ -29,14 +29,14 @@ def stage_name(module: str) -> str:
     return module.rsplit(".", 1)[-1]
 
 
-def stage_main(main: Callable[[], R]) -> Callable[[], R]:
+def stage_main(main: Callable[..., R]) -> Callable[..., R]:
     """Run `main` with the one error path; SystemExit (and Ctrl-C) pass through unchanged."""
 
     @functools.wraps(main)
-    def wrapped() -> R:
+    def wrapped(*args: Any, **kwargs: Any) -> R:
         name = stage_name(main.__module__)
         try:
-            return main()
+            return main(*args, **kwargs)
         except UserError as e:
             # SystemExit with a message: Python prints it to stderr and exits with status 1.
             raise SystemExit(f"{name}: error: {e}") from None

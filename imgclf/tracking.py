@@ -45,9 +45,12 @@ import yaml
 
 from imgclf.config import repo_root
 from imgclf.fileio import read_csv, read_json, sha256_file
-from imgclf.heads import HEADS, model_dir
+from imgclf.layout import Layout
+from imgclf.registry import MODELS, get_model, model_names
 
-MODEL_HEADS = ("tf", "keras")  # the heads that get an end-to-end model in the registry
+HEADS = tuple(MODELS)  # one child run each
+MODEL_HEADS = tuple(model_names(servable=True))  # an end-to-end model in the registry each
+CURVE_HEADS = tuple(model_names(has_curve=True))  # overlaid in the parent run's curve links
 DB_FILE = "mlflow.db"
 ARTIFACTS_DIR = "mlartifacts"
 # The stages whose dvc.lock output hashes identify the data and the backbone of a result.
@@ -375,7 +378,7 @@ def dataset_name(source: str) -> str:
 
 def registered_model_names(track: Mapping[str, Any], source: str) -> dict[str, str]:
     """track.registered_models with `{dataset}` filled in from data.source."""
-    templates = {"tf": "{dataset}-tf", "keras": "{dataset}-keras"}
+    templates = {head: f"{{dataset}}-{head}" for head in MODEL_HEADS}
     templates.update(track.get("registered_models") or {})
     return {head: str(t).format(dataset=dataset_name(source)) for head, t in templates.items()}
 
@@ -420,35 +423,40 @@ class ResultFiles:
     """Where a pipeline result's files are, from params.yaml `paths` (relative to `workdir`)."""
 
     workdir: Path
-    models: Path
-    metrics: Path
-    backbone: Path
+    layout: Layout
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any], workdir: str | Path) -> ResultFiles:
-        workdir = Path(workdir)
-        paths = params["paths"]
-        return cls(
-            workdir=workdir,
-            models=workdir / paths["models"],
-            metrics=workdir / paths["metrics"],
-            backbone=workdir / paths["backbone"],
-        )
+        return cls(workdir=Path(workdir), layout=Layout.from_params(params, workdir))
+
+    @property
+    def models(self) -> Path:
+        return self.layout.models
+
+    @property
+    def metrics(self) -> Path:
+        return self.layout.metrics
+
+    @property
+    def backbone(self) -> Path:
+        return self.layout.backbone
 
     def head_dir(self, head: str) -> Path:
-        return model_dir(self.models, head)
+        return self.layout.model_dir(head)
 
     def head_artifacts(self, head: str) -> list[tuple[Path, str]]:
-        """(file, artifact folder) of one head; files that do not exist are skipped."""
-        m = self.metrics
+        """(file, artifact folder) of one head; files that do not exist are skipped, and so is
+        the (header-only) curve of a model without one."""
+        lay = self.layout
+        has_curve = head not in MODELS or MODELS[head].has_curve
         return [
-            (m / "confusion" / f"{head}.png", "evaluation/confusion"),
-            (m / "confusion" / f"{head}.csv", "evaluation/confusion"),
-            (m / "misclassified" / f"{head}.png", "evaluation/misclassified"),
-            (m / "misclassified" / f"{head}.csv", "evaluation/misclassified"),
-            (m / "evaluate" / f"{head}.json", "evaluation"),
-            (m / "train" / f"{head}.json", "training"),
-            (m / "curves" / f"{head}.csv", "training"),
+            (lay.confusion(head, ".png"), "evaluation/confusion"),
+            (lay.confusion(head), "evaluation/confusion"),
+            (lay.misclassified(head, ".png"), "evaluation/misclassified"),
+            (lay.misclassified(head), "evaluation/misclassified"),
+            (lay.evaluation(head), "evaluation"),
+            (lay.train_metrics(head), "training"),
+            *([(lay.curve(head), "training")] if has_curve else []),
             (self.head_dir(head) / "labels.txt", ""),
         ]
 
@@ -519,9 +527,7 @@ def track_pipeline(
         log_models = bool(track.get("log_models", True))
     files = ResultFiles.from_params(params, workdir)
     evaluations = {
-        head: read_json(p)
-        for head in HEADS
-        if (p := files.metrics / "evaluate" / f"{head}.json").is_file()
+        head: read_json(p) for head in HEADS if (p := files.layout.evaluation(head)).is_file()
     }
     missing = [h for h in HEADS if h not in evaluations]
     if missing:
@@ -601,7 +607,7 @@ def track_pipeline(
                 client=client,
                 models=models if log_models and head in MODEL_HEADS else None,
             )
-        curve_runs = [summary["heads"][h]["run_id"] for h in MODEL_HEADS]
+        curve_runs = [summary["heads"][h]["run_id"] for h in CURVE_HEADS]
         summary["curves_links"] = {
             what: curves_link(
                 experiment_id, curve_runs, [f"curve.val_{what}", f"curve.train_{what}"]
@@ -679,12 +685,12 @@ def _track_head(
                 {k: v for k, v in evaluation.items() if k != "per_class"}
             ).items()
         ]
-        train_json = files.metrics / "train" / f"{head}.json"
+        train_json = files.layout.train_metrics(head)
         train = read_json(train_json) if train_json.is_file() else {}
         train_params, train_metrics = split_train_summary(train)
         run_params.update(train_params)
         metrics += [(k, v, 0) for k, v in train_metrics.items()]
-        curve_csv = files.metrics / "curves" / f"{head}.csv"
+        curve_csv = files.layout.curve(head)
         curve = (
             curve_metrics(curve_csv, int(train.get("n_train", 0)))
             if curve_csv.is_file() and train.get("n_train")
@@ -708,10 +714,7 @@ def _track_head(
     return result
 
 
-HEAD_DESCRIPTIONS = {
-    "tf": "retrain.py's softmax head in low-level TensorFlow (tf.Variable, GradientTape, SGD)",
-    "keras": "the Keras tutorial's head (Dense + softmax, RMSprop, EarlyStopping)",
-}
+HEAD_DESCRIPTIONS = {name: spec.description for name, spec in MODELS.items()}
 CHAMPION = "champion"
 
 
@@ -754,7 +757,7 @@ class EndToEndModels:
         digest = hashlib.sha256(f"{head}:{self.precision}".encode())
         digest.update(self._shared_files)
         digest.update(_files_digest(Path(head_module(head).__file__), head_dir / "labels.txt"))
-        digest.update(weights_digest(head_dir, head))
+        digest.update(get_model(head).function("weights_digest")(head_dir))
         return digest.hexdigest()
 
     def build(self, head: str) -> Any:
@@ -764,27 +767,9 @@ class EndToEndModels:
 
 
 def weights_digest(head_dir: Path, head: str) -> bytes:
-    """sha256 over the names, shapes, dtypes and values of a trained head's weights."""
-    import numpy as np
-
-    digest = hashlib.sha256()
-    if head == "tf":
-        import tensorflow as tf
-
-        reader = tf.train.load_checkpoint(str(head_dir / "variables" / "variables"))
-        for name in sorted(reader.get_variable_to_shape_map()):
-            if name == "_CHECKPOINTABLE_OBJECT_GRAPH":
-                continue
-            value = np.asarray(reader.get_tensor(name))
-            digest.update(f"{name}:{value.dtype}:{value.shape}".encode() + value.tobytes())
-    else:
-        from imgclf.heads import head_module
-
-        model = head_module(head).load_keras_head(head_dir)
-        for weight in model.weights:
-            value = np.asarray(weight.numpy())
-            digest.update(f"{weight.path}:{value.dtype}:{value.shape}".encode() + value.tobytes())
-    return digest.digest()
+    """sha256 over the names, shapes, dtypes and values of a trained head's weights (the
+    spec's weights_digest)."""
+    return get_model(head).function("weights_digest")(head_dir)
 
 
 def _files_digest(*paths: Path) -> bytes:

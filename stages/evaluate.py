@@ -22,7 +22,9 @@ from imgclf.errors import StageFailed
 from imgclf.evaluation import HeadResult, PairedTest, all_pairs, evaluate_head
 from imgclf.heads import HEADS, load_predictor, model_dir
 from imgclf.heads.common import Bottlenecks, load_bottlenecks
+from imgclf.layout import Layout
 from imgclf.params import EvaluateParams
+from imgclf.registry import get_model
 from imgclf.reports import (
     ReportSummary,
     display_name,
@@ -34,6 +36,11 @@ from imgclf.stage import stage_main
 
 # The head modules actually imported (for the "lines of code" column), wherever they live.
 HEADS_SOURCE_DIR = Path(imgclf.heads.__file__).resolve().parent
+
+
+def module_file(head: str, heads_source_dir: str | Path = HEADS_SOURCE_DIR) -> Path:
+    """The source file of `head`'s module: <heads_source_dir>/<last part of its module>.py."""
+    return Path(heads_source_dir) / f"{get_model(head).module.rsplit('.', 1)[-1]}.py"
 
 
 @dataclass(frozen=True)
@@ -62,10 +69,9 @@ def evaluate_predictions(
     ]
     tests = all_pairs(results)
     metrics_dir = Path(metrics_dir)
-    train_metrics = {
-        r.head: read_train_metrics(metrics_dir / "train" / f"{r.head}.json") for r in results
-    }
-    loc = {r.head: lines_of_code(Path(heads_source_dir) / f"{r.head}_head.py") for r in results}
+    layout = Layout.of(metrics=metrics_dir)
+    train_metrics = {r.head: read_train_metrics(layout.train_metrics(r.head)) for r in results}
+    loc = {r.head: lines_of_code(module_file(r.head, heads_source_dir)) for r in results}
     summary = write_reports(
         results,
         tests,
@@ -146,13 +152,13 @@ def run(
 @stage_main
 def main() -> None:
     params = load_params()
-    paths = params["paths"]
+    layout = Layout.from_params(params)
     hp = EvaluateParams.from_params(params)
     run(
-        bottleneck_dir=paths["bottlenecks"],
-        models_dir=paths["models"],
-        metrics_dir=paths["metrics"],
-        split_dir=paths["split"],
+        bottleneck_dir=layout.bottlenecks,
+        models_dir=layout.models,
+        metrics_dir=layout.metrics,
+        split_dir=layout.split,
         min_accuracy=hp.min_accuracy,
         sheet_max=hp.misclassified_sheet_max,
     )

@@ -5,13 +5,17 @@ A stage's code is the import closure of `stages/<name>.py` (its `cmd` is
 every `import` / `from ... import`, also inside functions, plus the packages' `__init__.py`
 files that Python runs on the way. A function that loads modules by name
 (`importlib.import_module`) counts as importing every module of its package, for the stages
-that use that function. A file is covered by a dep naming it or a folder above it.
+that use that function. The model registry (imgclf/registry.py) resolves each model's
+functions by name too: a stage that imports it runs every registered model's module, except
+`python -m stages.train <model>` (the `foreach` stages train@<model>), which runs that model's
+only. A file is covered by a dep naming it or a folder above it.
 """
 
 from __future__ import annotations
 
 import ast
 import copy
+import json
 import re
 from collections.abc import Iterable, Mapping
 from functools import cache
@@ -22,21 +26,45 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 CODE_DIRS = ("imgclf", "stages")
-_CMD = re.compile(r"^python -m stages\.(\w+)$")
+_CMD = re.compile(r"^python -m stages\.(\w+)(?: (\w+))?$")
+REGISTRY = ROOT / "imgclf" / "registry.py"
 
 
 def load_dvc_stages(root: Path = ROOT) -> dict[str, dict]:
+    """dvc.yaml's stages with `${...}` resolved from params.yaml and each `foreach` expanded
+    into its stages (`train@tf`...), as DVC does."""
     params = yaml.safe_load((root / "params.yaml").read_text(encoding="utf-8"))
     text = (root / "dvc.yaml").read_text(encoding="utf-8")
 
     def substitute(match: re.Match[str]) -> str:
+        if match.group(1) == "item":  # filled in per `foreach` item below
+            return match.group(0)
         value: object = params
         for part in match.group(1).split("."):
             assert isinstance(value, Mapping) and part in value, f"dvc.yaml: no param {part}"
             value = value[part]
-        return str(value)
+        return json.dumps(value) if isinstance(value, list) else str(value)
 
-    return yaml.safe_load(re.sub(r"\$\{([\w.]+)\}", substitute, text))["stages"]
+    stages = yaml.safe_load(re.sub(r"\$\{([\w.]+)\}", substitute, text))["stages"]
+    expanded = {}
+    for name, stage in stages.items():
+        if "foreach" not in stage:
+            expanded[name] = stage
+            continue
+        body = yaml.safe_dump(stage["do"])
+        for item in stage["foreach"]:
+            expanded[f"{name}@{item}"] = yaml.safe_load(body.replace("${item}", str(item)))
+    return expanded
+
+
+def registered_modules() -> dict[str, Path]:
+    """model name -> its module's file, from the registry."""
+    from imgclf.registry import MODELS
+
+    files = {name: _module_file(spec.module) for name, spec in MODELS.items()}
+    missing = [name for name, f in files.items() if f is None]
+    assert not missing, f"registered models whose module is not in the repo: {missing}"
+    return files  # type: ignore[return-value]
 
 
 def _module_file(name: str) -> Path | None:
@@ -142,6 +170,13 @@ def stage_code(stage: Mapping) -> set[str]:
     match = _CMD.match(stage["cmd"].strip())
     assert match, f"unexpected cmd {stage['cmd']!r}: expected `python -m stages.<name>`"
     files = closure(ROOT / "stages" / f"{match.group(1)}.py")
+    if REGISTRY in files:
+        modules = registered_modules()
+        model = match.group(2)
+        assert model is None or model in modules, f"{stage['cmd']!r}: {model} is not registered"
+        for name, module in modules.items():
+            if model is None or name == model:
+                files |= closure(module)
     return {p.relative_to(ROOT).as_posix() for p in files}
 
 
@@ -192,7 +227,7 @@ def test_closure_follows_the_kinds_of_import_we_use():
     # Heads are loaded by name (importlib) only where a stage uses head_module/load_predictor.
     evaluate = stage_code(load_dvc_stages()["evaluate"])
     assert "imgclf/heads/keras_head.py" in evaluate
-    train_tf = stage_code(load_dvc_stages()["train_tf"])
+    train_tf = stage_code(load_dvc_stages()["train@tf"])
     assert "imgclf/heads/tf_head.py" in train_tf
     assert "imgclf/heads/keras_head.py" not in train_tf
 

@@ -236,7 +236,7 @@ def test_keras_head_learns_is_deterministic_and_reloads(data, tmp_path: Path) ->
 def test_load_predictor_rejects_unknown_heads_and_missing_models(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="unknown head"):
         load_predictor("torch", tmp_path)
-    with pytest.raises(FileNotFoundError, match="dvc repro train_sklearn"):
+    with pytest.raises(FileNotFoundError, match="dvc repro train@sklearn"):
         load_predictor("sklearn", tmp_path)
 
 
@@ -253,19 +253,19 @@ def _small_params() -> dict:
 
 @pytest.mark.slow
 def test_train_stages_write_declared_outputs(tmp_path: Path, monkeypatch) -> None:
-    from stages import train_keras, train_sklearn, train_tf
+    from stages import train
 
     params = _small_params()
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     write_bottlenecks(tmp_path / params["paths"]["bottlenecks"])
     monkeypatch.chdir(tmp_path)
-    for stage in (train_tf, train_keras, train_sklearn):
-        stage.main()
+    for head in HEADS:
+        train.main([head])
 
     models, metrics_dir = Path(params["paths"]["models"]), Path(params["paths"]["metrics"])
-    assert (models / "tf_head" / "saved_model.pb").is_file()
-    assert (models / "keras_head" / "model.keras").is_file()
-    assert (models / "sklearn_head" / "model.joblib").is_file()
+    assert (models / "heads" / "tf" / "saved_model.pb").is_file()
+    assert (models / "heads" / "keras" / "model.keras").is_file()
+    assert (models / "heads" / "sklearn" / "model.joblib").is_file()
     x_test = load_bottlenecks(params["paths"]["bottlenecks"], "test").features
     for head in HEADS:
         assert read_labels(model_dir(models, head)) == CLASSES
@@ -287,11 +287,12 @@ def test_train_stages_write_declared_outputs(tmp_path: Path, monkeypatch) -> Non
         assert float(rows[-1]["epoch"]) > float(rows[0]["epoch"]) > 0
         assert n_rows is None or len(rows) == n_rows
         assert all(len(value) <= 12 for row in rows for value in row.values())  # rounded
-    assert not (metrics_dir / "curves" / "sklearn.csv").exists()
+    # Every train@<model> declares the same outs: a model without a curve writes the header.
+    assert (metrics_dir / "curves" / "sklearn.csv").read_text() == ",".join(CURVE_COLUMNS) + "\n"
 
     # A rerun rewrites the same metrics (only the wall time may differ).
     before = read_json(metrics_dir / "train" / "tf.json")
-    train_tf.main()
+    train.main(["tf"])
     after = read_json(metrics_dir / "train" / "tf.json")
     before.pop("train_seconds"), after.pop("train_seconds")
     assert before == after
@@ -300,10 +301,10 @@ def test_train_stages_write_declared_outputs(tmp_path: Path, monkeypatch) -> Non
 _TRAIN_AND_SAVE = """
 import os
 import sys
-from stages import train_keras, train_tf
+from stages import train
 os.chdir(sys.argv[1])
-train_tf.main()
-train_keras.main()
+train.main(["tf"])
+train.main(["keras"])
 """
 
 
@@ -333,7 +334,7 @@ def test_identical_trainings_in_fresh_processes_write_identical_model_files(tmp_
         # TF 2.21's harmless tf.data notice during fit (see keras_head._TF_DATA_NOTICE) is gone;
         # the stages' own lines are still there.
         assert b"use_unbounded_threadpool" not in proc.stderr
-        assert b"train_keras: val_accuracy" in proc.stdout
+        assert b"train@keras: val_accuracy" in proc.stdout
         models = work / params["paths"]["models"]
         outputs.append(
             {

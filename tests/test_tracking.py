@@ -143,10 +143,10 @@ def build_tiny_result(workdir: Path) -> dict:
     cwd = Path.cwd()
     os.chdir(workdir)
     try:
-        from stages import evaluate, train_keras, train_sklearn, train_tf
+        from stages import evaluate, train
 
-        for stage in (train_tf, train_keras, train_sklearn):
-            stage.main()
+        for head in ("tf", "keras", "sklearn"):
+            train.main([head])
         code = evaluate.run(
             bottleneck_dir=paths["bottlenecks"],
             models_dir=paths["models"],

@@ -22,6 +22,7 @@ import numpy as np
 from imgclf.errors import MissingInput
 from imgclf.evaluation import log_loss
 from imgclf.fileio import atomic_write_bytes, read_json, write_csv, write_metrics
+from imgclf.layout import Layout
 
 N_FEATURES = 2048
 # `epoch` (training images seen / training-set size, a float) is the one x-axis every head's
@@ -235,14 +236,16 @@ def write_training_metrics(
     n_train: int,
     n_val: int,
     n_classes: int,
+    has_curve: bool | None = None,
 ) -> dict[str, Any]:
-    """Write metrics/train/<head>.json and (when the head has one) metrics/curves/<head>.csv.
+    """Write metrics/train/<head>.json and metrics/curves/<head>.csv (see imgclf/layout.py).
 
-    Every float is rounded to 6 significant digits; only train_seconds varies between reruns.
-    The names and flags (head, optimizer, converged...) go to `train/<head>.info.json`.
-    Returns all of it.
+    A model without a curve (`has_curve` false, or no rows) gets a header-only curve file: dvc.yaml
+    declares the same outs for every model. Every float is rounded to 6 significant digits; only
+    train_seconds varies between reruns. The names and flags (head, optimizer, converged...) go
+    to `train/<head>.info.json`. Returns all of it.
     """
-    metrics_dir = Path(metrics_dir)
+    layout = Layout.of(metrics=metrics_dir)
     metrics: dict[str, Any] = {
         "head": head,
         "n_parameters": int(n_parameters),
@@ -254,10 +257,10 @@ def write_training_metrics(
         **result.summary,
     }
     metrics = round_floats(metrics)
-    write_metrics(metrics_dir / "train" / f"{head}.json", metrics)
-    if result.curve:
+    write_metrics(layout.train_metrics(head), metrics)
+    if result.curve or has_curve is not None:
         rows = [round_floats(dict(row)) for row in result.curve]
-        write_csv(metrics_dir / "curves" / f"{head}.csv", CURVE_COLUMNS, rows)
+        write_csv(layout.curve(head), CURVE_COLUMNS, rows)
     return metrics
 
 
@@ -274,41 +277,37 @@ def split_train_val(
     )
 
 
-def train_and_save_head(
-    head: str,
-    *,
-    paths: Mapping[str, str],
-    shared: Mapping[str, Any],
-    train_fn: Callable[..., TrainResult],
-    save_fn: Callable[[Any, Path, list[str]], None],
-    count_parameters: Callable[[Any], int],
-    **hyperparameters: Any,
-) -> dict[str, Any]:
-    """What every train_* stage does: the shared train/validation slices, `train_fn` with the
-    head's own hyperparameters, then the model, metrics and curves where dvc.yaml wants them.
-    Returns the metrics written."""
-    from imgclf.heads import model_dir
+def train_model(name: str, params: Mapping[str, Any], workdir: str | Path = ".") -> dict[str, Any]:
+    """What the train stage does for registered model `name`: the shared train/validation
+    slices, its train function with its params block as keyword arguments, then the model,
+    metrics and curve where imgclf/layout.py puts them. Returns the metrics written."""
+    from imgclf.params import HeadsParams
+    from imgclf.registry import get_model, model_params
 
-    train = load_bottlenecks(paths["bottlenecks"], "train")
-    x_train, y_train, x_val, y_val = split_train_val(
-        train, shared["validation_fraction"], shared["seed"]
-    )
-    result = train_fn(
+    spec = get_model(name)
+    if spec.inputs != "bottlenecks":
+        raise NotImplementedError(f"model {name!r} trains on {spec.inputs}: not implemented yet")
+    layout = Layout.from_params(params, workdir)
+    shared = HeadsParams.from_params(params)
+    train = load_bottlenecks(layout.bottlenecks, "train")
+    x_train, y_train, x_val, y_val = split_train_val(train, shared.validation_fraction, shared.seed)
+    result = spec.function("train")(
         x_train,
         y_train,
         x_val,
         y_val,
         n_classes=len(train.classes),
-        seed=int(shared["seed"]),
-        **hyperparameters,
+        seed=int(shared.seed),
+        **model_params(spec, params),
     )
-    save_fn(result.model, model_dir(paths["models"], head), train.classes)
+    spec.function("save")(result.model, layout.model_dir(name), train.classes)
     return write_training_metrics(
-        paths["metrics"],
-        head,
+        layout.metrics,
+        name,
         result,
-        n_parameters=count_parameters(result.model),
+        n_parameters=spec.function("count_parameters")(result.model),
         n_train=len(y_train),
         n_val=len(y_val),
         n_classes=len(train.classes),
+        has_curve=spec.has_curve,
     )

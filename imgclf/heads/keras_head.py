@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -266,7 +266,7 @@ def load_keras_head(model_dir: str | Path) -> keras.Model:
     """The trained keras.Model (bottlenecks -> probabilities), e.g. to stack on the backbone."""
     path = Path(model_dir) / MODEL_FILE
     if not path.is_file():
-        raise MissingInput(f"{path} not found: run `dvc repro train_keras` to build it")
+        raise MissingInput(f"{path} not found: run `dvc repro train@keras` to build it")
     return keras.saving.load_model(path, compile=False)
 
 
@@ -279,3 +279,28 @@ def predictor(model_dir: str | Path) -> Callable[[np.ndarray], np.ndarray]:
         return np.asarray(model.predict(x, batch_size=512, verbose=0), dtype=np.float32)
 
     return predict
+
+
+def summary_line(metrics: Mapping[str, Any]) -> str:
+    return (
+        f"val_accuracy {metrics['final_val_accuracy']:.4f} "
+        f"(best {metrics['best_val_accuracy']:.4f}; kept epoch {metrics['model_step']} of "
+        f"{metrics['epochs']}), {metrics['train_seconds']:.1f} s"
+    )
+
+
+def graph_head(model_dir: str | Path) -> tuple[Any, Callable[[Any], Any]]:
+    """For the end-to-end graph: the loaded model and its inference call."""
+    model = load_keras_head(model_dir)
+    return model, lambda x: model(x, training=False)
+
+
+def weights_digest(model_dir: str | Path) -> bytes:
+    """sha256 over the paths, shapes, dtypes and values of the model's weights."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for weight in load_keras_head(model_dir).weights:
+        value = np.asarray(weight.numpy())
+        digest.update(f"{weight.path}:{value.dtype}:{value.shape}".encode() + value.tobytes())
+    return digest.digest()

@@ -11,8 +11,9 @@ fitted on the training part only.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import joblib
 import numpy as np
@@ -109,7 +110,7 @@ def save_sklearn_head(model: Pipeline, model_dir: str | Path, classes: list[str]
 def load_sklearn_head(model_dir: str | Path) -> Pipeline:
     path = Path(model_dir) / MODEL_FILE
     if not path.is_file():
-        raise MissingInput(f"{path} not found: run `dvc repro train_sklearn` to build it")
+        raise MissingInput(f"{path} not found: run `dvc repro train@sklearn` to build it")
     return joblib.load(path)
 
 
@@ -122,3 +123,11 @@ def predictor(model_dir: str | Path) -> Callable[[np.ndarray], np.ndarray]:
         return predict_proba(model, bottlenecks, n_classes)
 
     return predict
+
+
+def summary_line(metrics: Mapping[str, Any]) -> str:
+    note = "" if metrics["converged"] else " (lbfgs did NOT converge: raise train_sklearn.max_iter)"
+    return (
+        f"val_accuracy {metrics['final_val_accuracy']:.4f}, "
+        f"{metrics['iterations']} lbfgs iterations, {metrics['train_seconds']:.1f} s{note}"
+    )

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -286,7 +286,7 @@ def load_tf_head(model_dir: str | Path) -> Any:
     graph, e.g. after the backbone); `.signatures["serving_default"]` is the serving signature."""
     model_dir = Path(model_dir)
     if not (model_dir / "saved_model.pb").is_file():
-        raise MissingInput(f"{model_dir} holds no SavedModel: run `dvc repro train_tf` to build it")
+        raise MissingInput(f"{model_dir} holds no SavedModel: run `dvc repro train@tf` to build it")
     return tf.saved_model.load(str(model_dir))
 
 
@@ -300,3 +300,32 @@ def predictor(model_dir: str | Path) -> Callable[[np.ndarray], np.ndarray]:
         return serve(**{INPUT_NAME: x})[OUTPUT_KEY].numpy()
 
     return predict
+
+
+def summary_line(metrics: Mapping[str, Any]) -> str:
+    return (
+        f"val_accuracy {metrics['final_val_accuracy']:.4f} "
+        f"(best {metrics['best_val_accuracy']:.4f}), {metrics['steps']} steps, "
+        f"{metrics['train_seconds']:.1f} s"
+    )
+
+
+def graph_head(model_dir: str | Path) -> tuple[Any, Callable[[tf.Tensor], tf.Tensor]]:
+    """For the end-to-end graph: the loaded head (kept so its variables are saved) and its
+    function features -> probabilities."""
+    head = load_tf_head(model_dir)
+    return head, head.predict
+
+
+def weights_digest(model_dir: str | Path) -> bytes:
+    """sha256 over the names, shapes, dtypes and values of the checkpoint's variables."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    reader = tf.train.load_checkpoint(str(Path(model_dir) / "variables" / "variables"))
+    for name in sorted(reader.get_variable_to_shape_map()):
+        if name == "_CHECKPOINTABLE_OBJECT_GRAPH":
+            continue
+        value = np.asarray(reader.get_tensor(name))
+        digest.update(f"{name}:{value.dtype}:{value.shape}".encode() + value.tobytes())
+    return digest.digest()

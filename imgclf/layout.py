@@ -1,0 +1,77 @@
+"""Where every output of the pipeline lives, built from params.yaml `paths:`: every writer and
+reader asks this object for a file's place, and dvc.yaml spells the same places with
+`${paths.*}`. Per model `<name>`:
+
+    <paths.models>/heads/<name>/                 the trained model (+ labels.txt)
+    <paths.metrics>/train/<name>.json            training metrics (numbers; + .info.json)
+    <paths.metrics>/curves/<name>.csv            training curve (header only without a curve)
+    <paths.metrics>/evaluate/<name>.json         test metrics (numbers; + .info.json)
+    <paths.metrics>/confusion/<name>.csv, .png   confusion matrix
+    <paths.metrics>/misclassified/<name>.csv, .png
+
+evaluate and track depend on these folders, so a new model needs no dvc.yaml edit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+HEADS_DIR = "heads"
+
+
+@dataclass(frozen=True)
+class Layout:
+    metrics: Path = Path("metrics")
+    models: Path = Path("models")
+    backbone: Path = Path("models/backbone")
+    bottlenecks: Path = Path("data/bottlenecks")
+    split: Path = Path("data/split")
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any], workdir: str | Path = ".") -> Layout:
+        paths, workdir = params["paths"], Path(workdir)
+        return cls(
+            metrics=workdir / paths["metrics"],
+            models=workdir / paths["models"],
+            backbone=workdir / paths["backbone"],
+            bottlenecks=workdir / paths["bottlenecks"],
+            split=workdir / paths["split"],
+        )
+
+    @classmethod
+    def of(cls, *, metrics: str | Path = "metrics", models: str | Path = "models") -> Layout:
+        """For callers that only know a metrics and/or a models folder."""
+        return cls(metrics=Path(metrics), models=Path(models))
+
+    @property
+    def heads(self) -> Path:
+        return self.models / HEADS_DIR
+
+    def model_dir(self, name: str) -> Path:
+        return self.heads / name
+
+    def train_metrics(self, name: str) -> Path:
+        return self.metrics / "train" / f"{name}.json"
+
+    def curve(self, name: str) -> Path:
+        return self.metrics / "curves" / f"{name}.csv"
+
+    def evaluation(self, name: str) -> Path:
+        return self.metrics / "evaluate" / f"{name}.json"
+
+    def confusion(self, name: str, suffix: str = ".csv") -> Path:
+        return self.metrics / "confusion" / f"{name}{suffix}"
+
+    def misclassified(self, name: str, suffix: str = ".csv") -> Path:
+        return self.metrics / "misclassified" / f"{name}{suffix}"
+
+    @property
+    def comparison_json(self) -> Path:
+        return self.metrics / "evaluate" / "comparison.json"
+
+    @property
+    def comparison_md(self) -> Path:
+        return self.metrics / "comparison.md"
