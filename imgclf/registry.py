@@ -135,7 +135,10 @@ MODELS: dict[str, ModelSpec] = {
 
 def get_model(name: str) -> ModelSpec:
     if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}: expected one of {', '.join(MODELS)}")
+        raise ValueError(
+            f"unknown head {name!r}: expected one of the registered models "
+            f"{', '.join(MODELS)} (imgclf/registry.py)"
+        )
     return MODELS[name]
 
 

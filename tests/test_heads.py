@@ -347,4 +347,4 @@ def test_identical_trainings_in_fresh_processes_write_identical_model_files(tmp_
     assert outputs[0].keys() == outputs[1].keys()
     differ = [name for name in outputs[0] if outputs[0][name] != outputs[1][name]]
     assert differ == []
-    assert "keras_head/model.keras" in outputs[0] and "tf_head/fingerprint.pb" in outputs[0]
+    assert "heads/keras/model.keras" in outputs[0] and "heads/tf/fingerprint.pb" in outputs[0]

@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.test_dvc_deps import load_dvc_stages
+
 ROOT = Path(__file__).resolve().parents[1]
 DVC = [sys.executable, "-m", "dvc"]
 PER_CLASS = 14
@@ -107,6 +109,119 @@ def sample_flowers(shared: Path, dest: Path) -> Path:
     return dest
 
 
+# A sixth model, added as a user would add one: its module, its registry entry and its params
+# block (with its name in `models:`), nothing else. Nearest class mean on the bottlenecks,
+# servable end to end (its graph head is two TensorFlow ops).
+NCM_MODULE = '''"""Nearest class mean on the bottlenecks (a model added by the tests)."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from imgclf.heads.common import TrainResult, accuracy_and_loss, save_model_dir, stopwatch
+from imgclf.params import Block, number
+
+FILES = ("means.npy", "temperature.npy")
+
+
+@dataclass(frozen=True)
+class TrainNcmParams(Block):
+    section: ClassVar[str] = "train_ncm"
+    temperature: float = number(0, math.inf, open_low=True)
+
+
+def _proba(model: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
+    d = ((np.asarray(x, np.float32)[:, None, :] - model["means"][None]) ** 2).sum(-1)
+    logits = -d / model["temperature"]
+    e = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def train_ncm(x_train, y_train, x_val, y_val, *, n_classes, seed, temperature) -> TrainResult:
+    with stopwatch() as timer:
+        means = np.stack([x_train[y_train == c].mean(axis=0) for c in range(n_classes)])
+    model = {"means": means.astype(np.float32), "temperature": np.float32(temperature)}
+    val_accuracy, val_loss = accuracy_and_loss(_proba(model, x_val), y_val)
+    summary = {"final_val_accuracy": val_accuracy, "best_val_accuracy": val_accuracy,
+               "final_val_loss": val_loss, "best_val_loss": val_loss}
+    return TrainResult(model=model, summary=summary, train_seconds=timer["seconds"])
+
+
+def save_ncm(model: dict, model_dir: str | Path, classes: list[str]) -> None:
+    def write(tmp: Path) -> None:
+        np.save(tmp / FILES[0], model["means"])
+        np.save(tmp / FILES[1], np.asarray(model["temperature"], np.float32))
+
+    save_model_dir(model_dir, classes, write)
+
+
+def load_ncm(model_dir: str | Path) -> dict[str, np.ndarray]:
+    means, temperature = (np.load(Path(model_dir) / f) for f in FILES)
+    return {"means": means, "temperature": np.float32(temperature)}
+
+
+def count_parameters(model: dict) -> int:
+    return int(model["means"].size)
+
+
+def predictor(model_dir: str | Path) -> Callable[[np.ndarray], np.ndarray]:
+    model = load_ncm(model_dir)
+    return lambda x: _proba(model, x)
+
+
+def graph_head(model_dir: str | Path) -> tuple[Any, Callable]:
+    import tensorflow as tf
+
+    model = load_ncm(model_dir)
+    head = tf.Module()
+    head.means = tf.Variable(model["means"], trainable=False)
+    scale = float(model["temperature"])
+
+    def probabilities(x):
+        d = tf.reduce_sum(tf.square(x[:, None, :] - head.means[None]), axis=-1)
+        return tf.nn.softmax(-d / scale)
+
+    return head, probabilities
+
+
+def weights_digest(model_dir: str | Path) -> bytes:
+    return hashlib.sha256(b"".join((Path(model_dir) / f).read_bytes() for f in FILES)).digest()
+'''
+NCM_ENTRY = """        ModelSpec(
+            name="ncm",
+            display_name="Nearest mean",
+            module="imgclf.heads.ncm_head",
+            params="imgclf.heads.ncm_head:TrainNcmParams",
+            train="train_ncm",
+            save="save_ncm",
+            load="load_ncm",
+            description="nearest class mean on the bottlenecks",
+            graph_head="graph_head",
+            weights_digest="weights_digest",
+        ),
+"""
+NCM_FILES = ("imgclf/heads/ncm_head.py", "imgclf/registry.py", "params.yaml")
+
+
+def add_ncm_model(repo: Path, params: dict) -> None:
+    """The three edits that add a model (NCM_FILES); `params` is then written by the caller."""
+    (repo / NCM_FILES[0]).write_text(NCM_MODULE)
+    registry = repo / NCM_FILES[1]
+    marker = "        # New models above this line."
+    text = registry.read_text()
+    assert marker in text
+    registry.write_text(text.replace(marker, NCM_ENTRY + marker))
+    params["models"].append("ncm")
+    params["train_ncm"] = {"temperature": 100.0}
+
+
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
     shared = ROOT.parent / "shared" / "datasets"
@@ -119,6 +234,7 @@ def project(tmp_path_factory) -> Path:
     params["data"]["source"] = str(photos)
     params["ingest"]["min_images_per_class"] = 5
     params["evaluate"]["min_accuracy"] = 0.0  # 14 images per class: a test of plumbing
+    add_ncm_model(repo, params)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     os.environ.setdefault("IMGCLF_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
     # The venv the tests run in, where the Makefile expects one (kept out of git).
@@ -153,6 +269,37 @@ def test_repro_builds_every_stage_and_the_split_trees(project):
     assert "| TF |" in (project / "metrics" / "comparison.md").read_text()
 
 
+def test_a_sixth_model_needs_only_its_module_entry_and_params(project, tmp_path):
+    # The fixture changed nothing else: the copy differs from this checkout in NCM_FILES only.
+    changed = {
+        name
+        for name in git_lines(project, "ls-files", "--cached")
+        if name not in AS_COMMITTED + NCM_FILES
+        and (ROOT / name).is_file()
+        and (ROOT / name).read_bytes() != (project / name).read_bytes()
+    }
+    assert changed == set(), changed
+    assert not (ROOT / NCM_FILES[0]).exists()
+    listed = run([*DVC, "stage", "list", "--name-only"], project).split()
+    assert {"train@tf", "train@keras", "train@sklearn", "train@ncm"} <= set(listed), listed
+    # evaluate's report
+    assert read(project, "metrics/evaluate/ncm.json")["n_test"] > 0
+    assert "| Nearest mean |" in (project / "metrics" / "comparison.md").read_text()
+    # MLflow: a child run with its metrics, and an end-to-end model in the registry
+    tracked = read(project, "metrics/mlflow_run.json")
+    assert set(tracked["heads"]) == {"tf", "keras", "sklearn", "ncm"}
+    assert tracked["heads"]["ncm"]["registered_model"].endswith("-ncm")
+    # label-image --head: built from the pipeline's backbone and the new model
+    photo = next((project / "data" / "split" / "test").rglob("*.jpg"))
+    done = run(
+        [sys.executable, "-m", "imgclf.label_image", str(photo), "--head", "ncm", "--json",
+         "--out-dir", str(tmp_path)],
+        project,
+    )  # fmt: skip
+    (result,) = json.loads(done)["results"]
+    assert result["top"][0]["label"] in read(project, "metrics/split.json")["per_class"]
+
+
 def test_nothing_to_do_after_a_repro(project):
     # `source` only fingerprints data.source, so DVC lists it as "always changed".
     out = run([*DVC, "status", "--json"], project)
@@ -161,7 +308,7 @@ def test_nothing_to_do_after_a_repro(project):
 
 def test_forced_rerun_gives_identical_metrics(project):
     before = {h: read(project, f"metrics/evaluate/{h}.json") for h in ("tf", "keras", "sklearn")}
-    run([*DVC, "repro", "--force", "train_tf", "train_keras", "train_sklearn", "evaluate"], project)
+    run([*DVC, "repro", "--force", "train@tf", "train@keras", "train@sklearn", "evaluate"], project)
     after = {h: read(project, f"metrics/evaluate/{h}.json") for h in ("tf", "keras", "sklearn")}
     assert after == before
 
@@ -177,8 +324,8 @@ def test_make_exp_in_a_fresh_shell_reruns_only_that_head(project, tmp_path):
         project, "exp", f"SET=train_keras.learning_rate={new_lr}", "EXP_ARGS=-n lr-x3", env=env
     )
     ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
-    assert "train_keras" in ran and "evaluate" in ran
-    assert not ran & {"ingest", "split", "backbone", "bottlenecks", "train_tf"}
+    assert "train@keras" in ran and "evaluate" in ran
+    assert not ran & {"ingest", "split", "backbone", "bottlenecks", "train@tf", "train@ncm"}
     diff = run([*DVC, "params", "diff"], project)
     assert "train_keras.learning_rate" in diff and str(new_lr) in diff
     metrics = run([*DVC, "metrics", "diff", "--all"], project)
@@ -194,12 +341,9 @@ def test_metrics_files_hold_only_numbers_and_diff_cleanly(project):
     shown = json.loads(run([*DVC, "metrics", "show", "--json"], project))
     (workspace,) = shown.values()  # keyed "" or "workspace", depending on the DVC version
     files = workspace["data"]
-    stages = yaml.safe_load((project / "dvc.yaml").read_text())["stages"]
+    stages = load_dvc_stages(project)  # with train@<model> expanded
     metric_files = {
-        name.replace("${paths.metrics}", "metrics")
-        for stage in stages.values()
-        for entry in stage.get("metrics", [])
-        for name in entry
+        name for stage in stages.values() for entry in stage.get("metrics", []) for name in entry
     }
     assert metric_files <= set(files), f"not loaded by DVC: {metric_files - set(files)}"
     assert len(metric_files) >= 10

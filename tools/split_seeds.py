@@ -23,7 +23,10 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-HEADS = {"tf": "TF", "keras": "Keras", "sklearn": "scikit-learn"}
+sys.path.insert(0, str(ROOT))  # run as a script: the registry of this checkout
+from imgclf.registry import MODELS  # noqa: E402
+
+HEADS = {name: spec.display_name for name, spec in MODELS.items()}
 
 
 def dvc(*args: str) -> None:
@@ -63,7 +66,7 @@ def summary_table(results: dict[int, dict[str, float]]) -> str:
     per_seed = ", ".join(
         f"seed {seed}: " + "/".join(f"{results[seed][h]:.3f}" for h in HEADS) for seed in results
     )
-    return "\n".join(lines) + f"\n\nPer seed (tf/keras/sklearn): {per_seed}."
+    return "\n".join(lines) + f"\n\nPer seed ({'/'.join(HEADS)}): {per_seed}."
 
 
 def main() -> None:
