@@ -20,21 +20,27 @@ from typing import Any
 # What a model trains on. Every model today reads the bottleneck cache; the fine-tuned models
 # (issue 12) will read cached activations of an earlier backbone layer.
 INPUTS = ("bottlenecks", "activations")
+# The functions a servable model's module has under these names.
+SERVING_ENTRIES = ("graph_head", "weights_digest")
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """One trainable model. `train`, `save`, `load`, `predictor`, `count_parameters`,
-    `graph_head`, `weights_digest` and `summary` name functions of `module`:
+    """One trainable model. `train`, `save`, `load`, `predictor`, `count_parameters` and
+    `summary` name functions of `module`:
 
     - train(x_train, y_train, x_val, y_val, *, n_classes, seed, **params) -> TrainResult
     - save(model, model_dir, classes); load(model_dir) -> model
     - predictor(model_dir) -> (features float32 [N, F] -> probabilities [N, n_classes])
     - count_parameters(model) -> int
+    - summary(metrics) -> str: the train stage's one-line summary (None: a generic one)
+
+    A model `servable` end to end (one TensorFlow graph with the backbone, exported to MLflow
+    and offered by `label-image --head`) also has, under these names:
+
     - graph_head(model_dir) -> (TF object holding the variables, tf function features ->
-      probabilities) and weights_digest(model_dir) -> bytes: only for a model servable end to
-      end (one TensorFlow graph with the backbone, exported to MLflow)
-    - summary(metrics) -> str: the train stage's one-line summary (optional)
+      probabilities)
+    - weights_digest(model_dir) -> bytes: what identifies its weights (the registry version)
 
     `params` is "module:Class" of its typed params block (an imgclf.params.Block subclass,
     section `train_<name>`), passed to `train` as keyword arguments.
@@ -51,16 +57,11 @@ class ModelSpec:
     predictor: str = "predictor"
     count_parameters: str = "count_parameters"
     has_curve: bool = False
-    graph_head: str | None = None
-    weights_digest: str | None = None
-    summary: str | None = None
+    servable: bool = False
+    summary: str | None = "summary_line"
     inputs: str = "bottlenecks"
     # Imports TensorFlow: its stage silences TF's start-up notices first (imgclf.quiet_tf).
     tensorflow: bool = False
-
-    @property
-    def servable(self) -> bool:
-        return self.graph_head is not None
 
     @property
     def stage(self) -> str:
@@ -72,8 +73,8 @@ class ModelSpec:
 
     def function(self, entry: str) -> Callable[..., Any]:
         """The function behind entry point `entry` ("train", "predictor"...), imported now."""
-        attr = getattr(self, entry)
-        if attr is None:
+        attr = entry if entry in SERVING_ENTRIES else getattr(self, entry)
+        if attr is None or (entry in SERVING_ENTRIES and not self.servable):
             raise ValueError(f"model {self.name!r} has no {entry} function")
         return getattr(self.load_module(), attr)
 
@@ -97,9 +98,7 @@ MODELS: dict[str, ModelSpec] = {
             description="retrain.py's softmax head in low-level TensorFlow (tf.Variable, "
             "GradientTape, SGD)",
             has_curve=True,
-            graph_head="graph_head",
-            weights_digest="weights_digest",
-            summary="summary_line",
+            servable=True,
             tensorflow=True,
         ),
         ModelSpec(
@@ -112,9 +111,7 @@ MODELS: dict[str, ModelSpec] = {
             load="load_keras_head",
             description="the Keras tutorial's head (Dense + softmax, RMSprop, EarlyStopping)",
             has_curve=True,
-            graph_head="graph_head",
-            weights_digest="weights_digest",
-            summary="summary_line",
+            servable=True,
             tensorflow=True,
         ),
         ModelSpec(
@@ -126,7 +123,6 @@ MODELS: dict[str, ModelSpec] = {
             save="save_sklearn_head",
             load="load_sklearn_head",
             description="scikit-learn's multinomial logistic regression (lbfgs)",
-            summary="summary_line",
         ),
         # New models above this line.
     ]

@@ -22,11 +22,15 @@ R = TypeVar("R")
 
 
 def stage_name(module: str) -> str:
-    """`stages.train_tf` -> `train_tf`; under `python -m stages.x`, the module is __main__."""
+    """`stages.split` -> `split`; under `python -m stages.x`, the module is __main__. A stage run
+    for one item (`python -m stages.train tf`) is named as DVC names it: `train@tf`."""
+    item: list[str] = []
     if module == "__main__":
         spec = getattr(sys.modules.get("__main__"), "__spec__", None)
         module = spec.name if spec is not None else module
-    return module.rsplit(".", 1)[-1]
+        item = sys.argv[1:]
+    name = module.rsplit(".", 1)[-1]
+    return f"{name}@{item[0]}" if len(item) == 1 and item[0].isidentifier() else name
 
 
 def stage_main(main: Callable[..., R]) -> Callable[..., R]:

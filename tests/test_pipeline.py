@@ -203,8 +203,8 @@ NCM_ENTRY = """        ModelSpec(
             save="save_ncm",
             load="load_ncm",
             description="nearest class mean on the bottlenecks",
-            graph_head="graph_head",
-            weights_digest="weights_digest",
+            servable=True,
+            summary=None,
         ),
 """
 NCM_FILES = ("imgclf/heads/ncm_head.py", "imgclf/registry.py", "params.yaml")
