@@ -240,8 +240,9 @@ def write_training_metrics(
 ) -> dict[str, Any]:
     """Write metrics/train/<head>.json and metrics/curves/<head>.csv (see imgclf/layout.py).
 
-    A model without a curve (`has_curve` false, or no rows) gets a header-only curve file: dvc.yaml
-    declares the same outs for every model. Every float is rounded to 6 significant digits; only
+    Called by the train stage (`has_curve` given), the curve file is always written, header only
+    for a model without a curve, as dvc.yaml declares the same outs for every model; a direct
+    call writes it only when there are rows. Every float is rounded to 6 significant digits; only
     train_seconds varies between reruns. The names and flags (head, optimizer, converged...) go
     to `train/<head>.info.json`. Returns all of it.
     """
