@@ -492,3 +492,63 @@ def build_backbone(weights: str, wheel: str = TF2015_REQUIREMENT) -> tuple[keras
     if weights == "keras-imagenet":
         return keras_imagenet_model(), {"keras_applications": "InceptionV3(weights='imagenet')"}
     raise ValueError(f"backbone.weights must be one of {WEIGHTS_KINDS}, not {weights!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# Cutting the backbone at a block: image -> activations, then activations -> pool_3 features
+
+# The blocks' outputs at 299x299. Only a block output can be a cut: inside a block the layers
+# after a tensor also read the block's other branches, computed before it. A table rather than
+# building the model keeps a cached rerun of the activations stage from building Inception V3
+# (seconds); tests/test_activations.py checks it against the model.
+CUT_SHAPES: dict[str, tuple[int, int, int]] = {
+    "mixed": (35, 35, 256),
+    "mixed_1": (35, 35, 288),
+    "mixed_2": (35, 35, 288),
+    "mixed_3": (17, 17, 768),
+    "mixed_4": (17, 17, 768),
+    "mixed_5": (17, 17, 768),
+    "mixed_6": (17, 17, 768),
+    "mixed_7": (17, 17, 768),
+    "mixed_8": (8, 8, 1280),
+    "mixed_9": (8, 8, 2048),
+    "mixed_10": (8, 8, 2048),
+}
+
+
+def _cut_layer(model: keras.Model, cut: str) -> keras.Layer:
+    try:
+        return model.get_layer(cut)
+    except ValueError:
+        blocks = [layer.name for layer in model.layers if layer.name in CUT_SHAPES]
+        raise ValueError(
+            f"activations.cut: {model.name} has no layer {cut!r}; cut at a block output, one of "
+            f"{blocks or sorted(CUT_SHAPES)} (see CUT_SHAPES in imgclf/inception.py)"
+        ) from None
+
+
+def backbone_to_cut(model: keras.Model, cut: str) -> keras.Model:
+    """The backbone up to `cut` (its own layers and weights): images -> cut activations."""
+    return keras.Model(model.input, _cut_layer(model, cut).output, name=f"to_{cut}")
+
+
+def build_top(model: keras.Model, cut: str) -> keras.Model:
+    """The backbone after `cut`, on its own input: cut activations -> pooled features.
+
+    The layers are the backbone's own (shared, not copies), so weights loaded into or trained
+    in one are those of the other, and `backbone_to_cut` followed by this model is the whole
+    backbone. Keras 3's public Functional API builds it: a Model whose input is an
+    intermediate tensor takes the subgraph between them (no private node attributes). That
+    model is then called on a fresh named Input, so the top has a clean input layer and can be
+    saved, summarised and extended with a head like any model.
+    """
+    tail = _cut_layer(model, cut).output
+    try:
+        inner = keras.Model(tail, model.output, name=f"{model.name}_after_{cut}")
+    except ValueError as e:
+        raise ValueError(
+            f"activations.cut: {cut!r} is not a block output, so the layers after it also read "
+            f"tensors computed before it ({e}); cut at one of {sorted(CUT_SHAPES)}"
+        ) from None
+    inputs = keras.Input(tuple(tail.shape[1:]), name=f"{cut}_in")
+    return keras.Model(inputs, inner(inputs), name=f"top_from_{cut}")
