@@ -156,9 +156,13 @@ def activation_cache(
     view: str,
     shape: Sequence[int],
 ) -> FeatureCache:
-    """The cache folder of one view: `<bottleneck key>-<cut>-<view>/`, float16 entries."""
+    """The cache folder of one view: `<bottleneck key>-<cut>-<view>/`, float16 entries.
+
+    Entries are bound to the folder's key as well as to the image: the views of one image
+    have the same shape, so only the checksum can tell an entry moved across views.
+    """
     key = f"{cache_key(backbone_sha256, preprocessing, precision)}-{cut}-{view}"
-    return FeatureCache(root, key, shape=shape, dtype=STORAGE_DTYPE)
+    return FeatureCache(root, key, shape=shape, dtype=STORAGE_DTYPE, bind_key=True)
 
 
 ModelLoader = Callable[[], tuple[Any, Callable[[Any], Any]]]

@@ -29,10 +29,10 @@ from imgclf.splitting import SUBSETS
 _DIGEST = 32  # bytes of sha256 appended to every cache entry
 
 
-def _entry_digest(sha256: str, body: bytes) -> bytes:
+def _entry_digest(sha256: str, body: bytes, salt: bytes = b"") -> bytes:
     # The key is hashed with the vector: an entry copied or renamed over another image's entry
     # fails its check there, like a corrupt one, instead of giving that image its features.
-    return hashlib.sha256(sha256.encode("ascii") + b"\0" + body).digest()
+    return hashlib.sha256(salt + sha256.encode("ascii") + b"\0" + body).digest()
 
 
 @dataclass(frozen=True)
@@ -70,7 +70,9 @@ class FeatureCache:
 
     `FeatureCache(root, key, dim)` holds float32 vectors (the bottlenecks, `<sha>.f32`);
     `FeatureCache(root, key, shape=(8, 8, 1280), dtype="float16")` any little-endian array
-    (`<sha>.f16`). Values are cast to `dtype` when stored.
+    (`<sha>.f16`). Values are cast to `dtype` when stored. `bind_key=True` puts the folder's
+    key in the checksum too, so an entry moved to another folder of the same image (another
+    view, cut or backbone) fails there as well; the bottleneck cache keeps its older format.
     """
 
     def __init__(
@@ -81,6 +83,7 @@ class FeatureCache:
         *,
         shape: Sequence[int] | None = None,
         dtype: str = "float32",
+        bind_key: bool = False,
     ):
         if (dim is None) == (shape is None):
             raise TypeError("FeatureCache needs exactly one of dim (a vector) or shape")
@@ -91,6 +94,7 @@ class FeatureCache:
         # .f32 for float32 keeps the bottleneck cache's files where they always were.
         self.suffix = f".{self.dtype.kind}{8 * self.dtype.itemsize}"
         self.dir = Path(root) / key
+        self._salt = key.encode() + b"\0" if bind_key else b""
         self.dir.mkdir(parents=True, exist_ok=True)
         self.bad = 0  # entries found bad (and deleted) by `get`
 
@@ -103,7 +107,7 @@ class FeatureCache:
         except FileNotFoundError:
             return None
         body, digest = blob[:-_DIGEST], blob[-_DIGEST:]
-        if len(body) != self.nbytes or _entry_digest(sha256, body) != digest:
+        if len(body) != self.nbytes or _entry_digest(sha256, body, self._salt) != digest:
             self.path(sha256).unlink(missing_ok=True)
             self.bad += 1
             return None
@@ -117,7 +121,7 @@ class FeatureCache:
         path = self.path(sha256)
         path.parent.mkdir(exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_bytes(body + _entry_digest(sha256, body))
+        tmp.write_bytes(body + _entry_digest(sha256, body, self._salt))
         # No fsync: a killed process cannot tear a rename, and a power loss is what the
         # checksum is for.
         os.replace(tmp, path)
