@@ -28,7 +28,16 @@ from typing import Any
 
 import numpy as np
 
-from imgclf.features import FeatureCache, ImageItem, View, cache_key, fill_cache, gather_features
+from imgclf.backbone_info import CUT_SHAPES, read_backbone_info
+from imgclf.features import (
+    FeatureCache,
+    ImageItem,
+    View,
+    cache_key,
+    fill_cache,
+    gather_features,
+    split_items,
+)
 from imgclf.fileio import atomic_write_bytes
 from imgclf.splitting import SUBSETS
 
@@ -107,8 +116,6 @@ class ActivationsOptions:
     @classmethod
     def from_params(cls, cfg: Mapping[str, Any], key: str = "activations") -> ActivationsOptions:
         """The `activations:` block of params.yaml, checked (cheap: builds no model)."""
-        from imgclf.inception import CUT_SHAPES
-
         expected = {"cut", "train_views", "test_views", "precision", "batch_size"}
         if not isinstance(cfg, Mapping):
             raise ValueError(f"params.yaml {key}: expected a mapping, got {cfg!r}")
@@ -311,9 +318,6 @@ def run_activations(
 
     Returns the numbers of metrics/activations.json (plus `cache_dirs`, for the message).
     """
-    from imgclf.features import split_items
-    from imgclf.inception import CUT_SHAPES, backbone_to_cut, load_backbone, read_backbone_info
-
     start = time.perf_counter()
     _, items = split_items(split_dir)
     info = read_backbone_info(backbone_dir)
@@ -336,6 +340,10 @@ def run_activations(
             items_by_view[view] += items[subset]
 
     def load_model():
+        # TensorFlow only when something is left to compute (its import alone takes seconds).
+        import imgclf.quiet_tf  # noqa: F401
+        from imgclf.inception import backbone_to_cut, load_backbone
+
         backbone = load_backbone(backbone_dir, precision=options.precision)
         return backbone_to_cut(backbone.model, options.cut), backbone.preprocess
 
@@ -366,6 +374,4 @@ def run_activations(
 
 def describe_cut(cut: str) -> str:
     """`mixed_8 (8x8x1280)`, for messages."""
-    from imgclf.inception import CUT_SHAPES
-
     return f"{cut} ({'x'.join(map(str, CUT_SHAPES[cut]))})"

@@ -17,14 +17,16 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import tensorflow as tf
-from tqdm import tqdm
 
 from imgclf.fileio import atomic_write_bytes, read_csv
 from imgclf.images import load_rgb
 from imgclf.splitting import SUBSETS
+
+if TYPE_CHECKING:
+    import tensorflow as tf
 
 _DIGEST = 32  # bytes of sha256 appended to every cache entry
 
@@ -156,6 +158,7 @@ def image_batches(
     those pixels before the preprocessing. Only `batch_size * prefetch` images are ever in
     memory, however many there are.
     """
+    import tensorflow as tf
 
     def pixels(path: bytes) -> np.ndarray:
         image = load_rgb(path.decode())
@@ -215,6 +218,10 @@ def fill_cache(
     }
     if not todo:
         return stats
+    # Only now: importing TensorFlow takes seconds, and a fully cached run needs none of it.
+    import tensorflow as tf
+    from tqdm import tqdm
+
     model, preprocess = load_model()
     start = time.perf_counter()
 

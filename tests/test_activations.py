@@ -358,17 +358,25 @@ def _write_split(workdir: Path, photos: list[Path]) -> None:
     )
 
 
-def _run_stage(workdir: Path, activations: dict) -> dict:
+# Runs the stage's main, then says whether TensorFlow was imported (its import alone takes
+# 5-15 s here: a cached rerun must not pay it).
+RUN_MAIN = (
+    "import runpy, sys; runpy.run_module('stages.activations', run_name='__main__'); "
+    "print('tensorflow imported:', 'tensorflow' in sys.modules)"
+)
+
+
+def _run_stage(workdir: Path, activations: dict) -> tuple[dict, str]:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["activations"] = activations
     (workdir / "params.yaml").write_text(yaml.safe_dump(params))
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(
-        [sys.executable, "-m", "stages.activations"],
+        [sys.executable, "-c", RUN_MAIN],
         cwd=workdir, env=env, capture_output=True, text=True, check=False, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads((workdir / "metrics" / "activations.json").read_text())
+    return json.loads((workdir / "metrics" / "activations.json").read_text()), proc.stdout
 
 
 @pytest.mark.slow
@@ -379,7 +387,8 @@ def test_the_stage_on_real_photos_then_a_new_view(shared_datasets, backbone_dir,
     _write_split(tmp_path, photos)
     (tmp_path / "models").mkdir()
     (tmp_path / "models" / "backbone").symlink_to(backbone_dir)
-    metrics = _run_stage(tmp_path, PARAMS)
+    metrics, stdout = _run_stage(tmp_path, PARAMS)
+    assert "activations at mixed_8 (8x8x1280): 10 entries computed, 0 from the cache" in stdout
     assert metrics["images"] == {"train": 4, "test": 2}
     assert metrics["views"] == {"train": 2, "test": 1}
     assert metrics["entries"] == {"computed": 10, "cached": 0, "recomputed_bad": 0}
@@ -397,6 +406,13 @@ def test_the_stage_on_real_photos_then_a_new_view(shared_datasets, backbone_dir,
     np.testing.assert_allclose(train.x[row].astype(np.float32), expected, atol=2e-2, rtol=2e-3)
 
     # A test-time flip: only the 2 test flips are computed.
-    metrics = _run_stage(tmp_path, {**PARAMS, "test_views": ["orig", "flip"]})
+    metrics, _ = _run_stage(tmp_path, {**PARAMS, "test_views": ["orig", "flip"]})
     assert metrics["entries"] == {"computed": 2, "cached": 10, "recomputed_bad": 0}
     assert load_activations(out, "test").views == ("orig", "flip")
+
+    # Everything cached: the outputs are rebuilt without TensorFlow.
+    (out / "train.npy").unlink()
+    metrics, stdout = _run_stage(tmp_path, {**PARAMS, "test_views": ["orig", "flip"]})
+    assert metrics["entries"] == {"computed": 0, "cached": 12, "recomputed_bad": 0}
+    assert "tensorflow imported: False" in stdout
+    np.testing.assert_array_equal(load_activations(out, "train").x, train.x)
