@@ -276,6 +276,7 @@ def test_loading_missing_outputs_says_which_file_and_what_to_run(tmp_path):
 # ------------------------------------------------------------------- the cut (real backbone)
 
 
+@pytest.mark.slow
 def test_cut_shapes_are_the_models():
     from imgclf.inception import CUT_SHAPES, build_inception_v3
 
@@ -283,6 +284,7 @@ def test_cut_shapes_are_the_models():
     assert {cut: tuple(model.get_layer(cut).output.shape[1:]) for cut in CUT_SHAPES} == CUT_SHAPES
 
 
+@pytest.mark.slow
 def test_a_cut_inside_a_block_is_refused_with_the_block_outputs_listed():
     from imgclf.inception import build_inception_v3, build_top
 
@@ -416,3 +418,17 @@ def test_the_stage_on_real_photos_then_a_new_view(shared_datasets, backbone_dir,
     assert metrics["entries"] == {"computed": 0, "cached": 12, "recomputed_bad": 0}
     assert "tensorflow imported: False" in stdout
     np.testing.assert_array_equal(load_activations(out, "train").x, train.x)
+
+
+def test_an_unknown_view_stops_the_stage_with_one_line_and_no_traceback(tmp_path):
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["activations"] = {**PARAMS, "train_views": ["orig", "flop"]}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    proc = subprocess.run(
+        [sys.executable, "-m", "stages.activations"],
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True, text=True, check=False, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "activations: error: params.yaml activations.train_views: unknown view" in proc.stderr
+    assert "crop80_tl" in proc.stderr
