@@ -26,9 +26,10 @@ sys.path.insert(0, str(ROOT))
 BATCH = 32
 
 
-def phase(name: str, workdir: Path, **kwargs) -> dict:
-    """Run one phase in a fresh Python; return its JSON report plus its peak RSS."""
-    cmd = [sys.executable, __file__, "--phase", name, "--workdir", str(workdir)]
+def phase(name: str, workdir: Path, script: str | Path = __file__, **kwargs) -> dict:
+    """Run one phase of `script` (this file, or another bench) in a fresh Python; return its
+    JSON report plus its peak RSS."""
+    cmd = [sys.executable, str(script), "--phase", name, "--workdir", str(workdir)]
     cmd += [f"--{k.replace('_', '-')}={v}" for k, v in kwargs.items()]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "IMGCLF_CACHE_DIR": str(workdir / "cache")}
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

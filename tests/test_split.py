@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from imgclf.fileio import read_csv, read_json, sha256_file, write_csv
+from imgclf.fileio import read_csv, read_metrics, sha256_file, write_csv
 from imgclf.splitting import SplitError, assign_subsets
 from tests.helpers import make_class_tree
 
@@ -132,7 +132,7 @@ def test_stage_writes_hard_linked_trees_manifest_and_metrics(tmp_path):
         assert path.is_file() and sha256_file(path) == row["sha256"]
         original = tmp_path / "data" / "images" / row["file"].split("/", 1)[1]
         assert os.path.samefile(path, original), "expected a hard link on one filesystem"
-    metrics = read_json(tmp_path / "metrics" / "split.json")
+    metrics = read_metrics(tmp_path / "metrics" / "split.json")
     assert metrics["per_class"] == {
         "daisy": {"test": 2, "train": 10},
         "roses": {"test": 2, "train": 8},

@@ -1,0 +1,182 @@
+"""Benchmark of the activations stage against the bottlenecks stage, measured in one run.
+
+    .venv/bin/python bench/activations.py [IMAGE_FOLDER] [--per-class 20] [--precision float32]
+
+IMAGE_FOLDER is a class-folder tree (default ../shared/datasets/flower_photos); `--per-class N`
+takes the first N images of each class (0: all). It is split into a scratch workspace (nothing
+is written to the repo) and every phase runs in a fresh process, so each gets its own peak RSS
+and nothing warms another. Both stages run on the same split with the same backbone (from
+models/backbone when `dvc repro backbone` has run, else converted into the scratch folder).
+Prints one table of ratios, which hold on a noisy machine better than raw speeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.bottlenecks import BATCH, phase, prepare  # noqa: E402  (needs ROOT on sys.path)
+
+TRAIN_VIEWS = ("orig", "flip")
+TEST_VIEWS = ("orig",)
+
+
+def sample_tree(source: Path, dest: Path, per_class: int) -> Path:
+    """The first `per_class` files of each class of `source`, as symlinks under `dest`."""
+    for folder in sorted(p for p in source.iterdir() if p.is_dir()):
+        files = sorted(p for p in folder.iterdir() if p.is_file())
+        for path in files[:per_class] if per_class else files:
+            link = dest / folder.name / path.name
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(path)
+    return dest
+
+
+# ---- phases (each runs in its own process) ------------------------------------------------
+
+
+def run_bottlenecks(workdir: Path, precision: str) -> dict:
+    from stages.bottlenecks import run_bottlenecks
+
+    stats = run_bottlenecks(
+        split_dir=workdir / "split",
+        backbone_dir=workdir / "backbone",
+        out_dir=workdir / "bottlenecks",
+        precision=precision,
+        batch_size=BATCH,
+        progress=False,
+    )
+    return {"images_per_s": stats["images_per_second"], "computed": stats["computed"]}
+
+
+def run_activations(workdir: Path, precision: str) -> dict:
+    from imgclf.activations import ActivationsOptions
+    from imgclf.activations import run_activations as run
+
+    options = ActivationsOptions.from_params(
+        {
+            "cut": "mixed_8",
+            "train_views": list(TRAIN_VIEWS),
+            "test_views": list(TEST_VIEWS),
+            "precision": precision,
+            "batch_size": BATCH,
+        }
+    )
+    stats = run(
+        split_dir=workdir / "split",
+        backbone_dir=workdir / "backbone",
+        out_dir=workdir / "activations",
+        cache_root=workdir / "cache" / "activations",
+        options=options,
+        progress=False,
+    )
+    stats.pop("cache_dirs")
+    return stats
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "images",
+        nargs="?",
+        type=Path,
+        default=ROOT.parent / "shared" / "datasets" / "flower_photos",
+    )
+    parser.add_argument("--per-class", type=int, default=0, help="images per class (0: all)")
+    parser.add_argument("--precision", default="float32", choices=("float32", "bfloat16"))
+    # Other jobs on this machine swing raw speeds by 2x within minutes: each round runs both
+    # stages back to back from empty caches, and only ratios within a round are compared.
+    parser.add_argument("--rounds", type=int, default=2, help="bottlenecks/activations pairs")
+    parser.add_argument("--phase", help=argparse.SUPPRESS)
+    parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--source", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.phase:
+        report = {
+            "prepare": lambda: {"images": prepare(args.workdir, args.source)},
+            "bottlenecks": lambda: run_bottlenecks(args.workdir, args.precision),
+            "activations": lambda: run_activations(args.workdir, args.precision),
+        }[args.phase]()
+        print(json.dumps(report))
+        return
+
+    if not args.images.is_dir():
+        raise SystemExit(f"{args.images} is not a folder of class folders")
+    with tempfile.TemporaryDirectory(prefix="bench-activations-") as tmp:
+        work = Path(tmp)
+        source = args.images.resolve()
+        if args.per_class:
+            source = sample_tree(source, work / "sample", args.per_class)
+        n = phase("prepare", work, script=__file__, source=source)["images"]
+        print(
+            f"{n} images from {args.images} ({args.per_class or 'all'} per class), batch "
+            f"{BATCH}, {args.precision}, train views {list(TRAIN_VIEWS)}, test views "
+            f"{list(TEST_VIEWS)}, {os.cpu_count()} CPUs",
+            flush=True,
+        )
+        rounds = []
+        for _ in range(args.rounds):
+            shutil.rmtree(work / "cache" / "bottlenecks", ignore_errors=True)
+            shutil.rmtree(work / "cache" / "activations", ignore_errors=True)
+            bott = phase("bottlenecks", work, script=__file__, precision=args.precision)
+            cold = phase("activations", work, script=__file__, precision=args.precision)
+            rounds.append((bott, cold))
+        warm = phase("activations", work, script=__file__, precision=args.precision)
+        assert warm["entries"]["computed"] == 0, warm
+
+    rows = []
+    for i, (bott, cold) in enumerate(rounds, 1):
+        per_view_cost = bott["images_per_s"] / cold["entries_per_second"]
+        rows += [
+            (
+                f"round {i}: bottlenecks stage (compute)",
+                f"{bott['images_per_s']:.1f} img/s",
+                "1.00",
+                "",
+            ),
+            (
+                f"round {i}: activations stage (compute), per view",
+                f"{cold['entries_per_second']:.1f} entries/s",
+                f"{per_view_cost:.2f} x bottlenecks' cost",
+                "target <= 1.3",
+            ),
+        ]
+    entries = cold["entries"]["computed"]
+    rows += [
+        (
+            "activations stage, cold (process wall)",
+            f"{cold['wall_s']:.1f} s",
+            f"{entries} entries",
+            "",
+        ),
+        ("cached rerun (process wall)", f"{warm['wall_s']:.1f} s", "", "target < 10 s"),
+        ("peak RSS, activations cold", f"{cold['peak_rss_gib']:.2f} GiB", "", "target < 6 GiB"),
+        ("peak RSS, cached rerun", f"{warm['peak_rss_gib']:.2f} GiB", "", ""),
+        (
+            "activation cache on disk",
+            f"{cold['cache_bytes'] / 2**20:.0f} MiB",
+            f"{cold['cache_bytes'] / entries / 1024:.0f} KiB an entry",
+            "",
+        ),
+        ("outputs (.npy + index)", f"{cold['output_bytes'] / 2**20:.0f} MiB", "", ""),
+    ]
+    header = ("measure", "value", "ratio", "target")
+    widths = [max(len(row[i]) for row in (header, *rows)) for i in range(4)]
+    fmt = "| " + " | ".join(f"{{:{w}}}" for w in widths) + " |"
+    print(fmt.format(*header))
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for row in rows:
+        print(fmt.format(*row))
+
+
+if __name__ == "__main__":
+    main()

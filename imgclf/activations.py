@@ -1,0 +1,373 @@
+"""Activations at a cut through the backbone, for every train/test image and each of its views.
+
+The fine-tune stages train the blocks after the cut, so they need the cut's activations
+(8x8x1280 at mixed_8), not the pooled features. Augmentation would normally force the whole
+backbone to run every epoch; here it is a fixed list of deterministic views (a flip, crops),
+each cached like a bottleneck: one entry per (image sha256, backbone, preprocessing, cut,
+view, precision), float16 (160 KB an image at mixed_8). Adding a view computes only that
+view; a new split computes nothing.
+
+Outputs, per subset (`train`, `test`), in the stage's folder:
+
+- `<subset>.npy`: float16 [n_views * n_images, h, w, c], view-major (all images of the first
+  view, then all of the second...), memory-mappable;
+- `<subset>_index.npz`: `ids`, `labels`, `view` (an index into `views`), `views` (names), one
+  row per row of the .npy.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import resource
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from imgclf.backbone_info import CUT_SHAPES, read_backbone_info
+from imgclf.errors import MissingInput, ParamsError
+from imgclf.features import (
+    FeatureCache,
+    ImageItem,
+    View,
+    cache_key,
+    fill_cache,
+    gather_features,
+    split_items,
+)
+from imgclf.fileio import atomic_write_bytes
+from imgclf.splitting import SUBSETS
+
+STORAGE_DTYPE = "float16"
+PRECISIONS = ("float32", "bfloat16")
+
+
+# --------------------------------------------------------------------------------------------
+# Views: deterministic functions on the decoded uint8 [H, W, 3] image, before preprocessing
+
+
+def _flip(image: np.ndarray) -> np.ndarray:
+    return image[:, ::-1]
+
+
+def _crop(percent: int, where: str) -> View:
+    """A crop of `percent`% of each side: centred (`c`) or in a corner (`tl`, `tr`, `bl`, `br`)."""
+
+    def crop(image: np.ndarray) -> np.ndarray:
+        h, w = image.shape[:2]
+        ch, cw = max(1, round(h * percent / 100)), max(1, round(w * percent / 100))
+        top = {"t": 0, "b": h - ch, "c": (h - ch) // 2}[where[0]]
+        left = {"l": 0, "r": w - cw, "c": (w - cw) // 2}[where[-1]]
+        return image[top : top + ch, left : left + cw]
+
+    return crop
+
+
+def _then_flip(view: View) -> View:
+    return lambda image: _flip(view(image))
+
+
+def _registry() -> dict[str, View]:
+    views: dict[str, View] = {"orig": lambda image: image, "flip": _flip}
+    for percent in (80, 90):
+        for where in ("c", "tl", "tr", "bl", "br"):
+            crop = _crop(percent, where)
+            views[f"crop{percent}_{where}"] = crop
+            views[f"crop{percent}_{where}_flip"] = _then_flip(crop)
+    return views
+
+
+# A view's name is part of its cache key: changing what a name does needs a new name.
+VIEWS: Mapping[str, View] = _registry()
+
+
+def check_views(names: Sequence[str], key: str) -> tuple[str, ...]:
+    """`names` as a tuple, or a ValueError naming the params.yaml `key` and the known views."""
+    if isinstance(names, str) or not isinstance(names, Sequence) or not names:
+        raise ParamsError(
+            f"{key}: expected a non-empty list of view names, e.g. [orig, flip], got {names!r}"
+        )
+    unknown = [name for name in names if name not in VIEWS]
+    if unknown:
+        raise ParamsError(f"{key}: unknown view(s) {unknown}; known views: {', '.join(VIEWS)}")
+    if len(set(names)) != len(names):
+        raise ParamsError(f"{key}: a view is listed twice in {list(names)}")
+    return tuple(names)
+
+
+# --------------------------------------------------------------------------------------------
+# Params
+
+
+@dataclass(frozen=True)
+class ActivationsOptions:
+    cut: str
+    train_views: tuple[str, ...]
+    test_views: tuple[str, ...]
+    precision: str
+    batch_size: int
+
+    @classmethod
+    def from_params(cls, cfg: Mapping[str, Any], key: str = "activations") -> ActivationsOptions:
+        """The `activations:` block of params.yaml, checked (cheap: builds no model)."""
+        expected = {"cut", "train_views", "test_views", "precision", "batch_size"}
+        if not isinstance(cfg, Mapping):
+            raise ParamsError(f"{key}: expected a mapping, got {cfg!r}")
+        if unknown := sorted(set(cfg) - expected):
+            raise ParamsError(f"{key}: unknown key(s) {unknown}; expected {sorted(expected)}")
+        if missing := sorted(expected - set(cfg)):
+            raise ParamsError(f"{key}: missing key(s) {missing}")
+        if cfg["cut"] not in CUT_SHAPES:
+            raise ParamsError(
+                f"{key}.cut: {cfg['cut']!r} is not a block output of Inception V3; "
+                f"expected one of {list(CUT_SHAPES)}"
+            )
+        if cfg["precision"] not in PRECISIONS:
+            raise ParamsError(
+                f"{key}.precision: {cfg['precision']!r}, expected one of {PRECISIONS}"
+            )
+        batch = cfg["batch_size"]
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+            raise ParamsError(f"{key}.batch_size: {batch!r}, expected an integer >= 1")
+        return cls(
+            cut=cfg["cut"],
+            train_views=check_views(cfg["train_views"], f"{key}.train_views"),
+            test_views=check_views(cfg["test_views"], f"{key}.test_views"),
+            precision=cfg["precision"],
+            batch_size=batch,
+        )
+
+    def views(self, subset: str) -> tuple[str, ...]:
+        return self.train_views if subset == "train" else self.test_views
+
+
+# --------------------------------------------------------------------------------------------
+# The cache
+
+
+def activation_cache(
+    root: Path,
+    *,
+    backbone_sha256: str,
+    preprocessing: str,
+    precision: str,
+    cut: str,
+    view: str,
+    shape: Sequence[int],
+) -> FeatureCache:
+    """The cache folder of one view: `<bottleneck key>-<cut>-<view>/`, float16 entries.
+
+    Entries are bound to the folder's key as well as to the image: the views of one image
+    have the same shape, so only the checksum can tell an entry moved across views.
+    """
+    key = f"{cache_key(backbone_sha256, preprocessing, precision)}-{cut}-{view}"
+    return FeatureCache(root, key, shape=shape, dtype=STORAGE_DTYPE, bind_key=True)
+
+
+ModelLoader = Callable[[], tuple[Any, Callable[[Any], Any]]]
+
+
+def fill_views(
+    items_by_view: Mapping[str, Sequence[ImageItem]],
+    caches: Mapping[str, FeatureCache],
+    load_model: ModelLoader,
+    *,
+    batch_size: int,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Fill each view's cache with the activations of its items; counts summed and per view.
+
+    `load_model()` (the model up to the cut, and its preprocessing) is called at most once,
+    and only when some view has something to compute.
+    """
+    load_once = functools.cache(load_model)
+    per_view: dict[str, dict[str, float]] = {}
+    for view, items in items_by_view.items():
+        per_view[view] = fill_cache(
+            items,
+            load_once,
+            caches[view],
+            batch_size=batch_size,
+            progress=progress,
+            view=VIEWS[view],
+            desc=f"activations {view}",
+        )
+    totals = {
+        name: sum(stats[name] for stats in per_view.values())
+        for name in ("computed", "cached", "recomputed_bad", "seconds")
+    }
+    seconds = totals["seconds"]
+    return {
+        **totals,
+        "entries_per_second": totals["computed"] / seconds if seconds else 0.0,
+        "per_view": per_view,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Outputs and the loader for the fine-tune stages
+
+
+def _write_npy(path: Path, shape: tuple[int, ...], fill: Callable[[np.ndarray], None]) -> None:
+    """An .npy written through a memory map under a temporary name, then renamed."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=STORAGE_DTYPE, shape=shape)
+    try:
+        fill(out)
+        out.flush()
+    finally:
+        del out
+    tmp.replace(path)
+
+
+def write_subset(
+    out_dir: Path,
+    subset: str,
+    items: Sequence[ImageItem],
+    views: Sequence[str],
+    caches: Mapping[str, FeatureCache],
+) -> int:
+    """Write `<subset>.npy` and `<subset>_index.npz`; return their bytes."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shape = caches[views[0]].shape
+    n = len(items)
+
+    def fill(out: np.ndarray) -> None:
+        for v, view in enumerate(views):
+            gather_features(items, caches[view], out=out[v * n : (v + 1) * n])
+
+    npy = out_dir / f"{subset}.npy"
+    _write_npy(npy, (len(views) * n, *shape), fill)
+    buf = io.BytesIO()
+    np.savez(
+        buf,
+        ids=np.array([item.id for item in items] * len(views), dtype=str),
+        labels=np.array([item.label for item in items] * len(views), dtype=np.int64),
+        view=np.repeat(np.arange(len(views), dtype=np.int64), n),
+        views=np.array(list(views), dtype=str),
+    )
+    index = out_dir / f"{subset}_index.npz"
+    atomic_write_bytes(index, buf.getvalue())
+    return npy.stat().st_size + index.stat().st_size
+
+
+@dataclass(frozen=True)
+class Activations:
+    x: np.ndarray  # float16 [rows, h, w, c], memory-mapped unless mmap=False
+    ids: np.ndarray  # str [rows]: the split manifest's `file`
+    labels: np.ndarray  # int64 [rows]
+    view: np.ndarray  # int64 [rows]: index into `views`
+    views: tuple[str, ...]
+
+    def of_view(self, name: str) -> np.ndarray:
+        """Row numbers of one view (in image order)."""
+        if name not in self.views:
+            raise ValueError(f"view {name!r} was not computed; these were: {list(self.views)}")
+        return np.flatnonzero(self.view == self.views.index(name))
+
+
+def load_activations(out_dir: str | Path, subset: str, mmap: bool = True) -> Activations:
+    """The activations stage's output for `subset` (train | test), memory-mapped by default."""
+    out_dir = Path(out_dir)
+    if subset not in SUBSETS:
+        raise ValueError(f"subset must be one of {SUBSETS}, not {subset!r}")
+    npy, index = out_dir / f"{subset}.npy", out_dir / f"{subset}_index.npz"
+    for path in (npy, index):
+        if not path.is_file():
+            raise MissingInput(
+                f"{path} not found: the activations stage writes it (dvc repro activations; "
+                "it is not in DVC's cache, being rebuilt in seconds from the activation cache)"
+            )
+    x = np.load(npy, mmap_mode="r" if mmap else None)
+    with np.load(index) as z:
+        ids, labels, view, views = z["ids"], z["labels"], z["view"], tuple(z["views"].tolist())
+    if not len(x) == len(ids) == len(labels) == len(view):
+        raise ValueError(
+            f"{npy} has {len(x)} rows but {index} describes {len(ids)}: the two files come from "
+            "different runs; rerun the activations stage (dvc repro -f activations)"
+        )
+    return Activations(x=x, ids=ids, labels=labels, view=view, views=views)
+
+
+# --------------------------------------------------------------------------------------------
+# The stage's work
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def run_activations(
+    *,
+    split_dir: Path,
+    backbone_dir: Path,
+    out_dir: Path,
+    cache_root: Path,
+    options: ActivationsOptions,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Fill the activation cache for every subset and view, then write the outputs.
+
+    Returns the numbers of metrics/activations.json (plus `cache_dirs`, for the message).
+    """
+    start = time.perf_counter()
+    _, items = split_items(split_dir)
+    info = read_backbone_info(backbone_dir)
+    views = sorted({view for subset in SUBSETS for view in options.views(subset)})
+    caches = {
+        view: activation_cache(
+            cache_root,
+            backbone_sha256=info["sha256"],
+            preprocessing=info["preprocessing"],
+            precision=options.precision,
+            cut=options.cut,
+            view=view,
+            shape=CUT_SHAPES[options.cut],
+        )
+        for view in views
+    }
+    items_by_view: dict[str, list[ImageItem]] = {view: [] for view in views}
+    for subset in SUBSETS:
+        for view in options.views(subset):
+            items_by_view[view] += items[subset]
+
+    def load_model():
+        # TensorFlow only when something is left to compute (its import alone takes seconds).
+        import imgclf.quiet_tf  # noqa: F401
+        from imgclf.inception import backbone_to_cut, load_backbone
+
+        backbone = load_backbone(backbone_dir, precision=options.precision)
+        return backbone_to_cut(backbone.model, options.cut), backbone.preprocess
+
+    stats = fill_views(
+        items_by_view, caches, load_model, batch_size=options.batch_size, progress=progress
+    )
+    output_bytes = sum(
+        write_subset(out_dir, subset, items[subset], options.views(subset), caches)
+        for subset in SUBSETS
+    )
+    return {
+        "images": {subset: len(items[subset]) for subset in SUBSETS},
+        "views": {subset: len(options.views(subset)) for subset in SUBSETS},
+        "entries": {
+            "computed": stats["computed"],
+            "cached": stats["cached"],
+            "recomputed_bad": stats["recomputed_bad"],
+        },
+        "compute_seconds": round(stats["seconds"], 3),
+        "entries_per_second": round(stats["entries_per_second"], 3),
+        "seconds": round(time.perf_counter() - start, 3),
+        "cache_bytes": sum(cache.disk_bytes() for cache in caches.values()),
+        "output_bytes": output_bytes,
+        "peak_rss_bytes": peak_rss_bytes(),
+        "cache_dirs": [str(cache.dir) for cache in caches.values()],
+    }
+
+
+def describe_cut(cut: str) -> str:
+    """`mixed_8 (8x8x1280)`, for messages."""
+    return f"{cut} ({'x'.join(map(str, CUT_SHAPES[cut]))})"

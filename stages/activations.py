@@ -1,0 +1,48 @@
+"""Stage activations: each train/test image and its views through the backbone up to the cut."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+# No TensorFlow import here: a fully cached run needs none (imgclf.activations imports it,
+# quietly, only when some activation is left to compute).
+from imgclf.activations import ActivationsOptions, describe_cut, run_activations
+from imgclf.config import cache_dir, load_params
+from imgclf.fileio import write_metrics
+from imgclf.stage import stage_main
+
+
+@stage_main
+def main() -> None:
+    params = load_params()
+    paths = params["paths"]
+    options = ActivationsOptions.from_params(params.get("activations"))
+    stats = run_activations(
+        split_dir=Path(paths["split"]),
+        backbone_dir=Path(paths["backbone"]),
+        out_dir=Path(paths["activations"]),
+        cache_root=cache_dir("activations"),
+        options=options,
+    )
+    cache_dirs = stats.pop("cache_dirs")
+    write_metrics(Path(paths["metrics"]) / "activations.json", stats)
+    entries = stats["entries"]
+    bad = entries["recomputed_bad"]
+    recomputed = (
+        f" ({bad} of them because their cache entry was bad: corrupt, truncated, or another "
+        "image's entry)"
+        if bad
+        else ""
+    )
+    print(
+        f"activations at {describe_cut(options.cut)}: {entries['computed']} entries computed"
+        f"{recomputed}, {entries['cached']} from the cache "
+        f"({stats['cache_bytes'] / 2**20:.0f} MiB in {len(cache_dirs)} view folders under "
+        f"{Path(cache_dirs[0]).parent}); {stats['entries_per_second']:.1f} entries/s; outputs "
+        f"{stats['output_bytes'] / 2**20:.0f} MiB; peak RSS {stats['peak_rss_bytes'] / 2**30:.2f} "
+        "GiB"
+    )
+
+
+if __name__ == "__main__":
+    main()
