@@ -458,7 +458,7 @@ def test_registered_models_reproduce_the_evaluate_stage(tracked):
     import pandas as pd
 
     from imgclf.fileio import read_json
-    from imgclf.heads import load_predictor
+    from imgclf.heads import load_predictor, model_dir
 
     client, summary, workdir = tracked["client"], tracked["summary"], tracked["workdir"]
     test = np.load(workdir / "data/bottlenecks/test.npz")
@@ -488,7 +488,7 @@ def test_registered_models_reproduce_the_evaluate_stage(tracked):
         probs = np.array([[row[c] for c in classes] for row in answer["probabilities"]])
         assert list(answer["label"]) == [classes[i] for i in probs.argmax(1)]
         assert list(answer["probability"]) == list(probs.max(1))
-        expected = load_predictor(head, workdir / f"models/{head}_head")(test["features"])
+        expected = load_predictor(head, model_dir(workdir / "models", head))(test["features"])
         np.testing.assert_allclose(probs, expected, atol=1e-4)
         accuracy = float(np.mean(probs.argmax(1) == test["labels"]))
         assert round(accuracy, 6) == ev["accuracy"]
