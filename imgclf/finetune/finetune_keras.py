@@ -26,14 +26,14 @@ import tensorflow as tf
 from tqdm import tqdm
 
 from imgclf.errors import MissingInput
-from imgclf.heads.common import TrainResult, save_model_dir, set_determinism, stopwatch
-from imgclf.heads.finetune_common import (
+from imgclf.finetune.common import (
     SCHEDULES,
     TensorBoardLog,
     epoch_row,
     read_config,
     write_config,
 )
+from imgclf.heads.common import TrainResult, save_model_dir, set_determinism, stopwatch
 from imgclf.heads.keras_head import _normalise_keras_archive, _without_stderr_lines
 
 MODEL_FILE = "model.keras"

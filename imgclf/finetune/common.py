@@ -213,3 +213,85 @@ def epoch_row(
         "val_loss": float(val[0]),
         "val_accuracy": float(val[1]),
     }
+
+
+# --------------------------------------------------------------------------------------------
+# What both stages do
+
+
+def train_and_save_finetune(
+    name: str,
+    *,
+    paths: Mapping[str, str],
+    shared: Mapping[str, Any],
+    cut: str,
+    head_dir: str | Path,
+    load_head: Callable[[Path], Any],
+    train_fn: Callable[..., Any],
+    save_fn: Callable[..., None],
+    count_parameters: Callable[[Any], int],
+    recipe: Mapping[str, Any],
+) -> dict[str, Any]:
+    """Load the train activations, the backbone's top after `cut` and the head in `head_dir`;
+    fine-tune with `recipe`; write models/<name>, metrics/train/<name>.json, the curve and the
+    TensorBoard events (<paths.tensorboard>/<name>). Returns the metrics written."""
+    import imgclf.quiet_tf  # noqa: F401
+    from imgclf.activations import load_activations
+    from imgclf.heads.common import read_labels, write_training_metrics
+    from imgclf.inception import build_top, load_backbone
+
+    recipe = dict(recipe)
+    test_time_flip = bool(recipe.pop("test_time_flip"))
+    acts = load_activations(paths["activations"], "train")
+    head_dir = Path(head_dir)
+    classes = read_labels(head_dir)
+    if acts.labels.size and int(acts.labels.max()) >= len(classes):
+        raise UserError(
+            f"{paths['activations']}/train_index.npz has labels up to {int(acts.labels.max())} but "
+            f"{head_dir}/labels.txt lists {len(classes)} classes: the head was trained on another "
+            "split; rerun the pipeline (dvc repro)"
+        )
+    data = load_finetune_data(acts, float(shared["validation_fraction"]), int(shared["seed"]))
+    top = build_top(load_backbone(paths["backbone"]).model, cut)
+    if tuple(top.input.shape[1:]) != tuple(data.x_train.shape[1:]):
+        raise UserError(
+            f"{paths['activations']}/train.npy holds activations of shape "
+            f"{tuple(data.x_train.shape[1:])}, but the backbone's {cut} gives "
+            f"{tuple(top.input.shape[1:])}: rerun the activations stage (dvc repro activations)"
+        )
+    result = train_fn(
+        top,
+        load_head(head_dir),
+        data.x_train,
+        data.y_train,
+        data.x_val,
+        data.y_val,
+        tensorboard_dir=Path(paths["tensorboard"]) / name,
+        seed=int(shared["seed"]),
+        **recipe,
+    )
+    result.summary.update(
+        {
+            "n_train_images": data.n_train_images,
+            "n_train_views": len(data.views),
+            "test_time_flip": int(test_time_flip),
+        }
+    )
+    save_fn(result.model, Path(paths["models"]) / name, classes, test_time_flip=test_time_flip)
+    return write_training_metrics(
+        paths["metrics"],
+        name,
+        result,
+        n_parameters=count_parameters(result.model),
+        n_train=len(data.y_train),
+        n_val=len(data.y_val),
+        n_classes=len(classes),
+    )
+
+
+def report(name: str, metrics: Mapping[str, Any]) -> str:
+    return (
+        f"{name}: val_accuracy {metrics['start_val_accuracy']:.4f} before, best "
+        f"{metrics['best_val_accuracy']:.4f} (kept epoch {metrics['model_step']} of "
+        f"{metrics['epochs']}), {metrics['train_seconds']:.1f} s"
+    )

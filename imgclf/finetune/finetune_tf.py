@@ -29,8 +29,7 @@ import tensorflow as tf
 from tqdm import tqdm
 
 from imgclf.errors import MissingInput, UserError
-from imgclf.heads.common import TrainResult, save_model_dir, set_determinism, stopwatch
-from imgclf.heads.finetune_common import (
+from imgclf.finetune.common import (
     SCHEDULES,
     TensorBoardLog,
     epoch_row,
@@ -38,6 +37,7 @@ from imgclf.heads.finetune_common import (
     read_config,
     write_config,
 )
+from imgclf.heads.common import TrainResult, save_model_dir, set_determinism, stopwatch
 from imgclf.heads.tf_head import deterministic_fingerprint
 
 SIGNATURE_KEY = "serving_default"
@@ -71,7 +71,7 @@ def blocks_after(cut: str) -> tuple[str, ...]:
 
 
 def _layers_by_name(model: Any) -> dict[str, Any]:
-    from imgclf.heads.finetune_keras import all_layers
+    from imgclf.finetune.finetune_keras import all_layers
 
     return {layer.name: layer for layer in all_layers(model)}
 
