@@ -27,7 +27,7 @@ def main() -> None:
         head_dir=f"{params['paths']['models']}/keras_head",
         load_head=load_keras_head,
         train_fn=lambda top, head, *data, **kw: train_finetune_keras(
-            top, head, *data, n_classes=int(head.output.shape[-1]), **kw
+            top, head, *data, n_classes=int(head.layers[-1].units), **kw
         ),
         save_fn=save_finetune_keras,
         count_parameters=count_parameters,

@@ -102,6 +102,7 @@ def make_tiny() -> dict:
 
     keras.utils.set_random_seed(0)
     backbone = build_inception_v3("max", input_shape=(75, 75, 3))
+    backbone.trainable = False  # as load_backbone hands it over
     top = build_top(backbone, "mixed_8")
     rng = np.random.default_rng(0)
     n = N_PER_CLASS * len(CLASSES)

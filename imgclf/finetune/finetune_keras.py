@@ -58,10 +58,11 @@ def build_finetune_model(top: keras.Model, head: keras.Model) -> keras.Model:
         x = layer(x)
     model = keras.Model(inputs, x, name="finetune_keras")
     model.trainable = True
+    # Layer by layer: the backbone comes frozen (load_backbone), and the model's flag does not
+    # reach the layers of build_top's inner model (a Functional cut out of the backbone).
     for layer in all_layers(model):
-        if isinstance(layer, keras.layers.BatchNormalization):
-            # trainable=False is also what puts a Keras 3 BN layer in inference mode.
-            layer.trainable = False
+        # trainable=False is also what puts a Keras 3 BN layer in inference mode.
+        layer.trainable = not isinstance(layer, keras.layers.BatchNormalization)
     return model
 
 
