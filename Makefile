@@ -28,7 +28,7 @@ export GIT_AUTHOR_EMAIL ?= $(GIT_FALLBACK_EMAIL)
 export GIT_COMMITTER_EMAIL ?= $(GIT_FALLBACK_EMAIL)
 endif
 
-.PHONY: run exp seeds plots test lint bench ui setup clean
+.PHONY: run exp seeds plots test lint bench ui tensorboard setup clean
 
 $(BIN)/activate: pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -78,6 +78,12 @@ ui: setup
 	@echo "MLflow UI: open $$($(BIN)/python -m imgclf.tracking ui-url http://127.0.0.1:$(UI_PORT))"
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --default-artifact-root ./mlartifacts \
 		--host 127.0.0.1 --port $(UI_PORT)
+
+# The fine-tune stages' event files: curves on the epoch axis, weight and gradient histograms,
+# gradient norms per block (paths.tensorboard in params.yaml).
+TB_PORT ?= 6006
+tensorboard: setup
+	$(BIN)/tensorboard --logdir logs/tensorboard --host 127.0.0.1 --port $(TB_PORT)
 
 clean:
 	rm -rf data/images data/split data/bottlenecks models

@@ -204,3 +204,28 @@ class EvaluateParams(Block):
     section: ClassVar[str] = "evaluate"
     min_accuracy: float = number(0, math.inf)  # above 1: a gate no head passes (for tests)
     misclassified_sheet_max: int = integer(0)
+
+
+@dataclass(frozen=True)
+class FinetuneParams(Block):
+    """A fine-tune recipe (finetune_tf, finetune_keras): SGD with momentum on the blocks after
+    activations.cut and the head; `test_time_flip` averages with the flipped view when scoring."""
+
+    section: ClassVar[str] = "finetune"
+    epochs: int = integer(1)
+    learning_rate: float = number(0, math.inf, open_low=True)
+    momentum: float = number(0, 1, open_high=True)
+    batch_size: int = integer(1)
+    label_smoothing: float = number(0, 1, open_high=True)
+    schedule: str = choice(("constant", "cosine"))  # finetune_common.SCHEDULES
+    test_time_flip: bool = boolean()
+
+
+@dataclass(frozen=True)
+class FinetuneTfParams(FinetuneParams):
+    section: ClassVar[str] = "finetune_tf"
+
+
+@dataclass(frozen=True)
+class FinetuneKerasParams(FinetuneParams):
+    section: ClassVar[str] = "finetune_keras"

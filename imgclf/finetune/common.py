@@ -1,0 +1,297 @@
+"""What both fine-tune models share: the rows they train and validate on, the learning-rate
+schedule, test-time flips and the TensorBoard log.
+
+The fine-tune models (`finetune_tf`, `finetune_keras`) train the blocks after the activations
+stage's cut (mixed_9, mixed_10 at mixed_8) plus the frozen head they start from. Their inputs
+are the cached activations, not the bottlenecks; their validation slice is the heads' one
+(`validation_split` over the train images, `heads.validation_fraction`, `heads.seed`):
+
+- training rows: every view of every image outside the slice;
+- validation rows: the `orig` view of the images in the slice, and nothing else of them, so no
+  flipped or cropped copy of a validation image is ever trained on.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from imgclf.activations import Activations
+from imgclf.errors import UserError
+from imgclf.fileio import atomic_write_bytes, read_json
+from imgclf.heads.common import validation_split
+
+SCHEDULES = ("constant", "cosine")
+CONFIG_FILE = "finetune.json"
+HEAD_BLOCK = "head"
+
+
+@dataclass(frozen=True)
+class FinetuneData:
+    """Training and validation rows of the activations, as float16 arrays in memory."""
+
+    x_train: np.ndarray  # float16 [rows, h, w, c]
+    y_train: np.ndarray  # int64 [rows]
+    x_val: np.ndarray
+    y_val: np.ndarray
+    n_train_images: int
+    n_val_images: int
+    views: tuple[str, ...]
+
+
+def finetune_rows(acts: Activations, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train rows, val rows) of the train activations: all views of the training images, the
+    `orig` view only of the validation images (the heads' slice, in image order)."""
+    if "orig" not in acts.views:
+        raise UserError(
+            f"the train activations hold the views {list(acts.views)} but not `orig`, which the "
+            "validation slice is scored on: add orig to activations.train_views"
+        )
+    orig = acts.of_view("orig")
+    _, val_idx = validation_split(acts.labels[orig], fraction, seed)
+    val_rows = orig[val_idx]
+    is_val_image = np.isin(acts.ids, acts.ids[val_rows])
+    return np.flatnonzero(~is_val_image), val_rows
+
+
+def load_finetune_data(acts: Activations, fraction: float, seed: int) -> FinetuneData:
+    """The rows of `finetune_rows`, read out of the memory map (sorted, so the reads are
+    sequential)."""
+    train_rows, val_rows = finetune_rows(acts, fraction, seed)
+    return FinetuneData(
+        x_train=np.asarray(acts.x[train_rows]),
+        y_train=acts.labels[train_rows].astype(np.int64),
+        x_val=np.asarray(acts.x[val_rows]),
+        y_val=acts.labels[val_rows].astype(np.int64),
+        n_train_images=int(np.unique(acts.ids[train_rows]).size),
+        n_val_images=int(val_rows.size),
+        views=acts.views,
+    )
+
+
+def learning_rate_at(step: Any, total_steps: int, learning_rate: float, schedule: str) -> Any:
+    """The learning rate of step `step` (0-based): constant, or cosine decay to 0 over
+    `total_steps` (Keras' CosineDecay with alpha=0). Works on floats and on tensors."""
+    if schedule == "constant":
+        return learning_rate
+    if schedule == "cosine":
+        import tensorflow as tf
+
+        progress = tf.minimum(tf.cast(step, tf.float32) / float(max(total_steps, 1)), 1.0)
+        return learning_rate * 0.5 * (1.0 + tf.cos(math.pi * progress))
+    raise ValueError(f"schedule must be one of {SCHEDULES}, not {schedule!r}")
+
+
+def block_of(variable_path: str) -> str:
+    """`mixed_9.tower_conv/kernel` -> `mixed_9`; the head's layers -> `head`."""
+    first = variable_path.split("/")[0].split(".")[0]
+    return first if first.startswith("mixed") else HEAD_BLOCK
+
+
+# --------------------------------------------------------------------------------------------
+# The model folder's own settings, beside the model
+
+
+def write_config(model_dir: Path, config: Mapping[str, Any]) -> None:
+    import json
+
+    text = json.dumps(dict(config), indent=2, sort_keys=True) + "\n"
+    atomic_write_bytes(Path(model_dir) / CONFIG_FILE, text.encode("utf-8"))
+
+
+def read_config(model_dir: str | Path) -> dict[str, Any]:
+    path = Path(model_dir) / CONFIG_FILE
+    if not path.is_file():
+        return {}
+    return dict(read_json(path))
+
+
+def predict_images(
+    predict: Callable[[np.ndarray], np.ndarray],
+    acts: Activations,
+    *,
+    test_time_flip: bool,
+    batch_size: int = 64,
+) -> np.ndarray:
+    """Probabilities [n_images, n_classes] in the order of the `orig` view's rows, averaged
+    with those of the `flip` view when `test_time_flip` (the rows are matched by image id)."""
+    views = ["orig", "flip"] if test_time_flip else ["orig"]
+    for view in views:
+        if view not in acts.views:
+            raise UserError(
+                f"test-time flips need the `{view}` view of the test images, but the activations "
+                f"hold {list(acts.views)}: add {view} to activations.test_views"
+                if view == "flip"
+                else f"the activations hold {list(acts.views)}, not `orig`"
+            )
+    orig = acts.of_view("orig")
+    total = None
+    for view in views:
+        rows = acts.of_view(view)
+        if view != "orig":
+            position = {image: i for i, image in enumerate(acts.ids[rows])}
+            rows = rows[[position[image] for image in acts.ids[orig]]]
+        probs = np.concatenate(
+            [
+                predict(np.asarray(acts.x[rows[i : i + batch_size]], np.float32))
+                for i in range(0, len(rows), batch_size)
+            ]
+        )
+        total = probs if total is None else total + probs
+    assert total is not None
+    return (total / len(views)).astype(np.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# TensorBoard
+
+
+class TensorBoardLog:
+    """Event files under `log_dir` (one writer): scalars and histograms on the epoch axis.
+
+    The files hold wall times, so they live outside the model folder that DVC hashes.
+    """
+
+    def __init__(self, log_dir: str | Path) -> None:
+        import shutil
+
+        import tensorflow as tf
+
+        self.dir = Path(log_dir)
+        # A rerun replaces the previous run's events rather than appending a second curve.
+        shutil.rmtree(self.dir, ignore_errors=True)
+        self.dir.mkdir(parents=True)
+        self._writer = tf.summary.create_file_writer(str(self.dir))
+
+    def scalars(self, epoch: int, values: Mapping[str, float]) -> None:
+        import tensorflow as tf
+
+        with self._writer.as_default(step=int(epoch)):
+            for name, value in values.items():
+                tf.summary.scalar(name, float(value))
+
+    def histograms(self, epoch: int, values: Iterable[tuple[str, Any]]) -> None:
+        import tensorflow as tf
+
+        with self._writer.as_default(step=int(epoch)):
+            for name, value in values:
+                tf.summary.histogram(name, value)
+
+    def gradients(self, epoch: int, named_grads: Iterable[tuple[str, Any]]) -> dict[str, float]:
+        """Histograms of each gradient, and the L2 norm of each block's (also returned)."""
+        import tensorflow as tf
+
+        squares: dict[str, float] = {}
+        named = list(named_grads)
+        self.histograms(epoch, ((f"gradients/{name}", g) for name, g in named))
+        for name, grad in named:
+            block = block_of(name)
+            squares[block] = squares.get(block, 0.0) + float(tf.reduce_sum(tf.square(grad)))
+        norms = {block: math.sqrt(s) for block, s in squares.items()}
+        self.scalars(epoch, {f"gradient_norm/{block}": n for block, n in norms.items()})
+        return norms
+
+    def close(self) -> None:
+        self._writer.flush()
+        self._writer.close()
+
+
+def epoch_row(
+    epoch: int, train: tuple[float, float], val: tuple[float, float]
+) -> dict[str, float | int]:
+    """One curve row: (loss, accuracy) pairs of the epoch's training and of validation."""
+    return {
+        "epoch": float(epoch),  # every training view seen once per epoch
+        "step": int(epoch),
+        "train_loss": float(train[0]),
+        "train_accuracy": float(train[1]),
+        "val_loss": float(val[0]),
+        "val_accuracy": float(val[1]),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# What both stages do
+
+
+def train_and_save_finetune(
+    name: str,
+    *,
+    paths: Mapping[str, str],
+    shared: Mapping[str, Any],
+    cut: str,
+    head_dir: str | Path,
+    load_head: Callable[[Path], Any],
+    train_fn: Callable[..., Any],
+    save_fn: Callable[..., None],
+    count_parameters: Callable[[Any], int],
+    recipe: Mapping[str, Any],
+) -> dict[str, Any]:
+    """Load the train activations, the backbone's top after `cut` and the head in `head_dir`;
+    fine-tune with `recipe`; write models/<name>, metrics/train/<name>.json, the curve and the
+    TensorBoard events (<paths.tensorboard>/<name>). Returns the metrics written."""
+    import imgclf.quiet_tf  # noqa: F401
+    from imgclf.activations import load_activations
+    from imgclf.heads.common import read_labels, write_training_metrics
+    from imgclf.inception import build_top, load_backbone
+
+    recipe = dict(recipe)
+    test_time_flip = bool(recipe.pop("test_time_flip"))
+    acts = load_activations(paths["activations"], "train")
+    head_dir = Path(head_dir)
+    classes = read_labels(head_dir)
+    if acts.labels.size and int(acts.labels.max()) >= len(classes):
+        raise UserError(
+            f"{paths['activations']}/train_index.npz has labels up to {int(acts.labels.max())} but "
+            f"{head_dir}/labels.txt lists {len(classes)} classes: the head was trained on another "
+            "split; rerun the pipeline (dvc repro)"
+        )
+    data = load_finetune_data(acts, float(shared["validation_fraction"]), int(shared["seed"]))
+    top = build_top(load_backbone(paths["backbone"]).model, cut)
+    if tuple(top.input.shape[1:]) != tuple(data.x_train.shape[1:]):
+        raise UserError(
+            f"{paths['activations']}/train.npy holds activations of shape "
+            f"{tuple(data.x_train.shape[1:])}, but the backbone's {cut} gives "
+            f"{tuple(top.input.shape[1:])}: rerun the activations stage (dvc repro activations)"
+        )
+    result = train_fn(
+        top,
+        load_head(head_dir),
+        data.x_train,
+        data.y_train,
+        data.x_val,
+        data.y_val,
+        tensorboard_dir=Path(paths["tensorboard"]) / name,
+        seed=int(shared["seed"]),
+        **recipe,
+    )
+    result.summary.update(
+        {
+            "n_train_images": data.n_train_images,
+            "n_train_views": len(data.views),
+            "test_time_flip": int(test_time_flip),
+        }
+    )
+    save_fn(result.model, Path(paths["models"]) / name, classes, test_time_flip=test_time_flip)
+    return write_training_metrics(
+        paths["metrics"],
+        name,
+        result,
+        n_parameters=count_parameters(result.model),
+        n_train=len(data.y_train),
+        n_val=len(data.y_val),
+        n_classes=len(classes),
+    )
+
+
+def report(name: str, metrics: Mapping[str, Any]) -> str:
+    return (
+        f"{name}: val_accuracy {metrics['start_val_accuracy']:.4f} before, best "
+        f"{metrics['best_val_accuracy']:.4f} (kept epoch {metrics['model_step']} of "
+        f"{metrics['epochs']}), {metrics['train_seconds']:.1f} s"
+    )

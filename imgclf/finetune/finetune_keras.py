@@ -1,0 +1,261 @@
+"""Fine-tuning the top of Inception V3 in Keras 3, the way the 2017 tutorial did.
+
+The model is the backbone's blocks after the cut (`build_top`: mixed_9, mixed_10 and the pool
+at mixed_8) with the trained Keras head's own layers on top (Dense(1024, relu) -> softmax),
+so fine-tuning starts exactly where `train_keras` ended. What trains is said with `trainable`
+flags: every layer of the top and of the head, except the batch-norm layers, which Keras 3 then
+runs in inference mode (moving statistics used and left alone, beta frozen). Then compile
+(SGD with momentum, label smoothing optional, constant or cosine learning rate) and fit, with
+callbacks: EarlyStopping restores the epoch with the best validation accuracy, and a monitor
+writes TensorBoard events (fit gives callbacks no gradients, so they are taken on a fixed
+probe batch at each epoch's end).
+
+Inputs: activations at the cut, float [N, h, w, c]; output: probabilities in label order.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+from tqdm import tqdm
+
+from imgclf.errors import MissingInput
+from imgclf.finetune.common import (
+    SCHEDULES,
+    TensorBoardLog,
+    epoch_row,
+    read_config,
+    write_config,
+)
+from imgclf.heads.common import TrainResult, save_model_dir, set_determinism, stopwatch
+from imgclf.heads.keras_head import _normalise_keras_archive, _without_stderr_lines
+
+MODEL_FILE = "model.keras"
+_TF_DATA_NOTICE = b"NodeDef mentions attribute use_unbounded_threadpool"
+
+
+def all_layers(model: keras.Model) -> Iterator[keras.Layer]:
+    """The layers of `model`, nested models opened up."""
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            yield from all_layers(layer)
+        else:
+            yield layer
+
+
+def build_finetune_model(top: keras.Model, head: keras.Model) -> keras.Model:
+    """activations -> `top` -> the head's layers (reused, weights and all) -> probabilities,
+    with the trainable flags of fine-tuning set: all but the batch-norm layers."""
+    inputs = keras.Input(tuple(top.input.shape[1:]), name="activations")
+    x = top(inputs)
+    for layer in head.layers:
+        x = layer(x)
+    model = keras.Model(inputs, x, name="finetune_keras")
+    model.trainable = True
+    # Layer by layer: the backbone comes frozen (load_backbone), and the model's flag does not
+    # reach the layers of build_top's inner model (a Functional cut out of the backbone).
+    for layer in all_layers(model):
+        # trainable=False is also what puts a Keras 3 BN layer in inference mode.
+        layer.trainable = not isinstance(layer, keras.layers.BatchNormalization)
+    return model
+
+
+def count_parameters(model: keras.Model) -> int:
+    return int(sum(int(np.prod(w.shape)) for w in model.trainable_weights))
+
+
+class _Monitor(keras.callbacks.Callback):
+    """TensorBoard events per epoch: the curves, weight histograms of the trained layers, and
+    gradient histograms and per-block norms on a fixed probe batch; plus an epoch bar."""
+
+    def __init__(self, log: TensorBoardLog, probe: tuple[np.ndarray, np.ndarray], loss: Any,
+                 epochs: int, progress: bool) -> None:  # fmt: skip
+        super().__init__()
+        self.log, self.loss = log, loss
+        self.probe = (tf.constant(probe[0], tf.float32), tf.constant(probe[1], tf.float32))
+        self.norms: list[dict[str, float]] = []
+        self.bar = tqdm(total=epochs, desc="finetune_keras", unit="epoch", file=sys.stderr,
+                        disable=not progress)  # fmt: skip
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        logs = logs or {}
+        step = epoch + 1
+        self.log.scalars(
+            step,
+            {
+                "loss/train": logs.get("loss", np.nan),
+                "loss/val": logs.get("val_loss", np.nan),
+                "accuracy/train": logs.get("accuracy", np.nan),
+                "accuracy/val": logs.get("val_accuracy", np.nan),
+                "learning_rate": float(
+                    keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)
+                ),
+            },
+        )
+        variables = self.model.trainable_weights
+        self.log.histograms(step, ((f"weights/{v.path}", v.value) for v in variables))
+        x, y = self.probe
+        with tf.GradientTape() as tape:
+            loss = self.loss(y, self.model(x, training=True))
+        grads = tape.gradient(loss, [v.value for v in variables])
+        self.norms.append(
+            self.log.gradients(step, zip([v.path for v in variables], grads, strict=True))
+        )
+        self.bar.set_postfix(val_accuracy=f"{logs.get('val_accuracy', 0):.3f}", refresh=False)
+        self.bar.update(1)
+
+    def on_train_end(self, logs: dict | None = None) -> None:
+        self.bar.close()
+        self.log.close()
+
+
+def _evaluate(model: keras.Model, x: np.ndarray, y: np.ndarray, batch_size: int) -> list[float]:
+    return [float(v) for v in model.evaluate(x, y, batch_size=batch_size, verbose=0)]
+
+
+def train_finetune_keras(
+    top: keras.Model,
+    head: keras.Model,
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_val: np.ndarray,
+    y_val: np.ndarray,
+    *,
+    n_classes: int,
+    tensorboard_dir: str | Path,
+    epochs: int = 5,
+    learning_rate: float = 1e-3,
+    momentum: float = 0.9,
+    batch_size: int = 32,
+    label_smoothing: float = 0.0,
+    schedule: str = "constant",
+    seed: int = 0,
+    progress: bool = True,
+) -> TrainResult:
+    """Fine-tune `top` + `head` (both changed in place: their layers are the model's). The
+    curve has one row per epoch; the model returned holds the weights of the epoch with the
+    best validation accuracy (the earliest on a tie)."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"finetune_keras.schedule must be one of {SCHEDULES}, not {schedule!r}")
+    if len(x_train) == 0 or len(x_val) == 0:
+        raise ValueError("finetune_keras: empty training or validation set")
+    set_determinism(seed)
+    model = build_finetune_model(top, head)
+    steps_per_epoch = -(-len(x_train) // batch_size)
+    lr: Any = learning_rate
+    if schedule == "cosine":
+        lr = keras.optimizers.schedules.CosineDecay(learning_rate, epochs * steps_per_epoch)
+    loss = keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing)
+    model.compile(
+        optimizer=keras.optimizers.SGD(learning_rate=lr, momentum=momentum),
+        loss=loss,
+        metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
+    )
+    # One-hot labels: label smoothing needs them. float32 inputs, converted batch by batch
+    # from the float16 cache would cost a copy per epoch; one conversion here is cheaper.
+    y_train_1h = keras.utils.to_categorical(y_train, n_classes).astype(np.float32)
+    y_val_1h = keras.utils.to_categorical(y_val, n_classes).astype(np.float32)
+    probe_rows = np.random.default_rng(seed).permutation(len(x_train))[:batch_size]
+    log = TensorBoardLog(tensorboard_dir)
+    with _without_stderr_lines(_TF_DATA_NOTICE):
+        start_loss, start_accuracy = _evaluate(model, x_val, y_val_1h, 256)
+    log.scalars(0, {"loss/val": start_loss, "accuracy/val": start_accuracy})
+    monitor = _Monitor(
+        log,
+        (np.asarray(x_train[probe_rows], np.float32), y_train_1h[probe_rows]),
+        loss,
+        epochs,
+        progress,
+    )
+    best = keras.callbacks.EarlyStopping(
+        monitor="val_accuracy", mode="max", patience=epochs, restore_best_weights=True
+    )
+    with stopwatch() as timer, _without_stderr_lines(_TF_DATA_NOTICE):
+        history = model.fit(
+            x_train,
+            y_train_1h,
+            validation_data=(x_val, y_val_1h),
+            epochs=epochs,
+            batch_size=batch_size,
+            shuffle=True,
+            callbacks=[monitor, best],
+            verbose=0,
+        )
+    h = history.history
+    curve = [
+        epoch_row(e + 1, (h["loss"][e], h["accuracy"][e]), (h["val_loss"][e], h["val_accuracy"][e]))
+        for e in range(len(h["loss"]))
+    ]
+    # EarlyStopping counts an epoch as better only when strictly better: ties keep the first.
+    # best_epoch is 0-based; restore_best_weights leaves the model at that epoch.
+    best_epoch = best.best_epoch + 1
+    norms = monitor.norms[best_epoch - 1] if monitor.norms else {}
+    return TrainResult(
+        model=model,
+        curve=curve,
+        summary={
+            "epochs": len(curve),
+            "model_step": best_epoch,
+            "steps": len(curve) * steps_per_epoch,
+            "batch_size": batch_size,
+            "learning_rate": learning_rate,
+            "momentum": momentum,
+            "label_smoothing": label_smoothing,
+            "start_val_accuracy": start_accuracy,
+            "start_val_loss": start_loss,
+            **{f"gradient_norm_{block}": value for block, value in norms.items()},
+        },
+        train_seconds=timer["seconds"],
+    )
+
+
+def save_finetune_keras(
+    model: keras.Model,
+    model_dir: str | Path,
+    classes: list[str],
+    *,
+    test_time_flip: bool = False,
+) -> None:
+    """model.keras + finetune.json + labels.txt in `model_dir`, replaced as a whole; the same
+    weights give the same bytes."""
+
+    # A fresh, uncompiled Model on the same layers: saving the compiled one would also store
+    # the optimizer's momentum, which doubles the file and is of no use to a trained model.
+    plain = keras.Model(model.inputs, model.outputs, name=model.name)
+
+    def write(tmp: Path) -> None:
+        plain.save(tmp / MODEL_FILE)
+        _normalise_keras_archive(tmp / MODEL_FILE)
+        write_config(tmp, {"inputs": "activations", "test_time_flip": bool(test_time_flip)})
+
+    save_model_dir(model_dir, classes, write)
+
+
+def load_finetune_keras(model_dir: str | Path) -> keras.Model:
+    """The fine-tuned keras.Model: activations at the cut -> probabilities."""
+    path = Path(model_dir) / MODEL_FILE
+    if not path.is_file():
+        raise MissingInput(f"{path} not found: run `dvc repro finetune_keras` to build it")
+    return keras.saving.load_model(path, compile=False)
+
+
+def predictor(model_dir: str | Path) -> Callable[[np.ndarray], np.ndarray]:
+    """Activations [N, h, w, c] -> probabilities [N, n_classes] (float32), label order. Whether
+    to average with the flipped view is `uses_test_time_flip(model_dir)`."""
+    model = load_finetune_keras(model_dir)
+
+    def predict(activations: np.ndarray) -> np.ndarray:
+        x = np.asarray(activations, dtype=np.float32)
+        return np.asarray(model.predict(x, batch_size=64, verbose=0), dtype=np.float32)
+
+    return predict
+
+
+def uses_test_time_flip(model_dir: str | Path) -> bool:
+    return bool(read_config(model_dir).get("test_time_flip", False))

@@ -1,0 +1,384 @@
+"""Fine-tuning the top of Inception V3 in low-level TensorFlow: the blog's "control" side.
+
+The blocks after the cut (mixed_9, mixed_10 at mixed_8) are rewritten op by op with tf.nn
+(conv2d, batch_normalization, relu, pools, concat) on `tf.Variable`s of a `tf.Module`,
+initialised from the backbone's weights (via `build_top`) and from the trained `train_tf` head
+(a SavedModel: its final, and hidden if any, weights). Nothing is left implicit:
+
+- the variables that train are an explicit list (`FinetuneTop.variables_to_train`: the conv
+  kernels and the head); the batch-norm statistics and offsets are `trainable=False` variables
+  that the step never touches, so the blocks run in inference mode by construction;
+- the step is a `tf.function` with a `tf.GradientTape` over that list and the momentum update
+  written out (`v = momentum * v - lr * g; w += v`, Keras' SGD formula), with a non-trainable
+  step counter that the learning-rate schedule reads;
+- the best epoch on validation accuracy is kept by copying the variables' values.
+
+The saved model is a SavedModel whose `serving_default` maps activations [None, h, w, c]
+float32 to {"probabilities": [None, n_classes]}.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+from tqdm import tqdm
+
+from imgclf.errors import MissingInput, UserError
+from imgclf.finetune.common import (
+    SCHEDULES,
+    TensorBoardLog,
+    epoch_row,
+    learning_rate_at,
+    read_config,
+    write_config,
+)
+from imgclf.heads.common import TrainResult, save_model_dir, set_determinism, stopwatch
+from imgclf.heads.tf_head import deterministic_fingerprint
+
+SIGNATURE_KEY = "serving_default"
+OUTPUT_KEY = "probabilities"
+INPUT_NAME = "activations"
+# The 8x8 blocks of Inception V3, and the convolutions of one, in build_inception_v3's order.
+BLOCKS = ("mixed_9", "mixed_10")
+CONVS = (
+    "conv",
+    "tower_conv",
+    "tower_mixed_conv",
+    "tower_mixed_conv_1",
+    "tower_1_conv",
+    "tower_1_conv_1",
+    "tower_1_mixed_conv",
+    "tower_1_mixed_conv_1",
+    "tower_2_conv",
+)
+
+
+def blocks_after(cut: str) -> tuple[str, ...]:
+    """The blocks this module rewrites for a cut: the 8x8 blocks after it."""
+    if cut == "mixed_8":
+        return BLOCKS
+    if cut == "mixed_9":
+        return BLOCKS[1:]
+    raise UserError(
+        f"activations.cut: finetune_tf rewrites the 8x8 blocks (mixed_9, mixed_10) op by op, so "
+        f"it needs a cut at mixed_8 or mixed_9, not {cut!r}"
+    )
+
+
+def _layers_by_name(model: Any) -> dict[str, Any]:
+    from imgclf.finetune.finetune_keras import all_layers
+
+    return {layer.name: layer for layer in all_layers(model)}
+
+
+class FinetuneTop(tf.Module):
+    """The blocks after the cut, the pool, and the softmax head, as explicit variables."""
+
+    def __init__(self, top: Any, head: Any, cut: str, name: str = "finetune_tf") -> None:
+        """`top`: the Keras model of `build_top(backbone, cut)` (read for its weights only);
+        `head`: the restored train_tf SavedModel."""
+        super().__init__(name=name)
+        self.blocks = list(blocks_after(cut))
+        layers = _layers_by_name(top)
+        self.max_pool = {}
+        self.kernels, self.offsets, self.means, self.variances = {}, {}, {}, {}
+        self.epsilon = {}
+        for block in self.blocks:
+            self.max_pool[block] = type(layers[f"{block}.pool"]).__name__ == "MaxPooling2D"
+            for conv in CONVS:
+                key = f"{block}.{conv}"
+                kernel = layers[key].kernel
+                bn = layers[f"{key}.bn"]
+                if getattr(bn, "gamma", None) is not None:
+                    raise UserError(f"{key}.bn has a scale (gamma): the 2015 graph's have none")
+                self.kernels[key] = tf.Variable(kernel.numpy(), name=f"{key}/kernel")
+                self.offsets[key] = tf.Variable(
+                    bn.beta.numpy(), trainable=False, name=f"{key}/beta"
+                )
+                self.means[key] = tf.Variable(
+                    bn.moving_mean.numpy(), trainable=False, name=f"{key}/moving_mean"
+                )
+                self.variances[key] = tf.Variable(
+                    bn.moving_variance.numpy(), trainable=False, name=f"{key}/moving_variance"
+                )
+                self.epsilon[key] = float(bn.epsilon)
+        hidden = getattr(head, "hidden_weights", None)
+        self.hidden_units = 0 if hidden is None else int(hidden.shape[1])
+        if hidden is not None:
+            self.hidden_weights = tf.Variable(hidden.numpy(), name="head/hidden_weights")
+            self.hidden_biases = tf.Variable(head.hidden_biases.numpy(), name="head/hidden_biases")
+        self.final_weights = tf.Variable(head.final_weights.numpy(), name="head/final_weights")
+        self.final_biases = tf.Variable(head.final_biases.numpy(), name="head/final_biases")
+        self.n_classes = int(self.final_weights.shape[1])
+        self.input_shape = [int(d) for d in top.input.shape[1:]]
+        # Saved with the weights: a restored model says how many steps it was trained.
+        self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
+
+    def variables_to_train(self) -> list[tuple[str, tf.Variable]]:
+        """The explicit list the step differentiates and updates: (name, variable)."""
+        named = [(f"{key}/kernel", self.kernels[key]) for key in self._conv_keys()]
+        if self.hidden_units:
+            named += [("head/hidden_weights", self.hidden_weights)]
+            named += [("head/hidden_biases", self.hidden_biases)]
+        return [*named, ("head/final_weights", self.final_weights),
+                ("head/final_biases", self.final_biases)]  # fmt: skip
+
+    def _conv_keys(self) -> list[str]:
+        return [f"{block}.{conv}" for block in self.blocks for conv in CONVS]
+
+    def _conv_bn_relu(self, x: tf.Tensor, key: str) -> tf.Tensor:
+        x = tf.nn.conv2d(x, self.kernels[key], strides=1, padding="SAME")
+        # The stored statistics, never the batch's: inference-mode batch norm.
+        x = tf.nn.batch_normalization(
+            x, self.means[key], self.variances[key], offset=self.offsets[key], scale=None,
+            variance_epsilon=self.epsilon[key],
+        )  # fmt: skip
+        return tf.nn.relu(x)
+
+    def _block(self, x: tf.Tensor, block: str) -> tf.Tensor:
+        def cbr(t: tf.Tensor, conv: str) -> tf.Tensor:
+            return self._conv_bn_relu(t, f"{block}.{conv}")
+
+        b1 = cbr(x, "conv")
+        b3 = cbr(x, "tower_conv")
+        b3 = tf.concat([cbr(b3, "tower_mixed_conv"), cbr(b3, "tower_mixed_conv_1")], -1)
+        bd = cbr(cbr(x, "tower_1_conv"), "tower_1_conv_1")
+        bd = tf.concat([cbr(bd, "tower_1_mixed_conv"), cbr(bd, "tower_1_mixed_conv_1")], -1)
+        pool = tf.nn.max_pool2d if self.max_pool[block] else tf.nn.avg_pool2d
+        # TF's SAME average pool leaves the padding out of the mean, as Keras' does.
+        bp = cbr(pool(x, ksize=3, strides=1, padding="SAME"), "tower_2_conv")
+        return tf.concat([b1, b3, bd, bp], -1)
+
+    def features(self, activations: tf.Tensor) -> tf.Tensor:
+        """Activations at the cut -> the pooled 2048 features (pool_3)."""
+        x = activations
+        for block in self.blocks:
+            x = self._block(x, block)
+        return tf.reduce_mean(x, axis=[1, 2])
+
+    def logits(self, activations: tf.Tensor) -> tf.Tensor:
+        x = self.features(activations)
+        if self.hidden_units:
+            x = tf.nn.relu(tf.matmul(x, self.hidden_weights) + self.hidden_biases)
+        return tf.matmul(x, self.final_weights) + self.final_biases
+
+    @tf.function
+    def predict(self, activations: tf.Tensor) -> tf.Tensor:
+        """Activations [N, h, w, c] float32 -> class probabilities [N, n_classes]."""
+        return tf.nn.softmax(self.logits(activations))
+
+    @tf.function
+    def serve(self, activations: tf.Tensor) -> dict[str, tf.Tensor]:
+        return {OUTPUT_KEY: self.predict(activations)}
+
+
+def count_parameters(model: FinetuneTop) -> int:
+    return int(sum(int(np.prod(v.shape)) for _, v in model.variables_to_train()))
+
+
+def smoothed_loss(logits: tf.Tensor, labels: tf.Tensor, n_classes: int, smoothing: float):
+    """Mean cross-entropy against one-hot labels smoothed by `smoothing` (as Keras')."""
+    target = tf.one_hot(labels, n_classes) * (1.0 - smoothing) + smoothing / n_classes
+    return tf.reduce_mean(tf.nn.softmax_cross_entropy_with_logits(labels=target, logits=logits))
+
+
+class MomentumTrainer:
+    """SGD with momentum on an explicit variable list. Kept out of the module, so the
+    SavedModel holds the model and not the velocities."""
+
+    def __init__(self, model: FinetuneTop, *, learning_rate: float, momentum: float,
+                 label_smoothing: float, schedule: str, total_steps: int) -> None:  # fmt: skip
+        self.model = model
+        named = model.variables_to_train()
+        self.names = [name for name, _ in named]
+        self.variables = [v for _, v in named]
+        self.velocities = [tf.Variable(tf.zeros_like(v), trainable=False) for v in self.variables]
+        self.learning_rate, self.momentum = float(learning_rate), float(momentum)
+        self.label_smoothing, self.schedule = float(label_smoothing), schedule
+        self.total_steps = int(total_steps)
+
+    def _loss(self, x: tf.Tensor, y: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        logits = self.model.logits(x)
+        loss = smoothed_loss(logits, y, self.model.n_classes, self.label_smoothing)
+        accuracy = tf.reduce_mean(tf.cast(tf.equal(tf.argmax(logits, 1), y), tf.float32))
+        return loss, accuracy
+
+    @tf.function(reduce_retracing=True)
+    def train_step(self, x: tf.Tensor, y: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """One update on a batch; returns its (loss, accuracy) before the update."""
+        with tf.GradientTape(watch_accessed_variables=False) as tape:
+            tape.watch(self.variables)
+            loss, accuracy = self._loss(x, y)
+        grads = tape.gradient(loss, self.variables)
+        lr = learning_rate_at(self.model.step, self.total_steps, self.learning_rate, self.schedule)
+        for var, velocity, grad in zip(self.variables, self.velocities, grads, strict=True):
+            velocity.assign(self.momentum * velocity - lr * grad)
+            var.assign_add(velocity)
+        self.model.step.assign_add(1)
+        return loss, accuracy
+
+    @tf.function(reduce_retracing=True)
+    def gradients(self, x: tf.Tensor, y: tf.Tensor) -> list[tf.Tensor]:
+        with tf.GradientTape(watch_accessed_variables=False) as tape:
+            tape.watch(self.variables)
+            loss, _ = self._loss(x, y)
+        return tape.gradient(loss, self.variables)
+
+    @tf.function(reduce_retracing=True)
+    def batch_sums(self, x: tf.Tensor, y: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        loss, accuracy = self._loss(x, y)
+        n = tf.cast(tf.shape(y)[0], tf.float32)
+        return loss * n, accuracy * n
+
+    def evaluate(self, x: np.ndarray, y: np.ndarray, batch_size: int = 256) -> tuple[float, float]:
+        loss_sum = accuracy_sum = 0.0
+        for i in range(0, len(y), batch_size):
+            loss, acc = self.batch_sums(
+                tf.constant(np.asarray(x[i : i + batch_size], np.float32)),
+                tf.constant(y[i : i + batch_size], tf.int64),
+            )
+            loss_sum += float(loss)
+            accuracy_sum += float(acc)
+        return loss_sum / len(y), accuracy_sum / len(y)
+
+
+def train_finetune_tf(
+    top: Any,
+    head: Any,
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_val: np.ndarray,
+    y_val: np.ndarray,
+    *,
+    cut: str,
+    tensorboard_dir: str | Path,
+    epochs: int = 5,
+    learning_rate: float = 1e-3,
+    momentum: float = 0.9,
+    batch_size: int = 32,
+    label_smoothing: float = 0.0,
+    schedule: str = "constant",
+    seed: int = 0,
+    progress: bool = True,
+) -> TrainResult:
+    """Fine-tune a FinetuneTop built from `top` (Keras, for its initial weights) and `head` (the
+    restored train_tf SavedModel). Each epoch visits the training rows once in an order drawn
+    from `seed`; the model returned holds the epoch with the best validation accuracy."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"finetune_tf.schedule must be one of {SCHEDULES}, not {schedule!r}")
+    if len(x_train) == 0 or len(x_val) == 0:
+        raise ValueError("finetune_tf: empty training or validation set")
+    set_determinism(seed)
+    model = FinetuneTop(top, head, cut)
+    steps_per_epoch = -(-len(x_train) // batch_size)
+    trainer = MomentumTrainer(
+        model,
+        learning_rate=learning_rate,
+        momentum=momentum,
+        label_smoothing=label_smoothing,
+        schedule=schedule,
+        total_steps=epochs * steps_per_epoch,
+    )
+    rng = np.random.default_rng(seed)
+    probe = rng.permutation(len(x_train))[:batch_size]
+    probe_x = tf.constant(np.asarray(x_train[probe], np.float32))
+    probe_y = tf.constant(y_train[probe], tf.int64)
+    log = TensorBoardLog(tensorboard_dir)
+    start_loss, start_accuracy = trainer.evaluate(x_val, y_val)
+    log.scalars(0, {"loss/val": start_loss, "accuracy/val": start_accuracy})
+    curve: list[dict[str, float | int]] = []
+    all_norms: list[dict[str, float]] = []
+    best_accuracy, best_epoch, best_values = -1.0, 0, None
+    with stopwatch() as timer:
+        for epoch in tqdm(range(1, epochs + 1), desc="finetune_tf", unit="epoch",
+                          file=sys.stderr, disable=not progress):  # fmt: skip
+            order = rng.permutation(len(x_train))
+            loss_sum = accuracy_sum = 0.0
+            for i in range(0, len(order), batch_size):
+                rows = np.sort(order[i : i + batch_size])  # sorted: sequential reads
+                loss, acc = trainer.train_step(
+                    tf.constant(np.asarray(x_train[rows], np.float32)),
+                    tf.constant(y_train[rows], tf.int64),
+                )
+                loss_sum += float(loss) * len(rows)
+                accuracy_sum += float(acc) * len(rows)
+            train = (loss_sum / len(order), accuracy_sum / len(order))
+            val = trainer.evaluate(x_val, y_val)
+            curve.append(epoch_row(epoch, train, val))
+            lr = learning_rate_at(model.step - 1, trainer.total_steps, learning_rate, schedule)
+            log.scalars(epoch, {"loss/train": train[0], "loss/val": val[0],
+                                "accuracy/train": train[1], "accuracy/val": val[1],
+                                "learning_rate": float(lr)})  # fmt: skip
+            log.histograms(epoch, ((f"weights/{n}", v) for n, v in model.variables_to_train()))
+            grads = trainer.gradients(probe_x, probe_y)
+            all_norms.append(log.gradients(epoch, zip(trainer.names, grads, strict=True)))
+            if val[1] > best_accuracy:  # strictly better: a tie keeps the earlier epoch
+                best_accuracy, best_epoch = val[1], epoch
+                best_values = [v.numpy() for v in trainer.variables]
+    log.close()
+    assert best_values is not None
+    for var, value in zip(trainer.variables, best_values, strict=True):
+        var.assign(value)
+    return TrainResult(
+        model=model,
+        curve=curve,
+        summary={
+            "epochs": len(curve),
+            "model_step": best_epoch,
+            "steps": int(model.step.numpy()),
+            "batch_size": batch_size,
+            "learning_rate": learning_rate,
+            "momentum": momentum,
+            "label_smoothing": label_smoothing,
+            "start_val_accuracy": start_accuracy,
+            "start_val_loss": start_loss,
+            **{f"gradient_norm_{b}": value for b, value in all_norms[best_epoch - 1].items()},
+        },
+        train_seconds=timer["seconds"],
+    )
+
+
+def save_finetune_tf(
+    model: FinetuneTop, model_dir: str | Path, classes: list[str], *, test_time_flip: bool = False
+) -> None:
+    """SavedModel + finetune.json + labels.txt in `model_dir`, replaced as a whole."""
+    spec = tf.TensorSpec([None, *model.input_shape], tf.float32, name=INPUT_NAME)
+    model.predict.get_concrete_function(spec)
+    signatures = {SIGNATURE_KEY: model.serve.get_concrete_function(spec)}
+
+    def write(tmp: Path) -> None:
+        tf.saved_model.save(model, str(tmp), signatures=signatures)
+        deterministic_fingerprint(tmp)
+        write_config(tmp, {"inputs": "activations", "test_time_flip": bool(test_time_flip)})
+
+    save_model_dir(model_dir, classes, write)
+
+
+def load_finetune_tf(model_dir: str | Path) -> Any:
+    """The restored SavedModel (`.predict`, `.signatures["serving_default"]`)."""
+    model_dir = Path(model_dir)
+    if not (model_dir / "saved_model.pb").is_file():
+        raise MissingInput(
+            f"{model_dir} holds no SavedModel: run `dvc repro finetune_tf` to build it"
+        )
+    return tf.saved_model.load(str(model_dir))
+
+
+def predictor(model_dir: str | Path) -> Callable[[np.ndarray], np.ndarray]:
+    """Activations [N, h, w, c] -> probabilities [N, n_classes] (float32), via the signature."""
+    serve = load_finetune_tf(model_dir).signatures[SIGNATURE_KEY]
+
+    def predict(activations: np.ndarray) -> np.ndarray:
+        x = tf.constant(np.asarray(activations, dtype=np.float32))
+        return serve(**{INPUT_NAME: x})[OUTPUT_KEY].numpy()
+
+    return predict
+
+
+def uses_test_time_flip(model_dir: str | Path) -> bool:
+    return bool(read_config(model_dir).get("test_time_flip", False))

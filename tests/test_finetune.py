@@ -1,0 +1,357 @@
+"""The fine-tune models, on a tiny cut: Inception V3's real topology at 75x75 (random weights),
+cut at mixed_8 (1x1x1280), so mixed_9 and mixed_10 are the real blocks but an epoch of a few
+dozen rows takes a second. The heads they start from are trained here on the toy set.
+"""
+
+from __future__ import annotations
+
+import filecmp
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from imgclf.activations import Activations
+from imgclf.finetune.common import finetune_rows, predict_images
+from imgclf.heads.common import validation_split
+
+CLASSES = ["daisy", "rose", "tulip"]
+N_PER_CLASS = 14
+
+
+# ------------------------------------------------------------------------ rows (no TensorFlow)
+
+
+def make_acts(n_images: int, views=("orig", "flip"), seed: int = 0) -> Activations:
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n_images) % len(CLASSES)
+    ids = np.array([f"train/{CLASSES[c]}/{i}.jpg" for i, c in enumerate(labels)])
+    n_views = len(views)
+    return Activations(
+        x=rng.normal(size=(n_views * n_images, 1, 1, 4)).astype(np.float16),
+        ids=np.tile(ids, n_views),
+        labels=np.tile(labels, n_views).astype(np.int64),
+        view=np.repeat(np.arange(n_views), n_images),
+        views=tuple(views),
+    )
+
+
+def test_no_view_of_a_validation_image_is_trained_on():
+    acts = make_acts(30, views=("orig", "flip", "crop80_c"))
+    train_rows, val_rows = finetune_rows(acts, 0.2, seed=3)
+    orig = acts.of_view("orig")
+    _, val_idx = validation_split(acts.labels[orig], 0.2, 3)
+    # Validation: the heads' slice, orig view only.
+    np.testing.assert_array_equal(val_rows, orig[val_idx])
+    assert set(acts.view[val_rows]) == {0}
+    val_ids = set(acts.ids[val_rows])
+    assert not val_ids & set(acts.ids[train_rows])
+    # Training: every view of every other image.
+    assert len(train_rows) == 3 * (30 - len(val_ids))
+    assert set(acts.ids[train_rows]) | val_ids == set(acts.ids)
+
+
+def test_rows_need_the_orig_view():
+    from imgclf.errors import UserError
+
+    with pytest.raises(UserError, match=r"not `orig`.*add orig to activations\.train_views"):
+        finetune_rows(make_acts(12, views=("flip",)), 0.2, seed=0)
+
+
+def test_test_time_flip_averages_the_flip_of_the_same_image():
+    acts = make_acts(6, views=("flip", "orig"))  # flip first: rows are matched by id
+    # Shuffle the flip rows so that position alone would pair the wrong images.
+    flip = acts.of_view("flip")
+    perm = np.random.default_rng(1).permutation(flip.size)
+    x, ids = acts.x.copy(), acts.ids.copy()
+    x[flip], ids[flip] = acts.x[flip][perm], acts.ids[flip][perm]
+    acts = Activations(x=x, ids=ids, labels=acts.labels, view=acts.view, views=acts.views)
+
+    def predict(batch: np.ndarray) -> np.ndarray:
+        return np.stack([batch[:, 0, 0, 0], batch[:, 0, 0, 1]], axis=1)
+
+    orig = acts.of_view("orig")
+    plain = predict_images(predict, acts, test_time_flip=False)
+    np.testing.assert_allclose(plain, predict(acts.x[orig].astype(np.float32)))
+    both = predict_images(predict, acts, test_time_flip=True, batch_size=4)
+    for i, row in enumerate(orig):
+        (match,) = [r for r in acts.of_view("flip") if acts.ids[r] == acts.ids[row]]
+        expected = (predict(acts.x[[row]].astype(np.float32)) + predict(
+            acts.x[[match]].astype(np.float32)
+        )) / 2  # fmt: skip
+        np.testing.assert_allclose(both[i], expected[0], rtol=1e-6)
+    with pytest.raises(Exception, match=r"add flip to activations\.test_views"):
+        predict_images(predict, make_acts(6, views=("orig",)), test_time_flip=True)
+
+
+# ----------------------------------------------------------------------- the tiny real blocks
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return make_tiny()
+
+
+def make_tiny() -> dict:
+    """A tiny Inception V3 (75x75 input, random weights), its top from mixed_8, a separable toy
+    set of mixed_8 activations and the pooled features the heads are trained on."""
+    import keras
+
+    import imgclf.quiet_tf  # noqa: F401
+    from imgclf.inception import build_inception_v3, build_top
+
+    keras.utils.set_random_seed(0)
+    backbone = build_inception_v3("max", input_shape=(75, 75, 3))
+    backbone.trainable = False  # as load_backbone hands it over
+    top = build_top(backbone, "mixed_8")
+    rng = np.random.default_rng(0)
+    n = N_PER_CLASS * len(CLASSES)
+    y = np.arange(n) % len(CLASSES)
+    x = np.abs(rng.normal(size=(n, 1, 1, 1280))).astype(np.float32)
+    for c in range(len(CLASSES)):  # each class lights up its own channels
+        x[y == c, :, :, c * 400 : c * 400 + 400] += 1.5
+    x = x.astype(np.float16)
+    train_idx, val_idx = validation_split(y, 0.3, 0)
+    return {
+        "backbone": backbone,
+        "top": top,
+        "initial": backbone.get_weights(),
+        "data": (x[train_idx], y[train_idx], x[val_idx], y[val_idx]),
+        "features": top.predict(x.astype(np.float32), verbose=0),
+        "split": (train_idx, val_idx),
+    }
+
+
+def fresh(tiny):
+    """The backbone back at its initial weights (the fine-tunes train its layers in place)."""
+    tiny["backbone"].set_weights(tiny["initial"])
+    return tiny["top"]
+
+
+def event_tags(log_dir: Path) -> dict[str, set[str]]:
+    """{plugin name: tags} of every summary in the event files under `log_dir`."""
+    import tensorflow as tf
+
+    tags: dict[str, set[str]] = {}
+    for path in log_dir.glob("events.out.tfevents.*"):
+        for event in tf.compat.v1.train.summary_iterator(str(path)):
+            for value in event.summary.value:
+                tags.setdefault(value.metadata.plugin_data.plugin_name, set()).add(value.tag)
+    return tags
+
+
+def check_tensorboard(log_dir: Path, blocks=("mixed_9", "mixed_10", "head")) -> None:
+    tags = event_tags(log_dir)
+    assert {"loss/train", "loss/val", "accuracy/train", "accuracy/val"} <= tags["scalars"]
+    assert {f"gradient_norm/{b}" for b in blocks} <= tags["scalars"]
+    histograms = tags["histograms"]
+    assert any(t.startswith("weights/mixed_9.") for t in histograms)
+    assert any(t.startswith("gradients/mixed_10.") for t in histograms)
+    assert any(t.startswith("gradients/") and "mixed" not in t for t in histograms)  # head
+
+
+def keras_head_for(tiny):
+    from imgclf.heads.keras_head import train_keras_head
+
+    train_idx, val_idx = tiny["split"]
+    f = tiny["features"]
+    labels = np.arange(len(f)) % len(CLASSES)
+    return train_keras_head(
+        f[train_idx], labels[train_idx], f[val_idx], labels[val_idx], n_classes=3,
+        hidden_units=16, epochs=5, batch_size=8, early_stopping_patience=0, progress=False,
+    ).model  # fmt: skip
+
+
+def test_keras_finetune_trains_only_what_it_declares_and_saves_the_same_bytes(tiny, tmp_path):
+    import keras
+
+    from imgclf.finetune.finetune_keras import (
+        all_layers,
+        predictor,
+        save_finetune_keras,
+        train_finetune_keras,
+        uses_test_time_flip,
+    )
+    from imgclf.heads.common import read_labels
+
+    backbone = tiny["backbone"]
+    results, dirs = [], []
+    for run in range(2):
+        top = fresh(tiny)
+        before = {w.path: np.array(w) for w in backbone.weights}
+        head = keras_head_for(tiny)
+        head_before = [np.array(w) for w in head.weights]
+        result = train_finetune_keras(
+            top, head, *tiny["data"], n_classes=3, tensorboard_dir=tmp_path / f"tb{run}",
+            epochs=2, batch_size=8, learning_rate=0.01, progress=False,
+        )  # fmt: skip
+        after = {w.path: np.array(w) for w in backbone.weights}
+        # The convolutions of the blocks after the cut train; nothing before it, and no BN
+        # variable (moving statistics nor beta), changes.
+        changed = {p for p in before if not np.array_equal(before[p], after[p])}
+        assert changed, "no weight of the top changed"
+        for path in changed:
+            assert path.startswith(("mixed_9.", "mixed_10.")) and path.endswith("/kernel"), path
+        assert any(p.startswith("mixed_9.") for p in changed)
+        assert any(p.startswith("mixed_10.") for p in changed)
+        assert all(
+            not np.array_equal(b, np.array(a))
+            for b, a in zip(head_before, head.weights, strict=True)
+        )
+        bn = [
+            layer
+            for layer in all_layers(result.model)
+            if "BatchNormalization" in type(layer).__name__
+        ]
+        assert bn and not any(layer.trainable for layer in bn)
+        s = result.summary
+        assert max(r["val_accuracy"] for r in result.curve) >= s["start_val_accuracy"]
+        assert min(r["val_loss"] for r in result.curve) < s["start_val_loss"]
+        assert [r["epoch"] for r in result.curve] == [1.0, 2.0]
+        check_tensorboard(tmp_path / f"tb{run}")
+        save_finetune_keras(result.model, tmp_path / f"m{run}", CLASSES, test_time_flip=True)
+        results.append((result.curve, s["model_step"]))
+        dirs.append(tmp_path / f"m{run}")
+    assert results[0] == results[1]
+    cmp = filecmp.dircmp(dirs[0], dirs[1])
+    assert sorted(cmp.same_files) == ["finetune.json", "labels.txt", "model.keras"]
+    assert not cmp.diff_files
+    assert filecmp.cmp(dirs[0] / "model.keras", dirs[1] / "model.keras", shallow=False)
+
+    predict = predictor(dirs[1])
+    x_val = tiny["data"][2].astype(np.float32)
+    probs = predict(x_val)
+    assert probs.shape == (len(x_val), 3) and probs.dtype == np.float32
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
+    expected = np.asarray(keras.ops.convert_to_numpy(result.model(x_val)))
+    np.testing.assert_allclose(probs, expected, rtol=1e-5, atol=1e-6)
+    assert read_labels(dirs[1]) == CLASSES and uses_test_time_flip(dirs[1])
+
+
+def tf_head_dir(tiny, folder: Path) -> Path:
+    from imgclf.heads.tf_head import save_tf_head, train_tf_head
+
+    train_idx, val_idx = tiny["split"]
+    f = tiny["features"]
+    labels = np.arange(len(f)) % len(CLASSES)
+    result = train_tf_head(
+        f[train_idx], labels[train_idx], f[val_idx], labels[val_idx], n_classes=3,
+        steps=60, batch_size=8, eval_every=30, learning_rate=0.05, progress=False,
+    )  # fmt: skip
+    save_tf_head(result.model, folder, CLASSES)
+    return folder
+
+
+def test_tf_blocks_rewritten_op_by_op_are_the_keras_blocks(tiny, tmp_path):
+    import tensorflow as tf
+
+    from imgclf.finetune.finetune_tf import FinetuneTop
+    from imgclf.heads.tf_head import load_tf_head
+
+    top = fresh(tiny)
+    model = FinetuneTop(top, load_tf_head(tf_head_dir(tiny, tmp_path / "head")), "mixed_8")
+    x = tiny["data"][0].astype(np.float32)
+    np.testing.assert_allclose(
+        model.features(tf.constant(x)).numpy(), top.predict(x, verbose=0), rtol=1e-5, atol=1e-5
+    )
+    # The explicit list is exactly what tf.Module counts as trainable.
+    declared = {v.ref() for _, v in model.variables_to_train()}
+    assert declared == {v.ref() for v in model.trainable_variables}
+    assert not model.step.trainable
+
+
+def test_tf_finetune_updates_only_the_explicit_list_and_is_deterministic(tiny, tmp_path):
+    import tensorflow as tf
+
+    from imgclf.finetune.finetune_tf import predictor, save_finetune_tf, train_finetune_tf
+    from imgclf.heads.tf_head import load_tf_head
+
+    head_dir = tf_head_dir(tiny, tmp_path / "head")
+    runs = []
+    for run in range(2):
+        top = fresh(tiny)
+        before = {w.path: np.array(w) for w in tiny["backbone"].weights}
+        result = train_finetune_tf(
+            top, load_tf_head(head_dir), *tiny["data"], cut="mixed_8",
+            tensorboard_dir=tmp_path / f"tb{run}", epochs=2, batch_size=8,
+            learning_rate=0.01, schedule="cosine", label_smoothing=0.1, progress=False,
+        )  # fmt: skip
+        model = result.model
+        # The Keras top only lent its initial values: it is untouched.
+        assert all(np.array_equal(before[w.path], np.array(w)) for w in tiny["backbone"].weights)
+        # Kernels and head moved; every BN variable is where the backbone had it.
+        for key, kernel in model.kernels.items():
+            layer_before = before[f"{key}/kernel"]
+            assert not np.array_equal(kernel.numpy(), layer_before), key
+            np.testing.assert_array_equal(model.means[key].numpy(), before[f"{key}.bn/moving_mean"])
+            np.testing.assert_array_equal(
+                model.variances[key].numpy(), before[f"{key}.bn/moving_variance"]
+            )
+            np.testing.assert_array_equal(model.offsets[key].numpy(), before[f"{key}.bn/beta"])
+        assert int(model.step.numpy()) == 2 * -(-len(tiny["data"][1]) // 8)
+        s = result.summary
+        assert max(r["val_accuracy"] for r in result.curve) >= s["start_val_accuracy"]
+        assert min(r["val_loss"] for r in result.curve) < s["start_val_loss"]
+        check_tensorboard(tmp_path / f"tb{run}")
+        save_finetune_tf(model, tmp_path / f"m{run}", CLASSES)
+        runs.append((result.curve, s))
+    assert runs[0][0] == runs[1][0]
+    # The same weights, byte for byte. (saved_model.pb names its functions after a
+    # per-process counter: it is identical across fresh processes, see the test below.)
+    for name in ("variables.data-00000-of-00001", "variables.index"):
+        assert filecmp.cmp(tmp_path / "m0/variables" / name, tmp_path / "m1/variables" / name,
+                           shallow=False)  # fmt: skip
+
+    x_val = tiny["data"][2].astype(np.float32)
+    probs = predictor(tmp_path / "m1")(x_val)
+    assert probs.shape == (len(x_val), 3) and probs.dtype == np.float32
+    np.testing.assert_allclose(
+        probs, result.model.predict(tf.constant(x_val)).numpy(), rtol=1e-5, atol=1e-6
+    )
+
+
+_FRESH_PROCESS = """
+import sys
+from pathlib import Path
+import numpy as np
+import tests.test_finetune as t
+out = Path(sys.argv[1])
+tiny = t.make_tiny()
+from imgclf.finetune.finetune_keras import save_finetune_keras, train_finetune_keras
+from imgclf.finetune.finetune_tf import save_finetune_tf, train_finetune_tf
+from imgclf.heads.tf_head import load_tf_head
+r = train_finetune_keras(t.fresh(tiny), t.keras_head_for(tiny), *tiny["data"], n_classes=3,
+                         tensorboard_dir=out / "tb_k", epochs=1, batch_size=8, progress=False)
+save_finetune_keras(r.model, out / "models/finetune_keras", t.CLASSES)
+head = load_tf_head(t.tf_head_dir(tiny, out / "tf_head"))
+r = train_finetune_tf(t.fresh(tiny), head, *tiny["data"], cut="mixed_8",
+                      tensorboard_dir=out / "tb_t", epochs=1, batch_size=8, progress=False)
+save_finetune_tf(r.model, out / "models/finetune_tf", t.CLASSES)
+"""
+
+
+def test_identical_fine_tunes_in_fresh_processes_write_identical_model_files(tmp_path):
+    """What two `dvc repro --force` of the fine-tune stages do: the same bytes in models/, so
+    dvc.lock keeps its hashes and MLflow sees the same model."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    outputs = []
+    for run in ("a", "b"):
+        proc = subprocess.run(
+            [sys.executable, "-c", _FRESH_PROCESS, str(tmp_path / run)],
+            cwd=root,
+            capture_output=True,
+            env={**os.environ, "PYTHONPATH": str(root)},
+        )
+        assert proc.returncode == 0, proc.stderr.decode(errors="replace")[-3000:]
+        models = tmp_path / run / "models"
+        outputs.append(
+            {str(f.relative_to(models)): f.read_bytes() for f in sorted(models.rglob("*"))
+             if f.is_file()}
+        )  # fmt: skip
+    assert "finetune_tf/saved_model.pb" in outputs[0] and "finetune_keras/model.keras" in outputs[0]
+    assert outputs[0].keys() == outputs[1].keys()
+    assert [name for name in outputs[0] if outputs[0][name] != outputs[1][name]] == []
