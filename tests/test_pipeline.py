@@ -371,6 +371,7 @@ def test_split_seeds_runs_from_a_fresh_shell_and_restores_params(project, tmp_pa
     env = fresh_shell(tmp_path, **identity)
     done = run_in([sys.executable, "tools/split_seeds.py", "--seeds", "1"], project, env)
     assert "| TF |" in done.stdout
+    assert "| TF vs Keras |" in done.stdout  # McNemar of each pair, per seed
     assert (project / "params.yaml").read_bytes() == before
     assert set(json.loads(run([*DVC, "status", "--json"], project))) <= {"source"}
 

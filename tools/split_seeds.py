@@ -45,10 +45,41 @@ def exp_run(overrides: list[str]) -> None:
 
 
 def test_accuracies(metrics_dir: Path) -> dict[str, float]:
+    """Test accuracy of every registered model that evaluate scored in this run."""
+    files = {head: metrics_dir / "evaluate" / f"{head}.json" for head in HEADS}
     return {
-        head: json.loads((metrics_dir / "evaluate" / f"{head}.json").read_text())["accuracy"]
-        for head in HEADS
-    }
+        head: json.loads(path.read_text())["accuracy"] for head, path in files.items()
+        if path.is_file()
+    }  # fmt: skip
+
+
+def paired_tests(metrics_dir: Path) -> dict[str, dict]:
+    """comparison.json: "<a>_vs_<b>" -> McNemar's b, c, p_value, significant."""
+    path = metrics_dir / "evaluate" / "comparison.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def mcnemar_table(tests: dict[int, dict[str, dict]]) -> str:
+    """One row per pair, one column per seed: "b/c p" and a star when significant (p < 0.05)."""
+    seeds = sorted(tests)
+    pairs = sorted({pair for per_seed in tests.values() for pair in per_seed})
+    if not pairs:
+        return ""
+    lines = [
+        "| Pair (a vs b) | " + " | ".join(f"seed {s}: a only/b only, p" for s in seeds) + " |",
+        "|---|" + "---|" * len(seeds),
+    ]
+    for pair in pairs:
+        cells = []
+        for seed in seeds:
+            t = tests[seed].get(pair)
+            cells.append(
+                "–" if t is None else
+                f"{t['b']}/{t['c']}, {t['p_value']:.2g}{' *' if t['significant'] else ''}"
+            )  # fmt: skip
+        a, _, b = pair.partition("_vs_")
+        lines.append(f"| {HEADS.get(a, a)} vs {HEADS.get(b, b)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n\n(exact McNemar; * significant at 0.05)"
 
 
 def summary_table(results: dict[int, dict[str, float]]) -> str:
@@ -56,7 +87,8 @@ def summary_table(results: dict[int, dict[str, float]]) -> str:
         f"| Head | Test accuracy, mean ± sd over {len(results)} split seeds | min – max |",
         "|---|---|---|",
     ]
-    for head, name in HEADS.items():
+    heads = {h: n for h, n in HEADS.items() if all(h in r for r in results.values())}
+    for head, name in heads.items():
         values = [results[seed][head] for seed in sorted(results)]
         sd = statistics.stdev(values) if len(values) > 1 else 0.0
         lines.append(
@@ -64,9 +96,9 @@ def summary_table(results: dict[int, dict[str, float]]) -> str:
             f"| {min(values):.3f} – {max(values):.3f} |"
         )
     per_seed = ", ".join(
-        f"seed {seed}: " + "/".join(f"{results[seed][h]:.3f}" for h in HEADS) for seed in results
+        f"seed {seed}: " + "/".join(f"{results[seed][h]:.3f}" for h in heads) for seed in results
     )
-    return "\n".join(lines) + f"\n\nPer seed ({'/'.join(HEADS)}): {per_seed}."
+    return "\n".join(lines) + f"\n\nPer seed ({'/'.join(heads)}): {per_seed}."
 
 
 def main() -> None:
@@ -79,11 +111,12 @@ def main() -> None:
     params_file = ROOT / "params.yaml"
     saved = params_file.read_bytes()
     metrics_dir = ROOT / yaml.safe_load(saved)["paths"]["metrics"]
-    results = {}
+    results, tests = {}, {}
     try:
         for seed in args.seeds:
             exp_run([f"split.seed={seed}", *args.set_param])
             results[seed] = test_accuracies(metrics_dir)
+            tests[seed] = paired_tests(metrics_dir)
     finally:
         # `dvc exp run -S` wrote the last seed (and the -S values) into params.yaml, also when
         # it failed.
@@ -94,6 +127,8 @@ def main() -> None:
     # cache.
     dvc("repro")
     print(summary_table(results))
+    print()
+    print(mcnemar_table(tests))
 
 
 if __name__ == "__main__":
