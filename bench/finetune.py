@@ -1,0 +1,332 @@
+"""Benchmark of the two fine-tune stages: training speed, peak RSS, projected full-set minutes.
+
+    .venv/bin/python bench/finetune.py [IMAGE_FOLDER] [--per-class 40] [--epochs 2]
+
+IMAGE_FOLDER is a class-folder tree (default ../shared/datasets/flower_photos); `--per-class N`
+takes the first N images of each class. In a scratch workspace (nothing is written to the repo)
+it splits them, computes their bottlenecks and activations (params.yaml's cut and views), trains
+the tf and keras heads the fine-tunes start from, then runs each fine-tune exactly as its stage
+does (`stages.finetune_tf` / `stages.finetune_keras` on a params.yaml whose recipe is the repo's
+with `--epochs`), each in a fresh process: its own peak RSS, nothing warmed by another.
+
+Measured per run: the training rows a second (the stage's real epoch: the steps, the validation
+pass, the TensorBoard histograms and probe gradients), from the wall times of the epochs'
+TensorBoard events, so tf.function tracing in epoch 1 is counted once, apart. Projected: the
+full-set stage for params.yaml's recipe (`--full-images` training images x its train views x
+its epochs) at that speed, plus the run's fixed costs, against the issue's 8-minute target.
+
+Also timed, the Keras step under Keras' `mixed_bfloat16` policy (the blocks computed in
+bfloat16, weights float32) and a bfloat16 variant of the low-level TF step (its convolutions
+cast to bfloat16). Neither is a stage option: the bench switches them on in its own process.
+Prints one table; the machine is shared, so compare the ratios, and mind the load in the header.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.common import (  # noqa: E402  (needs ROOT on sys.path)
+    BATCH,
+    DEFAULT_IMAGES,
+    check_image_folder,
+    load_average,
+    phase,
+    prepare,
+    print_table,
+    sample_tree,
+)
+
+TARGET_MINUTES = 8.0
+TARGET_RSS_GIB = 6.0
+# Training images of the full 3,670-photo set (3,666 kept, 80/20 split), as the issue counts.
+FULL_TRAIN_IMAGES = 2645
+# What the fine-tune stages keep in memory per training row, beyond the sample's peak: the
+# float16 activations (load_finetune_data), and for Keras a second copy, as fit's tf.data
+# pipeline turns the whole array into one tensor (keras array_data_adapter, from_tensors).
+COPIES_HELD = {"tf": 1, "keras": 2}
+# The heads only have to exist (the fine-tunes start from them): short trainings, the same code.
+HEAD_OVERRIDES = {"train_tf": {"steps": 300, "eval_every": 100}, "train_keras": {"epochs": 10}}
+RUNS = (("tf", "float32"), ("keras", "float32"), ("keras", "bfloat16"), ("tf", "bfloat16"))
+
+
+# ---- the workspace's params.yaml ----------------------------------------------------------
+
+
+def bench_params(epochs: int) -> dict[str, Any]:
+    """The repo's params.yaml with the workspace's paths, short head trainings and `epochs`
+    fine-tune epochs; the recipes are otherwise the repo's."""
+    from imgclf.config import load_params
+
+    params = load_params(ROOT / "params.yaml")
+    params["paths"] = {
+        **params["paths"],
+        "split": "split",
+        "backbone": "backbone",
+        "bottlenecks": "bottlenecks",
+        "activations": "activations",
+        "models": "models",
+        "metrics": "metrics",
+        "tensorboard": "tensorboard",
+    }
+    for block, values in HEAD_OVERRIDES.items():
+        params[block] = {**params[block], **values}
+    for block in ("finetune_tf", "finetune_keras"):
+        params[block] = {**params[block], "epochs": epochs}
+    return params
+
+
+# ---- phases (each runs in its own process) ------------------------------------------------
+
+
+def run_inputs(workdir: Path) -> dict:
+    """Bottlenecks, the tf and keras heads, the activations: what the fine-tunes read."""
+    import imgclf.quiet_tf  # noqa: F401
+    from imgclf.activations import ActivationsOptions, run_activations
+    from imgclf.config import load_params
+    from imgclf.heads.common import train_model
+    from stages.bottlenecks import run_bottlenecks
+
+    params = load_params(workdir / "params.yaml")
+    paths = params["paths"]
+    run_bottlenecks(
+        split_dir=workdir / paths["split"],
+        backbone_dir=workdir / paths["backbone"],
+        out_dir=workdir / paths["bottlenecks"],
+        precision=params["bottlenecks"]["precision"],
+        batch_size=BATCH,
+        progress=False,
+    )
+    for head in ("tf", "keras"):
+        train_model(head, params, workdir)
+    stats = run_activations(
+        split_dir=workdir / paths["split"],
+        backbone_dir=workdir / paths["backbone"],
+        out_dir=workdir / paths["activations"],
+        cache_root=workdir / "cache" / "activations",
+        options=ActivationsOptions.from_params(params["activations"]),
+        progress=False,
+    )
+    return {"entries": stats["entries"]["computed"]}
+
+
+def _bf16_tf_conv() -> None:
+    """The low-level TF step with its convolutions in bfloat16 (kernels kept float32 and cast,
+    as Keras' mixed policy does; batch norm, ReLU, pools and the head stay float32)."""
+    import tensorflow as tf
+
+    from imgclf.finetune.finetune_tf import FinetuneTop
+
+    def conv_bn_relu(self: FinetuneTop, x: tf.Tensor, key: str) -> tf.Tensor:
+        y = tf.nn.conv2d(
+            tf.cast(x, tf.bfloat16),
+            tf.cast(self.kernels[key], tf.bfloat16),
+            strides=1,
+            padding="SAME",
+        )
+        y = tf.nn.batch_normalization(
+            tf.cast(y, tf.float32), self.means[key], self.variances[key],
+            offset=self.offsets[key], scale=None, variance_epsilon=self.epsilon[key],
+        )  # fmt: skip
+        return tf.nn.relu(y)
+
+    FinetuneTop._conv_bn_relu = conv_bn_relu
+
+
+def _bf16_keras_policy() -> None:
+    """Keras' mixed_bfloat16 for the blocks: build_top shares the backbone's layers, whose
+    dtype policy load_backbone sets, so the stage's load_backbone is asked for bfloat16 (the
+    head, restored from its .keras file, keeps its float32 layers)."""
+    import functools
+
+    import imgclf.inception
+
+    imgclf.inception.load_backbone = functools.partial(
+        imgclf.inception.load_backbone, precision="bfloat16"
+    )
+
+
+def epoch_wall_times(log_dir: Path) -> list[float]:
+    """Wall time of the `loss/val` event of epoch 0 (before training) and of `loss/train` of
+    each epoch (written after its validation pass), from the TensorBoard events."""
+    import tensorflow as tf
+
+    times: dict[int, float] = {}
+    for path in sorted(log_dir.glob("events.out.tfevents.*")):
+        for event in tf.compat.v1.train.summary_iterator(str(path)):
+            for value in event.summary.value:
+                if (value.tag, event.step == 0) in (("loss/val", True), ("loss/train", False)):
+                    times[int(event.step)] = event.wall_time
+    return [times[e] for e in sorted(times)]
+
+
+def run_finetune(workdir: Path, model: str, precision: str) -> dict:
+    import imgclf.quiet_tf  # noqa: F401
+
+    if precision == "bfloat16":
+        _bf16_tf_conv() if model == "tf" else _bf16_keras_policy()
+    name = f"finetune_{model}"
+    if model == "tf":
+        from stages.finetune_tf import main
+    else:
+        from stages.finetune_keras import main
+    main()
+    metrics = json.loads((workdir / "metrics" / "train" / f"{name}.json").read_text())
+    walls = epoch_wall_times(workdir / "tensorboard" / name)
+    return {
+        "rows": metrics["n_train"],
+        "epochs": metrics["epochs"],
+        "train_seconds": metrics["train_seconds"],
+        "epoch_seconds": [b - a for a, b in itertools.pairwise(walls)],
+        "start_val_accuracy": metrics["start_val_accuracy"],
+        "best_val_accuracy": metrics["best_val_accuracy"],
+        "row_bytes": _row_bytes(workdir),
+    }
+
+
+def _row_bytes(workdir: Path) -> int:
+    import numpy as np
+
+    x = np.load(workdir / "activations" / "train.npy", mmap_mode="r")
+    return int(x[0].nbytes)
+
+
+# ---- the table ----------------------------------------------------------------------------
+
+
+def speed(run: dict) -> tuple[float, float]:
+    """(training rows a second in the steady epochs, first epoch's extra seconds: tracing)."""
+    epochs = run["epoch_seconds"]
+    if len(epochs) < 2:  # one epoch: its tracing counts as training (slower, conservative)
+        return run["rows"] / epochs[0], 0.0
+    steady = sum(epochs[1:]) / len(epochs[1:])
+    return run["rows"] / steady, max(epochs[0] - steady, 0.0)
+
+
+def projection(run: dict, model: str, full_rows: int, epochs: int) -> tuple[float, float]:
+    """(projected minutes of the full-set stage, projected peak RSS in GiB)."""
+    rate, tracing = speed(run)
+    fixed = run["wall_s"] - sum(run["epoch_seconds"])  # start-up, loading, saving
+    minutes = (fixed + tracing + epochs * full_rows / rate) / 60
+    extra_rows = max(full_rows - run["rows"], 0)
+    rss = run["peak_rss_gib"] + extra_rows * run["row_bytes"] * COPIES_HELD[model] / 2**30
+    return minutes, rss
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("images", nargs="?", type=Path, default=DEFAULT_IMAGES)
+    parser.add_argument("--per-class", type=int, default=40, help="images per class (0: all)")
+    parser.add_argument(
+        "--epochs", type=int, default=2, help="fine-tune epochs timed (2: tracing apart)"
+    )
+    parser.add_argument(
+        "--full-images",
+        type=int,
+        default=FULL_TRAIN_IMAGES,
+        help="training images of the full set, for the projection",
+    )
+    parser.add_argument("--phase", help=argparse.SUPPRESS)
+    parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--source", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--model", help=argparse.SUPPRESS)
+    parser.add_argument("--precision", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.phase:
+        report = {
+            "prepare": lambda: {"images": prepare(args.workdir, args.source)},
+            "inputs": lambda: run_inputs(args.workdir),
+            "finetune": lambda: run_finetune(args.workdir, args.model, args.precision),
+        }[args.phase]()
+        print(json.dumps(report))
+        return
+
+    check_image_folder(args.images)
+    if args.epochs < 1:
+        raise SystemExit(f"--epochs must be at least 1, not {args.epochs}")
+    import yaml
+
+    params = bench_params(args.epochs)
+    views = params["activations"]["train_views"]
+    full_epochs = {m: int(_repo_recipe(m)["epochs"]) for m in ("tf", "keras")}
+    full_rows = args.full_images * len(views)
+
+    runs: dict[tuple[str, str], dict] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-finetune-") as tmp:
+        work = Path(tmp)
+        (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        source = sample_tree(args.images.resolve(), work / "sample", args.per_class)
+        n = phase("prepare", work, __file__, source=source)["images"]
+        load_before = load_average()
+        entries = phase("inputs", work, __file__)["entries"]
+        for model, precision in RUNS:
+            runs[model, precision] = phase(
+                "finetune", work, __file__, model=model, precision=precision
+            )
+        load_after = load_average()
+
+    first = runs["tf", "float32"]
+    print(
+        f"{n} images from {args.images} ({args.per_class or 'all'} per class): "
+        f"{first['rows']} training rows (views {views}), {entries} activations computed; "
+        f"{args.epochs} epoch(s) timed per run, in fresh processes"
+    )
+    print(f"machine: {load_before} before the runs, {load_after} after (shared with other jobs)")
+    for model in ("tf", "keras"):
+        recipe = _repo_recipe(model)
+        print(
+            f"projected recipe finetune_{model} (params.yaml): {args.full_images} train images x "
+            f"{len(views)} views x {recipe['epochs']} epochs, batch {recipe['batch_size']}, "
+            f"lr {recipe['learning_rate']}, momentum {recipe['momentum']}, "
+            f"schedule {recipe['schedule']}"
+        )
+
+    rows = []
+    rates = {key: speed(run)[0] for key, run in runs.items()}
+    for (model, precision), run in runs.items():
+        minutes, rss = projection(run, model, full_rows, full_epochs[model])
+        label = f"finetune_{model}, {precision}"
+        if precision == "bfloat16":
+            ratio = f"{rates[model, precision] / rates[model, 'float32']:.2f} x {model} float32"
+        elif model == "keras":
+            ratio = f"TF / Keras {rates['tf', 'float32'] / rates[model, precision]:.2f}"
+        else:
+            ratio = "1.00"
+        acc = f"val {run['start_val_accuracy']:.3f} -> {run['best_val_accuracy']:.3f}"
+        rows += [
+            (f"{label}: training rows/s", f"{rates[model, precision]:.1f}", ratio, acc),
+            (
+                f"{label}: full set, projected",
+                f"{minutes:.1f} min",
+                f"{minutes / TARGET_MINUTES:.2f} of target",
+                f"<= {TARGET_MINUTES:.0f} min",
+            ),
+            (
+                f"{label}: peak RSS (sample / projected)",
+                f"{run['peak_rss_gib']:.2f} / {rss:.2f} GiB",
+                f"{rss / TARGET_RSS_GIB:.2f} of target",
+                f"< {TARGET_RSS_GIB:.0f} GiB",
+            ),
+        ]
+    print_table(rows, ("measure", "value", "ratio", "note / target"))
+
+
+def _repo_recipe(model: str) -> dict[str, Any]:
+    from imgclf.config import load_params
+
+    return dict(load_params(ROOT / "params.yaml")[f"finetune_{model}"])
+
+
+if __name__ == "__main__":
+    main()
