@@ -24,8 +24,9 @@ BATCH = 32
 
 def phase(name: str, workdir: Path, script: str | Path, **kwargs: object) -> dict:
     """Run phase `name` of `script` (a bench whose main dispatches on `--phase`) in a fresh
-    Python, in `workdir`; return its JSON report (its last stdout line) plus `wall_s` and
-    `peak_rss_gib`. Keyword arguments become `--key=value` options."""
+    Python, in `workdir`; return its JSON report (its last stdout line) plus `wall_s`,
+    `peak_rss_gib` and `cpu_s` (its user + system CPU seconds). Keyword arguments become
+    `--key=value` options."""
     cmd = [sys.executable, str(script), "--phase", name, "--workdir", str(workdir)]
     cmd += [f"--{k.replace('_', '-')}={v}" for k, v in kwargs.items()]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "IMGCLF_CACHE_DIR": str(workdir / "cache")}
@@ -48,6 +49,7 @@ def phase(name: str, workdir: Path, script: str | Path, **kwargs: object) -> dic
     report = json.loads(out.decode().strip().splitlines()[-1])
     report["wall_s"] = time.perf_counter() - start
     report["peak_rss_gib"] = usage.ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
+    report["cpu_s"] = usage.ru_utime + usage.ru_stime
     return report
 
 
