@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -23,21 +22,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.bottlenecks import BATCH, phase, prepare  # noqa: E402  (needs ROOT on sys.path)
+from bench.common import (  # noqa: E402  (needs ROOT on sys.path)
+    BATCH,
+    DEFAULT_IMAGES,
+    check_image_folder,
+    load_average,
+    phase,
+    prepare,
+    print_table,
+    sample_tree,
+)
 
 TRAIN_VIEWS = ("orig", "flip")
 TEST_VIEWS = ("orig",)
-
-
-def sample_tree(source: Path, dest: Path, per_class: int) -> Path:
-    """The first `per_class` files of each class of `source`, as symlinks under `dest`."""
-    for folder in sorted(p for p in source.iterdir() if p.is_dir()):
-        files = sorted(p for p in folder.iterdir() if p.is_file())
-        for path in files[:per_class] if per_class else files:
-            link = dest / folder.name / path.name
-            link.parent.mkdir(parents=True, exist_ok=True)
-            link.symlink_to(path)
-    return dest
 
 
 # ---- phases (each runs in its own process) ------------------------------------------------
@@ -88,7 +85,7 @@ def main() -> None:
         "images",
         nargs="?",
         type=Path,
-        default=ROOT.parent / "shared" / "datasets" / "flower_photos",
+        default=DEFAULT_IMAGES,
     )
     parser.add_argument("--per-class", type=int, default=0, help="images per class (0: all)")
     parser.add_argument("--precision", default="float32", choices=("float32", "bfloat16"))
@@ -109,8 +106,7 @@ def main() -> None:
         print(json.dumps(report))
         return
 
-    if not args.images.is_dir():
-        raise SystemExit(f"{args.images} is not a folder of class folders")
+    check_image_folder(args.images)
     with tempfile.TemporaryDirectory(prefix="bench-activations-") as tmp:
         work = Path(tmp)
         source = args.images.resolve()
@@ -120,7 +116,7 @@ def main() -> None:
         print(
             f"{n} images from {args.images} ({args.per_class or 'all'} per class), batch "
             f"{BATCH}, {args.precision}, train views {list(TRAIN_VIEWS)}, test views "
-            f"{list(TEST_VIEWS)}, {os.cpu_count()} CPUs",
+            f"{list(TEST_VIEWS)}, {load_average()}",
             flush=True,
         )
         rounds = []
@@ -169,13 +165,7 @@ def main() -> None:
         ),
         ("outputs (.npy + index)", f"{cold['output_bytes'] / 2**20:.0f} MiB", "", ""),
     ]
-    header = ("measure", "value", "ratio", "target")
-    widths = [max(len(row[i]) for row in (header, *rows)) for i in range(4)]
-    fmt = "| " + " | ".join(f"{{:{w}}}" for w in widths) + " |"
-    print(fmt.format(*header))
-    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    for row in rows:
-        print(fmt.format(*row))
+    print_table(rows)
 
 
 if __name__ == "__main__":

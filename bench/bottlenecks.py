@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -23,32 +21,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-BATCH = 32
-
-
-def phase(name: str, workdir: Path, script: str | Path = __file__, **kwargs) -> dict:
-    """Run one phase of `script` (this file, or another bench) in a fresh Python; return its
-    JSON report plus its peak RSS."""
-    cmd = [sys.executable, str(script), "--phase", name, "--workdir", str(workdir)]
-    cmd += [f"--{k.replace('_', '-')}={v}" for k, v in kwargs.items()]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "IMGCLF_CACHE_DIR": str(workdir / "cache")}
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    start = time.perf_counter()
-    # TensorFlow's C++ start-up notices go to stderr whatever TF_CPP_MIN_LOG_LEVEL says:
-    # keep them out of the table, show them only when a phase fails.
-    with tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, env=env, cwd=workdir)
-        out = proc.stdout.read()
-        _, status, usage = os.wait4(proc.pid, 0)
-        if status != 0:
-            err.seek(0)
-            sys.stderr.write(err.read().decode(errors="replace"))
-            raise SystemExit(f"phase {name} failed (status {status})")
-    report = json.loads(out.decode().strip().splitlines()[-1])
-    report["wall_s"] = time.perf_counter() - start
-    report["peak_rss_gib"] = usage.ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
-    return report
-
+from bench.common import (  # noqa: E402  (needs ROOT on sys.path)
+    BATCH,
+    DEFAULT_IMAGES,
+    check_image_folder,
+    load_average,
+    phase,
+    prepare,
+    print_table,
+)
 
 # ---- phases (each runs in its own process) ------------------------------------------------
 
@@ -98,47 +79,13 @@ def run_naive(workdir: Path, images: int) -> dict:
     return {"images_per_s": images / (time.perf_counter() - start)}
 
 
-def prepare(workdir: Path, image_folder: Path) -> int:
-    """Split the folder into workdir/split (hard links) and put a backbone in workdir."""
-    from imgclf.fileio import sha256_file, write_csv
-    from imgclf.images import BadImage, inspect_image
-    from imgclf.splitting import assign_subsets, write_split_trees
-
-    rows = []
-    for path in sorted(image_folder.glob("*/*")):
-        try:
-            inspect_image(path)
-        except BadImage:
-            continue
-        rows.append(
-            {
-                "class": path.parent.name,
-                "file": f"{path.parent.name}/{path.name}",
-                "sha256": sha256_file(path),
-            }
-        )
-    subsets = assign_subsets(rows, test_fraction=0.2, seed=0, min_per_class=1)
-    split_rows = write_split_trees(rows, subsets, image_folder, workdir / "split")
-    write_csv(workdir / "split" / "manifest.csv", ["class", "file", "sha256", "subset"], split_rows)
-
-    backbone = workdir / "backbone"
-    if (ROOT / "models" / "backbone" / "backbone.json").is_file():
-        backbone.symlink_to(ROOT / "models" / "backbone")
-    else:
-        from imgclf.inception import build_backbone, save_backbone
-
-        model, source = build_backbone("tf-2015")
-        save_backbone(model, backbone, "tf-2015", source)
-    return len(rows)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
         "images",
         nargs="?",
         type=Path,
-        default=ROOT.parent / "shared" / "datasets" / "flower_photos",
+        default=DEFAULT_IMAGES,
     )
     parser.add_argument("--naive", type=int, default=48, help="images for the naive baseline")
     # As long as a good part of the stage's own run: this machine's speed drifts over minutes.
@@ -159,20 +106,19 @@ def main() -> None:
         print(json.dumps(report))
         return
 
-    if not args.images.is_dir():
-        raise SystemExit(f"{args.images} is not a folder of class folders")
+    check_image_folder(args.images)
     with tempfile.TemporaryDirectory(prefix="bench-bottlenecks-") as tmp:
         work = Path(tmp)
-        n = phase("prepare", work, source=args.images.resolve())["images"]
-        print(f"{n} images from {args.images}, batch {BATCH}, {os.cpu_count()} CPUs", flush=True)
+        n = phase("prepare", work, script=__file__, source=args.images.resolve())["images"]
+        print(f"{n} images from {args.images}, batch {BATCH}, {load_average()}", flush=True)
         r = {}
         for precision in ("float32", "bfloat16"):
             r[f"ceiling {precision}"] = phase(
-                "ceiling", work, precision=precision, ceiling_batches=args.ceiling_batches
+                "ceiling", work, __file__, precision=precision, ceiling_batches=args.ceiling_batches
             )
-            r[f"stage {precision}"] = phase("stage", work, precision=precision)
-        r["naive"] = phase("naive", work, naive=args.naive)
-        r["warm"] = phase("stage", work, precision="float32")
+            r[f"stage {precision}"] = phase("stage", work, __file__, precision=precision)
+        r["naive"] = phase("naive", work, __file__, naive=args.naive)
+        r["warm"] = phase("stage", work, __file__, precision="float32")
         assert r["warm"]["computed"] == 0
 
     ceil32, ceil16 = r["ceiling float32"]["images_per_s"], r["ceiling bfloat16"]["images_per_s"]
@@ -212,13 +158,7 @@ def main() -> None:
             "target < 3 GiB",
         ),
     ]
-    header = ("measure", "value", "ratio", "target")
-    widths = [max(len(row[i]) for row in (header, *rows)) for i in range(4)]
-    fmt = "| " + " | ".join(f"{{:{w}}}" for w in widths) + " |"
-    print(fmt.format(*header))
-    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    for row in rows:
-        print(fmt.format(*row))
+    print_table(rows)
 
 
 if __name__ == "__main__":
