@@ -129,12 +129,16 @@ class _BackboneWorker:
         }
 
 
-def _package_dirs() -> list[str]:
-    """The imgclf package the driver runs, shipped to every worker (Ray's py_modules), so the
-    actors run the driver's code even on a cluster whose image holds another version."""
+def runtime_env() -> dict[str, Any]:
+    """What every worker gets: the imgclf package the driver runs (Ray's py_modules, so the
+    actors run the driver's code even on a cluster whose image holds another version of it),
+    and TensorFlow's start-up notices silenced (they would drown the progress bar)."""
     import imgclf
 
-    return [str(Path(imgclf.__file__).parent)]
+    return {
+        "py_modules": [str(Path(imgclf.__file__).parent)],
+        "env_vars": {"TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")},
+    }
 
 
 class RayExecutor:
@@ -157,13 +161,8 @@ class RayExecutor:
             return 0.0
         start = time.perf_counter()
         o = self.options
-        runtime_env = {
-            "py_modules": _package_dirs(),
-            # The actors' TensorFlow start-up notices would drown the progress bar.
-            "env_vars": {"TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")},
-        }
         common = {
-            "runtime_env": runtime_env,
+            "runtime_env": runtime_env(),
             "log_to_driver": False,
             "logging_level": logging.WARNING,
             "configure_logging": True,
