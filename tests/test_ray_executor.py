@@ -92,23 +92,61 @@ def run(executor_name, params, items, backbone_dir, cache_root, batch_size, **kw
     return stats, cache
 
 
+BATCH = 5  # odd on purpose: 16 photos = 5 + 5 + 5 + 1, batches the Ray path must reproduce
+
+
+def write_split(split: Path, photos: list[Path]) -> None:
+    rows = []
+    for i, photo in enumerate(photos):
+        subset = "test" if i % 4 == 3 else "train"
+        file = f"{subset}/{photo.parent.name}/{photo.name}"
+        (split / file).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(photo, split / file)
+        rows.append({"class": photo.parent.name, "file": file, "sha256": sha256_file(photo)})
+        rows[-1]["subset"] = subset
+    write_csv(split / "manifest.csv", ["class", "file", "sha256", "subset"], rows)
+
+
+def stage(executor_name: str, params: dict, workdir: Path, backbone_dir: Path) -> dict:
+    """The bottlenecks stage's work with `executor_name`, its own cache under `workdir`."""
+    from stages.bottlenecks import run_bottlenecks
+
+    executor = make_executor(executor_name, params)
+    saved = os.environ.get("IMGCLF_CACHE_DIR")
+    os.environ["IMGCLF_CACHE_DIR"] = str(workdir / "cache")
+    try:
+        return run_bottlenecks(
+            split_dir=workdir.parent / "split",
+            backbone_dir=backbone_dir,
+            out_dir=workdir / "out",
+            precision="float32",
+            batch_size=BATCH,
+            executor=executor,
+        )
+    finally:
+        executor.close()
+        if saved is None:
+            del os.environ["IMGCLF_CACHE_DIR"]
+        else:
+            os.environ["IMGCLF_CACHE_DIR"] = saved
+
+
 @pytest.fixture(scope="module")
-def local_features(backbone_dir, photos, tmp_path_factory):
-    """The local executor's features of `photos`, per batch size (the reference)."""
-    done: dict[int, np.ndarray] = {}
+def local_run(backbone_dir, photos, tmp_path_factory):
+    """The reference: the stage with the local executor (outputs, and its cache's features in
+    the order of `photos`)."""
+    root = tmp_path_factory.mktemp("stage")
+    write_split(root / "split", photos)
+    stats = stage("local", PARAMS, root / "local", backbone_dir)
+    cache = FeatureCache(Path(stats["cache_dir"]).parent, Path(stats["cache_dir"]).name, dim=2048)
+    return {
+        "root": root,
+        "outputs": {p.name: p.read_bytes() for p in (root / "local" / "out").iterdir()},
+        "features": gather_features(items_of(photos), cache),
+    }
 
-    def features(batch_size: int) -> np.ndarray:
-        if batch_size not in done:
-            items = items_of(photos)
-            root = tmp_path_factory.mktemp(f"local{batch_size}")
-            _, cache = run("local", PARAMS, items, backbone_dir, root, batch_size, progress=False)
-            done[batch_size] = gather_features(items, cache)
-        return done[batch_size]
 
-    return features
-
-
-@pytest.fixture
+@pytest.fixture(scope="module")
 def cluster(ray_installed):
     """A real two-CPU Ray cluster on this machine, run by this test process, then stopped."""
     from imgclf.executors.ray_data import runtime_env
@@ -117,6 +155,7 @@ def cluster(ray_installed):
     ray.init(num_cpus=2, include_dashboard=False, runtime_env=runtime_env(), log_to_driver=False)
     yield ray
     ray.shutdown()
+    assert _descendants_named("ray::") == []  # no worker left behind
 
 
 def _descendants_named(prefix: str) -> list[int]:
@@ -144,79 +183,48 @@ def _descendants_named(prefix: str) -> list[int]:
     return found
 
 
-def test_ray_stage_gives_the_local_executors_bottlenecks_bit_for_bit(
-    ray_installed, backbone_dir, photos, tmp_path, monkeypatch, capfd
+class ActorKiller(threading.Thread):
+    """SIGKILLs one of this process's Ray actors once some entries, not all, are cached."""
+
+    def __init__(self, cache_root: Path, total: int) -> None:
+        super().__init__(daemon=True)
+        self.cache_root, self.total, self.killed = cache_root, total, []
+
+    def run(self) -> None:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            entries = len(list(self.cache_root.glob("**/*.f32")))
+            actors = _descendants_named("ray::MapWorker")
+            if entries and actors:
+                if entries < self.total:  # mid-run: some batches are still to come
+                    os.kill(actors[0], signal.SIGKILL)
+                    self.killed.append(actors[0])
+                return
+            time.sleep(0.05)
+
+
+def test_ray_stage_with_a_worker_killed_mid_run_gives_the_local_bottlenecks_bit_for_bit(
+    ray_installed, backbone_dir, local_run, capfd
 ):
     """The bottlenecks stage with executor ray (address local: the executor starts its own
-    instance and stops it) writes the same .npz bytes as with the local executor."""
-    from stages.bottlenecks import run_bottlenecks
-
-    split = tmp_path / "split"
-    rows = []
-    for i, photo in enumerate(photos):
-        subset = "test" if i % 4 == 3 else "train"
-        file = f"{subset}/{photo.parent.name}/{photo.name}"
-        (split / file).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(photo, split / file)
-        rows.append({"class": photo.parent.name, "file": file, "sha256": sha256_file(photo)})
-        rows[-1]["subset"] = subset
-    write_csv(split / "manifest.csv", ["class", "file", "sha256", "subset"], rows)
-
-    outputs = {}
-    for name in ("local", "ray"):
-        monkeypatch.setenv("IMGCLF_CACHE_DIR", str(tmp_path / f"cache-{name}"))
-        executor = make_executor(name, ray_params(actors=2, address="local"))
-        try:
-            stats = run_bottlenecks(
-                split_dir=split,
-                backbone_dir=backbone_dir,
-                out_dir=tmp_path / f"out-{name}",
-                precision="float32",
-                batch_size=5,  # odd on purpose: 16 = 5 + 5 + 5 + 1, as the local loop batches
-                executor=executor,
-            )
-        finally:
-            executor.close()
-        assert (stats["computed"], stats["cached"]) == (16, 0)
-        outputs[name] = {p.name: p.read_bytes() for p in (tmp_path / f"out-{name}").iterdir()}
-    assert outputs["ray"] == outputs["local"]  # train.npz, test.npz, classes.json
+    instance and stops it) and two actors, one SIGKILLed mid-run: Ray restarts it and reruns
+    its batch, and the stage writes the same .npz bytes as with the local executor."""
+    workdir = local_run["root"] / "ray"
+    killer = ActorKiller(workdir / "cache", total=16)
+    killer.start()
+    stats = stage("ray", ray_params(actors=2, address="local"), workdir, backbone_dir)
+    killer.join(5)
+    assert killer.killed, "no actor was killed mid-run: the test proves nothing (too fast?)"
+    assert (stats["computed"], stats["cached"]) == (16, 0)
+    outputs = {p.name: p.read_bytes() for p in (workdir / "out").iterdir()}
+    assert outputs == local_run["outputs"]  # train.npz, test.npz, classes.json
     assert "16/16" in capfd.readouterr().err  # the progress bar counted images
     assert not ray_installed.is_initialized()  # the executor stopped its instance
     assert _descendants_named("ray::") == []
 
 
-def test_a_worker_killed_mid_run_leaves_a_complete_identical_cache(
-    cluster, backbone_dir, photos, local_features, tmp_path
-):
-    items = items_of(photos)
-    cache_root = tmp_path / "cache"
-    killed: list[int] = []
-
-    def kill_one_actor_once_results_arrive() -> None:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            entries = list(cache_root.glob("k/*/*.f32"))
-            actors = _descendants_named("ray::MapWorker")
-            if entries and actors:
-                if len(entries) < len(items):  # mid-run: some batches are still to come
-                    os.kill(actors[0], signal.SIGKILL)
-                    killed.append(actors[0])
-                return
-            time.sleep(0.05)
-
-    killer = threading.Thread(target=kill_one_actor_once_results_arrive, daemon=True)
-    killer.start()
-    stats, cache = run(
-        "ray", ray_params(actors=2), items, backbone_dir, cache_root, 2, progress=False
-    )
-    killer.join(5)
-    assert killed, "no actor was killed mid-run: the test proves nothing (too fast?)"
-    assert stats["computed"] == len(items)
-    np.testing.assert_array_equal(gather_features(items, cache), local_features(2))
-
-
 def test_an_unreadable_image_is_retried_then_reported_by_name(
-    cluster, backbone_dir, photos, local_features, tmp_path
+    cluster, backbone_dir, photos, local_run, tmp_path
 ):
     bad_dir = tmp_path / "bad"
     bad_dir.mkdir()
@@ -236,8 +244,9 @@ def test_an_unreadable_image_is_retried_then_reported_by_name(
     # The three readable photos are cached (a rerun would compute only the two bad ones).
     cache = FeatureCache(cache_root, "k", dim=2048)
     assert cache.missing([it.sha256 for it in items]) == [items[3].sha256, items[4].sha256]
+    # Computed as a batch of 3 (the bad two left out), not in the local run's batch of 5.
     np.testing.assert_allclose(
-        gather_features(items[:3], cache), local_features(8)[:3], atol=1e-6, rtol=0
+        gather_features(items[:3], cache), local_run["features"][:3], atol=1e-5, rtol=0
     )
 
 
