@@ -244,6 +244,9 @@ def test_an_unreadable_image_is_retried_then_reported_by_name(
     # The three readable photos are cached (a rerun would compute only the two bad ones).
     cache = FeatureCache(cache_root, "k", dim=2048)
     assert cache.missing([it.sha256 for it in items]) == [items[3].sha256, items[4].sha256]
+    # The rerun without the two (removed, re-ingested) recomputes nothing that was done.
+    stats, _ = run("ray", ray_params(actors=1), items[:3], backbone_dir, cache_root, 8)
+    assert (stats["computed"], stats["cached"]) == (0, 3)
     # Computed as a batch of 3 (the bad two left out), not in the local run's batch of 5.
     np.testing.assert_allclose(
         gather_features(items[:3], cache), local_run["features"][:3], atol=1e-5, rtol=0
