@@ -238,7 +238,7 @@ def test_an_unreadable_image_is_retried_then_reported_by_name(
     with pytest.raises(ExtractionFailed) as info:
         run("ray", ray_params(actors=1, attempts=2), items, backbone_dir, cache_root, 8)
     message = str(info.value)
-    assert "2 of 5 images failed after 2 attempt(s)" in message, message
+    assert "2 of 5 images (bottlenecks) failed after 2 attempt(s)" in message, message
     assert str(truncated) in message and str(not_image) in message
     assert set(info.value.failures) == {str(truncated), str(not_image)}
     # The three readable photos are cached (a rerun would compute only the two bad ones).
@@ -273,11 +273,15 @@ cache = FeatureCache(out / "cache", "k", dim=3)
 stats = fill_cache([ImageItem("a", out / "a.png", "ab" * 32, 0)], tiny, cache, batch_size=2,
                    progress=False, executor=make_executor("local", params))
 assert stats["computed"] == 1, stats
+# A fully cached run with the ray executor needs no cluster: nothing is sent, Ray not imported.
+stats = fill_cache([ImageItem("a", out / "a.png", "ab" * 32, 0)], tiny, cache, batch_size=2,
+                   progress=False, executor=make_executor("ray", params))
+assert stats["computed"] == 0, stats
 print("ray imported:", any(m == "ray" or m.startswith("ray.") for m in sys.modules))
 """
 
 
-def test_the_local_path_never_imports_ray(tmp_path):
+def test_the_local_path_and_a_cached_run_never_import_ray(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"}
     proc = subprocess.run(
         [sys.executable, "-c", LOCAL_ONLY, str(tmp_path)],

@@ -68,7 +68,7 @@ class ExtractionFailed(UserError):
         more = f" and {len(failures) - len(shown)} more" if len(failures) > len(shown) else ""
         lines = "; ".join(f"{path}: {error}" for path, error in shown)
         super().__init__(
-            f"{desc}: {len(failures)} of {total} images failed after {attempts} attempt(s) "
+            f"{len(failures)} of {total} images ({desc}) failed after {attempts} attempt(s) "
             f"each: {lines}{more}. The {total - len(failures)} others are cached, so a rerun "
             "computes only these: fix or remove the files (re-run ingest), or the worker nodes' "
             "access to them"
