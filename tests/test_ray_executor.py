@@ -9,6 +9,7 @@ Skipped without Ray (`pip install -e '.[ray]'`; `make test` installs it) or with
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import shutil
 import signal
@@ -18,7 +19,6 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
 
@@ -223,34 +223,58 @@ def test_ray_stage_with_a_worker_killed_mid_run_gives_the_local_bottlenecks_bit_
     assert _descendants_named("ray::") == []
 
 
-def test_an_unreadable_image_is_retried_then_reported_by_name(
-    cluster, backbone_dir, photos, local_run, tmp_path
+def test_activations_on_ray_report_unreadable_images_by_name_and_match_local(
+    cluster, backbone_dir, photos, tmp_path
 ):
-    bad_dir = tmp_path / "bad"
-    bad_dir.mkdir()
-    truncated = bad_dir / "truncated.jpg"
-    truncated.write_bytes(photos[0].read_bytes()[:300])
-    not_image = bad_dir / "notes.jpg"
-    not_image.write_text("not a photo\n")
+    """The activations stage's work (a view, float16 entries) through a Ray actor: two
+    unreadable files are re-read, then named; the three photos are cached, the same bytes as
+    the local executor's, and a rerun without the two computes nothing."""
+    from imgclf.activations import ActivationsOptions, run_activations
+
     good = photos[:3]
-    items = items_of([*good, truncated, not_image])
-    cache_root = tmp_path / "cache"
-    with pytest.raises(ExtractionFailed) as info:
-        run("ray", ray_params(actors=1, attempts=2), items, backbone_dir, cache_root, 8)
-    message = str(info.value)
-    assert "2 of 5 images (bottlenecks) failed after 2 attempt(s)" in message, message
-    assert str(truncated) in message and str(not_image) in message
-    assert set(info.value.failures) == {str(truncated), str(not_image)}
-    # The three readable photos are cached (a rerun would compute only the two bad ones).
-    cache = FeatureCache(cache_root, "k", dim=2048)
-    assert cache.missing([it.sha256 for it in items]) == [items[3].sha256, items[4].sha256]
-    # The rerun without the two (removed, re-ingested) recomputes nothing that was done.
-    stats, _ = run("ray", ray_params(actors=1), items[:3], backbone_dir, cache_root, 8)
-    assert (stats["computed"], stats["cached"]) == (0, 3)
-    # Computed as a batch of 3 (the bad two left out), not in the local run's batch of 5.
-    np.testing.assert_allclose(
-        gather_features(items[:3], cache), local_run["features"][:3], atol=1e-5, rtol=0
+    truncated, not_image = tmp_path / "truncated.jpg", tmp_path / "notes.jpg"
+    truncated.write_bytes(good[0].read_bytes()[:300])
+    not_image.write_text("not a photo\n")
+    options = ActivationsOptions.from_params(
+        {**PARAMS["activations"], "train_views": ["flip"], "test_views": ["flip"]}
     )
+    options = dataclasses.replace(options, batch_size=5)  # one batch: the 5 files
+
+    def activations(executor: str, files: list[Path], params: dict, name: str) -> dict:
+        write_split(tmp_path / name / "split", files)
+        ex = make_executor(executor, params)
+        try:
+            return run_activations(
+                split_dir=tmp_path / name / "split",
+                backbone_dir=backbone_dir,
+                out_dir=tmp_path / name / "out",
+                cache_root=tmp_path / f"cache-{executor}",
+                options=options,
+                progress=False,
+                executor=ex,
+            )
+        finally:
+            ex.close()
+
+    with pytest.raises(ExtractionFailed) as info:
+        activations("ray", [*good, truncated, not_image], ray_params(actors=1, attempts=2), "a")
+    message = str(info.value)
+    assert "2 of 5 images (activations flip) failed after 2 attempt(s)" in message, message
+    split = tmp_path / "a" / "split"
+    assert set(info.value.failures) == {
+        str(p.resolve()) for f in ("truncated.jpg", "notes.jpg") for p in split.glob(f"*/*/{f}")
+    }
+    assert "BadImage" in message or "UnidentifiedImageError" in message, message
+
+    # Re-ingested without the two: nothing to compute on Ray, and the local executor computes
+    # the three photos as the Ray actor did (one batch of 3, the bad two left out of it).
+    rerun = activations("ray", good, ray_params(actors=1), "b")
+    assert rerun["entries"] == {"computed": 0, "cached": 3, "recomputed_bad": 0}
+    local = activations("local", good, PARAMS, "c")
+    assert local["entries"]["computed"] == 3
+    for subset in ("train.npy", "test.npy"):
+        ray_out = (tmp_path / "b" / "out" / subset).read_bytes()
+        assert ray_out == (tmp_path / "c" / "out" / subset).read_bytes(), subset
 
 
 LOCAL_ONLY = """

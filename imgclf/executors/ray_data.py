@@ -212,7 +212,10 @@ class RayExecutor:
         return ds.map_batches(
             _BackboneWorker,
             fn_constructor_kwargs={
-                "load_model": load_model,
+                # A cached loader (functools.cache: the activations stage reuses one model
+                # across views in its own process) pickles as a reference to a local name;
+                # the actors get the function itself and load the model once each.
+                "load_model": getattr(load_model, "__wrapped__", load_model),
                 "view": view,
                 "shape": cache.shape,
                 "dtype": cache.dtype.newbyteorder("=").str,
