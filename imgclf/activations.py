@@ -30,6 +30,7 @@ import numpy as np
 
 from imgclf.backbone_info import CUT_SHAPES, read_backbone_info
 from imgclf.errors import MissingInput, ParamsError
+from imgclf.executors import EXECUTORS, Executor
 from imgclf.features import (
     FeatureCache,
     ImageItem,
@@ -110,11 +111,12 @@ class ActivationsOptions:
     test_views: tuple[str, ...]
     precision: str
     batch_size: int
+    executor: str = "local"  # imgclf.executors: where the images go through the backbone
 
     @classmethod
     def from_params(cls, cfg: Mapping[str, Any], key: str = "activations") -> ActivationsOptions:
         """The `activations:` block of params.yaml, checked (cheap: builds no model)."""
-        expected = {"cut", "train_views", "test_views", "precision", "batch_size"}
+        expected = {"cut", "train_views", "test_views", "precision", "batch_size", "executor"}
         if not isinstance(cfg, Mapping):
             raise ParamsError(f"{key}: expected a mapping, got {cfg!r}")
         if unknown := sorted(set(cfg) - expected):
@@ -133,12 +135,17 @@ class ActivationsOptions:
         batch = cfg["batch_size"]
         if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
             raise ParamsError(f"{key}.batch_size: {batch!r}, expected an integer >= 1")
+        if cfg["executor"] not in EXECUTORS:
+            raise ParamsError(
+                f"{key}.executor: {cfg['executor']!r}, expected one of {list(EXECUTORS)}"
+            )
         return cls(
             cut=cfg["cut"],
             train_views=check_views(cfg["train_views"], f"{key}.train_views"),
             test_views=check_views(cfg["test_views"], f"{key}.test_views"),
             precision=cfg["precision"],
             batch_size=batch,
+            executor=cfg["executor"],
         )
 
     def views(self, subset: str) -> tuple[str, ...]:
@@ -178,11 +185,13 @@ def fill_views(
     *,
     batch_size: int,
     progress: bool = True,
+    executor: Executor | None = None,
 ) -> dict[str, Any]:
     """Fill each view's cache with the activations of its items; counts summed and per view.
 
     `load_model()` (the model up to the cut, and its preprocessing) is called at most once,
-    and only when some view has something to compute.
+    and only when some view has something to compute, by the local executor; a Ray actor pool
+    (`executor`) loads it once per actor and view.
     """
     load_once = functools.cache(load_model)
     per_view: dict[str, dict[str, float]] = {}
@@ -195,6 +204,7 @@ def fill_views(
             progress=progress,
             view=VIEWS[view],
             desc=f"activations {view}",
+            executor=executor,
         )
     totals = {
         name: sum(stats[name] for stats in per_view.values())
@@ -309,6 +319,7 @@ def run_activations(
     cache_root: Path,
     options: ActivationsOptions,
     progress: bool = True,
+    executor: Executor | None = None,
 ) -> dict[str, Any]:
     """Fill the activation cache for every subset and view, then write the outputs.
 
@@ -335,16 +346,23 @@ def run_activations(
         for view in options.views(subset):
             items_by_view[view] += items[subset]
 
+    backbone_path = backbone_dir.resolve()  # also read by Ray workers, whose cwd is not ours
+
     def load_model():
         # TensorFlow only when something is left to compute (its import alone takes seconds).
         import imgclf.quiet_tf  # noqa: F401
         from imgclf.inception import backbone_to_cut, load_backbone
 
-        backbone = load_backbone(backbone_dir, precision=options.precision)
+        backbone = load_backbone(backbone_path, precision=options.precision)
         return backbone_to_cut(backbone.model, options.cut), backbone.preprocess
 
     stats = fill_views(
-        items_by_view, caches, load_model, batch_size=options.batch_size, progress=progress
+        items_by_view,
+        caches,
+        load_model,
+        batch_size=options.batch_size,
+        progress=progress,
+        executor=executor,
     )
     output_bytes = sum(
         write_subset(out_dir, subset, items[subset], options.views(subset), caches)

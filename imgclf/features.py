@@ -13,8 +13,7 @@ import hashlib
 import io
 import math
 import os
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -27,6 +26,8 @@ from imgclf.splitting import SUBSETS
 
 if TYPE_CHECKING:
     import tensorflow as tf
+
+    from imgclf.executors import Executor
 
 _DIGEST = 32  # bytes of sha256 appended to every cache entry
 
@@ -185,22 +186,58 @@ def image_batches(
     )
 
 
+ModelLoader = Callable[[], tuple["tf.keras.Model", Callable[["tf.Tensor"], "tf.Tensor"]]]
+
+
+class FeatureExtractor:
+    """The one compute path of every executor: decode -> view -> preprocess -> model.
+
+    Built once per process that computes (the stage itself for the local executor, each actor
+    for Ray): `load_model()` runs here and the model is traced once, for every batch size.
+    """
+
+    def __init__(self, load_model: ModelLoader) -> None:
+        import tensorflow as tf
+
+        model, self.preprocess = load_model()
+
+        # One trace for every batch size (the last batch is usually short): tracing
+        # Inception V3 costs seconds.
+        @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32)])
+        def infer(images: tf.Tensor) -> tf.Tensor:
+            return tf.cast(model(images, training=False), tf.float32)
+
+        self._infer = infer
+
+    def batches(
+        self, paths: Sequence[Path], batch_size: int, view: View | None = None
+    ) -> Iterator[np.ndarray]:
+        """Features of `paths` in order, one array per batch of `batch_size` images.
+
+        The floats depend on how the images are batched (batch 1 vs 32 differ by ~1e-6), so
+        every executor computes the batches the local loop would (see imgclf/executors)."""
+        for batch in image_batches(paths, self.preprocess, batch_size, view):
+            yield self._infer(batch).numpy()
+
+
 def fill_cache(
     items: Sequence[ImageItem],
-    load_model: Callable[[], tuple[tf.keras.Model, Callable[[tf.Tensor], tf.Tensor]]],
+    load_model: ModelLoader,
     cache: FeatureCache,
     *,
     batch_size: int,
     progress: bool = True,
     view: View | None = None,
     desc: str = "bottlenecks",
+    executor: Executor | None = None,
 ) -> dict[str, float]:
     """Compute the features of every item whose content is not cached yet.
 
     `load_model()` returns the model and its preprocessing; it is only called when something
     is left to compute (building Inception V3 takes seconds). `view` transforms the decoded
-    pixels first (see `image_batches`); `cache` must then be that view's own. Each batch is
-    written as soon as it is computed, so an interrupted run resumes where it stopped.
+    pixels first (see `image_batches`); `cache` must then be that view's own. `executor`
+    (imgclf.executors, default: the local loop) computes the missing entries and writes each
+    batch to `cache` as soon as it is done, so an interrupted run resumes where it stopped.
     Returns counts and throughput.
     """
     first_path: dict[str, Path] = {}
@@ -214,34 +251,32 @@ def fill_cache(
         "recomputed_bad": cache.bad - bad_before,  # of `computed`: entries that failed a check
         "cached": len(first_path) - len(todo),
         "seconds": 0.0,
+        "startup_seconds": 0.0,
         "images_per_second": 0.0,
     }
     if not todo:
         return stats
-    # Only now: importing TensorFlow takes seconds, and a fully cached run needs none of it.
-    import tensorflow as tf
-    from tqdm import tqdm
+    if executor is None:
+        from imgclf.executors.local import LocalExecutor
 
-    model, preprocess = load_model()
-    start = time.perf_counter()
-
-    # One trace for every batch size (the last batch is usually short): tracing
-    # Inception V3 costs seconds.
-    @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32)])
-    def infer(images: tf.Tensor) -> tf.Tensor:
-        return tf.cast(model(images, training=False), tf.float32)
-
-    batches = image_batches([first_path[sha] for sha in todo], preprocess, batch_size, view)
-    with tqdm(total=len(todo), unit="img", desc=desc, disable=not progress) as bar:
-        done = 0
-        for batch in batches:
-            features = infer(batch).numpy()
-            for sha, vector in zip(todo[done : done + len(features)], features, strict=True):
-                cache.put(sha, vector)
-            done += len(features)
-            bar.update(len(features))
-    seconds = time.perf_counter() - start
-    return {**stats, "seconds": seconds, "images_per_second": len(todo) / seconds}
+        executor = LocalExecutor()
+    timing = executor.run(
+        [(sha, first_path[sha]) for sha in todo],
+        load_model,
+        cache,
+        batch_size=batch_size,
+        view=view,
+        desc=desc,
+        progress=progress,
+    )
+    # `seconds` as before: computing only, after the model (and a cluster) got ready.
+    seconds = timing["seconds"]
+    return {
+        **stats,
+        "seconds": seconds,
+        "startup_seconds": timing["startup_seconds"],
+        "images_per_second": len(todo) / seconds,
+    }
 
 
 def gather_features(

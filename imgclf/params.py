@@ -27,6 +27,8 @@ T = TypeVar("T")
 # check they equal imgclf.inception.WEIGHTS_KINDS and PRECISIONS.
 BACKBONE_WEIGHTS = ("tf-2015", "keras-imagenet")
 PRECISIONS = ("float32", "bfloat16")
+# Where feature extraction runs (imgclf/executors: EXECUTORS); a test checks they agree.
+EXECUTORS = ("local", "ray")
 
 
 # -- one value --------------------------------------------------------------------------------
@@ -99,6 +101,22 @@ def choice(options: tuple[str, ...]) -> Any:
     return field(metadata={"parse": parse, "expected": "one of " + ", ".join(options)})
 
 
+def ray_address() -> Any:
+    """`local` (a Ray instance started for the stage and stopped after it), `auto` (the cluster
+    this node belongs to, as `ray start` left it), `ray://host:port` (Ray Client) or
+    `host:port` (a head node's GCS)."""
+
+    def parse(value: Any) -> str | None:
+        if not isinstance(value, str):
+            return None
+        if value in ("local", "auto"):
+            return value
+        host, sep, port = value.removeprefix("ray://").rpartition(":")
+        return value if sep and host and port.isdigit() and 0 < int(port) < 65536 else None
+
+    return field(metadata={"parse": parse, "expected": "local, auto, ray://host:port or host:port"})
+
+
 def text() -> Any:
     def parse(value: Any) -> str | None:
         return value if isinstance(value, str) and value.strip() else None
@@ -160,6 +178,20 @@ class BottlenecksParams(Block):
     section: ClassVar[str] = "bottlenecks"
     precision: str = choice(PRECISIONS)
     batch_size: int = integer(1)
+    executor: str = choice(EXECUTORS)  # where the images go through the backbone
+
+
+@dataclass(frozen=True)
+class RayParams(Block):
+    """The `ray` executor (bottlenecks.executor or activations.executor: ray). Each actor loads
+    the backbone once and computes whole batches of the stage's batch_size, the same batches
+    as the local executor (the batch size changes the floats: see imgclf/executors/ray_data.py)."""
+
+    section: ClassVar[str] = "ray"
+    address: str = ray_address()
+    actors: int = integer(1)  # actor pool size: map_batches(concurrency=...)
+    cpus_per_actor: float = number(0, math.inf, open_low=True)
+    attempts: int = integer(1)  # per image (unreadable file) and per batch (worker lost)
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ from pathlib import Path
 # quietly, only when some activation is left to compute).
 from imgclf.activations import ActivationsOptions, describe_cut, run_activations
 from imgclf.config import cache_dir, load_params
+from imgclf.executors import make_executor
 from imgclf.fileio import write_metrics
 from imgclf.stage import stage_main
 
@@ -17,13 +18,18 @@ def main() -> None:
     params = load_params()
     paths = params["paths"]
     options = ActivationsOptions.from_params(params.get("activations"))
-    stats = run_activations(
-        split_dir=Path(paths["split"]),
-        backbone_dir=Path(paths["backbone"]),
-        out_dir=Path(paths["activations"]),
-        cache_root=cache_dir("activations"),
-        options=options,
-    )
+    executor = make_executor(options.executor, params)  # Ray is imported only if it runs
+    try:
+        stats = run_activations(
+            split_dir=Path(paths["split"]),
+            backbone_dir=Path(paths["backbone"]),
+            out_dir=Path(paths["activations"]),
+            cache_root=cache_dir("activations"),
+            options=options,
+            executor=executor,
+        )
+    finally:
+        executor.close()
     cache_dirs = stats.pop("cache_dirs")
     write_metrics(Path(paths["metrics"]) / "activations.json", stats)
     entries = stats["entries"]

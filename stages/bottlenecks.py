@@ -6,6 +6,7 @@ from pathlib import Path
 
 import imgclf.quiet_tf  # noqa: F401  (first: TensorFlow without its start-up notices)
 from imgclf.config import cache_dir, load_params
+from imgclf.executors import Executor, make_executor
 from imgclf.features import (
     FeatureCache,
     cache_key,
@@ -29,19 +30,26 @@ def run_bottlenecks(
     precision: str,
     batch_size: int,
     progress: bool = True,
+    executor: Executor | None = None,
 ) -> dict:
-    """Fill the feature cache for the split, then write one .npz per subset."""
+    """Fill the feature cache for the split, then write one .npz per subset.
+
+    `executor` computes what the cache lacks (imgclf.executors; default: in this process)."""
     classes, items = split_items(split_dir)
     info = read_backbone_info(backbone_dir)
     key = cache_key(info["sha256"], info["preprocessing"], precision)
     cache = FeatureCache(cache_dir("bottlenecks"), key, dim=info["feature_dim"])
 
+    backbone_path = backbone_dir.resolve()  # also read by Ray workers, whose cwd is not ours
+
     def load_model():
-        backbone = load_backbone(backbone_dir, precision=precision)
+        backbone = load_backbone(backbone_path, precision=precision)
         return backbone.model, backbone.preprocess
 
     every_item = [item for subset in SUBSETS for item in items[subset]]
-    stats = fill_cache(every_item, load_model, cache, batch_size=batch_size, progress=progress)
+    stats = fill_cache(
+        every_item, load_model, cache, batch_size=batch_size, progress=progress, executor=executor
+    )
     for subset in SUBSETS:
         features = gather_features(items[subset], cache)
         save_bottlenecks(out_dir / f"{subset}.npz", items[subset], features)
@@ -59,13 +67,18 @@ def run_bottlenecks(
 def main() -> None:
     params = load_params()
     paths, cfg = params["paths"], BottlenecksParams.from_params(params)
-    stats = run_bottlenecks(
-        split_dir=Path(paths["split"]),
-        backbone_dir=Path(paths["backbone"]),
-        out_dir=Path(paths["bottlenecks"]),
-        precision=cfg.precision,
-        batch_size=cfg.batch_size,
-    )
+    executor = make_executor(cfg.executor, params)
+    try:
+        stats = run_bottlenecks(
+            split_dir=Path(paths["split"]),
+            backbone_dir=Path(paths["backbone"]),
+            out_dir=Path(paths["bottlenecks"]),
+            precision=cfg.precision,
+            batch_size=cfg.batch_size,
+            executor=executor,
+        )
+    finally:
+        executor.close()
     write_metrics(
         Path(paths["metrics"]) / "bottlenecks.json",
         {
@@ -84,7 +97,8 @@ def main() -> None:
     )
     print(
         f"bottlenecks: {stats['computed']} computed{recomputed}, {stats['cached']} from the "
-        f"cache ({stats['cache_dir']}); {stats['images_per_second']:.1f} images/s"
+        f"cache ({stats['cache_dir']}); {stats['images_per_second']:.1f} images/s "
+        f"({cfg.executor} executor)"
     )
 
 

@@ -127,6 +127,7 @@ PARAMS = {
     "test_views": ["orig"],
     "precision": "float32",
     "batch_size": 32,
+    "executor": "local",
 }
 
 
@@ -145,6 +146,10 @@ def test_options_from_params():
         ({"cut": "mixed_8.tower.conv"}, r"activations\.cut: .* expected one of \['mixed'"),
         ({"precision": "float16"}, r"activations\.precision"),
         ({"batch_size": 0}, r"activations\.batch_size"),
+        (
+            {"executor": "spark"},
+            r"activations\.executor: 'spark', expected one of \['local', 'ray'\]",
+        ),
         ({"views": ["orig"]}, r"unknown key\(s\) \['views'\]"),
     ],
 )

@@ -17,6 +17,7 @@ PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
 BLOCKS = [
     P.BackboneParams,
     P.BottlenecksParams,
+    P.RayParams,
     P.HeadsParams,
     P.TrainTfParams,
     P.TrainKerasParams,
@@ -71,6 +72,11 @@ def test_the_repository_params_parse_completely(block):
             "expected one of float32, bfloat16, found 'fp16'.",
         ),
         (P.BackboneParams, "weights", "imagenet", "expected one of tf-2015, keras-imagenet"),
+        (P.BottlenecksParams, "executor", "spark", "expected one of local, ray, found 'spark'."),
+        (P.RayParams, "address", "localhost", "expected local, auto, ray://host:port or host:port"),
+        (P.RayParams, "address", "ray://head:port", "found 'ray://head:port'."),
+        (P.RayParams, "actors", 0, "ray.actors: expected a positive integer, found 0."),
+        (P.RayParams, "cpus_per_actor", 0, "ray.cpus_per_actor: expected a positive number"),
     ],
 )
 def test_bad_values_name_the_key(block, key, value, message):
@@ -98,6 +104,17 @@ def test_missing_and_unknown_keys_are_errors():
         P.TrainTfParams.from_params(with_value("train_tf", "learning_rat", 0.1))
     with pytest.raises(ParamsError, match=r"params\.yaml: evaluate: expected a block of"):
         P.EvaluateParams.from_params({"paths": {}})
+
+
+@pytest.mark.parametrize("address", ["local", "auto", "ray://10.0.0.5:10001", "head:6379"])
+def test_ray_addresses(address):
+    assert P.RayParams.from_params(with_value("ray", "address", address)).address == address
+
+
+def test_executor_choices_agree_with_the_registry():
+    from imgclf.executors import EXECUTORS
+
+    assert tuple(EXECUTORS) == P.EXECUTORS
 
 
 def test_choices_agree_with_the_backbone_module():
