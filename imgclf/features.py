@@ -17,12 +17,13 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from imgclf.fileio import atomic_write_bytes, read_csv
 from imgclf.images import load_rgb
+from imgclf.runtimes import Runtime
 from imgclf.splitting import SUBSETS
 
 if TYPE_CHECKING:
@@ -185,9 +186,19 @@ def image_batches(
     )
 
 
+def as_runtime(model: Any) -> Runtime:
+    """A runtime as it is; a Keras model wrapped in the TensorFlow runtime (float32 or whatever
+    policy it was built with)."""
+    if isinstance(model, Runtime):
+        return model
+    from imgclf.runtimes.tensorflow import TensorFlowRuntime
+
+    return TensorFlowRuntime(model)
+
+
 def fill_cache(
     items: Sequence[ImageItem],
-    load_model: Callable[[], tuple[tf.keras.Model, Callable[[tf.Tensor], tf.Tensor]]],
+    load_model: Callable[[], tuple[Runtime | tf.keras.Model, Callable[[tf.Tensor], tf.Tensor]]],
     cache: FeatureCache,
     *,
     batch_size: int,
@@ -197,10 +208,11 @@ def fill_cache(
 ) -> dict[str, float]:
     """Compute the features of every item whose content is not cached yet.
 
-    `load_model()` returns the model and its preprocessing; it is only called when something
-    is left to compute (building Inception V3 takes seconds). `view` transforms the decoded
-    pixels first (see `image_batches`); `cache` must then be that view's own. Each batch is
-    written as soon as it is computed, so an interrupted run resumes where it stopped.
+    `load_model()` returns the runtime (imgclf.runtimes: anything with `predict(batch)`; a
+    Keras model runs as the TensorFlow runtime) and its preprocessing; it is only called when
+    something is left to compute (building Inception V3 takes seconds). `view` transforms the
+    decoded pixels first (see `image_batches`); `cache` must then be that view's own. Each batch
+    is written as soon as it is computed, so an interrupted run resumes where it stopped.
     Returns counts and throughput.
     """
     first_path: dict[str, Path] = {}
@@ -219,23 +231,17 @@ def fill_cache(
     if not todo:
         return stats
     # Only now: importing TensorFlow takes seconds, and a fully cached run needs none of it.
-    import tensorflow as tf
     from tqdm import tqdm
 
     model, preprocess = load_model()
+    runtime = as_runtime(model)
     start = time.perf_counter()
-
-    # One trace for every batch size (the last batch is usually short): tracing
-    # Inception V3 costs seconds.
-    @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32)])
-    def infer(images: tf.Tensor) -> tf.Tensor:
-        return tf.cast(model(images, training=False), tf.float32)
 
     batches = image_batches([first_path[sha] for sha in todo], preprocess, batch_size, view)
     with tqdm(total=len(todo), unit="img", desc=desc, disable=not progress) as bar:
         done = 0
         for batch in batches:
-            features = infer(batch).numpy()
+            features = runtime.predict(batch)
             for sha, vector in zip(todo[done : done + len(features)], features, strict=True):
                 cache.put(sha, vector)
             done += len(features)
