@@ -33,7 +33,7 @@ endif
 $(BIN)/activate: pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet -e ".[dev,openvino]"
 	touch $(BIN)/activate
 
 # Built once; without the npm registry it is skipped (DVC's CDN page remains) and retried later.
@@ -71,6 +71,7 @@ lint: setup
 
 bench: setup
 	$(BIN)/python bench/bottlenecks.py
+	$(BIN)/python bench/runtimes.py
 
 # MLflow 3 opens an experiment in its GenAI view; the printed link opens the runs, model-training view.
 UI_PORT ?= 5000
