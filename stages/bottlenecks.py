@@ -126,9 +126,9 @@ def main() -> None:
         else ""
     )
     print(
-        f"bottlenecks ({cfg.runtime} {cfg.precision}): {stats['computed']} computed{recomputed}, "
-        f"{stats['cached']} from the cache ({stats['cache_dir']}); "
-        f"{stats['images_per_second']:.1f} images/s"
+        f"bottlenecks: {stats['computed']} computed{recomputed}, {stats['cached']} from the "
+        f"cache ({stats['cache_dir']}); {stats['images_per_second']:.1f} images/s "
+        f"({cfg.runtime} {cfg.precision})"
     )
 
 

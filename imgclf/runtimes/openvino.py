@@ -196,7 +196,9 @@ class OpenVINORuntime:
             "runtime": self.name,
             "precision": self.precision,
             "openvino": ov.__version__,
-            "inference_precision": _type_name(self.compiled.get_property("INFERENCE_PRECISION_HINT")),
+            "inference_precision": _type_name(
+                self.compiled.get_property("INFERENCE_PRECISION_HINT")
+            ),
             "streams": self.requests,
             "model_dir": str(self.folder),
         }
