@@ -33,7 +33,7 @@ endif
 $(BIN)/activate: pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet -e ".[dev,openvino]"
 	touch $(BIN)/activate
 
 # Ray, the optional extra `.[ray]` of the `ray` executor (README, "Feature extraction on Ray"):
@@ -82,6 +82,7 @@ lint: setup
 
 bench: setup
 	$(BIN)/python bench/bottlenecks.py
+	$(BIN)/python bench/runtimes.py
 
 bench-ray: setup $(RAY_STAMP)
 	$(BIN)/python bench/ray_executor.py

@@ -40,11 +40,12 @@ from imgclf.features import (
     gather_features,
     split_items,
 )
-from imgclf.fileio import atomic_write_bytes
+from imgclf.fileio import atomic_write_bytes, read_json, write_json
+from imgclf.params import check_runtime
+from imgclf.runtime_setup import RuntimeSetup
 from imgclf.splitting import SUBSETS
 
 STORAGE_DTYPE = "float16"
-PRECISIONS = ("float32", "bfloat16")
 
 
 # --------------------------------------------------------------------------------------------
@@ -109,6 +110,7 @@ class ActivationsOptions:
     cut: str
     train_views: tuple[str, ...]
     test_views: tuple[str, ...]
+    runtime: str
     precision: str
     batch_size: int
     executor: str = "local"  # imgclf.executors: where the images go through the backbone
@@ -116,7 +118,8 @@ class ActivationsOptions:
     @classmethod
     def from_params(cls, cfg: Mapping[str, Any], key: str = "activations") -> ActivationsOptions:
         """The `activations:` block of params.yaml, checked (cheap: builds no model)."""
-        expected = {"cut", "train_views", "test_views", "precision", "batch_size", "executor"}
+        expected = {"cut", "train_views", "test_views", "runtime", "precision", "batch_size",
+                    "executor"}  # fmt: skip
         if not isinstance(cfg, Mapping):
             raise ParamsError(f"{key}: expected a mapping, got {cfg!r}")
         if unknown := sorted(set(cfg) - expected):
@@ -128,10 +131,7 @@ class ActivationsOptions:
                 f"{key}.cut: {cfg['cut']!r} is not a block output of Inception V3; "
                 f"expected one of {list(CUT_SHAPES)}"
             )
-        if cfg["precision"] not in PRECISIONS:
-            raise ParamsError(
-                f"{key}.precision: {cfg['precision']!r}, expected one of {PRECISIONS}"
-            )
+        check_runtime(cfg["runtime"], cfg["precision"], key)
         batch = cfg["batch_size"]
         if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
             raise ParamsError(f"{key}.batch_size: {batch!r}, expected an integer >= 1")
@@ -143,6 +143,7 @@ class ActivationsOptions:
             cut=cfg["cut"],
             train_views=check_views(cfg["train_views"], f"{key}.train_views"),
             test_views=check_views(cfg["test_views"], f"{key}.test_views"),
+            runtime=cfg["runtime"],
             precision=cfg["precision"],
             batch_size=batch,
             executor=cfg["executor"],
@@ -168,8 +169,10 @@ def activation_cache(
 ) -> FeatureCache:
     """The cache folder of one view: `<bottleneck key>-<cut>-<view>/`, float16 entries.
 
-    Entries are bound to the folder's key as well as to the image: the views of one image
-    have the same shape, so only the checksum can tell an entry moved across views.
+    `precision` is the feature tag (imgclf.runtimes.feature_tag: the precision alone for
+    tensorflow, e.g. `openvino-int8-<calibration digest>` otherwise). Entries are bound to the
+    folder's key as well as to the image: the views of one image have the same shape, so only
+    the checksum can tell an entry moved across views.
     """
     key = f"{cache_key(backbone_sha256, preprocessing, precision)}-{cut}-{view}"
     return FeatureCache(root, key, shape=shape, dtype=STORAGE_DTYPE, bind_key=True)
@@ -318,23 +321,39 @@ def run_activations(
     out_dir: Path,
     cache_root: Path,
     options: ActivationsOptions,
+    calibration_images: int = 288,
+    fidelity_images: int = 20,
     progress: bool = True,
     executor: Executor | None = None,
 ) -> dict[str, Any]:
-    """Fill the activation cache for every subset and view, then write the outputs.
+    """Fill the activation cache for every subset and view (with options.runtime at
+    options.precision, held to its fidelity gate first), then write the outputs.
 
-    Returns the numbers of metrics/activations.json (plus `cache_dirs`, for the message).
+    Returns the numbers of metrics/activations.json (plus `cache_dirs`, for the message, and
+    `runtime`: what computed them and the fidelity it measured).
     """
     start = time.perf_counter()
     _, items = split_items(split_dir)
     info = read_backbone_info(backbone_dir)
+    setup = RuntimeSetup(
+        runtime=options.runtime,
+        precision=options.precision,
+        section="activations",
+        kind="activations",
+        backbone_info=info,
+        cut=options.cut,
+        train_items=items["train"],
+        calibration_images=calibration_images,
+        fidelity_images=fidelity_images,
+        batch_size=options.batch_size,
+    )
     views = sorted({view for subset in SUBSETS for view in options.views(subset)})
     caches = {
         view: activation_cache(
             cache_root,
             backbone_sha256=info["sha256"],
             preprocessing=info["preprocessing"],
-            precision=options.precision,
+            precision=setup.feature_tag,
             cut=options.cut,
             view=view,
             shape=CUT_SHAPES[options.cut],
@@ -347,14 +366,29 @@ def run_activations(
             items_by_view[view] += items[subset]
 
     backbone_path = backbone_dir.resolve()  # also read by Ray workers, whose cwd is not ours
+    # The gate the cached activations passed, beside the first view's folder: a fully cached
+    # rerun reports it without computing anything, and a Ray run (whose workers build the
+    # runtime and pass the gate) reports it from there too.
+    fidelity_file = caches[views[0]].dir.with_name(caches[views[0]].dir.name + ".fidelity.json")
+    report: dict[str, Any] = {}
 
     def load_model():
         # TensorFlow only when something is left to compute (its import alone takes seconds).
         import imgclf.quiet_tf  # noqa: F401
-        from imgclf.inception import backbone_to_cut, load_backbone
+        from imgclf.inception import PREPROCESSORS, backbone_to_cut, load_backbone
 
-        backbone = load_backbone(backbone_path, precision=options.precision)
-        return backbone_to_cut(backbone.model, options.cut), backbone.preprocess
+        models: dict[str, Any] = {}
+
+        def build(precision: str) -> Any:
+            if precision not in models:
+                models[precision] = load_backbone(backbone_path, precision=precision)
+            return backbone_to_cut(models[precision].model, options.cut)
+
+        preprocess = PREPROCESSORS[info["weights"]]  # the same for every runtime
+        runtime, described = setup.make(build_model=build, preprocess=preprocess)
+        report.update(described)
+        write_json(fidelity_file, described)
+        return runtime, preprocess
 
     stats = fill_views(
         items_by_view,
@@ -364,6 +398,8 @@ def run_activations(
         progress=progress,
         executor=executor,
     )
+    if not report and fidelity_file.is_file():
+        report = read_json(fidelity_file)
     output_bytes = sum(
         write_subset(out_dir, subset, items[subset], options.views(subset), caches)
         for subset in SUBSETS
@@ -383,6 +419,7 @@ def run_activations(
         "output_bytes": output_bytes,
         "peak_rss_bytes": peak_rss_bytes(),
         "cache_dirs": [str(cache.dir) for cache in caches.values()],
+        "runtime": report,
     }
 
 

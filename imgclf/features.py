@@ -16,12 +16,13 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from imgclf.fileio import atomic_write_bytes, read_csv
 from imgclf.images import load_rgb
+from imgclf.runtimes import Runtime
 from imgclf.splitting import SUBSETS
 
 if TYPE_CHECKING:
@@ -186,28 +187,30 @@ def image_batches(
     )
 
 
-ModelLoader = Callable[[], tuple["tf.keras.Model", Callable[["tf.Tensor"], "tf.Tensor"]]]
+ModelLoader = Callable[[], tuple[Any, Callable[["tf.Tensor"], "tf.Tensor"]]]
+
+
+def as_runtime(model: Any) -> Runtime:
+    """A runtime as it is; a Keras model wrapped in the TensorFlow runtime (float32 or whatever
+    policy it was built with)."""
+    if isinstance(model, Runtime):
+        return model
+    from imgclf.runtimes.tensorflow import TensorFlowRuntime
+
+    return TensorFlowRuntime(model)
 
 
 class FeatureExtractor:
-    """The one compute path of every executor: decode -> view -> preprocess -> model.
+    """The one compute path of every executor: decode -> view -> preprocess -> runtime.
 
     Built once per process that computes (the stage itself for the local executor, each actor
-    for Ray): `load_model()` runs here and the model is traced once, for every batch size.
+    for Ray): `load_model()` runs here and returns a runtime (imgclf.runtimes; a Keras model
+    runs as the TensorFlow runtime, traced once for every batch size) and its preprocessing.
     """
 
     def __init__(self, load_model: ModelLoader) -> None:
-        import tensorflow as tf
-
         model, self.preprocess = load_model()
-
-        # One trace for every batch size (the last batch is usually short): tracing
-        # Inception V3 costs seconds.
-        @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32)])
-        def infer(images: tf.Tensor) -> tf.Tensor:
-            return tf.cast(model(images, training=False), tf.float32)
-
-        self._infer = infer
+        self.runtime = as_runtime(model)
 
     def batches(
         self, paths: Sequence[Path], batch_size: int, view: View | None = None
@@ -217,7 +220,7 @@ class FeatureExtractor:
         The floats depend on how the images are batched (batch 1 vs 32 differ by ~1e-6), so
         every executor computes the batches the local loop would (see imgclf/executors)."""
         for batch in image_batches(paths, self.preprocess, batch_size, view):
-            yield self._infer(batch).numpy()
+            yield self.runtime.predict(batch)
 
 
 def fill_cache(
@@ -233,9 +236,10 @@ def fill_cache(
 ) -> dict[str, float]:
     """Compute the features of every item whose content is not cached yet.
 
-    `load_model()` returns the model and its preprocessing; it is only called when something
-    is left to compute (building Inception V3 takes seconds). `view` transforms the decoded
-    pixels first (see `image_batches`); `cache` must then be that view's own. `executor`
+    `load_model()` returns the runtime (imgclf.runtimes: anything with `predict(batch)`; a
+    Keras model runs as the TensorFlow runtime) and its preprocessing; it is only called when
+    something is left to compute (building Inception V3 takes seconds). `view` transforms the
+    decoded pixels first (see `image_batches`); `cache` must then be that view's own. `executor`
     (imgclf.executors, default: the local loop) computes the missing entries and writes each
     batch to `cache` as soon as it is done, so an interrupted run resumes where it stopped.
     Returns counts and throughput.

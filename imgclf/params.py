@@ -26,7 +26,39 @@ T = TypeVar("T")
 # Kept here rather than imported so that reading params does not load TensorFlow; the tests
 # check they equal imgclf.inception.WEIGHTS_KINDS and PRECISIONS.
 BACKBONE_WEIGHTS = ("tf-2015", "keras-imagenet")
-PRECISIONS = ("float32", "bfloat16")
+PRECISIONS = ("float32", "bfloat16")  # TensorFlow's
+# The runtimes of imgclf/runtimes/ (RUNTIMES) and the precisions each offers; kept here too so
+# that checking params imports neither TensorFlow nor that package (the tests check they agree).
+RUNTIME_PRECISIONS: dict[str, tuple[str, ...]] = {
+    "tensorflow": PRECISIONS,
+    "openvino": ("float32", "bfloat16", "int8"),
+}
+ALL_PRECISIONS = ("float32", "bfloat16", "int8")
+
+
+def check_runtime(runtime: str, precision: str, section: str) -> None:
+    """ParamsError unless `runtime` exists and offers `precision` (`section`: the block)."""
+    if runtime not in RUNTIME_PRECISIONS:
+        raise ParamsError(
+            f"{section}.runtime",
+            expected="one of " + ", ".join(RUNTIME_PRECISIONS),
+            found=repr(runtime),
+        )
+    offered = RUNTIME_PRECISIONS[runtime]
+    if precision not in offered:
+        others = [name for name, offers in RUNTIME_PRECISIONS.items() if precision in offers]
+        raise ParamsError(
+            f"{section}.precision",
+            expected=f"one of {', '.join(offered)} with {section}.runtime={runtime}",
+            found=repr(precision),
+            todo=(
+                f"{precision} is offered by {section}.runtime: {', '.join(others)}; set that too."
+                if others
+                else None
+            ),
+        )
+
+
 # Where feature extraction runs (imgclf/executors: EXECUTORS); a test checks they agree.
 EXECUTORS = ("local", "ray")
 
@@ -175,10 +207,17 @@ class BackboneParams(Block):
 
 @dataclass(frozen=True)
 class BottlenecksParams(Block):
+    """What computes the features (`runtime`, imgclf/runtimes/) at which `precision`: int8 only
+    with a runtime that offers it (openvino), a ParamsError otherwise."""
+
     section: ClassVar[str] = "bottlenecks"
-    precision: str = choice(PRECISIONS)
+    runtime: str = choice(tuple(RUNTIME_PRECISIONS))
+    precision: str = choice(ALL_PRECISIONS)
     batch_size: int = integer(1)
     executor: str = choice(EXECUTORS)  # where the images go through the backbone
+
+    def __post_init__(self) -> None:
+        check_runtime(self.runtime, self.precision, self.section)
 
 
 @dataclass(frozen=True)
@@ -192,6 +231,16 @@ class RayParams(Block):
     actors: int = integer(1)  # actor pool size: map_batches(concurrency=...)
     cpus_per_actor: float = number(0, math.inf, open_low=True)
     attempts: int = integer(1)  # per image (unreadable file) and per batch (worker lost)
+
+
+@dataclass(frozen=True)
+class RuntimesParams(Block):
+    """How a runtime/precision other than TensorFlow float32 is prepared and checked, for the
+    bottlenecks and activations stages alike."""
+
+    section: ClassVar[str] = "runtimes"
+    calibration_images: int = integer(1)  # int8: train images NNCF calibrates on
+    fidelity_images: int = integer(2)  # train images compared with TF float32 before a run
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from imgclf.activations import ActivationsOptions, describe_cut, run_activations
 from imgclf.config import cache_dir, load_params
 from imgclf.executors import make_executor
 from imgclf.fileio import write_metrics
+from imgclf.params import RuntimesParams
 from imgclf.stage import stage_main
 
 
@@ -18,6 +19,7 @@ def main() -> None:
     params = load_params()
     paths = params["paths"]
     options = ActivationsOptions.from_params(params.get("activations"))
+    checks = RuntimesParams.from_params(params)
     executor = make_executor(options.executor, params)  # Ray is imported only if it runs
     try:
         stats = run_activations(
@@ -26,11 +28,19 @@ def main() -> None:
             out_dir=Path(paths["activations"]),
             cache_root=cache_dir("activations"),
             options=options,
+            calibration_images=checks.calibration_images,
+            fidelity_images=checks.fidelity_images,
             executor=executor,
         )
     finally:
         executor.close()
     cache_dirs = stats.pop("cache_dirs")
+    described = stats.pop("runtime")
+    fidelity = described.pop("fidelity", None)
+    stats["runtime"] = options.runtime
+    stats["precision"] = options.precision
+    stats["fidelity"] = fidelity if fidelity is not None else "not measured"
+    stats["runtime_info"] = described
     write_metrics(Path(paths["metrics"]) / "activations.json", stats)
     entries = stats["entries"]
     bad = entries["recomputed_bad"]
@@ -44,7 +54,8 @@ def main() -> None:
         f"activations at {describe_cut(options.cut)}: {entries['computed']} entries computed"
         f"{recomputed}, {entries['cached']} from the cache "
         f"({stats['cache_bytes'] / 2**20:.0f} MiB in {len(cache_dirs)} view folders under "
-        f"{Path(cache_dirs[0]).parent}); {stats['entries_per_second']:.1f} entries/s; outputs "
+        f"{Path(cache_dirs[0]).parent}); {stats['entries_per_second']:.1f} entries/s "
+        f"({options.runtime} {options.precision}); outputs "
         f"{stats['output_bytes'] / 2**20:.0f} MiB; peak RSS {stats['peak_rss_bytes'] / 2**30:.2f} "
         "GiB"
     )

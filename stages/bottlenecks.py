@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import imgclf.quiet_tf  # noqa: F401  (first: TensorFlow without its start-up notices)
 from imgclf.config import cache_dir, load_params
@@ -15,11 +16,14 @@ from imgclf.features import (
     save_bottlenecks,
     split_items,
 )
-from imgclf.fileio import write_json, write_metrics
+from imgclf.fileio import read_json, write_json, write_metrics
 from imgclf.inception import load_backbone, read_backbone_info
-from imgclf.params import BottlenecksParams
+from imgclf.params import BottlenecksParams, RuntimesParams
+from imgclf.runtime_setup import RuntimeSetup
 from imgclf.splitting import SUBSETS
 from imgclf.stage import stage_main
+
+FIDELITY_FILE = "fidelity.json"  # in the cache folder: the gate its features passed
 
 
 def run_bottlenecks(
@@ -29,27 +33,60 @@ def run_bottlenecks(
     out_dir: Path,
     precision: str,
     batch_size: int,
+    runtime: str = "tensorflow",
+    calibration_images: int = 288,
+    fidelity_images: int = 20,
     progress: bool = True,
     executor: Executor | None = None,
 ) -> dict:
-    """Fill the feature cache for the split, then write one .npz per subset.
+    """Fill the feature cache for the split (with `runtime` at `precision`, held to its
+    fidelity gate first), then write one .npz per subset.
 
     `executor` computes what the cache lacks (imgclf.executors; default: in this process)."""
     classes, items = split_items(split_dir)
     info = read_backbone_info(backbone_dir)
-    key = cache_key(info["sha256"], info["preprocessing"], precision)
+    setup = RuntimeSetup(
+        runtime=runtime,
+        precision=precision,
+        section="bottlenecks",
+        kind="features",
+        backbone_info=info,
+        cut=None,
+        train_items=items["train"],
+        calibration_images=calibration_images,
+        fidelity_images=fidelity_images,
+        batch_size=batch_size,
+    )
+    key = cache_key(info["sha256"], info["preprocessing"], setup.feature_tag)
     cache = FeatureCache(cache_dir("bottlenecks"), key, dim=info["feature_dim"])
 
     backbone_path = backbone_dir.resolve()  # also read by Ray workers, whose cwd is not ours
+    report: dict[str, Any] = {}
 
     def load_model():
-        backbone = load_backbone(backbone_path, precision=precision)
-        return backbone.model, backbone.preprocess
+        # Runs where the images are computed: here, or in each Ray actor (so no functools
+        # cache of a local function: it would not pickle).
+        backbones: dict[str, Any] = {}
+
+        def backbone(model_precision: str) -> Any:
+            if model_precision not in backbones:
+                backbones[model_precision] = load_backbone(backbone_path, precision=model_precision)
+            return backbones[model_precision]
+
+        made, described = setup.make(
+            build_model=lambda p: backbone(p).model, preprocess=backbone("float32").preprocess
+        )
+        report.update(described)
+        write_json(cache.dir / FIDELITY_FILE, described)  # a later, fully cached run reads it
+        return made, backbone("float32").preprocess
 
     every_item = [item for subset in SUBSETS for item in items[subset]]
     stats = fill_cache(
         every_item, load_model, cache, batch_size=batch_size, progress=progress, executor=executor
     )
+    # A Ray run's actors passed the gate and wrote it; so did an earlier run of a cached one.
+    if not report and (cache.dir / FIDELITY_FILE).is_file():
+        report = read_json(cache.dir / FIDELITY_FILE)
     for subset in SUBSETS:
         features = gather_features(items[subset], cache)
         save_bottlenecks(out_dir / f"{subset}.npz", items[subset], features)
@@ -60,6 +97,7 @@ def run_bottlenecks(
         "images": {subset: len(items[subset]) for subset in SUBSETS},
         "feature_dim": cache.dim,
         "backbone_sha256": info["sha256"],
+        "runtime": report,
     }
 
 
@@ -67,6 +105,7 @@ def run_bottlenecks(
 def main() -> None:
     params = load_params()
     paths, cfg = params["paths"], BottlenecksParams.from_params(params)
+    checks = RuntimesParams.from_params(params)
     executor = make_executor(cfg.executor, params)
     try:
         stats = run_bottlenecks(
@@ -75,17 +114,25 @@ def main() -> None:
             out_dir=Path(paths["bottlenecks"]),
             precision=cfg.precision,
             batch_size=cfg.batch_size,
+            runtime=cfg.runtime,
+            calibration_images=checks.calibration_images,
+            fidelity_images=checks.fidelity_images,
             executor=executor,
         )
     finally:
         executor.close()
+    fidelity = stats["runtime"].get("fidelity")
     write_metrics(
         Path(paths["metrics"]) / "bottlenecks.json",
         {
             "images": stats["images"],
             "feature_dim": stats["feature_dim"],
+            "runtime": cfg.runtime,
             "precision": cfg.precision,
             "backbone_sha256": stats["backbone_sha256"],
+            # The gate these features passed (numbers: metrics), or "reference" for TF float32.
+            "fidelity": fidelity if fidelity is not None else "not measured",
+            "runtime_info": {k: v for k, v in stats["runtime"].items() if k != "fidelity"},
         },
     )
     bad = stats["recomputed_bad"]
@@ -98,7 +145,7 @@ def main() -> None:
     print(
         f"bottlenecks: {stats['computed']} computed{recomputed}, {stats['cached']} from the "
         f"cache ({stats['cache_dir']}); {stats['images_per_second']:.1f} images/s "
-        f"({cfg.executor} executor)"
+        f"({cfg.runtime} {cfg.precision}, {cfg.executor} executor)"
     )
 
 

@@ -125,6 +125,7 @@ PARAMS = {
     "cut": "mixed_8",
     "train_views": ["orig", "flip"],
     "test_views": ["orig"],
+    "runtime": "tensorflow",
     "precision": "float32",
     "batch_size": 32,
     "executor": "local",
@@ -145,6 +146,8 @@ def test_options_from_params():
         ({"train_views": ["flip", "flip"]}, r"listed twice"),
         ({"cut": "mixed_8.tower.conv"}, r"activations\.cut: .* expected one of \['mixed'"),
         ({"precision": "float16"}, r"activations\.precision"),
+        ({"precision": "int8"}, r"activations\.precision: .*with activations\.runtime=tensorflow"),
+        ({"runtime": "onnx"}, r"activations\.runtime: expected one of tensorflow, openvino"),
         ({"batch_size": 0}, r"activations\.batch_size"),
         (
             {"executor": "spark"},

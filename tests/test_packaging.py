@@ -15,3 +15,11 @@ def test_license_is_an_spdx_string_for_a_setuptools_that_reads_it():
     assert meta["project"]["license"] == "Apache-2.0"
     (requirement,) = [r for r in meta["build-system"]["requires"] if r.startswith("setuptools")]
     assert int(re.search(r">=\s*(\d+)", requirement).group(1)) >= 77
+
+
+def test_make_installs_the_openvino_extra_the_fidelity_tests_need():
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    extra = meta["project"]["optional-dependencies"]["openvino"]
+    assert {re.match(r"[\w-]+", r).group(0) for r in extra} == {"openvino", "nncf"}
+    # `make test` (and so CI) must run tests/test_runtimes.py rather than skip it.
+    assert '-e ".[dev,openvino]"' in (ROOT / "Makefile").read_text()

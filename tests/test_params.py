@@ -69,7 +69,7 @@ def test_the_repository_params_parse_completely(block):
             P.BottlenecksParams,
             "precision",
             "fp16",
-            "expected one of float32, bfloat16, found 'fp16'.",
+            "expected one of float32, bfloat16, int8, found 'fp16'.",
         ),
         (P.BackboneParams, "weights", "imagenet", "expected one of tf-2015, keras-imagenet"),
         (P.BottlenecksParams, "executor", "spark", "expected one of local, ray, found 'spark'."),
@@ -122,6 +122,27 @@ def test_choices_agree_with_the_backbone_module():
 
     assert P.BACKBONE_WEIGHTS == inception.WEIGHTS_KINDS
     assert set(P.PRECISIONS) == set(inception.PRECISIONS)
+
+
+def test_runtime_choices_agree_with_the_runtime_registry():
+    from imgclf.runtimes import RUNTIMES
+
+    assert {name: spec.precisions for name, spec in RUNTIMES.items()} == P.RUNTIME_PRECISIONS
+    assert set(P.ALL_PRECISIONS) == {p for spec in RUNTIMES.values() for p in spec.precisions}
+
+
+def test_int8_needs_a_runtime_that_offers_it():
+    params = with_value("bottlenecks", "precision", "int8")
+    with pytest.raises(ParamsError) as info:
+        P.BottlenecksParams.from_params(params)
+    text = str(info.value)
+    assert text.startswith("params.yaml: bottlenecks.precision: expected one of float32, bfloat16")
+    assert "with bottlenecks.runtime=tensorflow, found 'int8'" in text
+    assert "offered by bottlenecks.runtime: openvino" in text
+    params["bottlenecks"]["runtime"] = "openvino"
+    assert P.BottlenecksParams.from_params(params).precision == "int8"
+    with pytest.raises(ParamsError, match=r"bottlenecks\.runtime: expected one of tensorflow, "):
+        P.BottlenecksParams.from_params(with_value("bottlenecks", "runtime", "onnx"))
 
 
 @pytest.mark.slow

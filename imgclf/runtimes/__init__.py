@@ -1,0 +1,130 @@
+"""Runtimes: what computes the backbone's features (the bottlenecks stage) and the activations at
+a cut (the activations stage). Where that runs (this process, a cluster) is another axis.
+
+A runtime object has one method that matters, `predict(batch) -> np.ndarray`: a float32 batch
+[N, 299, 299, 3], already decoded and preprocessed by the TensorFlow path (Pillow, the same
+resize), in; float32 features out. `imgclf.features.fill_cache` calls nothing else, so decoding,
+the cache and the executor are the same whatever computes the numbers.
+
+Registry: `RUNTIMES` maps a name (`bottlenecks.runtime`, `activations.runtime`) to the
+precisions it offers and the module that builds it (imported by name, only when used: OpenVINO is
+an optional extra). This module imports neither TensorFlow nor OpenVINO, so params can be checked
+without them.
+
+Features made by another runtime or precision are other numbers: `feature_tag` names them, and
+that name is part of the bottleneck/activation cache key (tensorflow's tags are the precisions
+alone, as before, so existing caches stay valid).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from imgclf.errors import UserError
+from imgclf.params import check_runtime
+
+REFERENCE = ("tensorflow", "float32")  # what every other runtime/precision is held to
+
+
+@runtime_checkable
+class Runtime(Protocol):
+    """Computes features for preprocessed batches; see the module docstring."""
+
+    name: str
+    precision: str
+
+    def predict(self, batch: Any) -> np.ndarray:
+        """float32 [N, 299, 299, 3] (numpy or a tf.Tensor) -> float32 features [N, ...]."""
+        ...
+
+    def describe(self) -> dict[str, Any]:
+        """Strings and numbers for the stage's .info.json (versions, the model file...)."""
+        ...
+
+
+@dataclass(frozen=True)
+class RuntimeSpec:
+    precisions: tuple[str, ...]
+    module: str  # has `make(request: RuntimeRequest) -> Runtime`
+    install: str  # what to do when its package is missing
+
+
+RUNTIMES: dict[str, RuntimeSpec] = {
+    # Today's path: the Keras model in a tf.function; bfloat16 = Keras' mixed_bfloat16 policy.
+    "tensorflow": RuntimeSpec(
+        precisions=("float32", "bfloat16"),
+        module="imgclf.runtimes.tensorflow",
+        install="TensorFlow is a core dependency: pip install -e .",
+    ),
+    # The same Keras model converted by openvino.convert_model; bfloat16 is an inference
+    # precision hint of the CPU plugin, int8 an NNCF post-training quantization.
+    "openvino": RuntimeSpec(
+        precisions=("float32", "bfloat16", "int8"),
+        module="imgclf.runtimes.openvino",
+        install="pip install -e '.[openvino]' (make installs it: see the README, Runtimes)",
+    ),
+}
+
+
+def calibration_digest(shas: Sequence[str], preprocessing: str) -> str:
+    """12 hex digits naming an int8 calibration set: its images (by content) and their
+    preprocessing. Another set quantizes another model, hence other features."""
+    h = hashlib.sha256(preprocessing.encode() + b"\0")
+    for sha in shas:
+        h.update(sha.encode("ascii") + b"\n")
+    return h.hexdigest()[:12]
+
+
+def feature_tag(runtime: str, precision: str, calibration: str | None = None) -> str:
+    """The part of a feature cache key that says what computed the features."""
+    if runtime == "tensorflow":
+        return precision  # the keys the cache had before runtimes existed
+    if precision == "int8":
+        if not calibration:
+            raise ValueError("int8 features need their calibration set's digest")
+        return f"{runtime}-int8-{calibration}"
+    return f"{runtime}-{precision}"
+
+
+class RuntimeUnavailable(UserError):
+    """The runtime's package is not installed."""
+
+
+@dataclass(frozen=True)
+class RuntimeRequest:
+    """What a runtime module needs to build its runtime.
+
+    `build_model(precision)` returns the project's Keras model (the backbone, or the backbone up
+    to a cut) for a TensorFlow precision; a runtime that converts it calls it only when its
+    converted model is not cached. `model_key` names that model (backbone sha256, cut), for the
+    converted model's cache. `calibration()` yields preprocessed float32 batches of the int8
+    calibration images (train split only), named by `calibration_digest`.
+    """
+
+    runtime: str
+    precision: str
+    build_model: Callable[[str], Any]
+    model_key: str
+    cache_root: Path
+    calibration: Callable[[], Iterable[np.ndarray]] | None = None
+    calibration_digest: str | None = None
+    calibration_size: int = 0
+    section: str = "bottlenecks"
+
+
+def make_runtime(request: RuntimeRequest) -> Runtime:
+    """The runtime of `request.runtime` (its module imported now), ready to predict."""
+    check_runtime(request.runtime, request.precision, request.section)
+    spec = RUNTIMES[request.runtime]
+    int8 = request.precision == "int8"
+    if int8 and (request.calibration is None or not request.calibration_digest):
+        raise ValueError("an int8 runtime needs calibration batches and their digest")
+    module = importlib.import_module(spec.module)
+    return module.make(request)
