@@ -33,8 +33,14 @@ from imgclf.finetune.common import (
     read_config,
     write_config,
 )
-from imgclf.heads.common import TrainResult, save_model_dir, set_determinism, stopwatch
-from imgclf.heads.keras_head import _normalise_keras_archive, _without_stderr_lines
+from imgclf.heads.common import (
+    TrainResult,
+    normalise_keras_archive,
+    save_model_dir,
+    set_determinism,
+    stopwatch,
+    without_stderr_lines,
+)
 
 MODEL_FILE = "model.keras"
 _TF_DATA_NOTICE = b"NodeDef mentions attribute use_unbounded_threadpool"
@@ -163,7 +169,7 @@ def train_finetune_keras(
     y_val_1h = keras.utils.to_categorical(y_val, n_classes).astype(np.float32)
     probe_rows = np.random.default_rng(seed).permutation(len(x_train))[:batch_size]
     log = TensorBoardLog(tensorboard_dir)
-    with _without_stderr_lines(_TF_DATA_NOTICE):
+    with without_stderr_lines(_TF_DATA_NOTICE):
         start_loss, start_accuracy = _evaluate(model, x_val, y_val_1h, 256)
     log.scalars(0, {"loss/val": start_loss, "accuracy/val": start_accuracy})
     monitor = _Monitor(
@@ -176,7 +182,7 @@ def train_finetune_keras(
     best = keras.callbacks.EarlyStopping(
         monitor="val_accuracy", mode="max", patience=epochs, restore_best_weights=True
     )
-    with stopwatch() as timer, _without_stderr_lines(_TF_DATA_NOTICE):
+    with stopwatch() as timer, without_stderr_lines(_TF_DATA_NOTICE):
         history = model.fit(
             x_train,
             y_train_1h,
@@ -231,7 +237,7 @@ def save_finetune_keras(
 
     def write(tmp: Path) -> None:
         plain.save(tmp / MODEL_FILE)
-        _normalise_keras_archive(tmp / MODEL_FILE)
+        normalise_keras_archive(tmp / MODEL_FILE)
         write_config(tmp, {"inputs": "activations", "test_time_flip": bool(test_time_flip)})
 
     save_model_dir(model_dir, classes, write)
