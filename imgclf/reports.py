@@ -362,8 +362,9 @@ def comparison_markdown(
         "",
         f"Test set: {n_test} images, the same for every head; accuracy intervals are 95% Wilson "
         "score intervals. Training length and time come from `metrics/train/<head>.json`; "
-        "lines of code count the non-blank lines of `imgclf/heads/<head>_head.py` that are "
-        "neither comments nor docstrings.",
+        "lines of code count the non-blank lines of the model's module "
+        "(`imgclf/heads/<head>_head.py`, `imgclf/finetune/<model>.py` for a fine-tuned one) "
+        "that are neither comments nor docstrings.",
         "",
         "Paired comparisons on the same test images (exact McNemar test: a two-sided binomial "
         "test on the images exactly one of the two heads gets right, “7 vs 5” = right only "

@@ -264,7 +264,10 @@ def write_training_metrics(
     write_metrics(layout.train_metrics(head), metrics)
     if result.curve or has_curve is not None:
         rows = [round_floats(dict(row)) for row in result.curve]
-        write_csv(layout.curve(head), CURVE_COLUMNS, rows)
+        # The shared columns first; a model's own (the fine-tuned models' gradient_norm_<block>)
+        # after them, in the order the rows give them.
+        extra = [k for row in rows for k in row if k not in CURVE_COLUMNS]
+        write_csv(layout.curve(head), [*CURVE_COLUMNS, *dict.fromkeys(extra)], rows)
     return metrics
 
 
