@@ -289,7 +289,8 @@ def lines_of_code(path: str | Path) -> int | None:
 def training_length(train: Mapping[str, Any]) -> str:
     """How long the head trained, in its own unit (from metrics/train/<head>.json)."""
     if "epochs" in train:
-        text = f"{int(train['epochs']):,} epochs"
+        epochs = int(train["epochs"])
+        text = f"{epochs:,} epoch{'s' if epochs != 1 else ''}"
         if "steps" in train:
             text += f" ({int(train['steps']):,} steps)"
         return text

@@ -119,9 +119,9 @@ def aligned_test_activations(test: Bottlenecks, activations_dir: str | Path) -> 
         expected = test.ids[differ] if differ < len(test.ids) else "nothing"
         raise UserError(
             f"{index} lists {len(ids)} test images and the test bottlenecks {len(test.ids)}; "
-            f"they differ from row {differ} on ({found} vs {expected}): the two come from "
-            "different splits. Rerun both stages on the current split (dvc repro bottlenecks "
-            "activations)"
+            f"they differ from row {differ} on ({found} in the activations, {expected} in the "
+            "bottlenecks): the two come from different splits. Rerun both stages on the "
+            "current split (dvc repro bottlenecks activations)"
         )
     if not np.array_equal(labels, test.labels):
         (bad,) = np.flatnonzero(labels != test.labels)[:1]
