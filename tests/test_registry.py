@@ -127,3 +127,12 @@ def test_the_sklearn_baseline_is_scored_without_importing_tensorflow():
     )
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def test_track_reads_the_gradient_columns_the_fine_tunes_write():
+    from imgclf import tracking
+    from imgclf.finetune.common import GRADIENT_NORM_PREFIX, epoch_row
+
+    assert tracking.GRADIENT_COLUMN_PREFIX == GRADIENT_NORM_PREFIX
+    row = epoch_row(2, (0.5, 0.8), (0.6, 0.7), {"mixed_9": 0.3, "head": 0.1})
+    assert row["gradient_norm_mixed_9"] == 0.3 and row["gradient_norm_head"] == 0.1
