@@ -7,7 +7,11 @@ Two layers:
   W -> probabilities [N, n_classes]. One TensorFlow graph holds the backbone's own preprocessing
   (the resize to 299x299 and the scaling its weights need), the backbone and the head: the path
   the bottlenecks stage takes (load_rgb -> Backbone.preprocess -> model), so it reproduces the
-  evaluated heads on the test images, not an approximation.
+  evaluated heads on the test images, not an approximation. For a fine-tuned model
+  (imgclf/finetune) the graph is the path of the activations stage and evaluate instead: the
+  backbone up to the model's cut, the activations rounded to float16 as the cache stores them,
+  the fine-tuned blocks and head; with test_time_flip, the same on the horizontally flipped
+  pixels (the `flip` view) and the two averaged.
 - `ImageClassifier`, the MLflow pyfunc model that is logged, registered and served: it takes
   encoded image files (JPEG, PNG... bytes; base64 strings in JSON, as MLflow's own image
   example), decodes each with `load_rgb` (the same Pillow code as ingest, the bottlenecks and
@@ -37,7 +41,7 @@ import tensorflow as tf
 from mlflow.pyfunc import PythonModel
 
 from imgclf.heads.common import LABELS_FILE, read_labels, write_labels
-from imgclf.inception import Backbone, load_backbone
+from imgclf.inception import Backbone, backbone_to_cut, load_backbone
 from imgclf.layout import Layout
 from imgclf.registry import get_model, model_names
 
@@ -56,8 +60,9 @@ LABELS_ARTIFACT = "labels"
 
 def _load_head(head_dir: Path, kind: str) -> tuple[Any, Callable[[tf.Tensor], tf.Tensor]]:
     """The trained head as a TF object (kept as an attribute so its variables are saved) and the
-    function bottlenecks [N, 2048] -> probabilities, usable inside a tf.function: the spec's
-    graph_head. `kind` is one of HEAD_KINDS (checked by `build`)."""
+    function bottlenecks [N, 2048] (a fine-tuned model: activations at its cut) ->
+    probabilities, usable inside a tf.function: the spec's graph_head. `kind` is one of
+    HEAD_KINDS (checked by `build`)."""
     return get_model(kind).function("graph_head")(head_dir)
 
 
@@ -65,52 +70,86 @@ class EndToEndModel(tf.Module):
     """uint8 images [N, H, W, 3] -> probabilities [N, n_classes] (see the module doc)."""
 
     def __init__(
-        self, backbone: Backbone, head: Any, head_fn: Callable, labels: list[str], kind: str
+        self,
+        backbone: Backbone,
+        head: Any,
+        head_fn: Callable,
+        labels: list[str],
+        kind: str,
+        *,
+        cut: str | None = None,
+        test_time_flip: bool = False,
     ) -> None:
+        """`cut`: a fine-tuned model's (its head_fn takes the activations there, not the pool
+        features); `test_time_flip`: average with the flipped image, as it was scored."""
         super().__init__(name=f"end_to_end_{kind}")
-        self.backbone = backbone.model
+        self.backbone = backbone.model if cut is None else backbone_to_cut(backbone.model, cut)
         self.head = head
         self._preprocess = backbone.preprocess
         self._head_fn = head_fn
         self.labels = list(labels)
         self.kind = kind
+        self.cut = cut
+        self.test_time_flip = bool(test_time_flip)
         self.backbone_sha256 = backbone.sha256
         self.preprocessing = backbone.preprocessing
 
+    def _probabilities(self, images: tf.Tensor) -> tf.Tensor:
+        features = self.backbone(self._preprocess(images), training=False)
+        # A bfloat16 backbone (bottlenecks/activations.precision) hands out bfloat16; the heads
+        # take float32, as they did on the widened bottleneck files.
+        features = tf.cast(features, tf.float32)
+        if self.cut is not None:
+            # The fine-tuned models were trained and evaluated on float16 activations (the
+            # cache's storage): the same rounding here gives their evaluated probabilities.
+            features = tf.cast(tf.cast(features, tf.float16), tf.float32)
+        return self._head_fn(features)
+
     @tf.function(input_signature=[INPUT_SPEC])
     def __call__(self, images: tf.Tensor) -> tf.Tensor:
-        features = self.backbone(self._preprocess(images), training=False)
-        # A bfloat16 backbone (bottlenecks.precision) hands out bfloat16; the heads take float32,
-        # as they did on the widened bottleneck files.
-        return self._head_fn(tf.cast(features, tf.float32))
+        probabilities = self._probabilities(images)
+        if self.test_time_flip:
+            # The `flip` view: the decoded pixels mirrored left-right, before preprocessing.
+            flipped = self._probabilities(tf.reverse(images, axis=[2]))
+            probabilities = (probabilities + flipped) / 2.0
+        return probabilities
 
     def metadata(self) -> dict[str, Any]:
-        return {
+        meta = {
             "labels": [str(label) for label in self.labels],  # a plain list, not tf's wrapper
             "head": self.kind,
             "backbone_sha256": self.backbone_sha256,
             "preprocessing": self.preprocessing,
             "input": INPUT_DOC,
         }
+        if self.cut is not None:
+            meta.update({"cut": self.cut, "test_time_flip": self.test_time_flip})
+        return meta
 
 
 def build(
     backbone: str | Path | Backbone, head_dir: str | Path, kind: str, precision: str = "float32"
 ) -> EndToEndModel:
-    """The end-to-end model of the backbone stage's output and one trained head. `backbone` is
-    the backbone folder, or a Backbone already loaded (shared by several models). `precision`
-    (for a folder) should be the bottlenecks stage's (bottlenecks.precision), so the backbone
-    computes what the heads were trained and evaluated on."""
+    """The end-to-end model of the backbone stage's output and one trained model. `backbone`
+    is the backbone folder, or a Backbone already loaded (shared by several models).
+    `precision` (for a folder) should be the one the model's inputs were computed at
+    (bottlenecks.precision for a head, activations.precision for a fine-tuned model), so the
+    backbone computes what the model was trained and evaluated on."""
     if kind not in model_names(servable=True):
         raise ValueError(
             f"unknown head {kind!r}: expected one of {', '.join(model_names(servable=True))}"
         )
     head_dir = Path(head_dir)
     labels = read_labels(head_dir)
+    cut, flip = None, False
+    if get_model(kind).fine_tuned:
+        from imgclf.finetune.common import model_cut, uses_test_time_flip
+
+        cut, flip = model_cut(head_dir), uses_test_time_flip(head_dir)
     if not isinstance(backbone, Backbone):
         backbone = load_backbone(backbone, precision=precision)
     head, head_fn = _load_head(head_dir, kind)
-    return EndToEndModel(backbone, head, head_fn, labels, kind)
+    return EndToEndModel(backbone, head, head_fn, labels, kind, cut=cut, test_time_flip=flip)
 
 
 def example_input() -> Any:

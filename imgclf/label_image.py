@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from imgclf.registry import model_names
+from imgclf.registry import input_precision, model_names
 
 PROG = "label-image"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"}
@@ -264,15 +264,16 @@ def print_csv(results: Sequence[Labelled], out=None) -> None:
 # --------------------------------------------------------------------------- models
 
 
-def _pipeline_defaults() -> tuple[Path, str, Path | None]:
-    """(paths.models, bottlenecks.precision, paths.backbone) of ./params.yaml when run from the
-    repository, else (./models, float32, None: <models>/backbone)."""
+def _pipeline_defaults(head: str) -> tuple[Path, str, Path | None]:
+    """(paths.models, the precision of `head`'s inputs, paths.backbone) of ./params.yaml when
+    run from the repository, else (./models, float32, None: <models>/backbone). The precision
+    is bottlenecks.precision for a head, activations.precision for a fine-tuned model."""
     try:
         from imgclf.config import load_params
 
         params = load_params()
         paths = params["paths"]
-        return Path(paths["models"]), params["bottlenecks"]["precision"], Path(paths["backbone"])
+        return Path(paths["models"]), input_precision(head, params), Path(paths["backbone"])
     except (FileNotFoundError, KeyError, TypeError):
         return Path("models"), "float32", None
 
@@ -287,7 +288,7 @@ def load_model(model: str | None, head: str, models_dir: Path | None) -> Any:
     from imgclf import end_to_end
 
     if model is None:
-        default_dir, precision, backbone = _pipeline_defaults()
+        default_dir, precision, backbone = _pipeline_defaults(head)
         if models_dir is not None:  # another models folder: its own backbone
             backbone = None
         return end_to_end.local_predictor(models_dir or default_dir, head, precision, backbone)
@@ -336,7 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
         # Every registered model servable end to end (imgclf/registry.py).
         choices=model_names(servable=True),
         default="keras",
-        help="which trained head when --model is not given (default: keras)",
+        help="which trained model when --model is not given: a head on the frozen features "
+        "or a fine-tuned model (finetune_tf, finetune_keras) (default: keras)",
     )
     parser.add_argument(
         "--models-dir",

@@ -8,8 +8,10 @@ reader asks this object for a file's place, and dvc.yaml spells the same places 
     <paths.metrics>/evaluate/<name>.json         test metrics (numbers; + .info.json)
     <paths.metrics>/confusion/<name>.csv, .png   confusion matrix
     <paths.metrics>/misclassified/<name>.csv, .png
+    <paths.tensorboard>/<name>/                  TensorBoard events (fine-tuned models)
 
-evaluate and track depend on these folders, so a new model needs no dvc.yaml edit.
+The same for heads and fine-tuned models (imgclf/registry.py). evaluate and track depend on
+these folders, so a new head needs no edit of their dvc.yaml entries.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ class Layout:
     backbone: Path = Path("models/backbone")
     bottlenecks: Path = Path("data/bottlenecks")
     split: Path = Path("data/split")
+    activations: Path = Path("data/activations")
+    tensorboard: Path = Path("logs/tensorboard")
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any], workdir: str | Path = ".") -> Layout:
@@ -39,6 +43,8 @@ class Layout:
             backbone=workdir / paths["backbone"],
             bottlenecks=workdir / paths["bottlenecks"],
             split=workdir / paths["split"],
+            activations=workdir / paths["activations"],
+            tensorboard=workdir / paths["tensorboard"],
         )
 
     @classmethod
@@ -52,6 +58,9 @@ class Layout:
 
     def model_dir(self, name: str) -> Path:
         return self.heads / name
+
+    def tensorboard_dir(self, name: str) -> Path:
+        return self.tensorboard / name
 
     def train_metrics(self, name: str) -> Path:
         return self.metrics / "train" / f"{name}.json"

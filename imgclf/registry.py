@@ -1,12 +1,30 @@
 """The model registry: one `ModelSpec` per trainable model, the one place that says which
 models exist. The train stages (`train@<name>` in dvc.yaml, from params.yaml `models:`),
-evaluate's scores and report columns, track's child runs and end-to-end exports, and
-`label-image --head` all derive from `MODELS`.
+the fine-tune stages, evaluate's scores and report columns, track's child runs and end-to-end
+exports, and `label-image --head` all derive from `MODELS`.
 
-Adding a model: a module `imgclf/heads/<name>_head.py` (dvc.yaml's `train@<name>` depends on
+Two kinds of model:
+
+- heads (`inputs="bottlenecks"`): trained on the frozen pool features by `train@<name>`, one
+  `foreach` item of params.yaml `models:` each.
+- fine-tuned models (`inputs="activations"`): the blocks after `activations.cut` plus a trained
+  head (`base`), fine-tuned on the cached activations by their own stage (named like the model:
+  `finetune_tf`, `finetune_keras`), listed in params.yaml `finetune_models:`.
+
+Which models a result holds is params.yaml `models:` + `finetune_models:`, in that order
+(`pipeline_models`): evaluate scores exactly those (heads on the test bottlenecks, fine-tuned
+models on the test activations, one report) and track logs exactly those. Every name there must
+be registered here, with the right kind; `finetune_models: []` gives a heads-only result. Every
+model, of either kind, lives where imgclf/layout.py says (models/heads/<name>,
+metrics/train/<name>.json, metrics/curves/<name>.csv...).
+
+Adding a head: a module `imgclf/heads/<name>_head.py` (dvc.yaml's `train@<name>` depends on
 that file), an entry in `MODELS` below, a `train_<name>:` block in params.yaml with its name in
 `models:`. The entry points are attribute names in the module, imported only when used, so
 evaluating the scikit-learn baseline never imports TensorFlow and reading this file is cheap.
+Adding a fine-tuned model: its module under imgclf/finetune/, an entry with `inputs="activations"`
+and `base`, its stage in dvc.yaml and a block of the same name in params.yaml, and its name in
+`finetune_models:`.
 """
 
 from __future__ import annotations
@@ -17,9 +35,14 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
-# What a model trains on. Every model today reads the bottleneck cache; the fine-tuned models
-# (issue 12) will read cached activations of an earlier backbone layer.
+from imgclf.errors import ParamsError
+
+# What a model trains on and is scored on: the bottleneck cache (pool features), or the cached
+# activations at activations.cut. Each is also the params.yaml block whose `precision` the
+# backbone must run at to reproduce those inputs (an end-to-end model's backbone).
 INPUTS = ("bottlenecks", "activations")
+# The params.yaml lists of each kind (see the module doc).
+LISTS = {"bottlenecks": "models", "activations": "finetune_models"}
 # The functions a servable model's module has under these names.
 SERVING_ENTRIES = ("graph_head", "weights_digest")
 
@@ -35,15 +58,22 @@ class ModelSpec:
     - count_parameters(model) -> int
     - summary(metrics) -> str: the train stage's one-line summary (None: a generic one)
 
+    A fine-tuned model (`inputs="activations"`) trains on activations at the cut, starting
+    from the trained head `base`; its train function is called by its own stage (see
+    imgclf.finetune.common.train_and_save_finetune), its predictor maps activations [N, h, w, c]
+    to probabilities, and its model folder's finetune.json says the cut and whether it averages
+    with the flipped view (test_time_flip).
+
     A model `servable` end to end (one TensorFlow graph with the backbone, exported to MLflow
     and offered by `label-image --head`) also has, under these names:
 
     - graph_head(model_dir) -> (TF object holding the variables, tf function features ->
-      probabilities)
+      probabilities; for a fine-tuned model, activations at the cut -> probabilities)
     - weights_digest(model_dir) -> bytes: what identifies its weights (the registry version)
 
     `params` is "module:Class" of its typed params block (an imgclf.params.Block subclass,
-    section `train_<name>`), passed to `train` as keyword arguments.
+    section `train_<name>`, or `<name>` for a fine-tuned model), passed to `train` as keyword
+    arguments.
     """
 
     name: str
@@ -62,11 +92,23 @@ class ModelSpec:
     inputs: str = "bottlenecks"
     # Imports TensorFlow: its stage silences TF's start-up notices first (imgclf.quiet_tf).
     tensorflow: bool = False
+    # A fine-tuned model: the registered head it starts from (its stage depends on that head).
+    base: str | None = None
+
+    @property
+    def fine_tuned(self) -> bool:
+        return self.inputs == "activations"
 
     @property
     def stage(self) -> str:
-        """Its DVC stage (a `foreach` over params.yaml `models:`)."""
-        return f"train@{self.name}"
+        """Its DVC stage: a `foreach` item over params.yaml `models:` for a head, the stage of
+        its own name for a fine-tuned model."""
+        return self.name if self.fine_tuned else f"train@{self.name}"
+
+    @property
+    def section(self) -> str:
+        """Its params.yaml block."""
+        return str(self.params_class().section)
 
     def load_module(self) -> ModuleType:
         return importlib.import_module(self.module)
@@ -124,6 +166,40 @@ MODELS: dict[str, ModelSpec] = {
             load="load_sklearn_head",
             description="scikit-learn's multinomial logistic regression (lbfgs)",
         ),
+        ModelSpec(
+            name="finetune_tf",
+            display_name="TF fine-tuned",
+            module="imgclf.finetune.finetune_tf",
+            params="imgclf.params:FinetuneTfParams",
+            train="train_finetune_tf",
+            save="save_finetune_tf",
+            load="load_finetune_tf",
+            description="the TF head with Inception V3's blocks after the cut, fine-tuned in "
+            "low-level TensorFlow (tf.Module, explicit variable list, momentum written out)",
+            has_curve=True,
+            servable=True,
+            summary=None,
+            inputs="activations",
+            tensorflow=True,
+            base="tf",
+        ),
+        ModelSpec(
+            name="finetune_keras",
+            display_name="Keras fine-tuned",
+            module="imgclf.finetune.finetune_keras",
+            params="imgclf.params:FinetuneKerasParams",
+            train="train_finetune_keras",
+            save="save_finetune_keras",
+            load="load_finetune_keras",
+            description="the Keras head with Inception V3's blocks after the cut, fine-tuned "
+            "with Keras (trainable flags, compile/fit, callbacks)",
+            has_curve=True,
+            servable=True,
+            summary=None,
+            inputs="activations",
+            tensorflow=True,
+            base="keras",
+        ),
         # New models above this line.
     ]
 }
@@ -138,19 +214,56 @@ def get_model(name: str) -> ModelSpec:
     return MODELS[name]
 
 
-def model_names(*, servable: bool | None = None, has_curve: bool | None = None) -> list[str]:
-    """Registered model names in report order, optionally only the servable / curved ones."""
+def model_names(
+    *,
+    servable: bool | None = None,
+    has_curve: bool | None = None,
+    inputs: str | None = None,
+) -> list[str]:
+    """Registered model names in report order, optionally only the servable / curved ones, or
+    those on one kind of inputs (INPUTS)."""
     return [
         s.name
         for s in MODELS.values()
         if (servable is None or s.servable == servable)
         and (has_curve is None or s.has_curve == has_curve)
+        and (inputs is None or s.inputs == inputs)
     ]
+
+
+def pipeline_models(params: Mapping[str, Any]) -> list[str]:
+    """The models of this pipeline's result, in report order: params.yaml `models:` (heads)
+    then `finetune_models:` (fine-tuned models). A missing `finetune_models:` means none. Each
+    name is checked against the registry and its kind."""
+    names: list[str] = []
+    for inputs, key in LISTS.items():
+        listed = params.get(key, [] if key == "finetune_models" else None)
+        kind = model_names(inputs=inputs)
+        if not isinstance(listed, list) or not all(isinstance(n, str) for n in listed):
+            raise ParamsError(key, expected="a list of model names: " + ", ".join(kind),
+                              found=repr(listed))  # fmt: skip
+        for name in listed:
+            if name not in kind or name in names:
+                raise ParamsError(
+                    key,
+                    expected="registered models of this kind (imgclf/registry.py), each once: "
+                    + ", ".join(kind),
+                    found=repr(name) + (" twice" if name in names else ""),
+                )
+            names.append(name)
+    return names
 
 
 def model_params(spec: ModelSpec, params: Mapping[str, Any]) -> dict[str, Any]:
     """The model's params block of params.yaml, parsed and checked, as keyword arguments."""
     return spec.params_class().from_params(params).as_kwargs()
+
+
+def input_precision(name: str, params: Mapping[str, Any]) -> str:
+    """The precision the backbone computed model `name`'s inputs at: params.yaml
+    `bottlenecks.precision` for a head, `activations.precision` for a fine-tuned model. Its
+    end-to-end model runs the backbone at the same, to reproduce what was evaluated."""
+    return str((params.get(get_model(name).inputs) or {}).get("precision", "float32"))
 
 
 def display_name(name: str) -> str:

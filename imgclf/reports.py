@@ -289,7 +289,8 @@ def lines_of_code(path: str | Path) -> int | None:
 def training_length(train: Mapping[str, Any]) -> str:
     """How long the head trained, in its own unit (from metrics/train/<head>.json)."""
     if "epochs" in train:
-        text = f"{int(train['epochs']):,} epochs"
+        epochs = int(train["epochs"])
+        text = f"{epochs:,} epoch{'s' if epochs != 1 else ''}"
         if "steps" in train:
             text += f" ({int(train['steps']):,} steps)"
         return text
@@ -362,8 +363,9 @@ def comparison_markdown(
         "",
         f"Test set: {n_test} images, the same for every head; accuracy intervals are 95% Wilson "
         "score intervals. Training length and time come from `metrics/train/<head>.json`; "
-        "lines of code count the non-blank lines of `imgclf/heads/<head>_head.py` that are "
-        "neither comments nor docstrings.",
+        "lines of code count the non-blank lines of the model's module "
+        "(`imgclf/heads/<head>_head.py`, `imgclf/finetune/<model>.py` for a fine-tuned one) "
+        "that are neither comments nor docstrings.",
         "",
         "Paired comparisons on the same test images (exact McNemar test: a two-sided binomial "
         "test on the images exactly one of the two heads gets right, “7 vs 5” = right only "

@@ -9,14 +9,19 @@ What a run records (see `track_pipeline`):
   dirty flag, the dvc.lock hashes of the data and the backbone, the dataset manifest hash, the DVC
   experiment name (`dvc exp run` sets DVC_EXP_NAME); artifacts params.yaml, dvc.lock and
   metrics/comparison.md.
-- one nested run per head, `<result>/<head>` (tf, keras, sklearn): the same params, datasets and
-  tags, the head's training settings as `train.*` params; metrics `test.*` (accuracy, its CI,
+- one nested run per model of the result, `<result>/<model>`: params.yaml `models` (tf, keras,
+  sklearn) then `finetune_models` (finetune_tf, finetune_keras; imgclf.registry.pipeline_models).
+  The same params, datasets and tags, the model's training settings as `train.*` params (a
+  fine-tuned model also `base`, the head it started from); metrics `test.*` (accuracy, its CI,
   log loss...), `train.*` (validation results), `training_seconds`, and the curves `curve.*`
-  at step = training images seen (one x-axis for both heads; `curve.epoch` gives epochs); the
+  at step = training images seen (one x-axis for every head; `curve.epoch` gives epochs); the
   per-class scores as a table (evaluation/per_class.json), the confusion matrix, the
-  misclassified contact sheet, a classification report and labels.txt. The tf and keras runs
-  also log the end-to-end model (image file in, label and probabilities out;
-  `imgclf.end_to_end`) in `track.registered_models.<head>`: a new version with a description
+  misclassified contact sheet, a classification report and labels.txt. A fine-tuned model's
+  run also has its per-block gradient norms as metrics `gradient_norm.<block>` (step = epoch;
+  from the gradient_norm_<block> columns of its curve) and its TensorBoard event folder
+  (<paths.tensorboard>/<model>) as the artifact folder `tensorboard/`. Every servable model's
+  run also logs its end-to-end model (image file in, label and probabilities out;
+  `imgclf.end_to_end`) in `track.registered_models.<model>`: a new version with a description
   only when the model is new (same weights, labels, backbone and code = the same version), and
   the alias @champion on the best version that passes evaluate.min_accuracy.
 
@@ -46,9 +51,9 @@ import yaml
 from imgclf.config import repo_root
 from imgclf.fileio import read_csv, read_json, sha256_file
 from imgclf.layout import Layout
-from imgclf.registry import MODELS, get_model, model_names
+from imgclf.registry import MODELS, get_model, input_precision, model_names, pipeline_models
 
-HEADS = tuple(MODELS)  # one child run each
+HEADS = tuple(MODELS)  # the registered models; a result's child runs: pipeline_models(params)
 MODEL_HEADS = tuple(model_names(servable=True))  # an end-to-end model in the registry each
 CURVE_HEADS = tuple(model_names(has_curve=True))  # overlaid in the parent run's curve links
 DB_FILE = "mlflow.db"
@@ -294,6 +299,11 @@ def classification_report(evaluation: Mapping[str, Any]) -> str:
 
 
 CURVE_PREFIX = "curve."
+# The fine-tune stages' per-block gradient norms: curve columns gradient_norm_<block>
+# (imgclf.finetune.common.GRADIENT_NORM_PREFIX, not imported: that loads the activations code),
+# logged as gradient_norm.<block> per epoch.
+GRADIENT_COLUMN_PREFIX = "gradient_norm_"
+GRADIENT_METRIC_PREFIX = "gradient_norm."
 
 
 def curve_metrics(curve_csv: str | Path, n_train: int) -> list[tuple[str, float, int]]:
@@ -301,7 +311,8 @@ def curve_metrics(curve_csv: str | Path, n_train: int) -> list[tuple[str, float,
     included, `step` left out). MLflow steps are integers, so the step is the number of
     training images seen, round(epoch * n_train): the same axis for every head (the heads share
     the training slice), which lets the compare view overlay the TF and Keras curves; choose
-    `curve.epoch` as the x-axis of a chart to read it in epochs."""
+    `curve.epoch` as the x-axis of a chart to read it in epochs. The gradient_norm_<block>
+    columns of a fine-tuned model become `gradient_norm.<block>` at step = the epoch."""
     out = []
     for row in read_csv(curve_csv):
         images_seen = round(float(row["epoch"]) * n_train)
@@ -309,9 +320,14 @@ def curve_metrics(curve_csv: str | Path, n_train: int) -> list[tuple[str, float,
             if key == "step" or value in ("", None):
                 continue
             try:
-                out.append((f"{CURVE_PREFIX}{key}", float(value), images_seen))
+                number = float(value)
             except ValueError:
                 continue
+            if key.startswith(GRADIENT_COLUMN_PREFIX):
+                block = key[len(GRADIENT_COLUMN_PREFIX) :]
+                out.append((f"{GRADIENT_METRIC_PREFIX}{block}", number, round(float(row["epoch"]))))
+            else:
+                out.append((f"{CURVE_PREFIX}{key}", number, images_seen))
     return out
 
 
@@ -324,6 +340,10 @@ TRAIN_SETTINGS = frozenset(
         "dropout",
         "early_stopping_patience",
         "max_epochs",
+        "momentum",
+        "label_smoothing",
+        "n_train_views",
+        "test_time_flip",
         "eval_every",
         "optimizer",
         "head",
@@ -377,7 +397,8 @@ def dataset_name(source: str) -> str:
 
 
 def registered_model_names(track: Mapping[str, Any], source: str) -> dict[str, str]:
-    """track.registered_models with `{dataset}` filled in from data.source."""
+    """track.registered_models with `{dataset}` filled in from data.source; a servable model
+    it does not name is registered as `{dataset}-<model>`."""
     templates = {head: f"{{dataset}}-{head}" for head in MODEL_HEADS}
     templates.update(track.get("registered_models") or {})
     return {head: str(t).format(dataset=dataset_name(source)) for head, t in templates.items()}
@@ -443,6 +464,12 @@ class ResultFiles:
 
     def head_dir(self, head: str) -> Path:
         return self.layout.model_dir(head)
+
+    def tensorboard_dir(self, head: str) -> Path | None:
+        """A fine-tuned model's TensorBoard events, if its stage wrote them."""
+        folder = self.layout.tensorboard_dir(head)
+        fine_tuned = head in MODELS and MODELS[head].fine_tuned
+        return folder if fine_tuned and folder.is_dir() else None
 
     def head_artifacts(self, head: str) -> list[tuple[Path, str]]:
         """(file, artifact folder) of one head; files that do not exist are skipped, and so is
@@ -526,13 +553,14 @@ def track_pipeline(
     if log_models is None:
         log_models = bool(track.get("log_models", True))
     files = ResultFiles.from_params(params, workdir)
+    heads = pipeline_models(params)
     evaluations = {
-        head: read_json(p) for head in HEADS if (p := files.layout.evaluation(head)).is_file()
+        head: read_json(p) for head in heads if (p := files.layout.evaluation(head)).is_file()
     }
-    missing = [h for h in HEADS if h not in evaluations]
+    missing = [h for h in heads if h not in evaluations]
     if missing:
         raise FileNotFoundError(
-            f"no metrics/evaluate/<head>.json for {missing} under {files.metrics}: run the "
+            f"no metrics/evaluate/<model>.json for {missing} under {files.metrics}: run the "
             "evaluate stage first (dvc repro evaluate)."
         )
     # Only now touch the store: a missing result must not leave an empty database behind.
@@ -555,6 +583,7 @@ def track_pipeline(
     models = EndToEndModels(
         files,
         precision=params.get("bottlenecks", {}).get("precision", "float32"),
+        precisions={head: input_precision(head, params) for head in heads},
         registered_models=registered_model_names(track, source),
         min_accuracy=float(params.get("evaluate", {}).get("min_accuracy", 0.0)),
         data_description=_data_description(source, datasets, tags),
@@ -594,7 +623,7 @@ def track_pipeline(
         ):
             if path.is_file():
                 client.log_artifact(parent_id, str(path))
-        for head in HEADS:
+        for head in heads:
             summary["heads"][head] = _track_head(
                 head,
                 run_name=child_run_name(parent.info.run_name, head),
@@ -607,7 +636,7 @@ def track_pipeline(
                 client=client,
                 models=models if log_models and head in MODEL_HEADS else None,
             )
-        curve_runs = [summary["heads"][h]["run_id"] for h in CURVE_HEADS]
+        curve_runs = [summary["heads"][h]["run_id"] for h in CURVE_HEADS if h in summary["heads"]]
         summary["curves_links"] = {
             what: curves_link(
                 experiment_id, curve_runs, [f"curve.val_{what}", f"curve.train_{what}"]
@@ -679,6 +708,9 @@ def _track_head(
         if datasets:
             log_datasets(client, run_id, datasets)
         run_params: dict[str, Any] = {**flat_params, "head": head}
+        spec = MODELS.get(head)
+        if spec is not None and spec.base is not None:
+            run_params["base"] = spec.base  # the head it was fine-tuned from
         metrics = [
             (f"test.{k}", v, 0)
             for k, v in numeric_leaves(
@@ -701,6 +733,10 @@ def _track_head(
         for path, folder in files.head_artifacts(head):
             if path.is_file():
                 client.log_artifact(run_id, str(path), folder or None)
+        events = files.tensorboard_dir(head)
+        if events is not None:
+            # `tensorboard --logdir <downloaded tensorboard/>` shows this run's training.
+            client.log_artifacts(run_id, str(events), "tensorboard")
         client.log_text(
             run_id,
             classification_report(evaluation),
@@ -728,6 +764,11 @@ class EndToEndModels:
     registered_models: Mapping[str, str]  # head -> registered model name
     min_accuracy: float = 0.0  # evaluate.min_accuracy: the gate a @champion must pass
     data_description: str = ""
+    # Per model, when it differs from `precision`: activations.precision for a fine-tuned one.
+    precisions: Mapping[str, str] | None = None
+
+    def precision_of(self, head: str) -> str:
+        return (self.precisions or {}).get(head, self.precision)
 
     def registered_name(self, head: str) -> str:
         return self.registered_models[head]
@@ -742,10 +783,16 @@ class EndToEndModels:
         return _files_digest(*code, self.files.backbone)
 
     @cached_property
-    def _backbone(self) -> Any:
+    def _backbones(self) -> dict[str, Any]:
+        return {}
+
+    def _backbone(self, precision: str) -> Any:
+        """The backbone at `precision`, loaded once for every model that runs it so."""
         from imgclf.inception import load_backbone
 
-        return load_backbone(self.files.backbone, precision=self.precision)
+        if precision not in self._backbones:
+            self._backbones[precision] = load_backbone(self.files.backbone, precision=precision)
+        return self._backbones[precision]
 
     def key(self, head: str) -> str:
         """What determines the end-to-end model of `head`: the backbone's files, the head's
@@ -754,16 +801,24 @@ class EndToEndModels:
         from imgclf.heads import head_module
 
         head_dir = self.files.head_dir(head)
-        digest = hashlib.sha256(f"{head}:{self.precision}".encode())
+        digest = hashlib.sha256(f"{head}:{self.precision_of(head)}".encode())
         digest.update(self._shared_files)
-        digest.update(_files_digest(Path(head_module(head).__file__), head_dir / "labels.txt"))
+        # finetune.json: a fine-tuned model's cut and test-time flip (absent for a head).
+        digest.update(
+            _files_digest(
+                Path(head_module(head).__file__),
+                head_dir / "labels.txt",
+                head_dir / "finetune.json",
+            )
+        )
         digest.update(get_model(head).function("weights_digest")(head_dir))
         return digest.hexdigest()
 
     def build(self, head: str) -> Any:
         from imgclf import end_to_end
 
-        return end_to_end.build(self._backbone, self.files.head_dir(head), head)
+        backbone = self._backbone(self.precision_of(head))
+        return end_to_end.build(backbone, self.files.head_dir(head), head)
 
 
 def weights_digest(head_dir: Path, head: str) -> bytes:
@@ -885,8 +940,14 @@ def _describe_registered_model(client: Any, name: str, head: str, models: EndToE
 
     labels = read_labels(models.files.head_dir(head))
     shown = ", ".join(labels[:20]) + (f" and {len(labels) - 20} more" if len(labels) > 20 else "")
+    spec = MODELS.get(head)
+    backbone = (
+        "Inception V3 (ImageNet weights, its top blocks fine-tuned)"
+        if spec is not None and spec.fine_tuned
+        else "Inception V3 (frozen, ImageNet weights)"
+    )
     description = (
-        f"Image classifier: Inception V3 (frozen, ImageNet weights) + {HEAD_DESCRIPTIONS[head]}, "
+        f"Image classifier: {backbone} + {HEAD_DESCRIPTIONS[head]}, "
         f"trained by the tf-or-keras pipeline (imgclf). Input: image files (JPEG, PNG...; "
         f"base64 in JSON, column `image`); output per image: label, probability and the "
         f"probabilities of the {len(labels)} classes: {shown}. Data: {models.data_description}. "

@@ -1,5 +1,11 @@
-"""Stage evaluate: score every head on the test bottlenecks, compare them pairwise, write the
-reports, then apply the accuracy gate (evaluate.min_accuracy).
+"""Stage evaluate: score every model of the result (params.yaml `models` + `finetune_models`)
+on the test set, compare them pairwise, write the reports, then apply the accuracy gate
+(evaluate.min_accuracy).
+
+The heads are scored on the test bottlenecks, the fine-tuned models on the test activations
+(the `orig` view, averaged with `flip` for a model saved with test_time_flip). One report needs
+one test set: the activations' rows must be the bottlenecks' images in the same order, which is
+checked (`aligned_test_activations`) rather than assumed.
 
 The gate runs last on purpose: when a head is below the bar the reports are already on disk,
 so one can see why (confusion matrix, misclassified images) before fixing anything.
@@ -11,6 +17,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
@@ -18,13 +25,13 @@ from tqdm import tqdm
 import imgclf.heads
 import imgclf.quiet_tf  # TensorFlow without its start-up notices
 from imgclf.config import load_params
-from imgclf.errors import StageFailed
+from imgclf.errors import StageFailed, UserError
 from imgclf.evaluation import HeadResult, PairedTest, all_pairs, evaluate_head
 from imgclf.heads import HEADS, load_predictor, model_dir
 from imgclf.heads.common import Bottlenecks, load_bottlenecks
 from imgclf.layout import Layout
 from imgclf.params import EvaluateParams
-from imgclf.registry import get_model
+from imgclf.registry import get_model, pipeline_models
 from imgclf.reports import (
     ReportSummary,
     display_name,
@@ -39,8 +46,11 @@ HEADS_SOURCE_DIR = Path(imgclf.heads.__file__).resolve().parent
 
 
 def module_file(head: str, heads_source_dir: str | Path = HEADS_SOURCE_DIR) -> Path:
-    """The source file of `head`'s module: <heads_source_dir>/<last part of its module>.py."""
-    return Path(heads_source_dir) / f"{get_model(head).module.rsplit('.', 1)[-1]}.py"
+    """The source file of `head`'s module, found from the package that holds `heads_source_dir`
+    (imgclf.heads.tf_head -> <imgclf>/heads/tf_head.py, imgclf.finetune.finetune_tf ->
+    <imgclf>/finetune/finetune_tf.py)."""
+    package_dir = Path(heads_source_dir).parent
+    return package_dir.joinpath(*get_model(head).module.split(".")[1:]).with_suffix(".py")
 
 
 @dataclass(frozen=True)
@@ -85,15 +95,69 @@ def evaluate_predictions(
     return Evaluation(results, tests, summary, failures)
 
 
+def aligned_test_activations(test: Bottlenecks, activations_dir: str | Path) -> Any:
+    """The test activations, checked to hold every test bottleneck's image, in the same order
+    and with the same label, in their `orig` view: the fine-tuned models' rows of the report
+    are then image for image those of the heads (McNemar pairs them by position)."""
+    from imgclf.activations import load_activations
+
+    acts = load_activations(activations_dir, "test")
+    index = Path(activations_dir) / "test_index.npz"
+    if "orig" not in acts.views:
+        raise UserError(
+            f"{index} holds the views {list(acts.views)} but not `orig`, which the fine-tuned "
+            "models are scored on: add orig to activations.test_views and rerun (dvc repro)"
+        )
+    orig = acts.of_view("orig")
+    ids, labels = acts.ids[orig], acts.labels[orig]
+    if len(ids) != len(test.ids) or not np.array_equal(ids, test.ids):
+        differ = next(
+            (i for i, (a, b) in enumerate(zip(ids, test.ids, strict=False)) if a != b),
+            min(len(ids), len(test.ids)),
+        )
+        found = ids[differ] if differ < len(ids) else "nothing"
+        expected = test.ids[differ] if differ < len(test.ids) else "nothing"
+        raise UserError(
+            f"{index} lists {len(ids)} test images and the test bottlenecks {len(test.ids)}; "
+            f"they differ from row {differ} on ({found} in the activations, {expected} in the "
+            "bottlenecks): the two come from different splits. Rerun both stages on the "
+            "current split (dvc repro bottlenecks activations)"
+        )
+    if not np.array_equal(labels, test.labels):
+        (bad,) = np.flatnonzero(labels != test.labels)[:1]
+        raise UserError(
+            f"{index} labels test image {ids[bad]} as class {int(labels[bad])}, the test "
+            f"bottlenecks as {int(test.labels[bad])}: rerun the activations stage (dvc repro "
+            "activations)"
+        )
+    return acts
+
+
 def predict_heads(
-    test: Bottlenecks, models_dir: str | Path, heads: Sequence[str] = HEADS
+    test: Bottlenecks,
+    models_dir: str | Path,
+    heads: Sequence[str] = HEADS,
+    activations_dir: str | Path | None = None,
 ) -> dict[str, np.ndarray]:
-    """Each head's test-set probabilities, from the models the train stages saved (a missing
-    model raises FileNotFoundError naming the train stage to run)."""
-    return {
-        head: load_predictor(head, model_dir(models_dir, head))(test.features)
-        for head in tqdm(heads, desc="evaluate", unit="head", file=sys.stderr)
-    }
+    """Each model's test-set probabilities, from the models the train and fine-tune stages
+    saved (a missing model raises FileNotFoundError naming the stage to run): the heads on
+    the bottlenecks, the fine-tuned models on the test activations in `activations_dir`."""
+    from imgclf.finetune.common import predict_images, uses_test_time_flip
+
+    acts = None
+    out = {}
+    for head in tqdm(heads, desc="evaluate", unit="model", file=sys.stderr):
+        folder = model_dir(models_dir, head)
+        if not get_model(head).fine_tuned:
+            out[head] = load_predictor(head, folder)(test.features)
+            continue
+        if activations_dir is None:
+            raise ValueError(f"{head} is scored on the test activations: give activations_dir")
+        if acts is None:
+            acts = aligned_test_activations(test, activations_dir)
+        predict = load_predictor(head, folder)
+        out[head] = predict_images(predict, acts, test_time_flip=uses_test_time_flip(folder))
+    return out
 
 
 def run(
@@ -106,13 +170,15 @@ def run(
     sheet_max: int,
     heads: Sequence[str] = HEADS,
     heads_source_dir: str | Path = HEADS_SOURCE_DIR,
+    activations_dir: str | Path | None = None,
 ) -> int:
-    """The whole stage. Raises StageFailed, after writing every report, when a head is below
-    `min_accuracy`; returns 0 otherwise (kept for callers that check a status)."""
+    """The whole stage. Raises StageFailed, after writing every report, when a model is below
+    `min_accuracy`; returns 0 otherwise (kept for callers that check a status). `heads`: the
+    models to score, in report order (the stage: `pipeline_models(params)`)."""
     test = load_bottlenecks(bottleneck_dir, "test")
     evaluation = evaluate_predictions(
         test,
-        predict_heads(test, models_dir, heads),
+        predict_heads(test, models_dir, heads, activations_dir),
         metrics_dir=metrics_dir,
         split_dir=split_dir,
         heads_source_dir=heads_source_dir,
@@ -161,6 +227,8 @@ def main() -> None:
         split_dir=layout.split,
         min_accuracy=hp.min_accuracy,
         sheet_max=hp.misclassified_sheet_max,
+        heads=pipeline_models(params),
+        activations_dir=layout.activations,
     )
 
 

@@ -11,7 +11,6 @@ from imgclf.finetune.finetune_keras import (
     train_finetune_keras,
 )
 from imgclf.heads.keras_head import load_keras_head
-from imgclf.layout import Layout
 from imgclf.params import FinetuneKerasParams, HeadsParams
 from imgclf.stage import stage_main
 
@@ -25,7 +24,6 @@ def main() -> None:
         paths=params["paths"],
         shared=HeadsParams.from_params(params).as_kwargs(),
         cut=params["activations"]["cut"],
-        head_dir=Layout.from_params(params).model_dir("keras"),
         load_head=load_keras_head,
         train_fn=lambda top, head, *data, **kw: train_finetune_keras(
             top, head, *data, n_classes=int(head.layers[-1].units), **kw

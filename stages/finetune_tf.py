@@ -7,7 +7,6 @@ from imgclf.config import load_params
 from imgclf.finetune.common import report, train_and_save_finetune
 from imgclf.finetune.finetune_tf import count_parameters, save_finetune_tf, train_finetune_tf
 from imgclf.heads.tf_head import load_tf_head
-from imgclf.layout import Layout
 from imgclf.params import FinetuneTfParams, HeadsParams
 from imgclf.stage import stage_main
 
@@ -21,7 +20,6 @@ def main() -> None:
         paths=params["paths"],
         shared=HeadsParams.from_params(params).as_kwargs(),
         cut=cut,
-        head_dir=Layout.from_params(params).model_dir("tf"),
         load_head=load_tf_head,
         train_fn=lambda *args, **kw: train_finetune_tf(*args, cut=cut, **kw),
         save_fn=save_finetune_tf,

@@ -11,19 +11,23 @@ import sys
 from imgclf.config import load_params
 from imgclf.errors import UserError
 from imgclf.heads.common import train_model
-from imgclf.registry import MODELS, get_model
+from imgclf.registry import MODELS, get_model, model_names
 from imgclf.stage import stage_main
 
 
 @stage_main
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1 or args[0] not in MODELS:
+    heads = model_names(inputs="bottlenecks")
+    if len(args) != 1 or args[0] not in heads:
+        fine_tuned = len(args) == 1 and args[0] in MODELS
         raise UserError(
             "stages.train",
             found=" ".join(args) or "no model name",
-            expected="one registered model: " + ", ".join(MODELS),
-            todo="Run `python -m stages.train <model>` (dvc.yaml's train@<model> stages do).",
+            expected="one registered head: " + ", ".join(heads),
+            todo=f"{args[0]} is a fine-tuned model: run its own stage (dvc repro {args[0]})."
+            if fine_tuned
+            else "Run `python -m stages.train <model>` (dvc.yaml's train@<model> stages do).",
         )
     spec = get_model(args[0])
     if spec.tensorflow:

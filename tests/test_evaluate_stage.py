@@ -358,6 +358,8 @@ def test_stage_on_tiny_real_heads(tmp_path: Path) -> None:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["evaluate"]["min_accuracy"] = 1.01
     params["evaluate"]["misclassified_sheet_max"] = 4
+    # A heads-only result: no fine-tuned model in the report, no activations read.
+    params["finetune_models"] = []
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     for name in output_files(metrics):
         (metrics / name).unlink()
@@ -378,3 +380,87 @@ def test_stage_on_tiny_real_heads(tmp_path: Path) -> None:
     for head in ("tf", "keras", "sklearn"):
         assert f"{head} " in proc.stderr.split("min_accuracy = 1.01")[1]
     assert output_files(metrics) == first
+
+
+# --------------------------------------------------------------------------- fine-tuned models
+
+
+def write_test_activations(folder: Path, ids, labels, views=("orig",)) -> None:
+    """The activations stage's test files (view-major rows), for the alignment check."""
+    folder.mkdir(parents=True, exist_ok=True)
+    n = len(ids)
+    np.save(folder / "test.npy", np.zeros((n * len(views), 1, 1, 2), np.float16))
+    np.savez(
+        folder / "test_index.npz",
+        ids=np.tile(np.asarray(ids), len(views)),
+        labels=np.tile(np.asarray(labels, np.int64), len(views)),
+        view=np.repeat(np.arange(len(views)), n),
+        views=np.array(views),
+    )
+
+
+def test_test_activations_must_be_the_bottlenecks_images_in_order(tmp_path: Path) -> None:
+    from imgclf.errors import UserError
+    from stages.evaluate import aligned_test_activations
+
+    ids = np.array([f"test/{c}/{i}.jpg" for c in CLASSES for i in range(3)])
+    labels = np.repeat(np.arange(3), 3)
+    test = Bottlenecks(np.zeros((9, 2048), np.float32), labels, ids, list(CLASSES))
+    good = tmp_path / "good"
+    write_test_activations(good, ids, labels, views=("flip", "orig"))
+    acts = aligned_test_activations(test, good)
+    np.testing.assert_array_equal(acts.ids[acts.of_view("orig")], ids)
+
+    swapped = ids.copy()
+    swapped[[2, 5]] = swapped[[5, 2]]
+    for name, (a_ids, a_labels, views), match in (
+        (
+            "order",
+            (swapped, labels, ("orig",)),
+            r"from row 2 on \(test/roses/2.jpg in the activations, test/daisy/2.jpg in",
+        ),
+        ("fewer", (ids[:-1], labels[:-1], ("orig",)), r"lists 8 test images .* bottlenecks 9"),
+        ("labels", (ids, (labels + 1) % 3, ("orig",)), r"labels test image test/daisy/0.jpg"),
+        ("views", (ids, labels, ("flip",)), r"not `orig`.*activations\.test_views"),
+    ):
+        write_test_activations(tmp_path / name, a_ids, a_labels, views)
+        with pytest.raises(UserError, match=match) as e:
+            aligned_test_activations(test, tmp_path / name)
+        assert "test_index.npz" in str(e.value) and "dvc repro" in str(e.value)
+
+
+@pytest.mark.slow
+def test_fine_tuned_models_are_in_the_same_report(tmp_path_factory) -> None:
+    """The tiny pipeline result (tests/test_tracking.py: real stages, five models): the
+    fine-tuned models are rows of comparison.md, with confusion matrices and contact sheets, and
+    McNemar pairs them with every other model, their frozen heads and each other included."""
+    from imgclf.registry import pipeline_models
+    from imgclf.reports import training_length
+    from tests.test_tracking import tiny_result
+
+    workdir, params = tiny_result(tmp_path_factory)
+    metrics = workdir / "metrics"
+    models = pipeline_models(params)
+    assert models[-2:] == ["finetune_tf", "finetune_keras"]
+    md = (metrics / "comparison.md").read_text()
+    assert "| TF fine-tuned |" in md and "| Keras fine-tuned |" in md
+    assert "TF fine-tuned vs Keras fine-tuned:" in md and "TF vs TF fine-tuned:" in md
+    pairs = read_metrics(metrics / "evaluate/comparison.json")
+    assert len(pairs) == len(models) * (len(models) - 1) // 2
+    assert {"finetune_tf_vs_finetune_keras", "tf_vs_finetune_tf", "keras_vs_finetune_keras"} <= (
+        set(pairs)
+    )
+    n_test = read_json(metrics / "evaluate/tf.json")["n_test"]
+    for head in ("finetune_tf", "finetune_keras"):
+        ev = read_json(metrics / f"evaluate/{head}.json")
+        assert ev["n_test"] == n_test and 0 <= ev["accuracy"] <= 1
+        assert len(read_csv(metrics / f"confusion/{head}.csv")) == n_test
+        assert (metrics / f"confusion/{head}.png").is_file()
+        assert (metrics / f"misclassified/{head}.png").is_file()
+        train = read_json(metrics / f"train/{head}.json")
+        assert f"| {training_length(train)} |" in md and "epoch" in training_length(train)
+        # The curve CSV: the shared columns, then the per-block gradient norms.
+        header = (metrics / f"curves/{head}.csv").read_text().splitlines()[0].split(",")
+        assert header == ["epoch", "train_loss", "val_loss", "train_accuracy", "val_accuracy",
+                          "step", "gradient_norm_mixed_9", "gradient_norm_mixed_10",
+                          "gradient_norm_head"]  # fmt: skip

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from imgclf.activations import Activations
-from imgclf.finetune.common import finetune_rows, predict_images
+from imgclf.finetune.common import finetune_rows, model_cut, predict_images
 from imgclf.heads.common import validation_split
 
 CLASSES = ["daisy", "rose", "tulip"]
@@ -150,6 +150,26 @@ def check_tensorboard(log_dir: Path, blocks=("mixed_9", "mixed_10", "head")) -> 
     assert any(t.startswith("gradients/") and "mixed" not in t for t in histograms)  # head
 
 
+def check_gradient_columns(curve, log_dir: Path) -> None:
+    """Each curve row carries the epoch's per-block gradient norms, the ones TensorBoard got
+    (the curve CSV is where track reads them)."""
+    import tensorflow as tf
+
+    logged: dict[tuple[str, int], float] = {}
+    for path in log_dir.glob("events.out.tfevents.*"):
+        for event in tf.compat.v1.train.summary_iterator(str(path)):
+            for value in event.summary.value:
+                if value.tag.startswith("gradient_norm/"):
+                    number = float(tf.make_ndarray(value.tensor))
+                    logged[(value.tag.split("/", 1)[1], int(event.step))] = number
+    for row in curve:
+        norms = {k[len("gradient_norm_") :]: v for k, v in row.items() if k.startswith("gradient_")}
+        assert set(norms) == {"mixed_9", "mixed_10", "head"}
+        for block, value in norms.items():
+            assert value > 0
+            assert value == pytest.approx(logged[(block, int(row["epoch"]))], rel=1e-6)
+
+
 def keras_head_for(tiny):
     from imgclf.heads.keras_head import train_keras_head
 
@@ -209,7 +229,10 @@ def test_keras_finetune_trains_only_what_it_declares_and_saves_the_same_bytes(ti
         assert min(r["val_loss"] for r in result.curve) < s["start_val_loss"]
         assert [r["epoch"] for r in result.curve] == [1.0, 2.0]
         check_tensorboard(tmp_path / f"tb{run}")
-        save_finetune_keras(result.model, tmp_path / f"m{run}", CLASSES, test_time_flip=True)
+        check_gradient_columns(result.curve, tmp_path / f"tb{run}")
+        save_finetune_keras(
+            result.model, tmp_path / f"m{run}", CLASSES, test_time_flip=True, cut="mixed_8"
+        )
         results.append((result.curve, s["model_step"]))
         dirs.append(tmp_path / f"m{run}")
     assert results[0] == results[1]
@@ -226,6 +249,7 @@ def test_keras_finetune_trains_only_what_it_declares_and_saves_the_same_bytes(ti
     expected = np.asarray(keras.ops.convert_to_numpy(result.model(x_val)))
     np.testing.assert_allclose(probs, expected, rtol=1e-5, atol=1e-6)
     assert read_labels(dirs[1]) == CLASSES and uses_test_time_flip(dirs[1])
+    assert model_cut(dirs[1]) == "mixed_8"
 
 
 def tf_head_dir(tiny, folder: Path) -> Path:
@@ -293,6 +317,7 @@ def test_tf_finetune_updates_only_the_explicit_list_and_is_deterministic(tiny, t
         assert max(r["val_accuracy"] for r in result.curve) >= s["start_val_accuracy"]
         assert min(r["val_loss"] for r in result.curve) < s["start_val_loss"]
         check_tensorboard(tmp_path / f"tb{run}")
+        check_gradient_columns(result.curve, tmp_path / f"tb{run}")
         save_finetune_tf(model, tmp_path / f"m{run}", CLASSES)
         runs.append((result.curve, s))
     assert runs[0][0] == runs[1][0]

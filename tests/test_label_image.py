@@ -165,3 +165,33 @@ def test_only_bad_inputs_exit_1_without_loading_a_model(tmp_path, capsys):
     code, out, errors = run([str(tmp_path / "a.jpg"), str(tmp_path), "--json"], capsys)
     assert code == 1 and len(errors) == 2
     assert json.loads(out)["results"] == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("head", ["finetune_tf", "finetune_keras"])
+def test_fine_tuned_models_label_like_the_evaluate_stage(head, tmp_path_factory, capsys):
+    """`--head finetune_*`: the end-to-end fine-tuned model built from the pipeline's outputs
+    (backbone to the cut, fine-tuned blocks, head; finetune_keras averages the flip) gives the
+    probabilities the stage's own model gives on the test activations, within 1e-5."""
+    from imgclf.activations import load_activations
+    from imgclf.finetune.common import predict_images, uses_test_time_flip
+    from imgclf.heads import load_predictor, model_dir
+
+    workdir, _ = tiny_result(tmp_path_factory)
+    acts = load_activations(workdir / "data/activations", "test")
+    ids = acts.ids[acts.of_view("orig")][:4]
+    images = [str(workdir / "data/split" / i) for i in ids]
+    models = workdir / "models"
+    code, out, errors = run(
+        [*images, "--models-dir", str(models), "--head", head, "--json", "--no-annotate"], capsys
+    )
+    assert code == 0 and errors == []
+    results = json.loads(out)["results"]
+    assert [r["image"] for r in results] == images
+    labels = sorted(CLASSES)
+    got = np.array([[r["probabilities"][c] for c in labels] for r in results])
+    folder = model_dir(models, head)
+    flip = uses_test_time_flip(folder)
+    assert flip == (head == "finetune_keras")
+    expected = predict_images(load_predictor(head, folder), acts, test_time_flip=flip)[:4]
+    np.testing.assert_allclose(got, expected, atol=1e-5)

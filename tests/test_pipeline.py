@@ -239,6 +239,8 @@ def project(tmp_path_factory) -> Path:
     params["data"]["source"] = str(photos)
     params["ingest"]["min_images_per_class"] = 5
     params["evaluate"]["min_accuracy"] = 0.0  # 14 images per class: a test of plumbing
+    for name in params["finetune_models"]:  # one epoch: the plumbing, not the recipe
+        params[name]["epochs"] = 1
     add_ncm_model(repo, params)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     os.environ.setdefault("IMGCLF_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
@@ -267,10 +269,28 @@ def test_repro_builds_every_stage_and_the_split_trees(project):
     assert ingest["images"] == 5 * PER_CLASS
     names = {p.name for p in (project / "data" / "split").rglob("*.jpg")}
     assert "15922772266_1167a06620.jpg" not in names
-    for head in ("tf", "keras", "sklearn"):
+    for head in ("tf", "keras", "sklearn", "finetune_tf", "finetune_keras"):
         result = read(project, f"metrics/evaluate/{head}.json")
         assert 0.0 <= result["accuracy"] <= 1.0
     assert "| TF |" in (project / "metrics" / "comparison.md").read_text()
+
+
+def test_the_fine_tuned_models_are_evaluated_and_registered(project):
+    md = (project / "metrics" / "comparison.md").read_text()
+    assert "| TF fine-tuned |" in md and "| Keras fine-tuned |" in md
+    pairs = read(project, "metrics/evaluate/comparison.json")
+    assert {"finetune_tf_vs_finetune_keras", "tf_vs_finetune_tf", "keras_vs_finetune_keras"} <= (
+        set(pairs)
+    )
+    n_test = read(project, "metrics/evaluate/tf.json")["n_test"]
+    assert read(project, "metrics/evaluate/finetune_keras.json")["n_test"] == n_test
+    for name in ("finetune_tf", "finetune_keras"):
+        assert (project / "models" / "heads" / name / "finetune.json").is_file()
+        assert not (project / "models" / name).exists()  # the layout's folder, not the old one
+    tracked = read(project, "metrics/mlflow_run.json")
+    for name in ("finetune_tf", "finetune_keras"):
+        assert tracked["heads"][name]["registered_model"].endswith(f"-{name}")
+        assert tracked["heads"][name]["registered_version"] == "1"
 
 
 def test_a_sixth_model_needs_only_its_module_entry_and_params(project, tmp_path):
@@ -286,7 +306,8 @@ def test_a_sixth_model_needs_only_its_module_entry_and_params(project, tmp_path)
     assert "| Nearest mean |" in (project / "metrics" / "comparison.md").read_text()
     # MLflow: a child run with its metrics, and an end-to-end model in the registry
     tracked = read(project, "metrics/mlflow_run.json")
-    assert set(tracked["heads"]) == {"tf", "keras", "sklearn", "ncm"}
+    assert set(tracked["heads"]) == {"tf", "keras", "sklearn", "ncm", "finetune_tf",
+                                     "finetune_keras"}  # fmt: skip
     assert tracked["heads"]["ncm"]["registered_model"].endswith("-ncm")
     # label-image --head: built from the pipeline's backbone and the new model
     photo = next((project / "data" / "split" / "test").rglob("*.jpg"))

@@ -56,14 +56,20 @@ def tiny_params() -> dict:
     params["train_tf"].update(steps=60, eval_every=20, batch_size=8, learning_rate=0.5)
     params["train_keras"].update(epochs=4, batch_size=8, hidden_units=16, learning_rate=0.01)
     params["heads"]["validation_fraction"] = 0.25
+    # One epoch of each fine-tune; the Keras one with test-time flips (the flip view of the
+    # test images), so both scoring paths run.
+    params["finetune_tf"].update(epochs=1, batch_size=8)
+    params["finetune_keras"].update(epochs=1, batch_size=8, test_time_flip=True)
+    params["activations"]["test_views"] = ["orig", "flip"]
     params["evaluate"]["min_accuracy"] = 0.0
     params["evaluate"]["misclassified_sheet_max"] = 8
     return params
 
 
 def build_tiny_result(workdir: Path) -> dict:
-    """Write a complete pipeline result (data, backbone, bottlenecks, three heads, every metric
-    and report) under `workdir`, with the stages' own code; returns the params used."""
+    """Write a complete pipeline result (data, backbone, bottlenecks, three heads, activations,
+    two fine-tuned models, every metric and report) under `workdir`, with the stages' own code;
+    returns the params used."""
     import tensorflow as tf
 
     from imgclf import inception
@@ -143,10 +149,14 @@ def build_tiny_result(workdir: Path) -> dict:
     cwd = Path.cwd()
     os.chdir(workdir)
     try:
-        from stages import evaluate, train
+        from imgclf.registry import pipeline_models
+        from stages import activations, evaluate, finetune_keras, finetune_tf, train
 
         for head in ("tf", "keras", "sklearn"):
             train.main([head])
+        activations.main()
+        finetune_tf.main()
+        finetune_keras.main()
         code = evaluate.run(
             bottleneck_dir=paths["bottlenecks"],
             models_dir=paths["models"],
@@ -155,6 +165,8 @@ def build_tiny_result(workdir: Path) -> dict:
             min_accuracy=0.0,
             sheet_max=8,
             heads_source_dir=ROOT / "imgclf" / "heads",
+            heads=pipeline_models(params),
+            activations_dir=paths["activations"],
         )
         assert code == 0
     finally:
@@ -332,7 +344,7 @@ def _runs(client, experiment_id):
 
 
 @pytest.mark.slow
-def test_one_parent_run_three_children_with_params_metrics_curves_tags(tracked):
+def test_one_parent_run_a_child_per_model_with_params_metrics_curves_tags(tracked):
     from imgclf.fileio import read_csv, read_json
 
     client, summary, workdir = tracked["client"], tracked["summary"], tracked["workdir"]
@@ -346,6 +358,8 @@ def test_one_parent_run_three_children_with_params_metrics_curves_tags(tracked):
     assert parent.info.artifact_uri.startswith((store_root / "mlartifacts").as_uri())
     # Each child says which result it belongs to.
     assert sorted(c.info.run_name for c in children) == [
+        "tiny-exp/finetune_keras",
+        "tiny-exp/finetune_tf",
         "tiny-exp/keras",
         "tiny-exp/sklearn",
         "tiny-exp/tf",
@@ -395,6 +409,22 @@ def test_one_parent_run_three_children_with_params_metrics_curves_tags(tracked):
     # 60 SGD steps of 8 and 4 epochs: the same scale, not 60 against 4.
     assert last_steps["tf"] == 60 * 8 and last_steps["keras"] == 4 * n_train
     assert client.get_metric_history(by_name["sklearn"].info.run_id, "curve.val_accuracy") == []
+    # The fine-tuned models: their base head and recipe as params, their curve, and the
+    # per-block gradient norms of each epoch (the curve CSV's gradient_norm_* columns).
+    for head, base in (("finetune_tf", "tf"), ("finetune_keras", "keras")):
+        run = by_name[head]
+        assert run.data.params["base"] == base
+        assert run.data.params[f"{head}.epochs"] == "1"
+        assert run.data.params["train.momentum"] == "0.9"
+        assert run.data.params["train.test_time_flip"] == str(int(head == "finetune_keras"))
+        curve = read_csv(workdir / f"metrics/curves/{head}.csv")
+        for block in ("mixed_9", "mixed_10", "head"):
+            history = client.get_metric_history(run.info.run_id, f"gradient_norm.{block}")
+            assert [(m.step, m.value) for m in history] == [
+                (1, pytest.approx(float(curve[0][f"gradient_norm_{block}"])))
+            ]
+            assert float(curve[0][f"gradient_norm_{block}"]) > 0
+        assert len(client.get_metric_history(run.info.run_id, "curve.val_accuracy")) == 1
 
     # The parent's description links to the TF and Keras curves overlaid on one chart.
     note = parent.data.tags["mlflow.note.content"]
@@ -423,7 +453,7 @@ def test_artifacts_are_logged(tracked, tmp_path):
     client, summary = tracked["client"], tracked["summary"]
     parent_files = {a.path for a in client.list_artifacts(summary["run_id"])}
     assert {"params.yaml", "comparison.md", "backbone.json"} <= parent_files
-    for head in ("tf", "keras", "sklearn"):
+    for head in ("tf", "keras", "sklearn", "finetune_tf", "finetune_keras"):
         run_id = summary["heads"][head]["run_id"]
         files = {
             a.path
@@ -450,6 +480,14 @@ def test_artifacts_are_logged(tracked, tmp_path):
         )
         report = local.read_text()
         assert "accuracy" in report and "red" in report and "macro avg" in report
+    # The fine-tune stages' TensorBoard events, as written under paths.tensorboard.
+    workdir = tracked["workdir"]
+    for head in ("finetune_tf", "finetune_keras"):
+        run_id = summary["heads"][head]["run_id"]
+        logged = {Path(a.path).name for a in client.list_artifacts(run_id, "tensorboard")}
+        written = {p.name for p in (workdir / "logs/tensorboard" / head).iterdir()}
+        assert logged == written and any(n.startswith("events.out.tfevents.") for n in logged)
+    assert not client.list_artifacts(summary["heads"]["tf"]["run_id"], "tensorboard")
 
 
 @pytest.mark.slow
@@ -493,9 +531,54 @@ def test_registered_models_reproduce_the_evaluate_stage(tracked):
         accuracy = float(np.mean(probs.argmax(1) == test["labels"]))
         assert round(accuracy, 6) == ev["accuracy"]
     assert [m.name for m in client.search_registered_models()] == [
+        "generated-finetune_keras",
+        "generated-finetune_tf",
         "generated-keras",
         "generated-tf",
     ]
+
+
+@pytest.mark.slow
+def test_registered_fine_tuned_models_reproduce_the_evaluate_stage(tracked):
+    """The registered end-to-end fine-tuned models (image file in: backbone to the cut, the
+    fine-tuned blocks, the head, the flip averaged for finetune_keras) give the probabilities
+    the evaluate stage scored on the test activations, within 1e-5."""
+    import mlflow
+    import pandas as pd
+
+    from imgclf.activations import load_activations
+    from imgclf.fileio import read_json
+    from imgclf.finetune.common import predict_images, uses_test_time_flip
+    from imgclf.heads import load_predictor, model_dir
+
+    client, summary, workdir = tracked["client"], tracked["summary"], tracked["workdir"]
+    acts = load_activations(workdir / "data/activations", "test")
+    ids = acts.ids[acts.of_view("orig")]
+    classes = read_json(workdir / "data/bottlenecks/classes.json")
+    flips = {}
+    for head in ("finetune_tf", "finetune_keras"):
+        name = f"generated-{head}"
+        (version,) = client.search_model_versions(f"name='{name}'")
+        assert version.run_id == summary["heads"][head]["run_id"]
+        assert "fine-tuned" in client.get_registered_model(name).description
+        model = mlflow.pyfunc.load_model(f"models:/{name}@champion")
+        meta = model.metadata.metadata
+        assert meta["labels"] == classes and meta["cut"] == "mixed_8"
+        folder = model_dir(workdir / "models", head)
+        flips[head] = meta["test_time_flip"]
+        assert flips[head] == uses_test_time_flip(folder)
+        answer = model.predict(
+            pd.DataFrame({"image": [(workdir / "data/split" / i).read_bytes() for i in ids]})
+        )
+        probs = np.array([[row[c] for c in classes] for row in answer["probabilities"]])
+        expected = predict_images(load_predictor(head, folder), acts, test_time_flip=flips[head])
+        np.testing.assert_allclose(probs, expected, atol=1e-5)
+        ev = read_json(workdir / f"metrics/evaluate/{head}.json")
+        assert (
+            round(float(np.mean(probs.argmax(1) == acts.labels[acts.of_view("orig")])), 6)
+            == (ev["accuracy"])
+        )
+    assert flips == {"finetune_tf": False, "finetune_keras": True}
 
 
 @pytest.mark.slow
@@ -525,7 +608,8 @@ def test_an_identical_result_registers_no_new_version(tracked, tmp_path):
     assert third["heads"]["tf"]["registered_model"] == "other-tf"
     assert third["heads"]["tf"]["model_uri"] == first["heads"]["tf"]["model_uri"]
     assert third["heads"]["keras"]["registered_version"] == "1"
-    assert len(list((tmp_path / "mlartifacts").rglob("saved_model.pb"))) == 2  # not 4 or 6
+    # One export per servable model (tf, keras and the two fine-tuned), not one per run.
+    assert len(list((tmp_path / "mlartifacts").rglob("saved_model.pb"))) == 4
 
 
 def test_champion_is_the_best_version_that_passes_the_gate(tmp_path):
@@ -579,7 +663,13 @@ def test_dataset_and_registered_model_names_come_from_the_source():
     assert dataset_name("exports/ants bees.json") == "ants-bees"
     assert dataset_name("") == "images"
     track = {"registered_models": {"tf": "{dataset}-tf", "keras": "my-keras"}}
-    assert registered_model_names(track, "data/ants.zip") == {"tf": "ants-tf", "keras": "my-keras"}
+    # A servable model the block does not name gets {dataset}-<model>.
+    assert registered_model_names(track, "data/ants.zip") == {
+        "tf": "ants-tf",
+        "keras": "my-keras",
+        "finetune_tf": "ants-finetune_tf",
+        "finetune_keras": "ants-finetune_keras",
+    }
 
 
 def _free_port() -> int:
@@ -698,7 +788,8 @@ def make_dvc_repo(repo: Path, workdir: Path, params: dict) -> None:
     dvc.yaml (the earlier stages' outputs are committed files here, not stages). Models are
     not logged (track.log_models=false): the point is which runs DVC creates, and where."""
     repo.mkdir()
-    for rel in ("data/manifest.csv", "data/split/manifest.csv", "models", "metrics"):
+    for rel in ("data/manifest.csv", "data/split/manifest.csv", "models", "metrics",
+                "logs/tensorboard"):  # fmt: skip
         src = workdir / rel
         if src.is_dir():
             shutil.copytree(src, repo / rel)
@@ -746,7 +837,7 @@ def test_dvc_repro_tracks_each_result_once_and_exp_temp_uses_the_same_store(
         return [r for r in runs if "mlflow.parentRunId" not in r.data.tags], runs
 
     first, runs = parents()
-    assert len(first) == 1 and len(runs) == 4
+    assert len(first) == 1 and len(runs) == 6  # the parent and five models
     assert first[0].data.tags["git.dirty"] == "false"
     assert first[0].data.tags["git.commit"] == _run(["git", "rev-parse", "HEAD"], repo, env).strip()
     run_json = json.loads((repo / "metrics/mlflow_run.json").read_text())
@@ -754,7 +845,7 @@ def test_dvc_repro_tracks_each_result_once_and_exp_temp_uses_the_same_store(
 
     out = _run(["dvc", "repro"], repo, env)  # nothing changed: skipped, no run
     assert "Running stage 'track'" not in out
-    assert len(parents()[1]) == 4
+    assert len(parents()[1]) == 6
 
     _run(["git", "add", "-A"], repo, env)
     _run(["git", "commit", "-qm", "tracked"], repo, env)
@@ -764,7 +855,7 @@ def test_dvc_repro_tracks_each_result_once_and_exp_temp_uses_the_same_store(
         env,
     )
     now, runs = parents()
-    assert len(now) == 2 and len(runs) == 8, out
+    assert len(now) == 2 and len(runs) == 12, out
     new = next(r for r in now if r.info.run_id != first[0].info.run_id)
     assert new.data.tags["dvc.exp_name"] == "tiny-temp"
     assert new.info.run_name == "tiny-temp"

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from imgclf.activations import Activations
-from imgclf.errors import UserError
+from imgclf.errors import MissingInput, UserError
 from imgclf.fileio import atomic_write_bytes, read_json
 from imgclf.heads.common import validation_split
 
@@ -104,11 +104,35 @@ def write_config(model_dir: Path, config: Mapping[str, Any]) -> None:
     atomic_write_bytes(Path(model_dir) / CONFIG_FILE, text.encode("utf-8"))
 
 
+def model_config(*, test_time_flip: bool, cut: str | None) -> dict[str, Any]:
+    """finetune.json: what a fine-tuned model needs beside its weights to be used on images
+    (its cut: where the backbone hands over; whether it averages with the flipped view)."""
+    config: dict[str, Any] = {"inputs": "activations", "test_time_flip": bool(test_time_flip)}
+    if cut is not None:
+        config["cut"] = cut
+    return config
+
+
 def read_config(model_dir: str | Path) -> dict[str, Any]:
     path = Path(model_dir) / CONFIG_FILE
     if not path.is_file():
         return {}
     return dict(read_json(path))
+
+
+def model_cut(model_dir: str | Path) -> str:
+    """The cut a saved fine-tuned model starts from (finetune.json)."""
+    cut = read_config(model_dir).get("cut")
+    if not isinstance(cut, str):
+        raise MissingInput(
+            f"{Path(model_dir) / CONFIG_FILE} does not say the model's cut (activations.cut): "
+            "it was saved by an older version; rerun its fine-tune stage (dvc repro)"
+        )
+    return cut
+
+
+def uses_test_time_flip(model_dir: str | Path) -> bool:
+    return bool(read_config(model_dir).get("test_time_flip", False))
 
 
 def predict_images(
@@ -201,10 +225,18 @@ class TensorBoardLog:
         self._writer.close()
 
 
+GRADIENT_NORM_PREFIX = "gradient_norm_"
+
+
 def epoch_row(
-    epoch: int, train: tuple[float, float], val: tuple[float, float]
+    epoch: int,
+    train: tuple[float, float],
+    val: tuple[float, float],
+    gradient_norms: Mapping[str, float] | None = None,
 ) -> dict[str, float | int]:
-    """One curve row: (loss, accuracy) pairs of the epoch's training and of validation."""
+    """One curve row: (loss, accuracy) pairs of the epoch's training and of validation, and
+    the per-block gradient norms (`gradient_norm_<block>` columns) measured at its end: the
+    curve CSV is where track reads them from, as MLflow metrics per epoch."""
     return {
         "epoch": float(epoch),  # every training view seen once per epoch
         "step": int(epoch),
@@ -212,6 +244,7 @@ def epoch_row(
         "train_accuracy": float(train[1]),
         "val_loss": float(val[0]),
         "val_accuracy": float(val[1]),
+        **{f"{GRADIENT_NORM_PREFIX}{b}": float(n) for b, n in (gradient_norms or {}).items()},
     }
 
 
@@ -225,37 +258,42 @@ def train_and_save_finetune(
     paths: Mapping[str, str],
     shared: Mapping[str, Any],
     cut: str,
-    head_dir: str | Path,
     load_head: Callable[[Path], Any],
     train_fn: Callable[..., Any],
     save_fn: Callable[..., None],
     count_parameters: Callable[[Any], int],
     recipe: Mapping[str, Any],
 ) -> dict[str, Any]:
-    """Load the train activations, the backbone's top after `cut` and the head in `head_dir`;
-    fine-tune with `recipe`; write models/<name>, metrics/train/<name>.json, the curve and the
-    TensorBoard events (<paths.tensorboard>/<name>). Returns the metrics written."""
+    """Load the train activations, the backbone's top after `cut` and the registered model's
+    `base` head; fine-tune with `recipe`; write the model, metrics/train/<name>.json, the curve
+    (with the per-block gradient norms of each epoch) and the TensorBoard events, where
+    imgclf/layout.py puts them. Returns the metrics written."""
     import imgclf.quiet_tf  # noqa: F401
     from imgclf.activations import load_activations
     from imgclf.heads.common import read_labels, write_training_metrics
     from imgclf.inception import build_top, load_backbone
+    from imgclf.layout import Layout
+    from imgclf.registry import get_model
 
+    spec = get_model(name)
+    assert spec.base is not None, f"{name} is registered without a base head"
+    layout = Layout.from_params({"paths": paths})
     recipe = dict(recipe)
     test_time_flip = bool(recipe.pop("test_time_flip"))
-    acts = load_activations(paths["activations"], "train")
-    head_dir = Path(head_dir)
+    acts = load_activations(layout.activations, "train")
+    head_dir = layout.model_dir(spec.base)
     classes = read_labels(head_dir)
     if acts.labels.size and int(acts.labels.max()) >= len(classes):
         raise UserError(
-            f"{paths['activations']}/train_index.npz has labels up to {int(acts.labels.max())} but "
-            f"{head_dir}/labels.txt lists {len(classes)} classes: the head was trained on another "
-            "split; rerun the pipeline (dvc repro)"
+            f"{layout.activations}/train_index.npz has labels up to {int(acts.labels.max())} "
+            f"but {head_dir}/labels.txt lists {len(classes)} classes: the head was trained on "
+            "another split; rerun the pipeline (dvc repro)"
         )
     data = load_finetune_data(acts, float(shared["validation_fraction"]), int(shared["seed"]))
-    top = build_top(load_backbone(paths["backbone"]).model, cut)
+    top = build_top(load_backbone(layout.backbone).model, cut)
     if tuple(top.input.shape[1:]) != tuple(data.x_train.shape[1:]):
         raise UserError(
-            f"{paths['activations']}/train.npy holds activations of shape "
+            f"{layout.activations}/train.npy holds activations of shape "
             f"{tuple(data.x_train.shape[1:])}, but the backbone's {cut} gives "
             f"{tuple(top.input.shape[1:])}: rerun the activations stage (dvc repro activations)"
         )
@@ -266,7 +304,7 @@ def train_and_save_finetune(
         data.y_train,
         data.x_val,
         data.y_val,
-        tensorboard_dir=Path(paths["tensorboard"]) / name,
+        tensorboard_dir=layout.tensorboard_dir(name),
         seed=int(shared["seed"]),
         **recipe,
     )
@@ -277,9 +315,9 @@ def train_and_save_finetune(
             "test_time_flip": int(test_time_flip),
         }
     )
-    save_fn(result.model, Path(paths["models"]) / name, classes, test_time_flip=test_time_flip)
+    save_fn(result.model, layout.model_dir(name), classes, test_time_flip=test_time_flip, cut=cut)
     return write_training_metrics(
-        paths["metrics"],
+        layout.metrics,
         name,
         result,
         n_parameters=count_parameters(result.model),

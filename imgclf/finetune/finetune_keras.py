@@ -30,11 +30,18 @@ from imgclf.finetune.common import (
     SCHEDULES,
     TensorBoardLog,
     epoch_row,
-    read_config,
+    model_config,
     write_config,
 )
-from imgclf.heads.common import TrainResult, save_model_dir, set_determinism, stopwatch
-from imgclf.heads.keras_head import _normalise_keras_archive, _without_stderr_lines
+from imgclf.finetune.common import uses_test_time_flip as uses_test_time_flip  # re-exported
+from imgclf.heads.common import (
+    TrainResult,
+    normalise_keras_archive,
+    save_model_dir,
+    set_determinism,
+    stopwatch,
+    without_stderr_lines,
+)
 
 MODEL_FILE = "model.keras"
 _TF_DATA_NOTICE = b"NodeDef mentions attribute use_unbounded_threadpool"
@@ -163,7 +170,7 @@ def train_finetune_keras(
     y_val_1h = keras.utils.to_categorical(y_val, n_classes).astype(np.float32)
     probe_rows = np.random.default_rng(seed).permutation(len(x_train))[:batch_size]
     log = TensorBoardLog(tensorboard_dir)
-    with _without_stderr_lines(_TF_DATA_NOTICE):
+    with without_stderr_lines(_TF_DATA_NOTICE):
         start_loss, start_accuracy = _evaluate(model, x_val, y_val_1h, 256)
     log.scalars(0, {"loss/val": start_loss, "accuracy/val": start_accuracy})
     monitor = _Monitor(
@@ -176,7 +183,7 @@ def train_finetune_keras(
     best = keras.callbacks.EarlyStopping(
         monitor="val_accuracy", mode="max", patience=epochs, restore_best_weights=True
     )
-    with stopwatch() as timer, _without_stderr_lines(_TF_DATA_NOTICE):
+    with stopwatch() as timer, without_stderr_lines(_TF_DATA_NOTICE):
         history = model.fit(
             x_train,
             y_train_1h,
@@ -189,7 +196,12 @@ def train_finetune_keras(
         )
     h = history.history
     curve = [
-        epoch_row(e + 1, (h["loss"][e], h["accuracy"][e]), (h["val_loss"][e], h["val_accuracy"][e]))
+        epoch_row(
+            e + 1,
+            (h["loss"][e], h["accuracy"][e]),
+            (h["val_loss"][e], h["val_accuracy"][e]),
+            monitor.norms[e] if e < len(monitor.norms) else None,
+        )
         for e in range(len(h["loss"]))
     ]
     # EarlyStopping counts an epoch as better only when strictly better: ties keep the first.
@@ -221,6 +233,7 @@ def save_finetune_keras(
     classes: list[str],
     *,
     test_time_flip: bool = False,
+    cut: str | None = None,
 ) -> None:
     """model.keras + finetune.json + labels.txt in `model_dir`, replaced as a whole; the same
     weights give the same bytes."""
@@ -231,8 +244,8 @@ def save_finetune_keras(
 
     def write(tmp: Path) -> None:
         plain.save(tmp / MODEL_FILE)
-        _normalise_keras_archive(tmp / MODEL_FILE)
-        write_config(tmp, {"inputs": "activations", "test_time_flip": bool(test_time_flip)})
+        normalise_keras_archive(tmp / MODEL_FILE)
+        write_config(tmp, model_config(test_time_flip=test_time_flip, cut=cut))
 
     save_model_dir(model_dir, classes, write)
 
@@ -257,5 +270,19 @@ def predictor(model_dir: str | Path) -> Callable[[np.ndarray], np.ndarray]:
     return predict
 
 
-def uses_test_time_flip(model_dir: str | Path) -> bool:
-    return bool(read_config(model_dir).get("test_time_flip", False))
+def graph_head(model_dir: str | Path) -> tuple[Any, Callable[[Any], Any]]:
+    """For the end-to-end graph: the loaded model and its inference call (batch norm in
+    inference mode, as it was trained and scored)."""
+    model = load_finetune_keras(model_dir)
+    return model, lambda x: model(x, training=False)
+
+
+def weights_digest(model_dir: str | Path) -> bytes:
+    """sha256 over the paths, shapes, dtypes and values of the model's weights."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for weight in load_finetune_keras(model_dir).weights:
+        value = np.asarray(weight.numpy())
+        digest.update(f"{weight.path}:{value.dtype}:{value.shape}".encode() + value.tobytes())
+    return digest.digest()

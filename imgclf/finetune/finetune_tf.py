@@ -34,9 +34,10 @@ from imgclf.finetune.common import (
     TensorBoardLog,
     epoch_row,
     learning_rate_at,
-    read_config,
+    model_config,
     write_config,
 )
+from imgclf.finetune.common import uses_test_time_flip as uses_test_time_flip  # re-exported
 from imgclf.heads.common import TrainResult, save_model_dir, set_determinism, stopwatch
 from imgclf.heads.tf_head import deterministic_fingerprint
 
@@ -309,7 +310,6 @@ def train_finetune_tf(
                 accuracy_sum += float(acc) * len(rows)
             train = (loss_sum / len(order), accuracy_sum / len(order))
             val = trainer.evaluate(x_val, y_val)
-            curve.append(epoch_row(epoch, train, val))
             lr = learning_rate_at(model.step - 1, trainer.total_steps, learning_rate, schedule)
             log.scalars(epoch, {"loss/train": train[0], "loss/val": val[0],
                                 "accuracy/train": train[1], "accuracy/val": val[1],
@@ -317,6 +317,7 @@ def train_finetune_tf(
             log.histograms(epoch, ((f"weights/{n}", v) for n, v in model.variables_to_train()))
             grads = trainer.gradients(probe_x, probe_y)
             all_norms.append(log.gradients(epoch, zip(trainer.names, grads, strict=True)))
+            curve.append(epoch_row(epoch, train, val, all_norms[-1]))
             if val[1] > best_accuracy:  # strictly better: a tie keeps the earlier epoch
                 best_accuracy, best_epoch = val[1], epoch
                 best_values = [v.numpy() for v in trainer.variables]
@@ -344,7 +345,12 @@ def train_finetune_tf(
 
 
 def save_finetune_tf(
-    model: FinetuneTop, model_dir: str | Path, classes: list[str], *, test_time_flip: bool = False
+    model: FinetuneTop,
+    model_dir: str | Path,
+    classes: list[str],
+    *,
+    test_time_flip: bool = False,
+    cut: str | None = None,
 ) -> None:
     """SavedModel + finetune.json + labels.txt in `model_dir`, replaced as a whole."""
     spec = tf.TensorSpec([None, *model.input_shape], tf.float32, name=INPUT_NAME)
@@ -354,7 +360,7 @@ def save_finetune_tf(
     def write(tmp: Path) -> None:
         tf.saved_model.save(model, str(tmp), signatures=signatures)
         deterministic_fingerprint(tmp)
-        write_config(tmp, {"inputs": "activations", "test_time_flip": bool(test_time_flip)})
+        write_config(tmp, model_config(test_time_flip=test_time_flip, cut=cut))
 
     save_model_dir(model_dir, classes, write)
 
@@ -380,5 +386,15 @@ def predictor(model_dir: str | Path) -> Callable[[np.ndarray], np.ndarray]:
     return predict
 
 
-def uses_test_time_flip(model_dir: str | Path) -> bool:
-    return bool(read_config(model_dir).get("test_time_flip", False))
+def graph_head(model_dir: str | Path) -> tuple[Any, Callable[[Any], Any]]:
+    """For the end-to-end graph: the restored module and its activations -> probabilities."""
+    model = load_finetune_tf(model_dir)
+    return model, lambda x: model.predict(x)
+
+
+def weights_digest(model_dir: str | Path) -> bytes:
+    """sha256 over the names, shapes, dtypes and values of the checkpoint's variables (the step
+    counter included: the same start trained for longer is another model), as the TF head's."""
+    from imgclf.heads.tf_head import weights_digest as checkpoint_digest
+
+    return checkpoint_digest(model_dir)

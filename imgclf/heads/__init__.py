@@ -14,9 +14,11 @@ from types import ModuleType
 import numpy as np
 
 from imgclf.layout import Layout
-from imgclf.registry import MODELS, get_model
+from imgclf.registry import get_model, model_names
 
-HEADS = tuple(MODELS)
+# The heads on the frozen pool features (the fine-tuned models are registered too, on
+# activations: imgclf.finetune).
+HEADS = tuple(model_names(inputs="bottlenecks"))
 
 
 def head_module(head: str) -> ModuleType:
@@ -25,13 +27,13 @@ def head_module(head: str) -> ModuleType:
 
 
 def model_dir(models_dir: str | Path, head: str) -> Path:
-    """Where the train stage of `head` saves it: <paths.models>/heads/<head>."""
+    """Where the train (or fine-tune) stage of `head` saves it: <paths.models>/heads/<head>."""
     return Layout.of(models=models_dir).model_dir(get_model(head).name)
 
 
 def load_predictor(head: str, model_dir: str | Path) -> Callable[[np.ndarray], np.ndarray]:
-    """A function features float32 [N, F] -> probabilities float32 [N, n_classes], columns
-    in label order (labels.txt in `model_dir`)."""
+    """A function features float32 [N, F] (activations [N, h, w, c] for a fine-tuned model) ->
+    probabilities float32 [N, n_classes], columns in label order (labels.txt in `model_dir`)."""
     return get_model(head).function("predictor")(model_dir)
 
 

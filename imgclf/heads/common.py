@@ -9,7 +9,10 @@ imports TensorFlow/Keras lazily so that the scikit-learn stage stays light.
 from __future__ import annotations
 
 import math
+import os
 import shutil
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -261,7 +264,10 @@ def write_training_metrics(
     write_metrics(layout.train_metrics(head), metrics)
     if result.curve or has_curve is not None:
         rows = [round_floats(dict(row)) for row in result.curve]
-        write_csv(layout.curve(head), CURVE_COLUMNS, rows)
+        # The shared columns first; a model's own (the fine-tuned models' gradient_norm_<block>)
+        # after them, in the order the rows give them.
+        extra = [k for row in rows for k in row if k not in CURVE_COLUMNS]
+        write_csv(layout.curve(head), [*CURVE_COLUMNS, *dict.fromkeys(extra)], rows)
     return metrics
 
 
@@ -312,3 +318,93 @@ def train_model(name: str, params: Mapping[str, Any], workdir: str | Path = ".")
         n_classes=len(train.classes),
         has_curve=spec.has_curve,
     )
+
+
+# --------------------------------------------------------------------------------------------
+# Shared by the Keras models (the head and the fine-tuned top): plain Python, no Keras import.
+
+
+@contextmanager
+def without_stderr_lines(marker: bytes) -> Iterator[None]:
+    """Pass everything written to file descriptor 2 (C++ logs included) through, except lines
+    containing `marker`. Bytes go through as they come, so tqdm's bar stays live."""
+    sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:  # no usable stderr: nothing to filter
+        yield
+        return
+    read_fd, write_fd = os.pipe()
+    os.dup2(write_fd, 2)
+    os.close(write_fd)
+
+    def pump() -> None:
+        pending = b""
+        while chunk := os.read(read_fd, 65536):
+            pending += chunk
+            if marker in pending and b"\n" not in pending[pending.index(marker) :]:
+                continue  # the marked line is not complete yet: wait for its end
+            lines = pending.split(b"\n")
+            pending = b""
+            # Dropping an element of the split drops that line and its newline.
+            os.write(saved, b"\n".join(line for line in lines if marker not in line))
+        if pending and marker not in pending:
+            os.write(saved, pending)
+
+    thread = threading.Thread(target=pump, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)  # closes the pipe's last writer: pump sees EOF
+        thread.join(timeout=5)
+        os.close(read_fd)
+        os.close(saved)
+
+
+# Keras writes the save time into metadata.json, Python object ids (`shared_object_id`) into
+# config.json and stamps the weights member with the clock, so two identical trainings gave
+# different files: a new dvc.lock hash for the same model.
+_FIXED_ZIP_TIME = (1980, 1, 1, 0, 0, 0)
+
+
+def normalise_keras_archive(path: Path) -> None:
+    """Rewrite a .keras zip without what varies between identical saves: metadata.json's
+    date_saved removed, config.json's shared_object_id numbered in order of appearance (they
+    only pair up references to one object), every member dated 1980-01-01 (zip's epoch),
+    members in Keras's own order. Loading is unchanged."""
+    import json
+    import zipfile
+
+    with zipfile.ZipFile(path) as src:
+        members = [(info, src.read(info)) for info in src.infolist()]
+    tmp = path.with_name(path.name + ".tmp")
+    with zipfile.ZipFile(tmp, "w") as dst:
+        for info, data in members:
+            if info.filename == "metadata.json":
+                meta = json.loads(data)
+                meta.pop("date_saved", None)
+                data = json.dumps(meta).encode()
+            elif info.filename == "config.json":
+                data = json.dumps(_renumber_shared_objects(json.loads(data))).encode()
+            fixed = zipfile.ZipInfo(info.filename, date_time=_FIXED_ZIP_TIME)
+            fixed.compress_type = info.compress_type
+            fixed.external_attr = info.external_attr
+            dst.writestr(fixed, data)
+    tmp.replace(path)
+
+
+def _renumber_shared_objects(config: Any, ids: dict[int, int] | None = None) -> Any:
+    ids = {} if ids is None else ids
+    if isinstance(config, dict):
+        out = {}
+        for key, value in config.items():
+            if key == "shared_object_id" and isinstance(value, int):
+                out[key] = ids.setdefault(value, len(ids) + 1)
+            else:
+                out[key] = _renumber_shared_objects(value, ids)
+        return out
+    if isinstance(config, list):
+        return [_renumber_shared_objects(v, ids) for v in config]
+    return config

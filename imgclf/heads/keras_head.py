@@ -8,11 +8,8 @@ model (backbone -> head) is built from.
 
 from __future__ import annotations
 
-import os
 import sys
-import threading
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +18,15 @@ import numpy as np
 from tqdm import tqdm
 
 from imgclf.errors import MissingInput
-from imgclf.heads.common import N_FEATURES, TrainResult, save_model_dir, set_determinism, stopwatch
+from imgclf.heads.common import (
+    N_FEATURES,
+    TrainResult,
+    normalise_keras_archive,
+    save_model_dir,
+    set_determinism,
+    stopwatch,
+    without_stderr_lines,
+)
 
 MODEL_FILE = "model.keras"
 
@@ -79,45 +84,6 @@ class _EpochProgress(keras.callbacks.Callback):
 _TF_DATA_NOTICE = b"NodeDef mentions attribute use_unbounded_threadpool"
 
 
-@contextmanager
-def _without_stderr_lines(marker: bytes) -> Iterator[None]:
-    """Pass everything written to file descriptor 2 (C++ logs included) through, except lines
-    containing `marker`. Bytes go through as they come, so tqdm's bar stays live."""
-    sys.stderr.flush()
-    try:
-        saved = os.dup(2)
-    except OSError:  # no usable stderr: nothing to filter
-        yield
-        return
-    read_fd, write_fd = os.pipe()
-    os.dup2(write_fd, 2)
-    os.close(write_fd)
-
-    def pump() -> None:
-        pending = b""
-        while chunk := os.read(read_fd, 65536):
-            pending += chunk
-            if marker in pending and b"\n" not in pending[pending.index(marker) :]:
-                continue  # the marked line is not complete yet: wait for its end
-            lines = pending.split(b"\n")
-            pending = b""
-            # Dropping an element of the split drops that line and its newline.
-            os.write(saved, b"\n".join(line for line in lines if marker not in line))
-        if pending and marker not in pending:
-            os.write(saved, pending)
-
-    thread = threading.Thread(target=pump, daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        sys.stderr.flush()
-        os.dup2(saved, 2)  # closes the pipe's last writer: pump sees EOF
-        thread.join(timeout=5)
-        os.close(read_fd)
-        os.close(saved)
-
-
 def train_keras_head(
     x_train: np.ndarray,
     y_train: np.ndarray,
@@ -159,7 +125,7 @@ def train_keras_head(
             monitor="val_loss", patience=early_stopping_patience, restore_best_weights=True
         )
         callbacks.append(early_stopping)
-    with stopwatch() as timer, _without_stderr_lines(_TF_DATA_NOTICE):
+    with stopwatch() as timer, without_stderr_lines(_TF_DATA_NOTICE):
         history = model.fit(
             np.asarray(x_train, np.float32),
             np.asarray(y_train, np.int64),
@@ -206,60 +172,13 @@ def train_keras_head(
 
 def save_keras_head(model: keras.Model, model_dir: str | Path, classes: list[str]) -> None:
     """model.keras + labels.txt in `model_dir`, replaced as a whole. The same weights give the
-    same bytes (see `_normalise_keras_archive`)."""
+    same bytes (see `normalise_keras_archive`)."""
 
     def write(tmp: Path) -> None:
         model.save(tmp / MODEL_FILE)
-        _normalise_keras_archive(tmp / MODEL_FILE)
+        normalise_keras_archive(tmp / MODEL_FILE)
 
     save_model_dir(model_dir, classes, write)
-
-
-# Keras writes the save time into metadata.json, Python object ids (`shared_object_id`) into
-# config.json and stamps the weights member with the clock, so two identical trainings gave
-# different files: a new dvc.lock hash for the same model.
-_FIXED_ZIP_TIME = (1980, 1, 1, 0, 0, 0)
-
-
-def _normalise_keras_archive(path: Path) -> None:
-    """Rewrite a .keras zip without what varies between identical saves: metadata.json's
-    date_saved removed, config.json's shared_object_id numbered in order of appearance (they
-    only pair up references to one object), every member dated 1980-01-01 (zip's epoch),
-    members in Keras's own order. Loading is unchanged."""
-    import json
-    import zipfile
-
-    with zipfile.ZipFile(path) as src:
-        members = [(info, src.read(info)) for info in src.infolist()]
-    tmp = path.with_name(path.name + ".tmp")
-    with zipfile.ZipFile(tmp, "w") as dst:
-        for info, data in members:
-            if info.filename == "metadata.json":
-                meta = json.loads(data)
-                meta.pop("date_saved", None)
-                data = json.dumps(meta).encode()
-            elif info.filename == "config.json":
-                data = json.dumps(_renumber_shared_objects(json.loads(data))).encode()
-            fixed = zipfile.ZipInfo(info.filename, date_time=_FIXED_ZIP_TIME)
-            fixed.compress_type = info.compress_type
-            fixed.external_attr = info.external_attr
-            dst.writestr(fixed, data)
-    tmp.replace(path)
-
-
-def _renumber_shared_objects(config: Any, ids: dict[int, int] | None = None) -> Any:
-    ids = {} if ids is None else ids
-    if isinstance(config, dict):
-        out = {}
-        for key, value in config.items():
-            if key == "shared_object_id" and isinstance(value, int):
-                out[key] = ids.setdefault(value, len(ids) + 1)
-            else:
-                out[key] = _renumber_shared_objects(value, ids)
-        return out
-    if isinstance(config, list):
-        return [_renumber_shared_objects(v, ids) for v in config]
-    return config
 
 
 def load_keras_head(model_dir: str | Path) -> keras.Model:
