@@ -24,6 +24,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script: the registry of this checkout
+from imgclf.evaluation import ALPHA  # noqa: E402  (evaluate's significance level)
 from imgclf.registry import MODELS  # noqa: E402
 
 HEADS = {name: spec.display_name for name, spec in MODELS.items()}
@@ -54,7 +55,7 @@ def test_accuracies(metrics_dir: Path) -> dict[str, float]:
 
 
 def paired_tests(metrics_dir: Path) -> dict[str, dict]:
-    """comparison.json: "<a>_vs_<b>" -> McNemar's b, c, p_value, significant."""
+    """comparison.json: "<a>_vs_<b>" -> McNemar's b, c, n_discordant, p_value, mid_p."""
     path = metrics_dir / "evaluate" / "comparison.json"
     return json.loads(path.read_text()) if path.is_file() else {}
 
@@ -75,7 +76,7 @@ def mcnemar_table(tests: dict[int, dict[str, dict]]) -> str:
             t = tests[seed].get(pair)
             cells.append(
                 "–" if t is None else
-                f"{t['b']}/{t['c']}, {t['p_value']:.2g}{' *' if t['significant'] else ''}"
+                f"{t['b']}/{t['c']}, {t['p_value']:.3g}{' *' if t['p_value'] < ALPHA else ''}"
             )  # fmt: skip
         a, _, b = pair.partition("_vs_")
         lines.append(f"| {HEADS.get(a, a)} vs {HEADS.get(b, b)} | " + " | ".join(cells) + " |")
