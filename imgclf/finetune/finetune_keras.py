@@ -36,6 +36,7 @@ from imgclf.finetune.common import (
 from imgclf.finetune.common import uses_test_time_flip as uses_test_time_flip  # re-exported
 from imgclf.heads.common import (
     TrainResult,
+    keras_weights_digest,
     normalise_keras_archive,
     save_model_dir,
     set_determinism,
@@ -279,10 +280,4 @@ def graph_head(model_dir: str | Path) -> tuple[Any, Callable[[Any], Any]]:
 
 def weights_digest(model_dir: str | Path) -> bytes:
     """sha256 over the paths, shapes, dtypes and values of the model's weights."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    for weight in load_finetune_keras(model_dir).weights:
-        value = np.asarray(weight.numpy())
-        digest.update(f"{weight.path}:{value.dtype}:{value.shape}".encode() + value.tobytes())
-    return digest.digest()
+    return keras_weights_digest(load_finetune_keras(model_dir))

@@ -369,6 +369,18 @@ def without_stderr_lines(marker: bytes) -> Iterator[None]:
 _FIXED_ZIP_TIME = (1980, 1, 1, 0, 0, 0)
 
 
+def keras_weights_digest(model: Any) -> bytes:
+    """sha256 over the paths, shapes, dtypes and values of a Keras model's weights: what
+    identifies a registered model version."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for weight in model.weights:
+        value = np.asarray(weight.numpy())
+        digest.update(f"{weight.path}:{value.dtype}:{value.shape}".encode() + value.tobytes())
+    return digest.digest()
+
+
 def normalise_keras_archive(path: Path) -> None:
     """Rewrite a .keras zip without what varies between identical saves: metadata.json's
     date_saved removed, config.json's shared_object_id numbered in order of appearance (they

@@ -21,6 +21,7 @@ from imgclf.errors import MissingInput
 from imgclf.heads.common import (
     N_FEATURES,
     TrainResult,
+    keras_weights_digest,
     normalise_keras_archive,
     save_model_dir,
     set_determinism,
@@ -216,10 +217,4 @@ def graph_head(model_dir: str | Path) -> tuple[Any, Callable[[Any], Any]]:
 
 def weights_digest(model_dir: str | Path) -> bytes:
     """sha256 over the paths, shapes, dtypes and values of the model's weights."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    for weight in load_keras_head(model_dir).weights:
-        value = np.asarray(weight.numpy())
-        digest.update(f"{weight.path}:{value.dtype}:{value.shape}".encode() + value.tobytes())
-    return digest.digest()
+    return keras_weights_digest(load_keras_head(model_dir))
