@@ -40,9 +40,9 @@ from imgclf.features import (
     gather_features,
     split_items,
 )
-from imgclf.fileio import atomic_write_bytes, read_json, write_json
+from imgclf.fileio import atomic_write_bytes
 from imgclf.params import check_runtime
-from imgclf.runtime_setup import RuntimeSetup
+from imgclf.runtime_setup import RuntimeSetup, recorded
 from imgclf.splitting import SUBSETS
 
 STORAGE_DTYPE = "float16"
@@ -366,11 +366,8 @@ def run_activations(
             items_by_view[view] += items[subset]
 
     backbone_path = backbone_dir.resolve()  # also read by Ray workers, whose cwd is not ours
-    # The gate the cached activations passed, beside the first view's folder: a fully cached
-    # rerun reports it without computing anything, and a Ray run (whose workers build the
-    # runtime and pass the gate) reports it from there too.
-    fidelity_file = caches[views[0]].dir.with_name(caches[views[0]].dir.name + ".fidelity.json")
-    report: dict[str, Any] = {}
+    # The gate the activations passed, beside the first view's folder (read back below).
+    record = caches[views[0]].dir.with_name(caches[views[0]].dir.name + ".fidelity.json")
 
     def load_model():
         # TensorFlow only when something is left to compute (its import alone takes seconds).
@@ -385,10 +382,7 @@ def run_activations(
             return backbone_to_cut(models[precision].model, options.cut)
 
         preprocess = PREPROCESSORS[info["weights"]]  # the same for every runtime
-        runtime, described = setup.make(build_model=build, preprocess=preprocess)
-        report.update(described)
-        write_json(fidelity_file, described)
-        return runtime, preprocess
+        return setup.make_recorded(record, build_model=build, preprocess=preprocess), preprocess
 
     stats = fill_views(
         items_by_view,
@@ -398,8 +392,7 @@ def run_activations(
         progress=progress,
         executor=executor,
     )
-    if not report and fidelity_file.is_file():
-        report = read_json(fidelity_file)
+    report = recorded(record)
     output_bytes = sum(
         write_subset(out_dir, subset, items[subset], options.views(subset), caches)
         for subset in SUBSETS

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,6 +19,7 @@ import numpy as np
 from imgclf.config import cache_dir
 from imgclf.features import ImageItem, image_batches
 from imgclf.fidelity import calibration_sample, fidelity_sample, gated_runtime
+from imgclf.fileio import read_json, write_json
 from imgclf.params import check_runtime
 from imgclf.runtimes import Runtime, RuntimeRequest, calibration_digest, feature_tag
 
@@ -94,3 +96,18 @@ class RuntimeSetup:
             report["calibration_images"] = len(self.calibration_items)
             report["calibration_digest"] = self.calibration_digest
         return runtime, report
+
+    def make_recorded(
+        self, record: Path, *, build_model: Callable[[str], Any], preprocess: Callable[[Any], Any]
+    ) -> Runtime:
+        """`make`, with what it measured written to `record`, beside the cache it fills. The
+        stage reads it back with `recorded` whichever process built the runtime: its own, a Ray
+        actor, or an earlier run that left everything cached."""
+        runtime, report = self.make(build_model=build_model, preprocess=preprocess)
+        write_json(record, report)
+        return runtime
+
+
+def recorded(record: Path) -> dict[str, Any]:
+    """What `RuntimeSetup.make_recorded` wrote to `record` ({} if nothing ever computed)."""
+    return dict(read_json(record)) if record.is_file() else {}

@@ -16,10 +16,10 @@ from imgclf.features import (
     save_bottlenecks,
     split_items,
 )
-from imgclf.fileio import read_json, write_json, write_metrics
+from imgclf.fileio import write_json, write_metrics
 from imgclf.inception import load_backbone, read_backbone_info
 from imgclf.params import BottlenecksParams, RuntimesParams
-from imgclf.runtime_setup import RuntimeSetup
+from imgclf.runtime_setup import RuntimeSetup, recorded
 from imgclf.splitting import SUBSETS
 from imgclf.stage import stage_main
 
@@ -61,7 +61,7 @@ def run_bottlenecks(
     cache = FeatureCache(cache_dir("bottlenecks"), key, dim=info["feature_dim"])
 
     backbone_path = backbone_dir.resolve()  # also read by Ray workers, whose cwd is not ours
-    report: dict[str, Any] = {}
+    record = cache.dir / FIDELITY_FILE
 
     def load_model():
         # Runs where the images are computed: here, or in each Ray actor (so no functools
@@ -73,20 +73,17 @@ def run_bottlenecks(
                 backbones[model_precision] = load_backbone(backbone_path, precision=model_precision)
             return backbones[model_precision]
 
-        made, described = setup.make(
-            build_model=lambda p: backbone(p).model, preprocess=backbone("float32").preprocess
+        preprocess = backbone("float32").preprocess
+        made = setup.make_recorded(
+            record, build_model=lambda p: backbone(p).model, preprocess=preprocess
         )
-        report.update(described)
-        write_json(cache.dir / FIDELITY_FILE, described)  # a later, fully cached run reads it
-        return made, backbone("float32").preprocess
+        return made, preprocess
 
     every_item = [item for subset in SUBSETS for item in items[subset]]
     stats = fill_cache(
         every_item, load_model, cache, batch_size=batch_size, progress=progress, executor=executor
     )
-    # A Ray run's actors passed the gate and wrote it; so did an earlier run of a cached one.
-    if not report and (cache.dir / FIDELITY_FILE).is_file():
-        report = read_json(cache.dir / FIDELITY_FILE)
+    report = recorded(record)
     for subset in SUBSETS:
         features = gather_features(items[subset], cache)
         save_bottlenecks(out_dir / f"{subset}.npz", items[subset], features)
