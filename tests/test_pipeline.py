@@ -239,7 +239,11 @@ def project(tmp_path_factory) -> Path:
     params["data"]["source"] = str(photos)
     params["ingest"]["min_images_per_class"] = 5
     params["evaluate"]["min_accuracy"] = 0.0  # 14 images per class: a test of plumbing
-    for name in params["finetune_models"]:  # one epoch: the plumbing, not the recipe
+    # Short trainings: these tests are about the plumbing, not the recipes (4,000 TF steps and
+    # up to 60 Keras epochs would cost a minute per pipeline pass, and the tests run five).
+    params["train_tf"].update(steps=400, eval_every=50)
+    params["train_keras"]["epochs"] = 15
+    for name in params["finetune_models"]:
         params[name]["epochs"] = 1
     add_ncm_model(repo, params)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

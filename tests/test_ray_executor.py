@@ -19,6 +19,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -275,6 +276,47 @@ def test_activations_on_ray_report_unreadable_images_by_name_and_match_local(
     for subset in ("train.npy", "test.npy"):
         ray_out = (tmp_path / "b" / "out" / subset).read_bytes()
         assert ray_out == (tmp_path / "c" / "out" / subset).read_bytes(), subset
+
+
+def test_an_image_that_kills_its_worker_every_time_ends_the_run_named(cluster, photos, tmp_path):
+    """A batch whose worker dies on every try (here a view that exits the process on one
+    photo, as a decoder crash would) is retried a bounded number of times, then its images are
+    reported as lost; the other batches are cached. Ray Data's default would retry forever."""
+    from PIL import Image
+
+    poison = tmp_path / "poison.png"
+    Image.fromarray(np.full((37, 41, 3), 7, np.uint8)).save(poison)
+
+    def tiny():  # a real Keras model that starts in a second (each crash restarts an actor)
+        import keras
+
+        model = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.GlobalAveragePooling2D()])
+        return model, lambda x: keras.ops.image.resize(keras.ops.cast(x, "float32"), (8, 8))
+
+    def crash_on_poison(image: np.ndarray) -> np.ndarray:
+        if image.shape == (37, 41, 3):
+            os._exit(3)  # the worker process dies, as on a segfault
+        return image
+
+    good = photos[:4]
+    items = items_of([*good, poison])
+    cache = FeatureCache(tmp_path / "cache", "k", dim=3)
+    # attempts 1: the poisoned batch is tried twice (each try kills and restarts the actor)
+    executor = make_executor("ray", ray_params(actors=1, attempts=1))
+    start = time.monotonic()
+    with pytest.raises(ExtractionFailed) as info:
+        fill_cache(items, tiny, cache, batch_size=2, view=crash_on_poison, executor=executor,
+                   progress=False)  # fmt: skip
+    assert time.monotonic() - start < 240
+    message = str(info.value)
+    assert str(poison) in info.value.failures, message
+    assert "worker died on every try" in message, message
+    # Lost: exactly the poisoned photo's batch (batches of 2 in sha order); the rest cached.
+    order = sorted(items, key=lambda item: item.sha256)
+    at = next(i for i, item in enumerate(order) if item.path == poison) // 2 * 2
+    lost = order[at : at + 2]
+    assert set(info.value.failures) == {str(item.path) for item in lost}, message
+    assert cache.missing([i.sha256 for i in order]) == [i.sha256 for i in lost]
 
 
 LOCAL_ONLY = """

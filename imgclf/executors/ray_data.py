@@ -22,9 +22,12 @@ Why these choices:
   killed job loses at most the batches in flight; the rerun sends only what the cache lacks.
 - Failures: an image that cannot be read or decoded is retried (`ray.attempts` reads, in the
   actor) and then returned as an error row, its batch's other images computed without it.
-  A lost worker (killed, out of memory) is restarted by Ray and its batch retried by Ray; if
-  the pool gives up, the driver runs the batches still missing again, up to `ray.attempts`
-  rounds. Whatever is still missing then is reported by name (ExtractionFailed), never dropped.
+  A lost worker (killed, out of memory) is restarted by Ray and its batch retried by Ray, up
+  to `ray.attempts` times (a batch that kills its worker every time, say one holding an image
+  that crashes the decoder, then leaves the stream: the run ends instead of retrying forever,
+  and the other batches are unaffected); if the whole pool gives up, the driver runs the
+  batches still missing again, up to `ray.attempts` rounds. Whatever is still missing is
+  reported by name (ExtractionFailed), never dropped.
 """
 
 from __future__ import annotations
@@ -224,11 +227,16 @@ class RayExecutor:
             },
             batch_size=1,
             batch_format="numpy",
-            # Ray Data's defaults for an actor pool restart a dead actor (the pool keeps its
-            # size) and retry its batch on another without bound; the driver's rounds cover
-            # the errors Ray does not retry.
-            compute=ray.data.ActorPoolStrategy(size=o.actors),
+            # One batch in flight per actor: a worker that dies takes only its own batch
+            # with it (the queue of a busy actor is short next to a batch's seconds).
+            compute=ray.data.ActorPoolStrategy(size=o.actors, max_tasks_in_flight_per_actor=1),
             num_cpus=o.cpus_per_actor,
+            # A dead actor is restarted (the pool keeps its size), but its batch is retried
+            # only `attempts` times: Ray Data's default, without bound, would loop forever on
+            # an image that crashes the decoder. Such a batch is then dropped from the stream
+            # (max_errored_blocks, set in `run`) and reported; the other batches go on.
+            max_restarts=-1,
+            max_task_retries=o.attempts,
         )
 
     def run(
@@ -251,6 +259,7 @@ class RayExecutor:
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False  # ours counts images, Ray's would count blocks
         context.print_on_execution_start = False
+        context.max_errored_blocks = -1  # a batch that failed every try: reported, not fatal
         logging.getLogger("ray.data").setLevel(logging.ERROR)  # "execution finished" notices
         ready = time.perf_counter()
 
@@ -264,6 +273,7 @@ class RayExecutor:
         with tqdm(total=len(pending), unit="img", desc=label, disable=not progress) as bar:
             left = batches
             for _round in range(o.attempts):
+                gave_up = False
                 try:
                     results = self._dataset(left, load_model, cache, view).iter_batches(
                         batch_size=None, batch_format="numpy"
@@ -281,14 +291,19 @@ class RayExecutor:
                                 done.add(sha)
                             bar.update(1)
                 except Exception as e:  # the pool gave up (ray.exceptions.*): run what is left
-                    lost_error = _describe(e)
+                    lost_error, gave_up = _describe(e), True
                 # Whole batches again (also their done images): the same batches, same floats.
                 left = [b for b in batches if any(s not in done and s not in failed for s, _ in b)]
-                if not left:
+                if not left or not gave_up:  # Ray has already retried each batch it dropped
                     break
         for sha, _ in (p for b in left for p in b):
             if sha not in done and sha not in failed:
-                failed[sha] = f"lost: {lost_error or 'no result came back'}"
+                # Only the batch is known, not which of its images (if any) killed the worker.
+                failed[sha] = (
+                    f"lost with its batch of {batch_size}: its worker died on every try "
+                    f"({lost_error or f'{o.attempts + 1} tries'}); if one image crashes the "
+                    "decoder, executor local names it"
+                )
         if failed:
             raise ExtractionFailed(
                 {path_of[sha]: error for sha, error in sorted(failed.items())},
