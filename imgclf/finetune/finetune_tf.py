@@ -216,11 +216,17 @@ class MomentumTrainer:
             tape.watch(self.variables)
             loss, accuracy = self._loss(x, y)
         grads = tape.gradient(loss, self.variables)
-        lr = learning_rate_at(self.model.step, self.total_steps, self.learning_rate, self.schedule)
-        for var, velocity, grad in zip(self.variables, self.velocities, grads, strict=True):
-            velocity.assign(self.momentum * velocity - lr * grad)
-            var.assign_add(velocity)
-        self.model.step.assign_add(1)
+        # Every update waits for every gradient. Without this, the graph may update one
+        # block's kernels while the backward pass of an earlier block still reads them: the
+        # weights then varied from run to run (seen on the full set from the third step on).
+        with tf.control_dependencies(grads):
+            lr = learning_rate_at(
+                self.model.step, self.total_steps, self.learning_rate, self.schedule
+            )
+            for var, velocity, grad in zip(self.variables, self.velocities, grads, strict=True):
+                velocity.assign(self.momentum * velocity - lr * grad)
+                var.assign_add(velocity)
+            self.model.step.assign_add(1)
         return loss, accuracy
 
     @tf.function(reduce_retracing=True)
