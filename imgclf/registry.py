@@ -260,10 +260,17 @@ def model_params(spec: ModelSpec, params: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def input_precision(name: str, params: Mapping[str, Any]) -> str:
-    """The precision the backbone computed model `name`'s inputs at: params.yaml
-    `bottlenecks.precision` for a head, `activations.precision` for a fine-tuned model. Its
-    end-to-end model runs the backbone at the same, to reproduce what was evaluated."""
-    return str((params.get(get_model(name).inputs) or {}).get("precision", "float32"))
+    """The TensorFlow precision model `name`'s end-to-end model runs the backbone at: that of
+    the stage that computed its inputs (params.yaml `bottlenecks` for a head, `activations` for
+    a fine-tuned model), to reproduce what was evaluated, when that stage ran the tensorflow
+    runtime. Another runtime (openvino) has no TensorFlow graph of its own, and int8 no
+    TensorFlow form: its models run TensorFlow float32, the reference its features passed the
+    fidelity gate against (imgclf/fidelity.py), so their answers are close to, not equal to,
+    what evaluate scored."""
+    block = params.get(get_model(name).inputs) or {}
+    if block.get("runtime", "tensorflow") != "tensorflow":
+        return "float32"
+    return str(block.get("precision", "float32"))
 
 
 def display_name(name: str) -> str:

@@ -582,7 +582,7 @@ def track_pipeline(
     )
     models = EndToEndModels(
         files,
-        precision=params.get("bottlenecks", {}).get("precision", "float32"),
+        precision="float32",  # every model of `heads` has its own, just below
         precisions={head: input_precision(head, params) for head in heads},
         registered_models=registered_model_names(track, source),
         min_accuracy=float(params.get("evaluate", {}).get("min_accuracy", 0.0)),

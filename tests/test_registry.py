@@ -70,6 +70,12 @@ def test_each_fine_tuned_spec_has_its_stage_block_base_and_layout_outputs():
         assert callable(spec.function("weights_digest"))
         assert input_precision(name, PARAMS) == PARAMS["activations"]["precision"]
     assert input_precision("tf", PARAMS) == PARAMS["bottlenecks"]["precision"]
+    # Features of another runtime: the served graph is TensorFlow's float32 (int8 has no TF form).
+    for precision in ("float32", "bfloat16", "int8"):
+        other = {**PARAMS, "bottlenecks": {"runtime": "openvino", "precision": precision}}
+        assert input_precision("tf", other) == "float32"
+    bf16 = {**PARAMS, "bottlenecks": {"runtime": "tensorflow", "precision": "bfloat16"}}
+    assert input_precision("keras", bf16) == "bfloat16"
 
 
 def test_evaluate_declares_the_metrics_of_every_model_and_reads_the_test_activations():
