@@ -102,7 +102,7 @@ def convert(
     # (READ_VARIABLE ops, a 0.3 MB file that reads the weights from nowhere); as constants the
     # weights are in the file and can be quantized.
     frozen = convert_variables_to_constants_v2(fixed_input_function(model, precision))
-    converter = tf.lite.TFLiteConverter.from_concrete_functions([frozen])
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([frozen], model)
     if precision == "float16":
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
         converter.target_spec.supported_types = [tf.float16]
@@ -324,8 +324,8 @@ def export_and_score(
     preprocess: Callable[[Any], Any],
     num_threads: int,
 ) -> dict[str, Any]:
-    """Convert each model at each precision into `out_dir`, then score every file on the test
-    images in one pass (each image decoded and resized once, fed to every file), against the
+    """Convert each model at each precision into `out_dir`, then score its files on the test
+    images in one pass (each image decoded and resized once, fed to each file), against the
     TF model's own probabilities `reference[model]` (rows = `test_paths`). Returns the metrics
     (numbers only: metrics/litert.json). A failure names the model and precision."""
     from imgclf.errors import StageFailed
@@ -355,11 +355,16 @@ def export_and_score(
             )
             scored[(name, precision)] = _Scored(exported, interpreter, [])
         del model
-    for pixels in preprocessed_pixels(test_paths, preprocess):
-        for s in scored.values():
-            start = time.perf_counter()
-            s.rows.append(_invoke(s.interpreter, pixels))
-            s.seconds += time.perf_counter() - start
+        # One model's files at a time (each image decoded and resized once for all of them),
+        # their interpreters then dropped: memory holds one model's files, however many.
+        mine = [s for (n, _), s in scored.items() if n == name]
+        for pixels in preprocessed_pixels(test_paths, preprocess):
+            for s in mine:
+                start = time.perf_counter()
+                s.rows.append(_invoke(s.interpreter, pixels))
+                s.seconds += time.perf_counter() - start
+        for s in mine:
+            s.interpreter = None
     files: dict[str, dict[str, float]] = {}
     for (name, precision), s in scored.items():
         probs = np.concatenate(s.rows) if s.rows else np.zeros((0, 0), np.float32)
