@@ -38,10 +38,10 @@ def main(argv: list[str] | None = None) -> None:
     import numpy as np
     import tensorflow as tf
 
-    import imgclf.quiet_tf  # noqa: F401
-
-    # Before any op: TF fixes its thread pools at the first one. The same count as the files.
+    # Before anything touches TF (imgclf.quiet_tf does): it fixes its thread pools then. The
+    # same count as the files'.
     tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+    import imgclf.quiet_tf  # noqa: F401
     from imgclf.config import load_params
     from imgclf.end_to_end import build
     from imgclf.features import split_items

@@ -265,7 +265,9 @@ def targets(rows: Mapping[str, Mapping[str, float]], *, max_drop: float = 0.01) 
         ratio = rows["float32"]["size_mb"] / rows["int8"]["size_mb"]
         out["int8_size_ratio"] = ratio
         out["int8_size_ok"] = ratio >= 3.5
-    out["accuracy_ok"] = {p: r["accuracy_delta"] >= -max_drop for p, r in rows.items()}
+    out["accuracy_ok"] = {
+        p: r["accuracy_delta"] >= -max_drop for p, r in rows.items() if "accuracy_delta" in r
+    }
     return out
 
 

@@ -255,3 +255,39 @@ def test_an_unknown_precision_is_refused_by_the_converter(tiny):
 
     with pytest.raises(ParamsError, match=r"litert\.precisions: expected some of float32"):
         convert(tiny[0], "bfloat16")
+
+
+@pytest.mark.parametrize("log_models", [True, False])
+def test_track_logs_the_export_to_the_parent_run(tiny, images, tmp_path, monkeypatch, log_models):
+    # A real MLflow store; the export stage's outputs as `export_and_score` writes them.
+    import mlflow
+
+    from imgclf.fileio import write_json
+    from imgclf.layout import Layout
+    from imgclf.litert import export_and_score, markdown_table
+    from imgclf.tracking import _log_litert, configure_store, get_or_create_experiment
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    model, pixels = tiny
+    layout = Layout.of(metrics=tmp_path / "metrics", models=tmp_path / "models")
+    layout.metrics.mkdir()
+    metrics = export_and_score(
+        build_model=lambda name: model, models=["tf"], precisions=["float32"],
+        out_dir=layout.litert, calibration_paths=[], test_paths=images[0][:2],
+        test_labels=images[1], reference={"tf": _tf_probabilities(model, pixels[:2])},
+        preprocess=model.preprocess, num_threads=1,
+    )  # fmt: skip
+    write_json(layout.litert_metrics, metrics)
+    layout.litert_md.write_text(markdown_table(metrics), encoding="utf-8")
+    store = configure_store(tmp_path / "store")
+    client = mlflow.MlflowClient(store.tracking_uri)
+    run = client.create_run(get_or_create_experiment("litert-test", store))
+    _log_litert(client, run.info.run_id, layout, log_models=log_models)
+    logged = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "litert")}
+    files = {"tf-float32.tflite", "tf-float32.labels.txt", "tf-float32.json"}
+    assert {"litert.json", "litert.md"} <= logged
+    assert (files <= logged) == log_models and not (files & logged and not log_models)
+    recorded = client.get_run(run.info.run_id).data.metrics
+    assert recorded["litert.tf-float32.size_mb"] == pytest.approx(
+        metrics["files"]["tf-float32"]["size_mb"]
+    )
