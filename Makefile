@@ -28,7 +28,7 @@ export GIT_AUTHOR_EMAIL ?= $(GIT_FALLBACK_EMAIL)
 export GIT_COMMITTER_EMAIL ?= $(GIT_FALLBACK_EMAIL)
 endif
 
-.PHONY: run exp seeds plots test lint bench bench-ray ui tensorboard setup clean
+.PHONY: run exp seeds plots test lint bench bench-ray bench-litert ui tensorboard setup clean
 
 $(BIN)/activate: pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -91,6 +91,12 @@ bench: setup
 
 bench-ray: setup $(RAY_STAMP)
 	$(BIN)/python bench/ray_executor.py
+
+# The LiteRT files of one trained model against TF (README, "Phones: LiteRT export"): needs the
+# model's stage run here first (dvc repro train@tf). make bench-litert LITERT_ARGS='--model keras'
+LITERT_ARGS ?=
+bench-litert: setup
+	$(BIN)/python bench/litert.py $(LITERT_ARGS)
 
 # MLflow 3 opens an experiment in its GenAI view; the printed link opens the runs, model-training view.
 UI_PORT ?= 5000

@@ -94,12 +94,26 @@ class EndToEndModel(tf.Module):
         self.backbone_sha256 = backbone.sha256
         self.preprocessing = backbone.preprocessing
 
+    def preprocess(self, images: Any) -> tf.Tensor:
+        """uint8 [N, H, W, 3] -> float32 [N, 299, 299, 3]: the backbone's own resize and
+        scaling, the pixels every other path (bottlenecks, activations) feeds the backbone."""
+        return self._preprocess(images)
+
     def _probabilities(self, images: tf.Tensor) -> tf.Tensor:
-        features = self.backbone(self._preprocess(images), training=False)
+        return self.probabilities_of_preprocessed(self._preprocess(images))
+
+    def probabilities_of_preprocessed(
+        self, pixels: tf.Tensor, *, round_activations: bool = True
+    ) -> tf.Tensor:
+        """float32 [N, 299, 299, 3] (the output of `preprocess`) -> probabilities: the graph
+        after preprocessing, which the LiteRT export converts (imgclf/litert.py) so that a
+        phone feeds a fixed-size tensor. `round_activations=False` leaves out a fine-tuned
+        model's float16 rounding (a full-integer int8 graph has no float16 to round to)."""
+        features = self.backbone(pixels, training=False)
         # A bfloat16 backbone (bottlenecks/activations.precision) hands out bfloat16; the heads
         # take float32, as they did on the widened bottleneck files.
         features = tf.cast(features, tf.float32)
-        if self.cut is not None:
+        if self.cut is not None and round_activations:
             # The fine-tuned models were trained and evaluated on float16 activations (the
             # cache's storage): the same rounding here gives their evaluated probabilities.
             features = tf.cast(tf.cast(features, tf.float16), tf.float32)

@@ -10,6 +10,11 @@ reader asks this object for a file's place, and dvc.yaml spells the same places 
     <paths.metrics>/misclassified/<name>.csv, .png
     <paths.tensorboard>/<name>/                  TensorBoard events (fine-tuned models)
 
+and the export stage's LiteRT files (imgclf/litert.py):
+
+    <paths.models>/litert/<name>-<precision>.tflite, .labels.txt, .json
+    <paths.metrics>/litert.json, litert.md    their test metrics, and as a table
+
 The same for heads and fine-tuned models (imgclf/registry.py). evaluate and track depend on
 these folders, so a new head needs no edit of their dvc.yaml entries.
 """
@@ -22,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 HEADS_DIR = "heads"
+LITERT_DIR = "litert"
 
 
 @dataclass(frozen=True)
@@ -55,6 +61,18 @@ class Layout:
     @property
     def heads(self) -> Path:
         return self.models / HEADS_DIR
+
+    @property
+    def litert(self) -> Path:
+        return self.models / LITERT_DIR
+
+    @property
+    def litert_metrics(self) -> Path:
+        return self.metrics / "litert.json"
+
+    @property
+    def litert_md(self) -> Path:
+        return self.metrics / "litert.md"
 
     def model_dir(self, name: str) -> Path:
         return self.heads / name

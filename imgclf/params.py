@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Self, TypeVar
 
@@ -34,6 +34,8 @@ RUNTIME_PRECISIONS: dict[str, tuple[str, ...]] = {
     "openvino": ("float32", "bfloat16", "int8"),
 }
 ALL_PRECISIONS = ("float32", "bfloat16", "int8")
+# What a LiteRT (.tflite) export is stored and computed at (imgclf/litert.py).
+LITERT_PRECISIONS = ("float32", "float16", "int8")
 
 
 def check_runtime(runtime: str, precision: str, section: str) -> None:
@@ -147,6 +149,23 @@ def ray_address() -> Any:
         return value if sep and host and port.isdigit() and 0 < int(port) < 65536 else None
 
     return field(metadata={"parse": parse, "expected": "local, auto, ray://host:port or host:port"})
+
+
+def distinct_list(options: tuple[str, ...] | None = None) -> Any:
+    """A non-empty list of distinct strings, each one of `options` (None: any name; the caller
+    checks them, e.g. against the model registry)."""
+    expected = "a non-empty list of distinct " + (
+        "values of " + ", ".join(options) if options else "names"
+    )
+
+    def parse(value: Any) -> list[str] | None:
+        if not isinstance(value, list) or not value or len(set(map(str, value))) != len(value):
+            return None
+        if not all(isinstance(v, str) and (options is None or v in options) for v in value):
+            return None
+        return list(value)
+
+    return field(metadata={"parse": parse, "expected": expected})
 
 
 def text() -> Any:
@@ -310,3 +329,16 @@ class FinetuneTfParams(FinetuneParams):
 @dataclass(frozen=True)
 class FinetuneKerasParams(FinetuneParams):
     section: ClassVar[str] = "finetune_keras"
+
+
+@dataclass(frozen=True)
+class LitertParams(Block):
+    """The export stage (imgclf/litert.py): which servable models, at which precisions, and
+    the LiteRT interpreter's threads when scoring the files on the test images."""
+
+    section: ClassVar[str] = "litert"
+    models: Sequence[str] = distinct_list()  # checked against the registry by the stage
+    precisions: Sequence[str] = distinct_list(LITERT_PRECISIONS)
+    num_threads: int = integer(1)
+    # 0: every test image; n: the first n of the test bottlenecks' order (a cheaper check).
+    max_test_images: int = integer(0)

@@ -623,6 +623,7 @@ def track_pipeline(
         ):
             if path.is_file():
                 client.log_artifact(parent_id, str(path))
+        _log_litert(client, parent_id, files.layout, log_models=log_models)
         for head in heads:
             summary["heads"][head] = _track_head(
                 head,
@@ -652,6 +653,24 @@ def track_pipeline(
             f" [accuracy]({summary['curves_links']['accuracy']}).",
         )
     return summary
+
+
+def _log_litert(client: Any, run_id: str, layout: Layout, *, log_models: bool) -> None:
+    """The export stage's result, when it ran: metrics/litert.json as `litert.<file>.<key>`
+    metrics and with litert.md under `litert/`; the .tflite files (+ labels, sidecars) there too
+    unless track.log_models is false (they are models: ~150 MB for one model's three files)."""
+    if layout.litert_metrics.is_file():
+        metrics = read_json(layout.litert_metrics)
+        _log_metrics(
+            client,
+            run_id,
+            [(f"litert.{k}", v, 0) for k, v in numeric_leaves(metrics.get("files", {})).items()],
+        )
+        client.log_artifact(run_id, str(layout.litert_metrics), "litert")
+    if layout.litert_md.is_file():
+        client.log_artifact(run_id, str(layout.litert_md), "litert")
+    if log_models and layout.litert.is_dir():
+        client.log_artifacts(run_id, str(layout.litert), "litert")
 
 
 def curves_link(experiment_id: str, run_ids: Iterable[str], keys: list[str]) -> str:

@@ -23,6 +23,7 @@ BLOCKS = [
     P.TrainKerasParams,
     P.TrainSklearnParams,
     P.EvaluateParams,
+    P.LitertParams,
 ]
 
 

@@ -245,6 +245,10 @@ def project(tmp_path_factory) -> Path:
     params["train_keras"]["epochs"] = 15
     for name in params["finetune_models"]:
         params[name]["epochs"] = 1
+    # One model's float32 and int8 files: the export's plumbing, at ~40 s a run, not ~2 min
+    # (tests/test_litert.py covers the three precisions on a small model).
+    params["litert"]["models"] = ["tf"]
+    params["litert"]["precisions"] = ["float32", "int8"]
     add_ncm_model(repo, params)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     os.environ.setdefault("IMGCLF_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
@@ -277,6 +281,12 @@ def test_repro_builds_every_stage_and_the_split_trees(project):
         result = read(project, f"metrics/evaluate/{head}.json")
         assert 0.0 <= result["accuracy"] <= 1.0
     assert "| TF |" in (project / "metrics" / "comparison.md").read_text()
+    litert = read(project, "metrics/litert.json")
+    assert set(litert["files"]) == {"tf-float32", "tf-int8"}
+    assert litert["test_images"] == read(project, "metrics/evaluate/tf.json")["n_test"]
+    assert litert["files"]["tf-float32"]["max_abs_prob_diff"] < 1e-3
+    assert (project / "models" / "litert" / "tf-int8.tflite").is_file()
+    assert "| `tf-int8.tflite` |" in (project / "metrics" / "litert.md").read_text()
 
 
 def test_the_fine_tuned_models_are_evaluated_and_registered(project):
