@@ -796,6 +796,16 @@ def make_dvc_repo(repo: Path, workdir: Path, params: dict) -> None:
         else:
             (repo / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, repo / rel)
+    # The export stage's outputs, as it writes them for `litert.models: []` (the tiny result
+    # has no LiteRT files): track depends on them. The folder holds a file so git keeps it
+    # (for the `dvc exp run --temp` copy, made from git).
+    from imgclf.litert import markdown_table
+
+    litert = {"test_images": 0, "files": {}}
+    (repo / "models/litert").mkdir(parents=True, exist_ok=True)
+    (repo / "models/litert/.gitkeep").write_text("")
+    (repo / "metrics/litert.json").write_text(json.dumps(litert))
+    (repo / "metrics/litert.md").write_text(markdown_table(litert))
     # track does not load the backbone without models: a small stand-in keeps git fast.
     weights = repo / "models/backbone/inception_v3.weights.h5"
     weights.write_bytes(b"stand-in weights")
@@ -805,6 +815,7 @@ def make_dvc_repo(repo: Path, workdir: Path, params: dict) -> None:
         shutil.copy2(ROOT / "stages" / name, repo / "stages" / name)
     shutil.copy2(ROOT / ".gitignore", repo / ".gitignore")
     tiny = {**params, "track": {**params["track"], "log_models": False}}
+    tiny["litert"] = {**params.get("litert", {}), "models": []}
     (repo / "params.yaml").write_text(yaml.safe_dump(tiny, sort_keys=False))
     track_stage = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["track"]
     (repo / "dvc.yaml").write_text(
