@@ -75,8 +75,8 @@ plots: setup
 
 # Two worker processes, one test file each at a time (--dist loadfile keeps a module's fixtures,
 # such as test_pipeline's project, in one process): the suite waits on single-threaded work
-# (Python and TensorFlow start-up, DVC, git) as much as on the model, so two cores finish it in
-# about 0.6 of the serial time. TEST_ARGS='-n 0' runs it serially.
+# (Python and TensorFlow start-up, DVC, git) as much as on the model, so a second process
+# fills the gaps of the first. TEST_ARGS='-n 0' runs it serially.
 TEST_ARGS ?= -n 2 --dist loadfile --durations=15
 test: setup $(RAY_STAMP)
 	$(BIN)/ruff check .
