@@ -334,6 +334,7 @@ def export_and_score(
 
     for precision in precisions:
         check_precision(precision)
+    Path(out_dir).mkdir(parents=True, exist_ok=True)  # the stage's out, even with no models
     scored: dict[tuple[str, str], _Scored] = {}
     for name in models:
         model = build_model(name)

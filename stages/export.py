@@ -58,7 +58,6 @@ def main() -> None:
         preprocess=backbone.preprocess,
         num_threads=hp.num_threads,
     )
-    layout.litert.mkdir(parents=True, exist_ok=True)  # an out of the stage even with no models
     metrics["calibration_images"] = len(calibration)
     write_json(layout.litert_metrics, metrics)
     table = markdown_table(metrics)

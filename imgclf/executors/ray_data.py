@@ -259,7 +259,6 @@ class RayExecutor:
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False  # ours counts images, Ray's would count blocks
         context.print_on_execution_start = False
-        context.max_errored_blocks = -1  # a batch that failed every try: reported, not fatal
         logging.getLogger("ray.data").setLevel(logging.ERROR)  # "execution finished" notices
         ready = time.perf_counter()
 
@@ -270,6 +269,9 @@ class RayExecutor:
         lost_error = ""
         o = self.options
         label = f"{desc} (ray: {o.actors} actor{'s' * (o.actors > 1)})"
+        # A batch that failed every try is reported, not fatal; the caller's setting is put
+        # back afterwards (a notebook's own Ray Data work keeps its default).
+        errored_before, context.max_errored_blocks = context.max_errored_blocks, -1
         with tqdm(total=len(pending), unit="img", desc=label, disable=not progress) as bar:
             left = batches
             for _round in range(o.attempts):
@@ -296,6 +298,7 @@ class RayExecutor:
                 left = [b for b in batches if any(s not in done and s not in failed for s, _ in b)]
                 if not left or not gave_up:  # Ray has already retried each batch it dropped
                     break
+        context.max_errored_blocks = errored_before
         for sha, _ in (p for b in left for p in b):
             if sha not in done and sha not in failed:
                 # Only the batch is known, not which of its images (if any) killed the worker.
