@@ -115,7 +115,7 @@ def run_model_alone(workdir: Path, runtime: str, precision: str, calibration: in
 # ---- the table ----------------------------------------------------------------------------
 
 
-def compare_features(work: Path) -> dict[str, dict]:
+def compare_features(work: Path, combos: tuple[tuple[str, str], ...]) -> dict[str, dict]:
     """Feature match and linear probe of every combo, from the stages' .npz outputs."""
     import numpy as np
     from sklearn.linear_model import LogisticRegression
@@ -137,7 +137,7 @@ def compare_features(work: Path) -> dict[str, dict]:
     ref = {s: load("tensorflow", "float32", s)[0] for s in ("train", "test")}
     ref_pred, _ = probe("tensorflow", "float32")
     out = {}
-    for runtime, precision in COMBOS:
+    for runtime, precision in combos:
         got = {s: load(runtime, precision, s)[0] for s in ("train", "test")}
         a, b = (
             np.concatenate([ref["train"], ref["test"]]),
@@ -153,6 +153,19 @@ def compare_features(work: Path) -> dict[str, dict]:
             "probe_agree": float((pred == ref_pred).mean()),
         }
     return out
+
+
+def selected_combos(only: list[str] | None) -> tuple[tuple[str, str], ...]:
+    """The combos `--only` names (runtime:precision), after TF float32, the reference every
+    ratio divides by."""
+    if not only:
+        return COMBOS
+    wanted = {tuple(name.split(":", 1)) for name in only}
+    unknown = wanted - set(COMBOS)
+    if unknown:
+        known = ", ".join(f"{r}:{p}" for r, p in COMBOS)
+        raise SystemExit(f"--only: unknown {sorted(unknown)}; expected some of {known}")
+    return tuple(c for c in COMBOS if c == COMBOS[0] or c in wanted)
 
 
 def table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> str:
@@ -185,12 +198,13 @@ def main() -> None:
         print(json.dumps(report))
         return
 
+    combos = selected_combos(args.only)
     if not args.images.is_dir():
         raise SystemExit(f"{args.images} is not a folder of class folders")
     with tempfile.TemporaryDirectory(prefix="bench-runtimes-") as tmp:
         work = Path(tmp)
         source = sample_tree(args.images.resolve(), work / "sample", args.per_class)
-        n = phase("prepare", work, source=source)["images"]
+        n = phase("prepare", work, script=__file__, source=source)["images"]
         train = sum(1 for _ in (work / "split" / "train").glob("*/*"))
         print(
             f"{n} images from {args.images} ({train} train), batch {BATCH}, {os.cpu_count()} "
@@ -198,7 +212,7 @@ def main() -> None:
             flush=True,
         )
         r: dict[str, dict] = {}
-        for runtime, precision in COMBOS:
+        for runtime, precision in combos:
             name = f"{runtime} {precision}"
             kw = {"runtime": runtime, "precision": precision, "calibration": args.calibration}
             r[f"stage {name}"] = phase("stage", work, script=__file__, **kw)
@@ -208,12 +222,12 @@ def main() -> None:
                 f"{r[f'stage {name}']['images_per_s']:.1f} img/s",
                 flush=True,
             )
-        match = compare_features(work)
+        match = compare_features(work, combos)
 
     m0 = r["model tensorflow float32"]["images_per_s"]
     s0 = r["stage tensorflow float32"]["images_per_s"]
     rows = []
-    for runtime, precision in COMBOS:
+    for runtime, precision in combos:
         name = f"{runtime} {precision}"
         model, stage, f = r[f"model {name}"], r[f"stage {name}"], match[name]
         exact = name == "tensorflow float32"
