@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     from imgclf.layout import Layout
     from imgclf.litert import PRECISIONS, export_and_score, preprocessed_pixels
     from imgclf.params import RuntimesParams
-    from stages.evaluate import predict_heads
+    from imgclf.predictions import predict_heads
 
     params = load_params(args.workdir / "params.yaml")
     layout = Layout.from_params(params, args.workdir)

@@ -2,8 +2,8 @@
 each of `litert.precisions`, each scored on the test images with the LiteRT interpreter against
 the TF model's own test predictions (imgclf/litert.py).
 
-The TF model's predictions are recomputed here the way the evaluate stage computes them (its
-`predict_heads`: the heads on the test bottlenecks, the fine-tuned models on the test
+The TF model's predictions are recomputed here the way the evaluate stage computes them
+(imgclf/predictions.py: the heads on the test bottlenecks, the fine-tuned models on the test
 activations), so this stage needs neither evaluate's outputs nor to run after it. The files
 take the backbone at float32 whatever bottlenecks.precision is: a phone has no bfloat16, and
 the agreement column measures what that changes.
@@ -22,9 +22,9 @@ from imgclf.heads.common import load_bottlenecks
 from imgclf.layout import Layout
 from imgclf.litert import check_models, export_and_score, markdown_table
 from imgclf.params import LitertParams, RuntimesParams
+from imgclf.predictions import predict_heads
 from imgclf.registry import pipeline_models
 from imgclf.stage import stage_main
-from stages.evaluate import predict_heads
 
 
 @stage_main

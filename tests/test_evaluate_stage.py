@@ -401,7 +401,7 @@ def write_test_activations(folder: Path, ids, labels, views=("orig",)) -> None:
 
 def test_test_activations_must_be_the_bottlenecks_images_in_order(tmp_path: Path) -> None:
     from imgclf.errors import UserError
-    from stages.evaluate import aligned_test_activations
+    from imgclf.predictions import aligned_test_activations
 
     ids = np.array([f"test/{c}/{i}.jpg" for c in CLASSES for i in range(3)])
     labels = np.repeat(np.arange(3), 3)
