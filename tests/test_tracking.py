@@ -796,15 +796,26 @@ def make_dvc_repo(repo: Path, workdir: Path, params: dict) -> None:
         else:
             (repo / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, repo / rel)
-    # The export stage's outputs, as it writes them for `litert.models: []` (the tiny result
-    # has no LiteRT files): track depends on them. The folder holds a file so git keeps it
+    # The export stage's outputs for `litert.models: []` (the tiny result has no LiteRT files),
+    # made by its own function: track depends on them. The folder holds a file so git keeps it
     # (for the `dvc exp run --temp` copy, made from git).
-    from imgclf.litert import markdown_table
+    from imgclf.fileio import write_json
+    from imgclf.litert import export_and_score, markdown_table
 
-    litert = {"test_images": 0, "files": {}}
-    (repo / "models/litert").mkdir(parents=True, exist_ok=True)
+    litert = export_and_score(
+        build_model=lambda name: pytest.fail(f"no model to build, asked for {name}"),
+        models=[],
+        precisions=[],
+        out_dir=repo / "models/litert",
+        calibration_paths=[],
+        test_paths=[],
+        test_labels=np.zeros(0, np.int64),
+        reference={},
+        preprocess=lambda pixels: pixels,
+        num_threads=1,
+    )
     (repo / "models/litert/.gitkeep").write_text("")
-    (repo / "metrics/litert.json").write_text(json.dumps(litert))
+    write_json(repo / "metrics/litert.json", litert)
     (repo / "metrics/litert.md").write_text(markdown_table(litert))
     # track does not load the backbone without models: a small stand-in keeps git fast.
     weights = repo / "models/backbone/inception_v3.weights.h5"
