@@ -3,11 +3,14 @@
     make seeds SEEDS='0 1 2 3 4' [SET='train_tf.hidden_units=1024']
     .venv/bin/python tools/split_seeds.py --seeds 0 1 2 3 4 [-S train_tf.hidden_units=1024]
 
-Each seed is one `dvc exp run -S split.seed=N` in the workspace: a DVC experiment (see
-`dvc exp show`) and an MLflow run. Only split, the heads, evaluate and track rerun; the
-bottlenecks come from the feature cache. Afterwards, or when a run fails, params.yaml is put
-back as it was (seed and any -S value), and after a full pass `dvc repro` brings the workspace
-outputs back to it. Prints a markdown table (the README quotes it).
+Each seed is one `dvc exp run -S split.seed=N evaluate` in the workspace: a DVC experiment (see
+`dvc exp show`) that reruns the split, the models and evaluate; the bottlenecks and activations
+come from the feature cache. The LiteRT export and track (an MLflow run, registered models)
+are not part of a seed's run: the table needs evaluate's numbers only, and a registry version
+per seed would be a model nobody serves. `--through track` runs them too. Afterwards, or when a
+run fails, params.yaml is put back as it was (seed and any -S value), and after a full pass
+`dvc repro` brings the workspace outputs back to it. Prints a markdown table (the README quotes
+it).
 """
 
 from __future__ import annotations
@@ -41,8 +44,8 @@ def dvc(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "dvc", *args], cwd=ROOT, env=env, check=True)
 
 
-def exp_run(overrides: list[str]) -> None:
-    dvc("exp", "run", *(arg for override in overrides for arg in ("-S", override)))
+def exp_run(overrides: list[str], through: str) -> None:
+    dvc("exp", "run", *(arg for override in overrides for arg in ("-S", override)), through)
 
 
 def test_accuracies(metrics_dir: Path) -> dict[str, float]:
@@ -107,6 +110,12 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("-S", "--set-param", action="append", default=[],
                         help="extra params for every run, as for dvc exp run -S")  # fmt: skip
+    parser.add_argument(
+        "--through",
+        default="evaluate",
+        help="the last stage of each seed's run (default: evaluate; track: also an MLflow run "
+        "and registered models per seed)",
+    )
     args = parser.parse_args()
 
     params_file = ROOT / "params.yaml"
@@ -115,7 +124,7 @@ def main() -> None:
     results, tests = {}, {}
     try:
         for seed in args.seeds:
-            exp_run([f"split.seed={seed}", *args.set_param])
+            exp_run([f"split.seed={seed}", *args.set_param], args.through)
             results[seed] = test_accuracies(metrics_dir)
             tests[seed] = paired_tests(metrics_dir)
     finally:
@@ -124,8 +133,9 @@ def main() -> None:
         if params_file.read_bytes() != saved:
             params_file.write_bytes(saved)
             print(f"split_seeds: restored {params_file.name}", file=sys.stderr)
-    # The outputs are the last run's; those of the restored params mostly come from DVC's run
-    # cache.
+    # The outputs are the last run's. The stages write uncached metrics, so DVC's run cache
+    # cannot restore them: this reruns the seeded stages once more, and the export and track
+    # only if their inputs came out different.
     dvc("repro")
     print(summary_table(results))
     print()
