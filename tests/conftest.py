@@ -25,3 +25,14 @@ def shared_datasets() -> Path:
     if not SHARED.is_dir():
         pytest.skip(f"real data sets not found at {SHARED} (../shared is absent)")
     return SHARED
+
+
+# The files that take minutes, longest first. Under `pytest -n 2 --dist loadfile` (make test)
+# each file goes whole to the next free worker, in collection order: started last, the
+# whole-pipeline file would run alone at the end while the other worker idles.
+LONGEST_FIRST = ("test_pipeline.py", "test_tracking.py", "test_ray_executor.py", "test_finetune.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order kept
