@@ -63,6 +63,12 @@ def paired_tests(metrics_dir: Path) -> dict[str, dict]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+def _p_value(p: float) -> str:
+    # comparison.json rounds p to 6 decimals: a 0 there is below 1e-6, not zero.
+    shown = f"{p:.3g}" if p >= 1e-6 else "< 1e-6"
+    return shown + (" *" if p < ALPHA else "")
+
+
 def mcnemar_table(tests: dict[int, dict[str, dict]]) -> str:
     """One row per pair, one column per seed: "b/c p" and a star when significant (p < 0.05)."""
     seeds = sorted(tests)
@@ -77,10 +83,7 @@ def mcnemar_table(tests: dict[int, dict[str, dict]]) -> str:
         cells = []
         for seed in seeds:
             t = tests[seed].get(pair)
-            cells.append(
-                "–" if t is None else
-                f"{t['b']}/{t['c']}, {t['p_value']:.3g}{' *' if t['p_value'] < ALPHA else ''}"
-            )  # fmt: skip
+            cells.append("–" if t is None else f"{t['b']}/{t['c']}, {_p_value(t['p_value'])}")
         a, _, b = pair.partition("_vs_")
         lines.append(f"| {HEADS.get(a, a)} vs {HEADS.get(b, b)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n\n(exact McNemar; * significant at 0.05)"
