@@ -74,7 +74,8 @@ def predict_heads(
 
     acts = None
     out = {}
-    for head in tqdm(heads, desc="evaluate", unit="model", file=sys.stderr):
+    # Shared by evaluate and export: the bar names the work, not the stage.
+    for head in tqdm(heads, desc="test predictions", unit="model", file=sys.stderr):
         folder = model_dir(models_dir, head)
         if not get_model(head).fine_tuned:
             out[head] = load_predictor(head, folder)(test.features)
