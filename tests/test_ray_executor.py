@@ -223,9 +223,9 @@ def test_ray_stage_with_a_worker_killed_mid_run_gives_the_local_bottlenecks(
     assert outputs["classes.json"] == local_run["outputs"]["classes.json"]
     # The one-image batch (16 = 5 + 5 + 5 + 1) is where the floats depend on the thread count:
     # 1 thread (an actor, cpus_per_actor 1) against 2 (this process) puts it 7e-7 apart, found
-    # 2026-12-02; batches of 5 and 32 are bit-identical either way. Which executor computes it
-    # depends on timing, so: images, labels and order exact, features within 1e-6, at most one
-    # batch's rows off at all.
+    # 2026-12-02 (why earlier runs of the same packages matched is not known); batches of 5
+    # and 32 are bit-identical either way. So: images, labels and order exact, features within
+    # 1e-6, at most one batch's rows off at all.
     for name in ("train.npz", "test.npz"):
         ray_npz = np.load(io.BytesIO(outputs[name]), allow_pickle=True)
         local_npz = np.load(io.BytesIO(local_run["outputs"][name]), allow_pickle=True)
