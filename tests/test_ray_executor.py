@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import io
 import os
 import shutil
 import signal
@@ -205,39 +204,27 @@ class ActorKiller(threading.Thread):
             time.sleep(0.05)
 
 
-def test_ray_stage_with_a_worker_killed_mid_run_gives_the_local_bottlenecks(
+def test_ray_stage_with_a_worker_killed_mid_run_gives_the_local_bottlenecks_bit_for_bit(
     ray_installed, backbone_dir, local_run, capfd
 ):
     """The bottlenecks stage with executor ray (address local: the executor starts its own
     instance and stops it) and two actors, one SIGKILLed mid-run: Ray restarts it and reruns
-    its batch, and the stage writes the local executor's images and features (see below)."""
+    its batch, and the stage writes the same .npz bytes as the local executor.
+
+    The actors run as many TensorFlow threads as this process (cpus_per_actor = the cores):
+    oneDNN splits its sums by thread, so one thread against two moves every feature by up to
+    ~3e-6 (measured 2026-12-03), whatever the batch; with the same threads and the same
+    batches (16 photos = 5 + 5 + 5 + 1) the floats are the same."""
     workdir = local_run["root"] / "ray"
     killer = ActorKiller(workdir / "cache", total=16)
     killer.start()
-    stats = stage("ray", ray_params(actors=2, address="local"), workdir, backbone_dir)
+    params = ray_params(actors=2, address="local", cpus_per_actor=os.cpu_count())
+    stats = stage("ray", params, workdir, backbone_dir)
     killer.join(5)
     assert killer.killed, "no actor was killed mid-run: the test proves nothing (too fast?)"
     assert (stats["computed"], stats["cached"]) == (16, 0)
     outputs = {p.name: p.read_bytes() for p in (workdir / "out").iterdir()}
-    assert sorted(outputs) == sorted(local_run["outputs"])  # train.npz, test.npz, classes.json
-    assert outputs["classes.json"] == local_run["outputs"]["classes.json"]
-    # The one-image batch (16 = 5 + 5 + 5 + 1) is where the floats depend on the thread count:
-    # 1 thread (an actor, cpus_per_actor 1) against 2 (this process) puts it 7e-7 apart, found
-    # 2026-12-02 (why earlier runs of the same packages matched is not known); batches of 5
-    # and 32 are bit-identical either way. So: images, labels and order exact, features within
-    # 1e-6, at most one batch's rows off at all.
-    for name in ("train.npz", "test.npz"):
-        ray_npz = np.load(io.BytesIO(outputs[name]), allow_pickle=True)
-        local_npz = np.load(io.BytesIO(local_run["outputs"][name]), allow_pickle=True)
-        assert ray_npz.files == local_npz.files
-        for key in ray_npz.files:
-            got, want = ray_npz[key], local_npz[key]
-            if got.dtype.kind != "f":
-                assert np.array_equal(got, want), f"{name}:{key}"
-                continue
-            off = np.abs(got - want).reshape(len(got), -1).max(axis=1)
-            assert off.max() <= 1e-6, f"{name}:{key}: {off.max()} apart"
-            assert np.count_nonzero(off) <= BATCH, f"{name}:{key}: rows {np.flatnonzero(off)}"
+    assert outputs == local_run["outputs"]  # train.npz, test.npz, classes.json
     assert "16/16" in capfd.readouterr().err  # the progress bar counted images
     assert not ray_installed.is_initialized()  # the executor stopped its instance
     assert _descendants_named("ray::") == []

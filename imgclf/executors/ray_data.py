@@ -10,9 +10,11 @@
 Why these choices:
 
 - The same batches as the local executor. The floats of Inception V3 depend on the batch an
-  image is computed in (batch 1 vs 32: up to 1.1e-6 apart), not on the thread count; so each
-  Ray call computes exactly one of the batches the local loop would compute, and the features
-  are bit-identical to the local executor's.
+  image is computed in (batch 1 vs 32: up to 1.1e-6 apart) and on TensorFlow's thread count
+  (oneDNN splits its sums by thread: 1 thread vs 2 moves every feature by up to ~3e-6 on some
+  CPUs, none on others); so each Ray call computes exactly one of the batches the local loop
+  would compute, with `cpus_per_actor` threads, and the features are bit-identical to the
+  local executor's when that is the local stage's thread count (the machine's cores).
 - Gathered by the driver, not written by the workers: the workers need read access to the
   images (and the backbone folder) only, not to the cache, which stays on the machine that
   runs the DVC stage. The driver is then the only writer (the cache's atomic renames need no
@@ -72,7 +74,8 @@ class _BackboneWorker:
         import tensorflow as tf
 
         # Ray reserves `cpus_per_actor` for this actor; TensorFlow would otherwise use every
-        # core of the node in each actor (the thread count does not change the floats).
+        # core of the node in each actor. The thread count can change the last bits of the
+        # floats (see the module's docstring).
         tf.config.threading.set_intra_op_parallelism_threads(threads)
         tf.config.threading.set_inter_op_parallelism_threads(threads)
         from imgclf.features import FeatureExtractor
