@@ -218,9 +218,17 @@ class FeatureExtractor:
         """Features of `paths` in order, one array per batch of `batch_size` images.
 
         The floats depend on how the images are batched (batch 1 vs 32 differ by ~1e-6), so
-        every executor computes the batches the local loop would (see imgclf/executors)."""
+        every executor computes the batches the local loop would (see imgclf/executors). A
+        short batch (the last one, or the images a resumed run still lacks) is padded to
+        `batch_size` with copies of its last image, and the copies dropped: the kernels treat
+        the rows of a short batch's tail apart (1.5e-8 on a recomputed entry, 7e-7 on a
+        one-image batch, measured), so an image's floats would depend on how many images were
+        missing when it was computed."""
         for batch in image_batches(paths, self.preprocess, batch_size, view):
-            yield self.runtime.predict(batch)
+            n = len(batch)
+            if n < batch_size:
+                batch = np.concatenate([batch, np.repeat(batch[-1:], batch_size - n, axis=0)])
+            yield self.runtime.predict(batch)[:n]
 
 
 def fill_cache(

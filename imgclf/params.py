@@ -318,6 +318,7 @@ class FinetuneParams(Block):
     batch_size: int = integer(1)
     label_smoothing: float = number(0, 1, open_high=True)
     schedule: str = choice(("constant", "cosine"))  # finetune_common.SCHEDULES
+    view_sampling: str = choice(("all", "one_per_image"))  # finetune_common.VIEW_SAMPLINGS
     test_time_flip: bool = boolean()
 
 

@@ -12,7 +12,13 @@ import numpy as np
 import pytest
 
 from imgclf.activations import Activations
-from imgclf.finetune.common import finetune_rows, model_cut, predict_images
+from imgclf.finetune.common import (
+    epoch_order,
+    finetune_rows,
+    load_finetune_data,
+    model_cut,
+    predict_images,
+)
 from imgclf.heads.common import validation_split
 
 CLASSES = ["daisy", "rose", "tulip"]
@@ -49,6 +55,43 @@ def test_no_view_of_a_validation_image_is_trained_on():
     # Training: every view of every other image.
     assert len(train_rows) == 3 * (30 - len(val_ids))
     assert set(acts.ids[train_rows]) | val_ids == set(acts.ids)
+
+
+def test_training_rows_stay_in_the_memory_map_until_a_batch_reads_them(tmp_path):
+    acts = make_acts(30, views=("orig", "flip", "crop80_c"))
+    np.save(tmp_path / "x.npy", acts.x)
+    mapped = Activations(np.load(tmp_path / "x.npy", mmap_mode="r"), acts.ids, acts.labels,
+                         acts.view, acts.views)  # fmt: skip
+    data = load_finetune_data(mapped, 0.2, seed=3)
+    train_rows, val_rows = finetune_rows(acts, 0.2, seed=3)
+    assert data.x_train.shape == (len(train_rows), 1, 1, 4)
+    np.testing.assert_array_equal(np.asarray(data.x_train), acts.x[train_rows])
+    np.testing.assert_array_equal(data.x_train[np.array([5, 0])], acts.x[train_rows[[5, 0]]])
+    np.testing.assert_array_equal(data.x_val, acts.x[val_rows])
+    # One image code per training row: the rows of one image share it, across views.
+    codes = {}
+    for row, code in zip(train_rows, data.train_images, strict=True):
+        assert codes.setdefault(acts.ids[row], code) == code
+    assert data.n_train_images == len(codes) == len(set(codes.values()))
+
+
+def test_one_view_per_image_epochs_see_every_image_once_in_a_new_view():
+    n_images, n_views = 40, 4
+    images = np.tile(np.arange(n_images), n_views)  # view-major, as the activations are
+    rng = np.random.default_rng(7)
+    epochs = [epoch_order(rng, images, "one_per_image") for _ in range(3)]
+    for order in epochs:
+        assert sorted(images[order]) == list(range(n_images))  # each image once
+    views = [order[np.argsort(images[order])] // n_images for order in epochs]
+    assert all(len(set(v)) > 1 for v in views)  # not one view for everyone
+    assert not np.array_equal(views[0], views[1])  # drawn anew each epoch
+    again = np.random.default_rng(7)  # the same seed, the same epochs
+    for order in epochs:
+        np.testing.assert_array_equal(epoch_order(again, images, "one_per_image"), order)
+    everything = epoch_order(np.random.default_rng(0), images, "all")
+    assert sorted(everything) == list(range(len(images)))
+    with pytest.raises(ValueError, match="one_per_image"):
+        epoch_order(rng, images, "some")
 
 
 def test_rows_need_the_orig_view():
@@ -333,6 +376,52 @@ def test_tf_finetune_updates_only_the_explicit_list_and_is_deterministic(tiny, t
     np.testing.assert_allclose(
         probs, result.model.predict(tf.constant(x_val)).numpy(), rtol=1e-5, atol=1e-6
     )
+
+
+def two_views(tiny):
+    """The tiny training set with a second, noisy view of each image (view-major rows)."""
+    x_train, y_train, x_val, y_val = tiny["data"]
+    noisy = (x_train + np.random.default_rng(1).normal(0, 0.3, x_train.shape)).astype(np.float16)
+    images = np.tile(np.arange(len(y_train)), 2)
+    return np.concatenate([x_train, noisy]), np.tile(y_train, 2), x_val, y_val, images
+
+
+def test_both_fine_tunes_can_train_on_one_view_per_image_each_epoch(tiny, tmp_path):
+    from imgclf.finetune.finetune_keras import train_finetune_keras
+    from imgclf.finetune.finetune_tf import train_finetune_tf
+    from imgclf.heads.tf_head import load_tf_head
+
+    x_train, y_train, x_val, y_val, images = two_views(tiny)
+    n_images, epochs, batch = len(y_train) // 2, 2, 8
+    head = load_tf_head(tf_head_dir(tiny, tmp_path / "head"))
+    tf_curves = []
+    for run in range(2):
+        result = train_finetune_tf(
+            fresh(tiny), head, x_train, y_train, x_val, y_val, cut="mixed_8",
+            tensorboard_dir=tmp_path / f"tf{run}", train_images=images,
+            view_sampling="one_per_image", epochs=epochs, batch_size=batch,
+            learning_rate=0.01, schedule="cosine", progress=False,
+        )  # fmt: skip
+        # An epoch is one row per image: half the rows, half the steps of `all`.
+        assert result.summary["steps"] == epochs * -(-n_images // batch)
+        tf_curves.append(result.curve)
+    assert tf_curves[0] == tf_curves[1]
+    keras_curves = []
+    for run in range(2):
+        result = train_finetune_keras(
+            fresh(tiny), keras_head_for(tiny), x_train, y_train, x_val, y_val, n_classes=3,
+            tensorboard_dir=tmp_path / f"k{run}", train_images=images,
+            view_sampling="one_per_image", epochs=epochs, batch_size=batch,
+            learning_rate=0.01, schedule="cosine", progress=False,
+        )  # fmt: skip
+        assert result.summary["steps"] == epochs * -(-n_images // batch)
+        assert int(result.model.optimizer.iterations.numpy()) == epochs * -(-n_images // batch)
+        keras_curves.append(result.curve)
+    assert keras_curves[0] == keras_curves[1]
+    assert len(keras_curves[0]) == epochs
+    with pytest.raises(ValueError, match="view_sampling"):
+        train_finetune_tf(fresh(tiny), head, x_train, y_train, x_val, y_val, cut="mixed_8",
+                          tensorboard_dir=tmp_path / "bad", view_sampling="one")  # fmt: skip
 
 
 _FRESH_PROCESS = """

@@ -192,7 +192,7 @@ class ActorKiller(threading.Thread):
         self.cache_root, self.total, self.killed = cache_root, total, []
 
     def run(self) -> None:
-        deadline = time.monotonic() + 300
+        deadline = time.monotonic() + 600
         while time.monotonic() < deadline:
             entries = len(list(self.cache_root.glob("**/*.f32")))
             actors = _descendants_named("ray::MapWorker")
@@ -264,7 +264,9 @@ def test_activations_on_ray_report_unreadable_images_by_name_and_match_local(
             ex.close()
 
     with pytest.raises(ExtractionFailed) as info:
-        activations("ray", [*good, truncated, not_image], ray_params(actors=1, attempts=2), "a")
+        # One actor with this process's thread count: the same floats as the local run below.
+        ray = ray_params(actors=1, attempts=2, cpus_per_actor=os.cpu_count())
+        activations("ray", [*good, truncated, not_image], ray, "a")
     message = str(info.value)
     assert "2 of 5 images (activations flip) failed after 2 attempt(s)" in message, message
     split = tmp_path / "a" / "split"
@@ -274,7 +276,8 @@ def test_activations_on_ray_report_unreadable_images_by_name_and_match_local(
     assert "BadImage" in message or "UnidentifiedImageError" in message, message
 
     # Re-ingested without the two: nothing to compute on Ray, and the local executor computes
-    # the three photos as the Ray actor did (one batch of 3, the bad two left out of it).
+    # the three photos as the Ray actor did (one batch of 3, the bad two left out of it, padded
+    # to 5 by both).
     rerun = activations("ray", good, ray_params(actors=1), "b")
     assert rerun["entries"] == {"computed": 0, "cached": 3, "recomputed_bad": 0}
     local = activations("local", good, PARAMS, "c")

@@ -70,6 +70,7 @@ class _BackboneWorker:
         dtype: str,
         attempts: int,
         threads: int,
+        batch_size: int,
     ) -> None:
         import tensorflow as tf
 
@@ -82,6 +83,7 @@ class _BackboneWorker:
 
         self.extractor = FeatureExtractor(load_model)
         self.view, self.shape, self.dtype, self.attempts = view, shape, np.dtype(dtype), attempts
+        self.batch_size = batch_size
 
     def _decode_error(self, path: str) -> str | None:
         """None when `path` decodes (and its view applies), else the last error of `attempts`
@@ -102,8 +104,8 @@ class _BackboneWorker:
         return error
 
     def _compute(self, paths: Sequence[str]) -> np.ndarray:
-        # One call = one batch (batch_size = len(paths)): the batch the local loop computes.
-        (features,) = self.extractor.batches([Path(p) for p in paths], len(paths), self.view)
+        # One call = one batch of the local loop (len(paths) <= batch_size, padded as it pads).
+        (features,) = self.extractor.batches([Path(p) for p in paths], self.batch_size, self.view)
         return features.astype(self.dtype)  # the cache's dtype: what the driver stores
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -204,6 +206,7 @@ class RayExecutor:
         load_model: ModelLoader,
         cache: FeatureCache,
         view: View | None,
+        batch_size: int,
     ) -> Any:
         import ray.data
 
@@ -227,6 +230,7 @@ class RayExecutor:
                 "dtype": cache.dtype.newbyteorder("=").str,
                 "attempts": o.attempts,
                 "threads": max(1, int(np.ceil(o.cpus_per_actor))),
+                "batch_size": batch_size,
             },
             batch_size=1,
             batch_format="numpy",
@@ -280,7 +284,7 @@ class RayExecutor:
             for _round in range(o.attempts):
                 gave_up = False
                 try:
-                    results = self._dataset(left, load_model, cache, view).iter_batches(
+                    results = self._dataset(left, load_model, cache, view, batch_size).iter_batches(
                         batch_size=None, batch_format="numpy"
                     )
                     for block in results:

@@ -6,7 +6,9 @@ stage's cut (mixed_9, mixed_10 at mixed_8) plus the frozen head they start from.
 are the cached activations, not the bottlenecks; their validation slice is the heads' one
 (`validation_split` over the train images, `heads.validation_fraction`, `heads.seed`):
 
-- training rows: every view of every image outside the slice;
+- training rows: every view of every image outside the slice, all of them each epoch
+  (`view_sampling: all`) or one view of each image per epoch, drawn anew each epoch
+  (`one_per_image`: an epoch then costs one view, however many views are cached);
 - validation rows: the `orig` view of the images in the slice, and nothing else of them, so no
   flipped or cropped copy of a validation image is ever trained on.
 """
@@ -27,21 +29,63 @@ from imgclf.fileio import atomic_write_bytes, read_json
 from imgclf.heads.common import validation_split
 
 SCHEDULES = ("constant", "cosine")
+VIEW_SAMPLINGS = ("all", "one_per_image")
 CONFIG_FILE = "finetune.json"
 HEAD_BLOCK = "head"
 
 
+class SelectedRows:
+    """Some rows of a (memory-mapped) array, read only when indexed: `x[positions]` is an
+    in-memory array of those rows, so ten cached views of every image need not fit in memory."""
+
+    def __init__(self, source: np.ndarray, rows: np.ndarray) -> None:
+        self.source, self.rows = source, np.asarray(rows)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.rows), *self.source.shape[1:])
+
+    def __getitem__(self, positions: Any) -> np.ndarray:
+        return np.asarray(self.source[self.rows[positions]])
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        return np.asarray(self.source[self.rows], dtype=dtype)
+
+
 @dataclass(frozen=True)
 class FinetuneData:
-    """Training and validation rows of the activations, as float16 arrays in memory."""
+    """Training and validation rows of the activations (float16)."""
 
-    x_train: np.ndarray  # float16 [rows, h, w, c]
+    x_train: SelectedRows  # [rows, h, w, c], read batch by batch
     y_train: np.ndarray  # int64 [rows]
+    train_images: np.ndarray  # int64 [rows]: which image each training row is a view of
     x_val: np.ndarray
     y_val: np.ndarray
     n_train_images: int
     n_val_images: int
     views: tuple[str, ...]
+
+
+def epoch_order(
+    rng: np.random.Generator, train_images: np.ndarray, view_sampling: str
+) -> np.ndarray:
+    """The positions of the training rows one epoch visits, in a random order drawn from `rng`:
+    every row (`all`), or one row of each image, its view drawn at random (`one_per_image`)."""
+    if view_sampling == "all":
+        return rng.permutation(len(train_images))
+    if view_sampling != "one_per_image":
+        raise ValueError(f"view_sampling must be one of {VIEW_SAMPLINGS}, not {view_sampling!r}")
+    by_image = np.argsort(train_images, kind="stable")
+    _, starts, counts = np.unique(train_images[by_image], return_index=True, return_counts=True)
+    picked = by_image[starts + (rng.random(len(starts)) * counts).astype(np.int64)]
+    return rng.permutation(picked)
+
+
+def rows_per_epoch(train_images: np.ndarray, view_sampling: str) -> int:
+    return len(train_images) if view_sampling == "all" else int(np.unique(train_images).size)
 
 
 def finetune_rows(acts: Activations, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -60,15 +104,17 @@ def finetune_rows(acts: Activations, fraction: float, seed: int) -> tuple[np.nda
 
 
 def load_finetune_data(acts: Activations, fraction: float, seed: int) -> FinetuneData:
-    """The rows of `finetune_rows`, read out of the memory map (sorted, so the reads are
-    sequential)."""
+    """The rows of `finetune_rows`: the validation rows in memory, the training rows left in
+    the memory map until a batch reads them."""
     train_rows, val_rows = finetune_rows(acts, fraction, seed)
+    _, train_images = np.unique(acts.ids[train_rows], return_inverse=True)
     return FinetuneData(
-        x_train=np.asarray(acts.x[train_rows]),
+        x_train=SelectedRows(acts.x, train_rows),
         y_train=acts.labels[train_rows].astype(np.int64),
+        train_images=train_images.astype(np.int64),
         x_val=np.asarray(acts.x[val_rows]),
         y_val=acts.labels[val_rows].astype(np.int64),
-        n_train_images=int(np.unique(acts.ids[train_rows]).size),
+        n_train_images=int(train_images.max()) + 1 if train_rows.size else 0,
         n_val_images=int(val_rows.size),
         views=acts.views,
     )
@@ -238,7 +284,7 @@ def epoch_row(
     the per-block gradient norms (`gradient_norm_<block>` columns) measured at its end: the
     curve CSV is where track reads them from, as MLflow metrics per epoch."""
     return {
-        "epoch": float(epoch),  # every training view seen once per epoch
+        "epoch": float(epoch),  # every training image seen once per epoch (one or all views)
         "step": int(epoch),
         "train_loss": float(train[0]),
         "train_accuracy": float(train[1]),
@@ -305,6 +351,7 @@ def train_and_save_finetune(
         data.x_val,
         data.y_val,
         tensorboard_dir=layout.tensorboard_dir(name),
+        train_images=data.train_images,
         seed=int(shared["seed"]),
         **recipe,
     )

@@ -28,9 +28,12 @@ from tqdm import tqdm
 from imgclf.errors import MissingInput
 from imgclf.finetune.common import (
     SCHEDULES,
+    VIEW_SAMPLINGS,
     TensorBoardLog,
+    epoch_order,
     epoch_row,
     model_config,
+    rows_per_epoch,
     write_config,
 )
 from imgclf.finetune.common import uses_test_time_flip as uses_test_time_flip  # re-exported
@@ -123,6 +126,29 @@ class _Monitor(keras.callbacks.Callback):
         self.log.close()
 
 
+class _OneViewPerImage(keras.utils.PyDataset):
+    """fit's training batches when each epoch draws one view of every image: the order of
+    `epoch_order`, drawn anew at each epoch's end from one generator (so a seed gives the same
+    epochs), and rows read from the activations' memory map batch by batch."""
+
+    def __init__(self, x: Any, y: np.ndarray, images: np.ndarray, batch_size: int,
+                 seed: int) -> None:  # fmt: skip
+        super().__init__()
+        self.x, self.y, self.images, self.batch_size = x, y, images, batch_size
+        self.rng = np.random.default_rng(seed)
+        self.order = epoch_order(self.rng, images, "one_per_image")
+
+    def __len__(self) -> int:
+        return -(-len(self.order) // self.batch_size)
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        rows = np.sort(self.order[index * self.batch_size : (index + 1) * self.batch_size])
+        return np.asarray(self.x[rows], np.float32), self.y[rows]
+
+    def on_epoch_end(self) -> None:
+        self.order = epoch_order(self.rng, self.images, "one_per_image")
+
+
 def _evaluate(model: keras.Model, x: np.ndarray, y: np.ndarray, batch_size: int) -> list[float]:
     return [float(v) for v in model.evaluate(x, y, batch_size=batch_size, verbose=0)]
 
@@ -137,6 +163,8 @@ def train_finetune_keras(
     *,
     n_classes: int,
     tensorboard_dir: str | Path,
+    train_images: np.ndarray | None = None,
+    view_sampling: str = "all",
     epochs: int = 5,
     learning_rate: float = 1e-3,
     momentum: float = 0.9,
@@ -146,16 +174,20 @@ def train_finetune_keras(
     seed: int = 0,
     progress: bool = True,
 ) -> TrainResult:
-    """Fine-tune `top` + `head` (both changed in place: their layers are the model's). The
-    curve has one row per epoch; the model returned holds the weights of the epoch with the
+    """Fine-tune `top` + `head` (both changed in place: their layers are the model's) on the
+    training rows (`view_sampling`: all, or one per image of `train_images`). The curve has
+    one row per epoch; the model returned holds the weights of the epoch with the
     best validation accuracy (the earliest on a tie)."""
     if schedule not in SCHEDULES:
         raise ValueError(f"finetune_keras.schedule must be one of {SCHEDULES}, not {schedule!r}")
     if len(x_train) == 0 or len(x_val) == 0:
         raise ValueError("finetune_keras: empty training or validation set")
     set_determinism(seed)
+    if view_sampling not in VIEW_SAMPLINGS:
+        raise ValueError(f"view_sampling must be one of {VIEW_SAMPLINGS}, not {view_sampling!r}")
     model = build_finetune_model(top, head)
-    steps_per_epoch = -(-len(x_train) // batch_size)
+    images = np.arange(len(x_train)) if train_images is None else np.asarray(train_images)
+    steps_per_epoch = -(-rows_per_epoch(images, view_sampling) // batch_size)
     lr: Any = learning_rate
     if schedule == "cosine":
         lr = keras.optimizers.schedules.CosineDecay(learning_rate, epochs * steps_per_epoch)
@@ -184,14 +216,16 @@ def train_finetune_keras(
     best = keras.callbacks.EarlyStopping(
         monitor="val_accuracy", mode="max", patience=epochs, restore_best_weights=True
     )
+    if view_sampling == "all":  # as the tutorial: fit shuffles the arrays itself
+        train: dict[str, Any] = {"x": np.asarray(x_train), "y": y_train_1h,
+                                 "batch_size": batch_size, "shuffle": True}  # fmt: skip
+    else:
+        train = {"x": _OneViewPerImage(x_train, y_train_1h, images, batch_size, seed)}
     with stopwatch() as timer, without_stderr_lines(_TF_DATA_NOTICE):
         history = model.fit(
-            x_train,
-            y_train_1h,
+            **train,
             validation_data=(x_val, y_val_1h),
             epochs=epochs,
-            batch_size=batch_size,
-            shuffle=True,
             callbacks=[monitor, best],
             verbose=0,
         )

@@ -31,10 +31,13 @@ from tqdm import tqdm
 from imgclf.errors import MissingInput, UserError
 from imgclf.finetune.common import (
     SCHEDULES,
+    VIEW_SAMPLINGS,
     TensorBoardLog,
+    epoch_order,
     epoch_row,
     learning_rate_at,
     model_config,
+    rows_per_epoch,
     write_config,
 )
 from imgclf.finetune.common import uses_test_time_flip as uses_test_time_flip  # re-exported
@@ -264,6 +267,8 @@ def train_finetune_tf(
     *,
     cut: str,
     tensorboard_dir: str | Path,
+    train_images: np.ndarray | None = None,
+    view_sampling: str = "all",
     epochs: int = 5,
     learning_rate: float = 1e-3,
     momentum: float = 0.9,
@@ -274,15 +279,19 @@ def train_finetune_tf(
     progress: bool = True,
 ) -> TrainResult:
     """Fine-tune a FinetuneTop built from `top` (Keras, for its initial weights) and `head` (the
-    restored train_tf SavedModel). Each epoch visits the training rows once in an order drawn
-    from `seed`; the model returned holds the epoch with the best validation accuracy."""
+    restored train_tf SavedModel). Each epoch visits the training rows (`view_sampling`: all,
+    or one per image of `train_images`) in an order drawn from `seed`; the model returned
+    holds the epoch with the best validation accuracy."""
     if schedule not in SCHEDULES:
         raise ValueError(f"finetune_tf.schedule must be one of {SCHEDULES}, not {schedule!r}")
+    if view_sampling not in VIEW_SAMPLINGS:
+        raise ValueError(f"view_sampling must be one of {VIEW_SAMPLINGS}, not {view_sampling!r}")
     if len(x_train) == 0 or len(x_val) == 0:
         raise ValueError("finetune_tf: empty training or validation set")
     set_determinism(seed)
     model = FinetuneTop(top, head, cut)
-    steps_per_epoch = -(-len(x_train) // batch_size)
+    images = np.arange(len(x_train)) if train_images is None else np.asarray(train_images)
+    steps_per_epoch = -(-rows_per_epoch(images, view_sampling) // batch_size)
     trainer = MomentumTrainer(
         model,
         learning_rate=learning_rate,
@@ -304,7 +313,7 @@ def train_finetune_tf(
     with stopwatch() as timer:
         for epoch in tqdm(range(1, epochs + 1), desc="finetune_tf", unit="epoch",
                           file=sys.stderr, disable=not progress):  # fmt: skip
-            order = rng.permutation(len(x_train))
+            order = epoch_order(rng, images, view_sampling)
             loss_sum = accuracy_sum = 0.0
             for i in range(0, len(order), batch_size):
                 rows = np.sort(order[i : i + batch_size])  # sorted: sequential reads
