@@ -69,23 +69,34 @@ class FinetuneData:
     views: tuple[str, ...]
 
 
+def check_view_sampling(view_sampling: str) -> None:
+    if view_sampling not in VIEW_SAMPLINGS:
+        raise ValueError(f"view_sampling must be one of {VIEW_SAMPLINGS}, not {view_sampling!r}")
+
+
 def epoch_order(
     rng: np.random.Generator, train_images: np.ndarray, view_sampling: str
 ) -> np.ndarray:
     """The positions of the training rows one epoch visits, in a random order drawn from `rng`:
     every row (`all`), or one row of each image, its view drawn at random (`one_per_image`)."""
+    check_view_sampling(view_sampling)
     if view_sampling == "all":
         return rng.permutation(len(train_images))
-    if view_sampling != "one_per_image":
-        raise ValueError(f"view_sampling must be one of {VIEW_SAMPLINGS}, not {view_sampling!r}")
     by_image = np.argsort(train_images, kind="stable")
     _, starts, counts = np.unique(train_images[by_image], return_index=True, return_counts=True)
     picked = by_image[starts + (rng.random(len(starts)) * counts).astype(np.int64)]
     return rng.permutation(picked)
 
 
-def rows_per_epoch(train_images: np.ndarray, view_sampling: str) -> int:
-    return len(train_images) if view_sampling == "all" else int(np.unique(train_images).size)
+def epoch_plan(
+    n_rows: int, train_images: np.ndarray | None, view_sampling: str, batch_size: int
+) -> tuple[np.ndarray, int]:
+    """(the image of each training row, steps per epoch) for a trainer: without
+    `train_images` every row is its own image."""
+    check_view_sampling(view_sampling)
+    images = np.arange(n_rows) if train_images is None else np.asarray(train_images)
+    rows = len(images) if view_sampling == "all" else int(np.unique(images).size)
+    return images, -(-rows // batch_size)
 
 
 def finetune_rows(acts: Activations, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -28,12 +28,11 @@ from tqdm import tqdm
 from imgclf.errors import MissingInput
 from imgclf.finetune.common import (
     SCHEDULES,
-    VIEW_SAMPLINGS,
     TensorBoardLog,
     epoch_order,
+    epoch_plan,
     epoch_row,
     model_config,
-    rows_per_epoch,
     write_config,
 )
 from imgclf.finetune.common import uses_test_time_flip as uses_test_time_flip  # re-exported
@@ -183,11 +182,8 @@ def train_finetune_keras(
     if len(x_train) == 0 or len(x_val) == 0:
         raise ValueError("finetune_keras: empty training or validation set")
     set_determinism(seed)
-    if view_sampling not in VIEW_SAMPLINGS:
-        raise ValueError(f"view_sampling must be one of {VIEW_SAMPLINGS}, not {view_sampling!r}")
     model = build_finetune_model(top, head)
-    images = np.arange(len(x_train)) if train_images is None else np.asarray(train_images)
-    steps_per_epoch = -(-rows_per_epoch(images, view_sampling) // batch_size)
+    images, steps_per_epoch = epoch_plan(len(x_train), train_images, view_sampling, batch_size)
     lr: Any = learning_rate
     if schedule == "cosine":
         lr = keras.optimizers.schedules.CosineDecay(learning_rate, epochs * steps_per_epoch)

@@ -31,13 +31,12 @@ from tqdm import tqdm
 from imgclf.errors import MissingInput, UserError
 from imgclf.finetune.common import (
     SCHEDULES,
-    VIEW_SAMPLINGS,
     TensorBoardLog,
     epoch_order,
+    epoch_plan,
     epoch_row,
     learning_rate_at,
     model_config,
-    rows_per_epoch,
     write_config,
 )
 from imgclf.finetune.common import uses_test_time_flip as uses_test_time_flip  # re-exported
@@ -284,14 +283,11 @@ def train_finetune_tf(
     holds the epoch with the best validation accuracy."""
     if schedule not in SCHEDULES:
         raise ValueError(f"finetune_tf.schedule must be one of {SCHEDULES}, not {schedule!r}")
-    if view_sampling not in VIEW_SAMPLINGS:
-        raise ValueError(f"view_sampling must be one of {VIEW_SAMPLINGS}, not {view_sampling!r}")
     if len(x_train) == 0 or len(x_val) == 0:
         raise ValueError("finetune_tf: empty training or validation set")
     set_determinism(seed)
     model = FinetuneTop(top, head, cut)
-    images = np.arange(len(x_train)) if train_images is None else np.asarray(train_images)
-    steps_per_epoch = -(-rows_per_epoch(images, view_sampling) // batch_size)
+    images, steps_per_epoch = epoch_plan(len(x_train), train_images, view_sampling, batch_size)
     trainer = MomentumTrainer(
         model,
         learning_rate=learning_rate,
