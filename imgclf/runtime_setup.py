@@ -8,6 +8,7 @@ fidelity images the same way: from the train split only, deterministically (imgc
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -21,7 +22,14 @@ from imgclf.features import ImageItem, image_batches
 from imgclf.fidelity import calibration_sample, fidelity_sample, gated_runtime
 from imgclf.fileio import read_json, write_json
 from imgclf.params import check_runtime
-from imgclf.runtimes import Runtime, RuntimeRequest, calibration_digest, feature_tag
+from imgclf.runtimes import (
+    Runtime,
+    RuntimeRequest,
+    bfloat16_warning,
+    calibration_digest,
+    cpu_flags,
+    feature_tag,
+)
 
 
 @dataclass(frozen=True)
@@ -92,6 +100,9 @@ class RuntimeSetup:
             kind=self.kind,
             batch_size=self.batch_size,
         )
+        if warning := bfloat16_warning(self.runtime, self.precision, self.section, cpu_flags()):
+            print(warning, file=sys.stderr)
+            report["warning"] = warning
         if self.precision == "int8":
             report["calibration_images"] = len(self.calibration_items)
             report["calibration_digest"] = self.calibration_digest

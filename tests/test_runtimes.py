@@ -124,6 +124,24 @@ def test_make_runtime_refuses_int8_with_tensorflow(tmp_path):
         make_runtime(request)
 
 
+def test_bfloat16_on_a_cpu_without_it_is_named_and_an_alternative_given(tmp_path):
+    from imgclf.runtimes import bfloat16_warning, cpu_flags
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse2 avx avx2\n")
+    flags = cpu_flags(cpuinfo)
+    assert flags == {"fpu", "sse2", "avx", "avx2"}
+    message = bfloat16_warning("openvino", "bfloat16", "activations", flags)
+    assert "activations.precision=bfloat16" in message and "avx512_bf16" in message
+    assert "runs float32 instead" in message and "activations.precision=float32" in message
+    assert "emulates" in bfloat16_warning("tensorflow", "bfloat16", "bottlenecks", flags)
+    # Nothing to say: bfloat16 hardware, another precision, or flags that cannot be read.
+    assert bfloat16_warning("openvino", "bfloat16", "bottlenecks", flags | {"avx512_bf16"}) == ""
+    assert bfloat16_warning("openvino", "int8", "bottlenecks", flags) == ""
+    assert cpu_flags(tmp_path / "absent") is None
+    assert bfloat16_warning("tensorflow", "bfloat16", "bottlenecks", None) == ""
+
+
 # ---------------------------------------------------------------------------- real model
 
 PER_CLASS = 4  # 20 photos: 16 train, 4 test

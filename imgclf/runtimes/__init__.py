@@ -82,6 +82,39 @@ def calibration_digest(shas: Sequence[str], preprocessing: str) -> str:
     return h.hexdigest()[:12]
 
 
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo names of bfloat16 arithmetic
+
+
+def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> set[str] | None:
+    """The CPU's feature flags (Linux), or None where they cannot be read."""
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.partition(":")[2].split())
+    return None
+
+
+def bfloat16_warning(runtime: str, precision: str, section: str, flags: set[str] | None) -> str:
+    """What to tell a user who asked for bfloat16 on a CPU without bfloat16 arithmetic ("" if
+    nothing): neither runtime fails there, but neither gains. Seen on an AVX2-only AMD EPYC:
+    TensorFlow emulated it at 0.75x its float32 speed; OpenVINO's CPU plugin ran float32
+    (features identical to float32's, at float32's speed) under the bfloat16 cache key."""
+    if precision != "bfloat16" or flags is None or flags & set(BF16_CPU_FLAGS):
+        return ""
+    what = {
+        "tensorflow": "TensorFlow emulates it, slower than float32",
+        "openvino": "OpenVINO runs float32 instead: the same numbers, no faster",
+    }.get(runtime, "it gains nothing")
+    return (
+        f"{section}: warning: {section}.precision=bfloat16, but this CPU has none of "
+        f"{', '.join(BF16_CPU_FLAGS)}: {what}. Use {section}.precision=float32 here "
+        "(or int8 with openvino)."
+    )
+
+
 def feature_tag(runtime: str, precision: str, calibration: str | None = None) -> str:
     """The part of a feature cache key that says what computed the features."""
     if runtime == "tensorflow":
