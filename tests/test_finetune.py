@@ -469,3 +469,30 @@ def test_identical_fine_tunes_in_fresh_processes_write_identical_model_files(tmp
     assert "finetune_tf/saved_model.pb" in outputs[0] and "finetune_keras/model.keras" in outputs[0]
     assert outputs[0].keys() == outputs[1].keys()
     assert [name for name in outputs[0] if outputs[0][name] != outputs[1][name]] == []
+
+
+def test_tf_regularizers_for_the_recipe_search_change_training_and_stay_deterministic(
+    tiny, tmp_path
+):
+    # dropout, mixup and L2-SP (weight_decay) are the search tool's knobs
+    # (tools/finetune_search.py): each must really act, the same way on every run, and being
+    # off must leave the recipe's training exactly as it was.
+    from imgclf.finetune.finetune_tf import train_finetune_tf
+    from imgclf.heads.tf_head import load_tf_head
+
+    head_dir = tf_head_dir(tiny, tmp_path / "head")
+
+    def kernels(**regularizer):
+        result = train_finetune_tf(
+            fresh(tiny), load_tf_head(head_dir), *tiny["data"], cut="mixed_8",
+            tensorboard_dir=tmp_path / "tb", epochs=1, batch_size=8, learning_rate=0.01,
+            progress=False, **regularizer,
+        )  # fmt: skip
+        return np.concatenate([v.numpy().ravel() for _, v in result.model.variables_to_train()])
+
+    plain = kernels()
+    np.testing.assert_array_equal(kernels(dropout=0.0, mixup=0.0, weight_decay=0.0), plain)
+    for regularizer in ({"dropout": 0.5}, {"mixup": 0.4}, {"weight_decay": 10.0}):
+        once = kernels(**regularizer)
+        assert not np.array_equal(once, plain), regularizer
+        np.testing.assert_array_equal(kernels(**regularizer), once)

@@ -164,8 +164,12 @@ class FinetuneTop(tf.Module):
             x = self._block(x, block)
         return tf.reduce_mean(x, axis=[1, 2])
 
-    def logits(self, activations: tf.Tensor) -> tf.Tensor:
+    def logits(self, activations: tf.Tensor, dropout: Any = None) -> tf.Tensor:
+        """`dropout`: (rate, stateless seed) to drop pooled features in training, else None."""
         x = self.features(activations)
+        if dropout is not None:
+            rate, seed = dropout
+            x = tf.nn.experimental.stateless_dropout(x, rate=rate, seed=seed)
         if self.hidden_units:
             x = tf.nn.relu(tf.matmul(x, self.hidden_weights) + self.hidden_biases)
         return tf.matmul(x, self.final_weights) + self.final_biases
@@ -184,9 +188,13 @@ def count_parameters(model: FinetuneTop) -> int:
     return int(sum(int(np.prod(v.shape)) for _, v in model.variables_to_train()))
 
 
+def smoothed_target(labels: tf.Tensor, n_classes: int, smoothing: float) -> tf.Tensor:
+    return tf.one_hot(labels, n_classes) * (1.0 - smoothing) + smoothing / n_classes
+
+
 def smoothed_loss(logits: tf.Tensor, labels: tf.Tensor, n_classes: int, smoothing: float):
     """Mean cross-entropy against one-hot labels smoothed by `smoothing` (as Keras')."""
-    target = tf.one_hot(labels, n_classes) * (1.0 - smoothing) + smoothing / n_classes
+    target = smoothed_target(labels, n_classes, smoothing)
     return tf.reduce_mean(tf.nn.softmax_cross_entropy_with_logits(labels=target, logits=logits))
 
 
@@ -195,7 +203,9 @@ class MomentumTrainer:
     SavedModel holds the model and not the velocities."""
 
     def __init__(self, model: FinetuneTop, *, learning_rate: float, momentum: float,
-                 label_smoothing: float, schedule: str, total_steps: int) -> None:  # fmt: skip
+                 label_smoothing: float, schedule: str, total_steps: int,
+                 dropout: float = 0.0, mixup: float = 0.0,
+                 weight_decay: float = 0.0) -> None:  # fmt: skip
         self.model = model
         named = model.variables_to_train()
         self.names = [name for name, _ in named]
@@ -204,6 +214,10 @@ class MomentumTrainer:
         self.learning_rate, self.momentum = float(learning_rate), float(momentum)
         self.label_smoothing, self.schedule = float(label_smoothing), schedule
         self.total_steps = int(total_steps)
+        self.dropout, self.mixup = float(dropout), float(mixup)
+        self.weight_decay = float(weight_decay)
+        # L2-SP: the kernels are pulled toward their pretrained values, not toward 0.
+        self.kernels = [(v, tf.constant(v.numpy())) for n, v in named if n.endswith("/kernel")]
 
     def _loss(self, x: tf.Tensor, y: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         logits = self.model.logits(x)
@@ -211,12 +225,31 @@ class MomentumTrainer:
         accuracy = tf.reduce_mean(tf.cast(tf.equal(tf.argmax(logits, 1), y), tf.float32))
         return loss, accuracy
 
+    def _train_loss(self, x: tf.Tensor, y: tf.Tensor, mix: tf.Tensor, seed: tf.Tensor):
+        """The training loss: with mixup, each row mixed with the batch's reversed rows by
+        `mix` (drawn per batch); with dropout on the pooled features; with L2-SP."""
+        target = smoothed_target(y, self.model.n_classes, self.label_smoothing)
+        if self.mixup > 0:
+            x = mix * x + (1.0 - mix) * tf.reverse(x, [0])
+            target = mix * target + (1.0 - mix) * tf.reverse(target, [0])
+        dropout = (self.dropout, seed) if self.dropout > 0 else None
+        logits = self.model.logits(x, dropout)
+        loss = tf.reduce_mean(tf.nn.softmax_cross_entropy_with_logits(labels=target, logits=logits))
+        if self.weight_decay > 0:
+            loss += (
+                0.5
+                * self.weight_decay
+                * tf.add_n([tf.reduce_sum(tf.square(v - v0)) for v, v0 in self.kernels])
+            )
+        accuracy = tf.reduce_mean(tf.cast(tf.equal(tf.argmax(logits, 1), y), tf.float32))
+        return loss, accuracy
+
     @tf.function(reduce_retracing=True)
-    def train_step(self, x: tf.Tensor, y: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    def train_step(self, x: tf.Tensor, y: tf.Tensor, mix: tf.Tensor, seed: tf.Tensor):
         """One update on a batch; returns its (loss, accuracy) before the update."""
         with tf.GradientTape(watch_accessed_variables=False) as tape:
             tape.watch(self.variables)
-            loss, accuracy = self._loss(x, y)
+            loss, accuracy = self._train_loss(x, y, mix, seed)
         grads = tape.gradient(loss, self.variables)
         # Every update waits for every gradient. Without this, the graph may update one
         # block's kernels while the backward pass of an earlier block still reads them: the
@@ -274,6 +307,9 @@ def train_finetune_tf(
     batch_size: int = 32,
     label_smoothing: float = 0.0,
     schedule: str = "constant",
+    dropout: float = 0.0,
+    mixup: float = 0.0,
+    weight_decay: float = 0.0,
     seed: int = 0,
     progress: bool = True,
 ) -> TrainResult:
@@ -295,8 +331,13 @@ def train_finetune_tf(
         label_smoothing=label_smoothing,
         schedule=schedule,
         total_steps=epochs * steps_per_epoch,
+        dropout=dropout,
+        mixup=mixup,
+        weight_decay=weight_decay,
     )
     rng = np.random.default_rng(seed)
+    # Apart from `rng`, so that mixup and dropout leave the order of the rows unchanged.
+    mix_rng = np.random.default_rng([seed, 1])
     probe = rng.permutation(len(x_train))[:batch_size]
     probe_x = tf.constant(np.asarray(x_train[probe], np.float32))
     probe_y = tf.constant(y_train[probe], tf.int64)
@@ -313,9 +354,12 @@ def train_finetune_tf(
             loss_sum = accuracy_sum = 0.0
             for i in range(0, len(order), batch_size):
                 rows = np.sort(order[i : i + batch_size])  # sorted: sequential reads
+                mix = mix_rng.beta(mixup, mixup) if mixup > 0 else 1.0
                 loss, acc = trainer.train_step(
                     tf.constant(np.asarray(x_train[rows], np.float32)),
                     tf.constant(y_train[rows], tf.int64),
+                    tf.constant(mix, tf.float32),
+                    tf.constant(mix_rng.integers(0, 2**31, size=2), tf.int64),
                 )
                 loss_sum += float(loss) * len(rows)
                 accuracy_sum += float(acc) * len(rows)

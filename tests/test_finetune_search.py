@@ -1,0 +1,41 @@
+"""tools/finetune_search.py: recipe variants scored on the validation slice of a pipeline
+result, which it leaves as it was (run on the tiny real pipeline result of test_tracking)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.test_tracking import tiny_result
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def digest(folder: Path) -> str:
+    h = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        h.update(str(path.relative_to(folder)).encode() + path.read_bytes())
+    return h.hexdigest()
+
+
+def test_variants_are_scored_on_validation_and_the_workspace_is_untouched(tmp_path_factory):
+    workdir, params = tiny_result(tmp_path_factory)
+    before = {name: digest(workdir / name) for name in ("data", "models", "metrics")}
+    out = tmp_path_factory.mktemp("search") / "search.jsonl"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "finetune_search.py"), "--workdir", str(workdir),
+         "--views", "orig", "--out", str(out),
+         "--variant", "base={}", "--variant", 'mixup={"mixup": 0.4, "epochs": 2}'],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["variant"] for r in rows] == ["base", "mixup"]
+    assert len(rows[0]["val_accuracy"]) == params["finetune_tf"]["epochs"] == 1
+    assert len(rows[1]["val_accuracy"]) == 2 and rows[1]["changes"] == {"mixup": 0.4, "epochs": 2}
+    assert all(r["views"] == ["orig"] and 0 <= r["best_val_accuracy"] <= 1 for r in rows)
+    assert "| mixup " in proc.stdout and "validation" in proc.stdout
+    assert {name: digest(workdir / name) for name in before} == before

@@ -1,0 +1,110 @@
+"""Recipe search for fine-tuning, on the validation slice only: never reads a test row.
+
+    .venv/bin/python tools/finetune_search.py [--workdir DIR] [--views orig,flip] \
+        --variant base='{}' --variant mixup='{"mixup": 0.4, "epochs": 5}' ...
+
+Each variant is finetune_tf's recipe from DIR/params.yaml with some keys replaced (any keyword
+of `imgclf.finetune.finetune_tf.train_finetune_tf`, including the regularizers that are not
+stage params: `dropout`, `mixup`, `weight_decay`). It trains on DIR's cached train activations
+(the views given, default all cached) and the heads' validation slice, exactly as the stage
+does, starting from DIR's trained `train_tf` head; nothing in DIR is written. Prints the
+validation accuracy of every epoch, and appends one JSON line per variant to `--out`.
+
+DIR is a pipeline workspace that has run `dvc repro activations train@tf` (this checkout by
+default; a clone with `data.source` set to the full flowers for the README's search).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def search(workdir: Path, variants: dict[str, dict], views: list[str] | None) -> list[dict]:
+    import numpy as np
+    import yaml
+
+    import imgclf.quiet_tf  # noqa: F401
+    from imgclf.activations import load_activations
+    from imgclf.finetune.common import SelectedRows, load_finetune_data
+    from imgclf.finetune.finetune_tf import train_finetune_tf
+    from imgclf.heads.tf_head import load_tf_head
+    from imgclf.inception import build_top, load_backbone
+    from imgclf.layout import Layout
+    from imgclf.params import FinetuneTfParams, HeadsParams
+
+    params = yaml.safe_load((workdir / "params.yaml").read_text())
+    layout = Layout.from_params(params, workdir)
+    cut = params["activations"]["cut"]
+    heads = HeadsParams.from_params(params)
+    recipe = FinetuneTfParams.from_params(params).as_kwargs()
+    recipe.pop("test_time_flip")  # a scoring choice, not training: judged apart
+    acts = load_activations(layout.activations, "train")
+    data = load_finetune_data(acts, heads.validation_fraction, heads.seed)
+    views = list(views or acts.views)
+    rows = data.x_train.rows[np.isin(acts.view[data.x_train.rows],
+                                     [acts.views.index(v) for v in views])]  # fmt: skip
+    _, images = np.unique(acts.ids[rows], return_inverse=True)
+    results = []
+    for name, changes in variants.items():
+        top = build_top(load_backbone(layout.backbone).model, cut)
+        started = time.perf_counter()
+        with tempfile.TemporaryDirectory() as tensorboard:
+            result = train_finetune_tf(
+                top, load_tf_head(layout.model_dir("tf")), SelectedRows(acts.x, rows),
+                acts.labels[rows].astype(np.int64), data.x_val, data.y_val, cut=cut,
+                tensorboard_dir=tensorboard, train_images=images, seed=heads.seed,
+                progress=False, **{**recipe, **changes},
+            )  # fmt: skip
+        val = [row["val_accuracy"] for row in result.curve]
+        results.append({
+            "variant": name, "changes": changes, "views": views,
+            "start_val_accuracy": result.summary["start_val_accuracy"],
+            "val_accuracy": val, "val_loss": [row["val_loss"] for row in result.curve],
+            "train_accuracy": [row["train_accuracy"] for row in result.curve],
+            "best_val_accuracy": max(val), "best_epoch": val.index(max(val)) + 1,
+            "n_val": len(data.y_val), "seconds": round(time.perf_counter() - started),
+        })  # fmt: skip
+        print(f"{name}: validation {', '.join(f'{v:.4f}' for v in val)} "
+              f"(best {max(val):.4f}, epoch {val.index(max(val)) + 1})", flush=True)  # fmt: skip
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workdir", type=Path, default=ROOT)
+    parser.add_argument("--views", help="comma-separated cached train views (default: all)")
+    parser.add_argument(
+        "--variant",
+        action="append",
+        required=True,
+        metavar="NAME=JSON",
+        help="a name and the recipe keys it changes, e.g. mixup='{\"mixup\": 0.4}'",
+    )
+    parser.add_argument("--out", type=Path, default=Path("finetune_search.jsonl"))
+    args = parser.parse_args()
+    variants = {}
+    for spec in args.variant:
+        name, _, changes = spec.partition("=")
+        variants[name] = json.loads(changes or "{}")
+    views = args.views.split(",") if args.views else None
+    results = search(args.workdir.resolve(), variants, views)
+    with args.out.open("a") as f:
+        for row in results:
+            f.write(json.dumps(row) + "\n")
+    print("\n| variant | validation accuracy by epoch | best |\n|---|---|---:|")
+    for r in results:
+        curve = ", ".join(f"{v:.1%}" for v in r["val_accuracy"])
+        best = f"{r['best_val_accuracy']:.1%} (epoch {r['best_epoch']})"
+        print(f"| {r['variant']} {json.dumps(r['changes'])} | {curve} | {best} |")
+
+
+if __name__ == "__main__":
+    main()
