@@ -39,3 +39,16 @@ def test_variants_are_scored_on_validation_and_the_workspace_is_untouched(tmp_pa
     assert all(r["views"] == ["orig"] and 0 <= r["best_val_accuracy"] <= 1 for r in rows)
     assert "| mixup " in proc.stdout and "validation" in proc.stdout
     assert {name: digest(workdir / name) for name in before} == before
+
+
+def test_a_mistyped_key_or_view_stops_before_any_training(tmp_path_factory):
+    workdir, _ = tiny_result(tmp_path_factory)
+    tool = [sys.executable, str(ROOT / "tools" / "finetune_search.py"), "--workdir", str(workdir)]
+    for extra, expected in (
+        (["--variant", 'typo={"mixupp": 0.4}'], "--variant typo: unknown key(s) ['mixupp']"),
+        (["--views", "orig,flop", "--variant", "base={}"], "--views: ['flop'] not in"),
+    ):
+        proc = subprocess.run([*tool, *extra], cwd=ROOT, capture_output=True, text=True,
+                              timeout=300)  # fmt: skip
+        assert proc.returncode != 0 and expected in proc.stderr, proc.stderr[-2000:]
+        assert "validation" not in proc.stdout

@@ -11,12 +11,16 @@ does, starting from DIR's trained `train_tf` head; nothing in DIR is written. Pr
 validation accuracy of every epoch, and appends one JSON line per variant to `--out`.
 
 DIR is a pipeline workspace that has run `dvc repro activations train@tf` (this checkout by
-default; a clone with `data.source` set to the full flowers for the README's search).
+default; a clone with `data.source` set to the full flowers for the README's search). Leave the
+code of the checkout that runs the search alone until it ends: TensorFlow's autograph reads a
+`tf.function`'s source file again when it traces, so an edit made meanwhile can break a variant
+that starts later.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import sys
 import tempfile
@@ -25,6 +29,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+# Set by the search itself: the data, where the events go, the seed of the heads' slice.
+FIXED = {"top", "head", "x_train", "y_train", "x_val", "y_val", "cut", "tensorboard_dir",
+         "train_images", "seed", "progress"}  # fmt: skip
 
 
 def search(workdir: Path, variants: dict[str, dict], views: list[str] | None) -> list[dict]:
@@ -39,7 +46,13 @@ def search(workdir: Path, variants: dict[str, dict], views: list[str] | None) ->
     from imgclf.inception import build_top, load_backbone
     from imgclf.layout import Layout
     from imgclf.params import FinetuneTfParams, HeadsParams
+    from imgclf.registry import get_model
 
+    known = set(inspect.signature(train_finetune_tf).parameters) - FIXED
+    for name, changes in variants.items():  # before any training: a typo costs no minutes
+        if unknown := sorted(set(changes) - known):
+            raise SystemExit(f"--variant {name}: unknown key(s) {unknown}; expected some of "
+                             f"{sorted(known)}")  # fmt: skip
     params = yaml.safe_load((workdir / "params.yaml").read_text())
     layout = Layout.from_params(params, workdir)
     cut = params["activations"]["cut"]
@@ -49,16 +62,21 @@ def search(workdir: Path, variants: dict[str, dict], views: list[str] | None) ->
     acts = load_activations(layout.activations, "train")
     data = load_finetune_data(acts, heads.validation_fraction, heads.seed)
     views = list(views or acts.views)
+    if missing := [v for v in views if v not in acts.views]:
+        raise SystemExit(f"--views: {missing} not in {layout.activations}/train_index.npz, "
+                         f"which holds {list(acts.views)}")  # fmt: skip
     rows = data.x_train.rows[np.isin(acts.view[data.x_train.rows],
                                      [acts.views.index(v) for v in views])]  # fmt: skip
     _, images = np.unique(acts.ids[rows], return_inverse=True)
+    base = get_model("finetune_tf").base
+    assert base is not None
     results = []
     for name, changes in variants.items():
         top = build_top(load_backbone(layout.backbone).model, cut)
         started = time.perf_counter()
         with tempfile.TemporaryDirectory() as tensorboard:
             result = train_finetune_tf(
-                top, load_tf_head(layout.model_dir("tf")), SelectedRows(acts.x, rows),
+                top, load_tf_head(layout.model_dir(base)), SelectedRows(acts.x, rows),
                 acts.labels[rows].astype(np.int64), data.x_val, data.y_val, cut=cut,
                 tensorboard_dir=tensorboard, train_images=images, seed=heads.seed,
                 progress=False, **{**recipe, **changes},
