@@ -71,12 +71,15 @@ def search(workdir: Path, variants: dict[str, dict], views: list[str] | None) ->
     base = get_model("finetune_tf").base
     assert base is not None
     results = []
+    # Read once: the trainer copies their values into its own variables and leaves them as
+    # they were, so every variant starts from the same top and head.
+    top = build_top(load_backbone(layout.backbone).model, cut)
+    head = load_tf_head(layout.model_dir(base))
     for name, changes in variants.items():
-        top = build_top(load_backbone(layout.backbone).model, cut)
         started = time.perf_counter()
         with tempfile.TemporaryDirectory() as tensorboard:
             result = train_finetune_tf(
-                top, load_tf_head(layout.model_dir(base)), SelectedRows(acts.x, rows),
+                top, head, SelectedRows(acts.x, rows),
                 acts.labels[rows].astype(np.int64), data.x_val, data.y_val, cut=cut,
                 tensorboard_dir=tensorboard, train_images=images, seed=heads.seed,
                 progress=False, **{**recipe, **changes},

@@ -189,13 +189,8 @@ def count_parameters(model: FinetuneTop) -> int:
 
 
 def smoothed_target(labels: tf.Tensor, n_classes: int, smoothing: float) -> tf.Tensor:
+    """One-hot labels smoothed by `smoothing` (as Keras' label smoothing)."""
     return tf.one_hot(labels, n_classes) * (1.0 - smoothing) + smoothing / n_classes
-
-
-def smoothed_loss(logits: tf.Tensor, labels: tf.Tensor, n_classes: int, smoothing: float):
-    """Mean cross-entropy against one-hot labels smoothed by `smoothing` (as Keras')."""
-    target = smoothed_target(labels, n_classes, smoothing)
-    return tf.reduce_mean(tf.nn.softmax_cross_entropy_with_logits(labels=target, logits=logits))
 
 
 class MomentumTrainer:
@@ -219,28 +214,21 @@ class MomentumTrainer:
         # L2-SP: the kernels are pulled toward their pretrained values, not toward 0.
         self.kernels = [(v, tf.constant(v.numpy())) for n, v in named if n.endswith("/kernel")]
 
-    def _loss(self, x: tf.Tensor, y: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        logits = self.model.logits(x)
-        loss = smoothed_loss(logits, y, self.model.n_classes, self.label_smoothing)
-        accuracy = tf.reduce_mean(tf.cast(tf.equal(tf.argmax(logits, 1), y), tf.float32))
-        return loss, accuracy
-
-    def _train_loss(self, x: tf.Tensor, y: tf.Tensor, mix: tf.Tensor, seed: tf.Tensor):
-        """The training loss: with mixup, each row mixed with the batch's reversed rows by
-        `mix` (drawn per batch); with dropout on the pooled features; with L2-SP."""
+    def _loss(self, x: tf.Tensor, y: tf.Tensor, mix: Any = None, seed: Any = None):
+        """(mean loss, accuracy) of a batch. In training (`mix`, `seed` given) with the
+        regularizers that are on: mixup of each row with the batch's reversed rows by `mix`
+        (drawn per batch), dropout of the pooled features, L2-SP on the kernels."""
         target = smoothed_target(y, self.model.n_classes, self.label_smoothing)
-        if self.mixup > 0:
+        training = mix is not None
+        if training and self.mixup > 0:
             x = mix * x + (1.0 - mix) * tf.reverse(x, [0])
             target = mix * target + (1.0 - mix) * tf.reverse(target, [0])
-        dropout = (self.dropout, seed) if self.dropout > 0 else None
+        dropout = (self.dropout, seed) if training and self.dropout > 0 else None
         logits = self.model.logits(x, dropout)
         loss = tf.reduce_mean(tf.nn.softmax_cross_entropy_with_logits(labels=target, logits=logits))
-        if self.weight_decay > 0:
-            loss += (
-                0.5
-                * self.weight_decay
-                * tf.add_n([tf.reduce_sum(tf.square(v - v0)) for v, v0 in self.kernels])
-            )
+        if training and self.weight_decay > 0:
+            distance = tf.add_n([tf.reduce_sum(tf.square(v - v0)) for v, v0 in self.kernels])
+            loss += 0.5 * self.weight_decay * distance
         accuracy = tf.reduce_mean(tf.cast(tf.equal(tf.argmax(logits, 1), y), tf.float32))
         return loss, accuracy
 
@@ -249,7 +237,7 @@ class MomentumTrainer:
         """One update on a batch; returns its (loss, accuracy) before the update."""
         with tf.GradientTape(watch_accessed_variables=False) as tape:
             tape.watch(self.variables)
-            loss, accuracy = self._train_loss(x, y, mix, seed)
+            loss, accuracy = self._loss(x, y, mix, seed)
         grads = tape.gradient(loss, self.variables)
         # Every update waits for every gradient. Without this, the graph may update one
         # block's kernels while the backward pass of an earlier block still reads them: the
