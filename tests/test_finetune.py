@@ -497,3 +497,20 @@ def test_tf_regularizers_for_the_recipe_search_change_training_and_stay_determin
     # The random ones (a Beta draw per batch, a dropout mask per step) repeat from the seed.
     both = {"dropout": 0.5, "mixup": 0.4}
     np.testing.assert_array_equal(kernels(**both), kernels(**both))
+
+
+def test_histogram_buckets_are_tensorboards():
+    # TensorBoard's own bucketing (what tf.summary.histogram writes), on what it is used for:
+    # weights (with ties and a single extreme), constants and nothing.
+    from tensorboard.plugins.histogram.summary_v2 import _buckets
+
+    from imgclf.finetune.common import histogram_buckets
+
+    rng = np.random.default_rng(0)
+    weights = rng.normal(size=(3, 3, 64, 32)).astype(np.float32)
+    weights[0, 0, :8] = 0.0
+    for values in (weights, np.array([2.5]), np.full(7, -1.0, np.float32), np.arange(100.0)):
+        np.testing.assert_allclose(
+            histogram_buckets(values), _buckets(values).numpy(), rtol=1e-12, atol=1e-12
+        )
+    assert histogram_buckets(np.zeros(0)).shape == (30, 3)
