@@ -39,7 +39,6 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 from mlflow.pyfunc import PythonModel
-from tensorflow.python.trackable.data_structures import NoDependency
 
 from imgclf.heads.common import LABELS_FILE, read_labels, write_labels
 from imgclf.inception import Backbone, backbone_to_cut, load_backbone
@@ -67,6 +66,13 @@ def _load_head(head_dir: Path, kind: str) -> tuple[Any, Callable[[tf.Tensor], tf
     return get_model(kind).function("graph_head")(head_dir)
 
 
+@dataclass(frozen=True)
+class _Untracked:
+    """A value that tf.Module does not track (a plain object, not a Trackable or a container)."""
+
+    value: Any
+
+
 class EndToEndModel(tf.Module):
     """uint8 images [N, H, W, 3] -> probabilities [N, n_classes] (see the module doc)."""
 
@@ -88,7 +94,7 @@ class EndToEndModel(tf.Module):
         # Saved as its variables, not as a Keras model: tf.saved_model.save walks every object
         # it can reach, and Inception's ~300 layers made that walk ~3.6 s of a ~10 s export.
         # The traced graph is the same; the variables are what it captures.
-        self.backbone = NoDependency(model)
+        self._backbone = _Untracked(model)
         self.backbone_variables = list(model.variables)
         self.head = head
         self._preprocess = backbone.preprocess
@@ -99,6 +105,11 @@ class EndToEndModel(tf.Module):
         self.test_time_flip = bool(test_time_flip)
         self.backbone_sha256 = backbone.sha256
         self.preprocessing = backbone.preprocessing
+
+    @property
+    def backbone(self) -> Any:
+        """The Keras backbone (up to the cut of a fine-tuned model)."""
+        return self._backbone.value
 
     def preprocess(self, images: Any) -> tf.Tensor:
         """uint8 [N, H, W, 3] -> float32 [N, 299, 299, 3]: the backbone's own resize and
