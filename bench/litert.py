@@ -47,7 +47,6 @@ def main(argv: list[str] | None = None) -> None:
     from imgclf.features import split_items
     from imgclf.fidelity import calibration_sample
     from imgclf.heads.common import load_bottlenecks
-    from imgclf.inception import load_backbone
     from imgclf.layout import Layout
     from imgclf.litert import PRECISIONS, export_and_score, preprocessed_pixels
     from imgclf.params import RuntimesParams
@@ -61,8 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     n_cal = RuntimesParams.from_params(params).calibration_images
     calibration = [i.path for i in calibration_sample(items["train"], n_cal)]
     paths = [layout.split / str(i) for i in test.ids[: args.images]]
-    backbone = load_backbone(layout.backbone)
-    model = build(backbone, layout.model_dir(args.model), args.model)
+    model = build(layout.backbone, layout.model_dir(args.model), args.model)
 
     with tempfile.TemporaryDirectory() as tmp:
         metrics = export_and_score(
@@ -74,13 +72,12 @@ def main(argv: list[str] | None = None) -> None:
             test_paths=paths,
             test_labels=np.asarray(test.labels),
             reference=reference,
-            preprocess=backbone.preprocess,
             num_threads=args.threads,
         )
     # TF on the same pixels, batch 1, graph-compiled (the fair comparison with an interpreter).
     fn = tf.function(model.probabilities_of_preprocessed)
     seconds = 0.0
-    for k, pixels in enumerate(preprocessed_pixels(paths, backbone.preprocess)):
+    for k, pixels in enumerate(preprocessed_pixels(paths, model.preprocess)):
         x = tf.constant(pixels)
         start = time.perf_counter()
         fn(x).numpy()

@@ -28,7 +28,14 @@ from typing import Any
 
 import numpy as np
 
-from imgclf.backbone_info import CUT_SHAPES, read_backbone_info
+from imgclf.backbone_info import (
+    CUT_SHAPES,
+    IMAGE_SIZE,
+    MIN_IMAGE_SIZE,
+    at_image_size,
+    cut_shape,
+    read_backbone_info,
+)
 from imgclf.errors import MissingInput, ParamsError
 from imgclf.executors import EXECUTORS, Executor
 from imgclf.features import (
@@ -114,12 +121,13 @@ class ActivationsOptions:
     precision: str
     batch_size: int
     executor: str = "local"  # imgclf.executors: where the images go through the backbone
+    image_size: int = IMAGE_SIZE  # the side of the square the images are resized to
 
     @classmethod
     def from_params(cls, cfg: Mapping[str, Any], key: str = "activations") -> ActivationsOptions:
         """The `activations:` block of params.yaml, checked (cheap: builds no model)."""
         expected = {"cut", "train_views", "test_views", "runtime", "precision", "batch_size",
-                    "executor"}  # fmt: skip
+                    "executor", "image_size"}  # fmt: skip
         if not isinstance(cfg, Mapping):
             raise ParamsError(f"{key}: expected a mapping, got {cfg!r}")
         if unknown := sorted(set(cfg) - expected):
@@ -135,6 +143,12 @@ class ActivationsOptions:
         batch = cfg["batch_size"]
         if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
             raise ParamsError(f"{key}.batch_size: {batch!r}, expected an integer >= 1")
+        size = cfg["image_size"]
+        if isinstance(size, bool) or not isinstance(size, int) or size < MIN_IMAGE_SIZE:
+            raise ParamsError(
+                f"{key}.image_size: {size!r}, expected an integer >= {MIN_IMAGE_SIZE} (the "
+                f"backbone's weights were trained at {IMAGE_SIZE})"
+            )
         if cfg["executor"] not in EXECUTORS:
             raise ParamsError(
                 f"{key}.executor: {cfg['executor']!r}, expected one of {list(EXECUTORS)}"
@@ -147,6 +161,7 @@ class ActivationsOptions:
             precision=cfg["precision"],
             batch_size=batch,
             executor=cfg["executor"],
+            image_size=size,
         )
 
     def views(self, subset: str) -> tuple[str, ...]:
@@ -334,7 +349,8 @@ def run_activations(
     """
     start = time.perf_counter()
     _, items = split_items(split_dir)
-    info = read_backbone_info(backbone_dir)
+    # The preprocessing id in every cache key, the runtimes' model key: this input size's.
+    info = at_image_size(read_backbone_info(backbone_dir), options.image_size)
     setup = RuntimeSetup(
         runtime=options.runtime,
         precision=options.precision,
@@ -356,7 +372,7 @@ def run_activations(
             precision=setup.feature_tag,
             cut=options.cut,
             view=view,
-            shape=CUT_SHAPES[options.cut],
+            shape=cut_shape(options.cut, options.image_size),
         )
         for view in views
     }
@@ -378,10 +394,15 @@ def run_activations(
 
         def build(precision: str) -> Any:
             if precision not in models:
-                models[precision] = load_backbone(backbone_path, precision=precision)
+                models[precision] = load_backbone(
+                    backbone_path, precision=precision, image_size=options.image_size
+                )
             return backbone_to_cut(models[precision].model, options.cut)
 
-        preprocess = PREPROCESSORS[info["weights"]]  # the same for every runtime
+        # The same for every runtime.
+        preprocess = functools.partial(
+            PREPROCESSORS[info["weights"]], image_size=options.image_size
+        )
         return setup.make_recorded(record, build_model=build, preprocess=preprocess), preprocess
 
     stats = fill_views(
@@ -398,6 +419,7 @@ def run_activations(
         for subset in SUBSETS
     )
     return {
+        "image_size": options.image_size,
         "images": {subset: len(items[subset]) for subset in SUBSETS},
         "views": {subset: len(options.views(subset)) for subset in SUBSETS},
         "entries": {
@@ -416,6 +438,9 @@ def run_activations(
     }
 
 
-def describe_cut(cut: str) -> str:
-    """`mixed_8 (8x8x1280)`, for messages."""
-    return f"{cut} ({'x'.join(map(str, CUT_SHAPES[cut]))})"
+def describe_cut(cut: str, image_size: int = IMAGE_SIZE) -> str:
+    """`mixed_8 (8x8x1280)`, for messages (`mixed_8 (11x11x1280 from 399x399 images)`)."""
+    shape = "x".join(map(str, cut_shape(cut, image_size)))
+    if image_size == IMAGE_SIZE:
+        return f"{cut} ({shape})"
+    return f"{cut} ({shape} from {image_size}x{image_size} images)"

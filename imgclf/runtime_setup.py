@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from imgclf.backbone_info import IMAGE_SIZE
 from imgclf.config import cache_dir
 from imgclf.features import ImageItem, image_batches
 from imgclf.fidelity import calibration_sample, fidelity_sample, gated_runtime
@@ -69,8 +70,11 @@ class RuntimeSetup:
 
     @property
     def model_key(self) -> str:
-        """Names the model a runtime converts: backbone weights and where it is cut."""
-        return f"{str(self.backbone_info['sha256'])[:16]}-{self.cut or 'pool_3'}"
+        """Names the model a runtime converts: backbone weights, where it is cut, and its input
+        side when not the 299 it was trained at (keys of 299 models stay as they were)."""
+        key = f"{str(self.backbone_info['sha256'])[:16]}-{self.cut or 'pool_3'}"
+        size = int(self.backbone_info.get("image_size", IMAGE_SIZE))
+        return key if size == IMAGE_SIZE else f"{key}-{size}px"
 
     def make(
         self, *, build_model: Callable[[str], Any], preprocess: Callable[[Any], Any]

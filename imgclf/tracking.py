@@ -802,16 +802,10 @@ class EndToEndModels:
         return _files_digest(*code, self.files.backbone)
 
     @cached_property
-    def _backbones(self) -> dict[str, Any]:
-        return {}
+    def _builder(self) -> Any:
+        from imgclf.end_to_end import Builder
 
-    def _backbone(self, precision: str) -> Any:
-        """The backbone at `precision`, loaded once for every model that runs it so."""
-        from imgclf.inception import load_backbone
-
-        if precision not in self._backbones:
-            self._backbones[precision] = load_backbone(self.files.backbone, precision=precision)
-        return self._backbones[precision]
+        return Builder(self.files.backbone)
 
     def key(self, head: str) -> str:
         """What determines the end-to-end model of `head`: the backbone's files, the head's
@@ -834,10 +828,7 @@ class EndToEndModels:
         return digest.hexdigest()
 
     def build(self, head: str) -> Any:
-        from imgclf import end_to_end
-
-        backbone = self._backbone(self.precision_of(head))
-        return end_to_end.build(backbone, self.files.head_dir(head), head)
+        return self._builder(self.files.head_dir(head), head, self.precision_of(head))
 
 
 def weights_digest(head_dir: Path, head: str) -> bytes:

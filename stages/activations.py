@@ -51,7 +51,8 @@ def main() -> None:
         else ""
     )
     print(
-        f"activations at {describe_cut(options.cut)}: {entries['computed']} entries computed"
+        f"activations at {describe_cut(options.cut, options.image_size)}: "
+        f"{entries['computed']} entries computed"
         f"{recomputed}, {entries['cached']} from the cache "
         f"({stats['cache_bytes'] / 2**20:.0f} MiB in {len(cache_dirs)} view folders under "
         f"{Path(cache_dirs[0]).parent}); {stats['entries_per_second']:.1f} entries/s "

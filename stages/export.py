@@ -42,12 +42,11 @@ def main() -> None:
     # train images only, round-robin over the classes in sha256 order.
     calibration = [item.path for item in calibration_sample(items["train"], calibration_images)]
 
-    from imgclf.end_to_end import build
-    from imgclf.inception import load_backbone
+    from imgclf.end_to_end import Builder
 
-    backbone = load_backbone(layout.backbone, precision="float32")
+    build = Builder(layout.backbone)
     metrics = export_and_score(
-        build_model=lambda name: build(backbone, layout.model_dir(name), name),
+        build_model=lambda name: build(layout.model_dir(name), name),
         models=models,
         precisions=hp.precisions,
         out_dir=layout.litert,
@@ -55,7 +54,6 @@ def main() -> None:
         test_paths=[layout.split / str(i) for i in test.ids[:keep]],
         test_labels=np.asarray(test.labels),
         reference=reference,
-        preprocess=backbone.preprocess,
         num_threads=hp.num_threads,
     )
     metrics["calibration_images"] = len(calibration)

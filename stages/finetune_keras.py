@@ -24,6 +24,7 @@ def main() -> None:
         paths=params["paths"],
         shared=HeadsParams.from_params(params).as_kwargs(),
         cut=params["activations"]["cut"],
+        image_size=params["activations"]["image_size"],
         load_head=load_keras_head,
         train_fn=lambda top, head, *data, **kw: train_finetune_keras(
             top, head, *data, n_classes=int(head.layers[-1].units), **kw

@@ -20,6 +20,7 @@ def main() -> None:
         paths=params["paths"],
         shared=HeadsParams.from_params(params).as_kwargs(),
         cut=cut,
+        image_size=params["activations"]["image_size"],
         load_head=load_tf_head,
         train_fn=lambda *args, **kw: train_finetune_tf(*args, cut=cut, **kw),
         save_fn=save_finetune_tf,

@@ -129,6 +129,7 @@ PARAMS = {
     "precision": "float32",
     "batch_size": 32,
     "executor": "local",
+    "image_size": 299,
 }
 
 
@@ -149,6 +150,9 @@ def test_options_from_params():
         ({"precision": "int8"}, r"activations\.precision: .*with activations\.runtime=tensorflow"),
         ({"runtime": "onnx"}, r"activations\.runtime: expected one of tensorflow, openvino"),
         ({"batch_size": 0}, r"activations\.batch_size"),
+        ({"image_size": 74}, r"activations\.image_size: 74, expected an integer >= 75"),
+        ({"image_size": True}, r"activations\.image_size: True, expected an integer"),
+        ({"image_size": 399.0}, r"activations\.image_size: 399\.0, expected an integer"),
         (
             {"executor": "spark"},
             r"activations\.executor: 'spark', expected one of \['local', 'ray'\]",
@@ -285,11 +289,16 @@ def test_loading_missing_outputs_says_which_file_and_what_to_run(tmp_path):
 
 
 @pytest.mark.slow
-def test_cut_shapes_are_the_models():
+@pytest.mark.parametrize("size", [299, 300, 331, 399, 75])
+def test_cut_shapes_are_the_models(size):
+    from imgclf.backbone_info import cut_shape
     from imgclf.inception import CUT_SHAPES, build_inception_v3
 
-    model = build_inception_v3()
-    assert {cut: tuple(model.get_layer(cut).output.shape[1:]) for cut in CUT_SHAPES} == CUT_SHAPES
+    model = build_inception_v3(input_shape=(size, size, 3))
+    shapes = {cut: tuple(model.get_layer(cut).output.shape[1:]) for cut in CUT_SHAPES}
+    assert shapes == {cut: cut_shape(cut, size) for cut in CUT_SHAPES}
+    if size == 299:
+        assert shapes == CUT_SHAPES
 
 
 @pytest.mark.slow
@@ -426,6 +435,16 @@ def test_the_stage_on_real_photos_then_a_new_view(shared_datasets, backbone_dir,
     assert metrics["entries"] == {"computed": 0, "cached": 12, "recomputed_bad": 0}
     assert "tensorflow imported: False" in stdout
     np.testing.assert_array_equal(load_activations(out, "train").x, train.x)
+
+    # Larger inputs: other activations (9x9 maps at 331x331), so other cache entries.
+    metrics, stdout = _run_stage(tmp_path, {**PARAMS, "image_size": 331})
+    assert "mixed_8 (9x9x1280 from 331x331 images): 10 entries computed, 0 from" in stdout
+    assert metrics["image_size"] == 331 and metrics["cache_bytes"] == 10 * (9 * 9 * 1280 * 2 + 32)
+    big = load_activations(out, "train")
+    assert big.x.shape == (8, 9, 9, 1280) and list(big.ids) == list(train.ids)
+    backbone = load_backbone(backbone_dir, image_size=331)
+    expected = backbone_to_cut(backbone.model, "mixed_8")(backbone.preprocess(image[:, ::-1]))
+    np.testing.assert_allclose(big.x[row].astype(np.float32), expected[0], atol=2e-2, rtol=2e-3)
 
 
 def test_an_unknown_view_stops_the_stage_with_one_line_and_no_traceback(tmp_path):

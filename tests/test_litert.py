@@ -192,7 +192,6 @@ def test_stage_scoring_writes_metrics_and_names_a_failed_file(tiny, images, tmp_
         test_paths=paths[:4],
         test_labels=labels,
         reference={"tf": _tf_probabilities(model, pixels)},
-        preprocess=model.preprocess,
         num_threads=1,
     )
     metrics = export_and_score(precisions=["float32"], calibration_paths=[], **common)
@@ -205,6 +204,35 @@ def test_stage_scoring_writes_metrics_and_names_a_failed_file(tiny, images, tmp_
     failed = "LiteRT export of tf at int8 failed: ValueError: int8 conversion got no calibration"
     with pytest.raises(StageFailed, match=failed):
         export_and_score(precisions=["int8"], calibration_paths=[], **common)
+
+
+@pytest.mark.slow
+def test_a_fine_tuned_model_exports_at_its_own_input_size(tmp_path_factory, tmp_path):
+    # The tiny pipeline result's activations are at 331x331: the file's fixed input, the
+    # sidecar and the pixels the stage scores it on must all be that size, not the 299 of the
+    # heads (the real Inception V3 here, converted once at float32: ~20 s).
+    from imgclf.activations import load_activations
+    from imgclf.end_to_end import Builder
+    from imgclf.finetune.common import predict_images
+    from imgclf.heads import load_predictor, model_dir
+    from imgclf.litert import export_and_score
+    from tests.test_tracking import tiny_result
+
+    workdir, params = tiny_result(tmp_path_factory)
+    acts = load_activations(workdir / params["paths"]["activations"], "test")
+    orig = acts.of_view("orig")[:2]
+    folder = model_dir(workdir / params["paths"]["models"], "finetune_tf")
+    reference = predict_images(load_predictor("finetune_tf", folder), acts, test_time_flip=False)
+    metrics = export_and_score(
+        build_model=lambda name: Builder(workdir / params["paths"]["backbone"])(folder, name),
+        models=["finetune_tf"], precisions=["float32"], out_dir=tmp_path, calibration_paths=[],
+        test_paths=[workdir / params["paths"]["split"] / i for i in acts.ids[orig]],
+        test_labels=acts.labels[orig], reference={"finetune_tf": reference[:2]}, num_threads=1,
+    )  # fmt: skip
+    sidecar = json.loads((tmp_path / "finetune_tf-float32.json").read_text())
+    assert sidecar["input"]["shape"] == [1, 331, 331, 3]
+    assert "331x331" in sidecar["input"]["pixels"] and "_331:" in sidecar["preprocessing"]
+    assert metrics["files"]["finetune_tf-float32"]["max_abs_prob_diff"] < 1e-4
 
 
 PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
@@ -275,7 +303,7 @@ def test_track_logs_the_export_to_the_parent_run(tiny, images, tmp_path, monkeyp
         build_model=lambda name: model, models=["tf"], precisions=["float32"],
         out_dir=layout.litert, calibration_paths=[], test_paths=images[0][:2],
         test_labels=images[1], reference={"tf": _tf_probabilities(model, pixels[:2])},
-        preprocess=model.preprocess, num_threads=1,
+        num_threads=1,
     )  # fmt: skip
     write_json(layout.litert_metrics, metrics)
     layout.litert_md.write_text(markdown_table(metrics), encoding="utf-8")

@@ -61,6 +61,9 @@ def tiny_params() -> dict:
     params["finetune_tf"].update(epochs=1, batch_size=8)
     params["finetune_keras"].update(epochs=1, batch_size=8, test_time_flip=True)
     params["activations"]["test_views"] = ["orig", "flip"]
+    # Not the backbone's 299: the fine-tuned models' end-to-end versions (registered, served,
+    # label-image) must resize to the side their activations were computed at (9x9 maps).
+    params["activations"]["image_size"] = 331
     params["evaluate"]["min_accuracy"] = 0.0
     params["evaluate"]["misclassified_sheet_max"] = 8
     return params
@@ -575,6 +578,7 @@ def test_registered_fine_tuned_models_reproduce_the_evaluate_stage(tracked):
         model = mlflow.pyfunc.load_model(f"models:/{name}@champion")
         meta = model.metadata.metadata
         assert meta["labels"] == classes and meta["cut"] == "mixed_8"
+        assert meta["image_size"] == 331
         folder = model_dir(workdir / "models", head)
         flips[head] = meta["test_time_flip"]
         assert flips[head] == uses_test_time_flip(folder)
@@ -825,7 +829,6 @@ def make_dvc_repo(repo: Path, workdir: Path, params: dict) -> None:
         test_paths=[],
         test_labels=np.zeros(0, np.int64),
         reference={},
-        preprocess=lambda pixels: pixels,
         num_threads=1,
     )
     (repo / "models/litert/.gitkeep").write_text("")

@@ -73,7 +73,8 @@ def search(workdir: Path, variants: dict[str, dict], views: list[str] | None) ->
     results = []
     # Read once: the trainer copies their values into its own variables and leaves them as
     # they were, so every variant starts from the same top and head.
-    top = build_top(load_backbone(layout.backbone).model, cut)
+    size = params["activations"]["image_size"]
+    top = build_top(load_backbone(layout.backbone, image_size=size).model, cut)
     head = load_tf_head(layout.model_dir(base))
     for name, changes in variants.items():
         started = time.perf_counter()

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from imgclf.activations import Activations
+from imgclf.backbone_info import IMAGE_SIZE
 from imgclf.errors import MissingInput, UserError
 from imgclf.fileio import atomic_write_bytes, read_json
 from imgclf.heads.common import validation_split
@@ -161,12 +162,15 @@ def write_config(model_dir: Path, config: Mapping[str, Any]) -> None:
     atomic_write_bytes(Path(model_dir) / CONFIG_FILE, text.encode("utf-8"))
 
 
-def model_config(*, test_time_flip: bool, cut: str | None) -> dict[str, Any]:
+def model_config(
+    *, test_time_flip: bool, cut: str | None, image_size: int = IMAGE_SIZE
+) -> dict[str, Any]:
     """finetune.json: what a fine-tuned model needs beside its weights to be used on images
-    (its cut: where the backbone hands over; whether it averages with the flipped view)."""
+    (its cut: where the backbone hands over; the side images are resized to before it; whether
+    it averages with the flipped view)."""
     config: dict[str, Any] = {"inputs": "activations", "test_time_flip": bool(test_time_flip)}
     if cut is not None:
-        config["cut"] = cut
+        config.update(cut=cut, image_size=int(image_size))
     return config
 
 
@@ -186,6 +190,12 @@ def model_cut(model_dir: str | Path) -> str:
             "it was saved by an older version; rerun its fine-tune stage (dvc repro)"
         )
     return cut
+
+
+def model_image_size(model_dir: str | Path) -> int:
+    """The input side a saved fine-tuned model's activations were computed at (finetune.json;
+    299, the backbone's own, for folders saved before it was a param)."""
+    return int(read_config(model_dir).get("image_size", IMAGE_SIZE))
 
 
 def uses_test_time_flip(model_dir: str | Path) -> bool:
@@ -347,6 +357,7 @@ def train_and_save_finetune(
     paths: Mapping[str, str],
     shared: Mapping[str, Any],
     cut: str,
+    image_size: int,
     load_head: Callable[[Path], Any],
     train_fn: Callable[..., Any],
     save_fn: Callable[..., None],
@@ -379,12 +390,14 @@ def train_and_save_finetune(
             "another split; rerun the pipeline (dvc repro)"
         )
     data = load_finetune_data(acts, float(shared["validation_fraction"]), int(shared["seed"]))
-    top = build_top(load_backbone(layout.backbone).model, cut)
+    top = build_top(load_backbone(layout.backbone, image_size=image_size).model, cut)
     if tuple(top.input.shape[1:]) != tuple(data.x_train.shape[1:]):
         raise UserError(
             f"{layout.activations}/train.npy holds activations of shape "
             f"{tuple(data.x_train.shape[1:])}, but the backbone's {cut} gives "
-            f"{tuple(top.input.shape[1:])}: rerun the activations stage (dvc repro activations)"
+            f"{tuple(top.input.shape[1:])} on {image_size}x{image_size} images "
+            "(activations.cut, activations.image_size): rerun the activations stage "
+            "(dvc repro activations)"
         )
     result = train_fn(
         top,
@@ -405,7 +418,14 @@ def train_and_save_finetune(
             "test_time_flip": int(test_time_flip),
         }
     )
-    save_fn(result.model, layout.model_dir(name), classes, test_time_flip=test_time_flip, cut=cut)
+    save_fn(
+        result.model,
+        layout.model_dir(name),
+        classes,
+        test_time_flip=test_time_flip,
+        cut=cut,
+        image_size=image_size,
+    )
     return write_training_metrics(
         layout.metrics,
         name,

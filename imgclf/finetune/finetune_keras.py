@@ -25,6 +25,7 @@ import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
+from imgclf.backbone_info import IMAGE_SIZE
 from imgclf.errors import MissingInput
 from imgclf.finetune.common import (
     SCHEDULES,
@@ -265,6 +266,7 @@ def save_finetune_keras(
     *,
     test_time_flip: bool = False,
     cut: str | None = None,
+    image_size: int = IMAGE_SIZE,
 ) -> None:
     """model.keras + finetune.json + labels.txt in `model_dir`, replaced as a whole; the same
     weights give the same bytes."""
@@ -276,7 +278,8 @@ def save_finetune_keras(
     def write(tmp: Path) -> None:
         plain.save(tmp / MODEL_FILE)
         normalise_keras_archive(tmp / MODEL_FILE)
-        write_config(tmp, model_config(test_time_flip=test_time_flip, cut=cut))
+        config = model_config(test_time_flip=test_time_flip, cut=cut, image_size=image_size)
+        write_config(tmp, config)
 
     save_model_dir(model_dir, classes, write)
 

@@ -28,6 +28,7 @@ import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
+from imgclf.backbone_info import IMAGE_SIZE
 from imgclf.errors import MissingInput, UserError
 from imgclf.finetune.common import (
     SCHEDULES,
@@ -394,6 +395,7 @@ def save_finetune_tf(
     *,
     test_time_flip: bool = False,
     cut: str | None = None,
+    image_size: int = IMAGE_SIZE,
 ) -> None:
     """SavedModel + finetune.json + labels.txt in `model_dir`, replaced as a whole."""
     spec = tf.TensorSpec([None, *model.input_shape], tf.float32, name=INPUT_NAME)
@@ -403,7 +405,8 @@ def save_finetune_tf(
     def write(tmp: Path) -> None:
         tf.saved_model.save(model, str(tmp), signatures=signatures)
         deterministic_fingerprint(tmp)
-        write_config(tmp, model_config(test_time_flip=test_time_flip, cut=cut))
+        config = model_config(test_time_flip=test_time_flip, cut=cut, image_size=image_size)
+        write_config(tmp, config)
 
     save_model_dir(model_dir, classes, write)
 

@@ -103,7 +103,8 @@ def _convert(request: RuntimeRequest) -> Any:
     with warnings.catch_warnings():
         # Keras warns that convert_model passes the input as a tuple, not by name: harmless.
         warnings.simplefilter("ignore", UserWarning)
-        return ov.convert_model(model, example_input=np.zeros((1, 299, 299, 3), np.float32))
+        example = np.zeros((1, *model.input_shape[1:]), np.float32)  # 299x299 or the stage's size
+        return ov.convert_model(model, example_input=example)
 
 
 def _quantize(model: Any, request: RuntimeRequest) -> Any:
