@@ -122,6 +122,23 @@ def test_preprocess_runs_in_tf_data_and_matches_eager():
     np.testing.assert_allclose(preprocess_tf2015(big)[0].numpy(), (big - 128.0) / 128.0)
 
 
+def test_preprocessing_ids_of_299_are_the_cached_ones_and_other_sizes_differ():
+    from imgclf.backbone_info import at_image_size, preprocessing_id
+
+    # Every feature cache on disk is keyed on these strings: 299's must never change.
+    assert inception.PREPROCESSING == {
+        "tf-2015": "tf2015-v1:resize_bilinear_legacy_299:(x-128)/128",
+        "keras-imagenet": "keras-imagenet-v1:resize_bilinear_half_pixel_299:x/127.5-1",
+    }
+    assert preprocessing_id("tf-2015", 399) == "tf2015-v1:resize_bilinear_legacy_399:(x-128)/128"
+    info = {"weights": "tf-2015", "preprocessing": inception.PREPROCESSING["tf-2015"]}
+    assert at_image_size(info, 399) == {
+        "weights": "tf-2015", "image_size": 399, "preprocessing": preprocessing_id("tf-2015", 399)
+    }  # fmt: skip
+    big = np.random.default_rng(9).integers(0, 256, (240, 320, 3), np.uint8)
+    assert preprocess_tf2015(big, 399).shape == (1, 399, 399, 3)
+
+
 # ---------------------------------------------------------------------------- model tests
 
 
