@@ -52,3 +52,20 @@ def test_a_mistyped_key_or_view_stops_before_any_training(tmp_path_factory):
                               timeout=300)  # fmt: skip
         assert proc.returncode != 0 and expected in proc.stderr, proc.stderr[-2000:]
         assert "validation" not in proc.stdout
+
+
+def test_the_image_size_probe_cross_validates_train_images_only(tmp_path_factory):
+    # tools/image_size_probe.py on the tiny result: two sizes, the same folds, McNemar against
+    # the first; it reads the train bottlenecks' ids, so no test image is ever featurised.
+    workdir, _ = tiny_result(tmp_path_factory)
+    before = {name: digest(workdir / name) for name in ("data", "models", "metrics")}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "image_size_probe.py"), "--workdir", str(workdir),
+         "--sizes", "299,331", "--folds", "2"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
+    assert [line.split(" | ")[0] for line in table[1:]] == ["| 299", "| 331", "| average"]
+    assert "| 299 | " in table[1] and "0 / 0, p = 1 |" in table[1]  # the reference itself
+    assert before == {name: digest(workdir / name) for name in ("data", "models", "metrics")}
