@@ -18,9 +18,9 @@ and the same from CPU seconds (sampled in the phase and read off at the same eve
 over all cores: what an idle machine would take if the step used every core, a bound that
 holds better than wall speed while other jobs load the machine.
 
-Also timed, the Keras step under Keras' `mixed_bfloat16` policy (the blocks computed in
-bfloat16, weights float32) and a bfloat16 variant of the low-level TF step (its convolutions
-cast to bfloat16). Neither is a stage option: the bench switches them on in its own process.
+Also timed, each stage with `precision: bfloat16` (the blocks' convolutions in bfloat16,
+weights float32: Keras' `mixed_bfloat16` policy, the TF module's convolutions cast). That pays
+only on a CPU with AVX512-BF16 (or AMX); elsewhere it is several times slower.
 Prints one table; the machine is shared, so compare the ratios, and mind the load in the header.
 """
 
@@ -122,42 +122,6 @@ def run_inputs(workdir: Path) -> dict:
     return {"entries": stats["entries"]["computed"]}
 
 
-def _bf16_tf_conv() -> None:
-    """The low-level TF step with its convolutions in bfloat16 (kernels kept float32 and cast,
-    as Keras' mixed policy does; batch norm, ReLU, pools and the head stay float32)."""
-    import tensorflow as tf
-
-    from imgclf.finetune.finetune_tf import FinetuneTop
-
-    def conv_bn_relu(self: FinetuneTop, x: tf.Tensor, key: str) -> tf.Tensor:
-        y = tf.nn.conv2d(
-            tf.cast(x, tf.bfloat16),
-            tf.cast(self.kernels[key], tf.bfloat16),
-            strides=1,
-            padding="SAME",
-        )
-        y = tf.nn.batch_normalization(
-            tf.cast(y, tf.float32), self.means[key], self.variances[key],
-            offset=self.offsets[key], scale=None, variance_epsilon=self.epsilon[key],
-        )  # fmt: skip
-        return tf.nn.relu(y)
-
-    FinetuneTop._conv_bn_relu = conv_bn_relu
-
-
-def _bf16_keras_policy() -> None:
-    """Keras' mixed_bfloat16 for the blocks: build_top shares the backbone's layers, whose
-    dtype policy load_backbone sets, so the stage's load_backbone is asked for bfloat16 (the
-    head, restored from its .keras file, keeps its float32 layers)."""
-    import functools
-
-    import imgclf.inception
-
-    imgclf.inception.load_backbone = functools.partial(
-        imgclf.inception.load_backbone, precision="bfloat16"
-    )
-
-
 def epoch_wall_times(log_dir: Path) -> list[float]:
     """Wall time of the `loss/val` event of epoch 0 (before training) and of `loss/train` of
     each epoch (written after its validation pass), from the TensorBoard events."""
@@ -204,11 +168,15 @@ class CpuClock:
 
 
 def run_finetune(workdir: Path, model: str, precision: str) -> dict:
+    import yaml
+
     import imgclf.quiet_tf  # noqa: F401
 
-    if precision == "bfloat16":
-        _bf16_tf_conv() if model == "tf" else _bf16_keras_policy()
     name = f"finetune_{model}"
+    # The stage's own option: each run is a fresh process reading the workspace's params.yaml.
+    params = yaml.safe_load((workdir / "params.yaml").read_text())
+    params[name] = {**params[name], "precision": precision}
+    (workdir / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     if model == "tf":
         from stages.finetune_tf import main
     else:
@@ -233,10 +201,18 @@ def run_finetune(workdir: Path, model: str, precision: str) -> dict:
 
 
 def _conv_compute_dtype(workdir: Path, model: str, precision: str) -> str:
-    """What the blocks' convolutions computed in: for Keras read off the saved model's layers
-    (so a policy that did not take shows here), for TF the variant chosen."""
+    """What the blocks' convolutions computed in, read off the saved model (so a precision
+    that did not take shows here)."""
     if model == "tf":
-        return precision
+        import tensorflow as tf
+
+        from imgclf.finetune.finetune_tf import SIGNATURE_KEY, load_finetune_tf
+
+        saved = load_finetune_tf(workdir / "models" / "finetune_tf")
+        graph = saved.signatures[SIGNATURE_KEY].graph.as_graph_def()
+        nodes = [*graph.node, *(n for f in graph.library.function for n in f.node_def)]
+        conv = {tf.as_dtype(n.attr["T"].type).name for n in nodes if n.op == "Conv2D"}
+        return "/".join(sorted(conv))
     import keras
 
     from imgclf.finetune.finetune_keras import all_layers, load_finetune_keras

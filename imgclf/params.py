@@ -309,7 +309,9 @@ class EvaluateParams(Block):
 @dataclass(frozen=True)
 class FinetuneParams(Block):
     """A fine-tune recipe (finetune_tf, finetune_keras): SGD with momentum on the blocks after
-    activations.cut and the head; `test_time_flip` averages with the flipped view when scoring."""
+    activations.cut and the head; `test_time_flip` averages with the flipped view when scoring;
+    `precision`: what the blocks' convolutions compute in, in training and in the saved model
+    (bfloat16: weights kept float32, Keras' mixed policy)."""
 
     section: ClassVar[str] = "finetune"
     epochs: int = integer(1)
@@ -320,6 +322,7 @@ class FinetuneParams(Block):
     schedule: str = choice(("constant", "cosine"))  # finetune_common.SCHEDULES
     view_sampling: str = choice(("all", "one_per_image"))  # finetune_common.VIEW_SAMPLINGS
     test_time_flip: bool = boolean()
+    precision: str = choice(PRECISIONS)
 
 
 @dataclass(frozen=True)

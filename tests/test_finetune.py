@@ -514,3 +514,82 @@ def test_histogram_buckets_are_tensorboards():
             histogram_buckets(values), _buckets(values).numpy(), rtol=1e-12, atol=1e-12
         )
     assert histogram_buckets(np.zeros(0)).shape == (30, 3)
+
+
+def bfloat16_top(tiny):
+    """The tiny backbone built under Keras' mixed_bfloat16 policy, as load_backbone(precision=
+    "bfloat16") builds it, with the float32 fixture's weights."""
+    import keras
+
+    from imgclf.inception import build_inception_v3, build_top
+
+    previous = keras.mixed_precision.dtype_policy()
+    keras.mixed_precision.set_dtype_policy("mixed_bfloat16")
+    try:
+        backbone = build_inception_v3("max", input_shape=(75, 75, 3))
+    finally:
+        keras.mixed_precision.set_dtype_policy(previous)
+    backbone.set_weights(tiny["initial"])
+    backbone.trainable = False
+    return build_top(backbone, "mixed_8")
+
+
+def conv_dtypes_of_saved_tf(model_dir: Path) -> set[str]:
+    import tensorflow as tf
+
+    from imgclf.finetune.finetune_tf import SIGNATURE_KEY, load_finetune_tf
+
+    graph = load_finetune_tf(model_dir).signatures[SIGNATURE_KEY].graph.as_graph_def()
+    nodes = [*graph.node, *(n for f in graph.library.function for n in f.node_def)]
+    return {tf.as_dtype(n.attr["T"].type).name for n in nodes if n.op == "Conv2D"}
+
+
+def test_bfloat16_precision_computes_the_blocks_in_bfloat16_in_both_frameworks(tiny, tmp_path):
+    import tensorflow as tf
+
+    from imgclf.finetune.finetune_keras import (
+        all_layers,
+        load_finetune_keras,
+        save_finetune_keras,
+        train_finetune_keras,
+    )
+    from imgclf.finetune.finetune_tf import (
+        FinetuneTop,
+        predictor,
+        save_finetune_tf,
+        train_finetune_tf,
+    )
+    from imgclf.heads.tf_head import load_tf_head
+
+    head = load_tf_head(tf_head_dir(tiny, tmp_path / "head"))
+    x = tf.constant(tiny["data"][0].astype(np.float32))
+    exact = FinetuneTop(fresh(tiny), head, "mixed_8")
+    top16 = bfloat16_top(tiny)
+    rounded = FinetuneTop(top16, head, "mixed_8")
+    assert (exact.compute_dtype, rounded.compute_dtype) == (tf.float32, tf.bfloat16)
+    # bfloat16 keeps 8 bits of mantissa: close to the float32 features, not equal to them.
+    f32, f16 = exact.features(x).numpy(), rounded.features(x).numpy()
+    assert f16.dtype == np.float32 and not np.array_equal(f32, f16)
+    np.testing.assert_allclose(f16, f32, rtol=0.1, atol=0.1 * float(np.abs(f32).max()))
+
+    result = train_finetune_tf(
+        top16, head, *tiny["data"], cut="mixed_8", tensorboard_dir=tmp_path / "tb_tf",
+        epochs=1, batch_size=8, learning_rate=0.01, progress=False,
+    )  # fmt: skip
+    assert all(k.dtype == tf.float32 for k in result.model.kernels.values())  # weights stay f32
+    save_finetune_tf(result.model, tmp_path / "tf16", CLASSES, cut="mixed_8")
+    assert conv_dtypes_of_saved_tf(tmp_path / "tf16") == {"bfloat16"}
+    probs = predictor(tmp_path / "tf16")(tiny["data"][2].astype(np.float32))
+    assert probs.dtype == np.float32
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
+
+    result = train_finetune_keras(
+        top16, keras_head_for(tiny), *tiny["data"], n_classes=3,
+        tensorboard_dir=tmp_path / "tb_keras", epochs=1, batch_size=8, learning_rate=0.01,
+        progress=False,
+    )  # fmt: skip
+    save_finetune_keras(result.model, tmp_path / "keras16", CLASSES, cut="mixed_8")
+    saved = load_finetune_keras(tmp_path / "keras16")
+    convs = [layer for layer in all_layers(saved) if type(layer).__name__ == "Conv2D"]
+    assert convs and {layer.dtype_policy.compute_dtype for layer in convs} == {"bfloat16"}
+    assert {layer.dtype_policy.variable_dtype for layer in convs} == {"float32"}

@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -48,7 +49,8 @@ def search(workdir: Path, variants: dict[str, dict], views: list[str] | None) ->
     from imgclf.params import FinetuneTfParams, HeadsParams
     from imgclf.registry import get_model
 
-    known = set(inspect.signature(train_finetune_tf).parameters) - FIXED
+    # precision: a stage param that picks the blocks' build, not a trainer keyword.
+    known = set(inspect.signature(train_finetune_tf).parameters) - FIXED | {"precision"}
     for name, changes in variants.items():  # before any training: a typo costs no minutes
         if unknown := sorted(set(changes) - known):
             raise SystemExit(f"--variant {name}: unknown key(s) {unknown}; expected some of "
@@ -74,16 +76,22 @@ def search(workdir: Path, variants: dict[str, dict], views: list[str] | None) ->
     # Read once: the trainer copies their values into its own variables and leaves them as
     # they were, so every variant starts from the same top and head.
     size = params["activations"]["image_size"]
-    top = build_top(load_backbone(layout.backbone, image_size=size).model, cut)
+    tops: dict[str, Any] = {}
     head = load_tf_head(layout.model_dir(base))
     for name, changes in variants.items():
+        kwargs = {**recipe, **changes}
+        precision = kwargs.pop("precision")
+        if precision not in tops:
+            backbone = load_backbone(layout.backbone, precision=precision, image_size=size)
+            tops[precision] = build_top(backbone.model, cut)
+        top = tops[precision]
         started = time.perf_counter()
         with tempfile.TemporaryDirectory() as tensorboard:
             result = train_finetune_tf(
                 top, head, SelectedRows(acts.x, rows),
                 acts.labels[rows].astype(np.int64), data.x_val, data.y_val, cut=cut,
                 tensorboard_dir=tensorboard, train_images=images, seed=heads.seed,
-                progress=False, **{**recipe, **changes},
+                progress=False, **kwargs,
             )  # fmt: skip
         val = [row["val_accuracy"] for row in result.curve]
         results.append({

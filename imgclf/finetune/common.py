@@ -380,6 +380,9 @@ def train_and_save_finetune(
     layout = Layout.from_params({"paths": paths})
     recipe = dict(recipe)
     test_time_flip = bool(recipe.pop("test_time_flip"))
+    # Chosen once, where the blocks are built: Keras' layers carry it as their dtype policy,
+    # and finetune_tf's module reads it off them.
+    precision = recipe.pop("precision", "float32")
     acts = load_activations(layout.activations, "train")
     head_dir = layout.model_dir(spec.base)
     classes = read_labels(head_dir)
@@ -390,7 +393,8 @@ def train_and_save_finetune(
             "another split; rerun the pipeline (dvc repro)"
         )
     data = load_finetune_data(acts, float(shared["validation_fraction"]), int(shared["seed"]))
-    top = build_top(load_backbone(layout.backbone, image_size=image_size).model, cut)
+    backbone = load_backbone(layout.backbone, precision=precision, image_size=image_size)
+    top = build_top(backbone.model, cut)
     if tuple(top.input.shape[1:]) != tuple(data.x_train.shape[1:]):
         raise UserError(
             f"{layout.activations}/train.npy holds activations of shape "
@@ -416,6 +420,7 @@ def train_and_save_finetune(
             "n_train_images": data.n_train_images,
             "n_train_views": len(data.views),
             "test_time_flip": int(test_time_flip),
+            "precision": precision,
         }
     )
     save_fn(

@@ -120,6 +120,12 @@ class FinetuneTop(tf.Module):
         self.final_biases = tf.Variable(head.final_biases.numpy(), name="head/final_biases")
         self.n_classes = int(self.final_weights.shape[1])
         self.input_shape = [int(d) for d in top.input.shape[1:]]
+        # The convolutions compute in what the top's layers were built for (load_backbone's
+        # precision); kernels stay float32 and are cast, as Keras' mixed policy does.
+        compute = {layers[key].dtype_policy.compute_dtype for key in self._conv_keys()}
+        if len(compute) != 1:
+            raise UserError(f"the blocks after {cut} mix compute dtypes {sorted(compute)}")
+        self.compute_dtype = tf.as_dtype(compute.pop())
         # Saved with the weights: a restored model says how many steps it was trained.
         self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
 
@@ -136,7 +142,10 @@ class FinetuneTop(tf.Module):
         return [f"{block}.{conv}" for block in self.blocks for conv in CONVS]
 
     def _conv_bn_relu(self, x: tf.Tensor, key: str) -> tf.Tensor:
-        x = tf.nn.conv2d(x, self.kernels[key], strides=1, padding="SAME")
+        kernel = self.kernels[key]
+        if self.compute_dtype != tf.float32:
+            x, kernel = tf.cast(x, self.compute_dtype), tf.cast(kernel, self.compute_dtype)
+        x = tf.cast(tf.nn.conv2d(x, kernel, strides=1, padding="SAME"), tf.float32)
         # The stored statistics, never the batch's: inference-mode batch norm.
         x = tf.nn.batch_normalization(
             x, self.means[key], self.variances[key], offset=self.offsets[key], scale=None,
