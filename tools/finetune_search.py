@@ -5,7 +5,8 @@
 
 Each variant is finetune_tf's recipe from DIR/params.yaml with some keys replaced (any keyword
 of `imgclf.finetune.finetune_tf.train_finetune_tf`, including the regularizers that are not
-stage params: `dropout`, `mixup`, `weight_decay`). It trains on DIR's cached train activations
+stage params: `dropout`, `mixup`, `weight_decay`), and `precision`, which picks how the blocks
+are built. It trains on DIR's cached train activations
 (the views given, default all cached) and the heads' validation slice, exactly as the stage
 does, starting from DIR's trained `train_tf` head; nothing in DIR is written. Prints the
 validation accuracy of every epoch, and appends one JSON line per variant to `--out`.
