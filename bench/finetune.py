@@ -171,12 +171,14 @@ def run_finetune(workdir: Path, model: str, precision: str) -> dict:
     import yaml
 
     import imgclf.quiet_tf  # noqa: F401
+    from imgclf.layout import Layout
 
     name = f"finetune_{model}"
     # The stage's own option: each run is a fresh process reading the workspace's params.yaml.
     params = yaml.safe_load((workdir / "params.yaml").read_text())
     params[name] = {**params[name], "precision": precision}
     (workdir / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    layout = Layout.from_params(params, workdir)
     if model == "tf":
         from stages.finetune_tf import main
     else:
@@ -184,8 +186,8 @@ def run_finetune(workdir: Path, model: str, precision: str) -> dict:
     clock = CpuClock()
     main()
     clock.stop()
-    metrics = json.loads((workdir / "metrics" / "train" / f"{name}.json").read_text())
-    walls = epoch_wall_times(workdir / "tensorboard" / name)
+    metrics = json.loads(layout.train_metrics(name).read_text())
+    walls = epoch_wall_times(layout.tensorboard_dir(name))
     cpus = clock.cpu_at(walls)
     return {
         "rows": metrics["n_train"],
@@ -195,20 +197,21 @@ def run_finetune(workdir: Path, model: str, precision: str) -> dict:
         "epoch_cpu_seconds": [b - a for a, b in itertools.pairwise(cpus)],
         "start_val_accuracy": metrics["start_val_accuracy"],
         "best_val_accuracy": metrics["best_val_accuracy"],
-        "row_bytes": _row_bytes(workdir),
-        "conv_compute_dtype": _conv_compute_dtype(workdir, model, precision),
+        "row_bytes": _row_bytes(layout.activations),
+        "conv_compute_dtype": conv_compute_dtype(layout.model_dir(name), model),
     }
 
 
-def _conv_compute_dtype(workdir: Path, model: str, precision: str) -> str:
+def conv_compute_dtype(model_dir: Path, model: str) -> str:
     """What the blocks' convolutions computed in, read off the saved model (so a precision
-    that did not take shows here)."""
+    that did not take shows here): the Conv2D ops of the SavedModel's graph, the Conv2D
+    layers' policies of the .keras file."""
     if model == "tf":
         import tensorflow as tf
 
         from imgclf.finetune.finetune_tf import SIGNATURE_KEY, load_finetune_tf
 
-        saved = load_finetune_tf(workdir / "models" / "finetune_tf")
+        saved = load_finetune_tf(model_dir)
         graph = saved.signatures[SIGNATURE_KEY].graph.as_graph_def()
         nodes = [*graph.node, *(n for f in graph.library.function for n in f.node_def)]
         conv = {tf.as_dtype(n.attr["T"].type).name for n in nodes if n.op == "Conv2D"}
@@ -217,7 +220,7 @@ def _conv_compute_dtype(workdir: Path, model: str, precision: str) -> str:
 
     from imgclf.finetune.finetune_keras import all_layers, load_finetune_keras
 
-    saved = load_finetune_keras(workdir / "models" / "finetune_keras")
+    saved = load_finetune_keras(model_dir)
     dtypes = {
         layer.dtype_policy.compute_dtype
         for layer in all_layers(saved)
@@ -226,10 +229,10 @@ def _conv_compute_dtype(workdir: Path, model: str, precision: str) -> str:
     return "/".join(sorted(dtypes))
 
 
-def _row_bytes(workdir: Path) -> int:
+def _row_bytes(activations_dir: Path) -> int:
     import numpy as np
 
-    x = np.load(workdir / "activations" / "train.npy", mmap_mode="r")
+    x = np.load(activations_dir / "train.npy", mmap_mode="r")
     return int(x[0].nbytes)
 
 

@@ -534,19 +534,10 @@ def bfloat16_top(tiny):
     return build_top(backbone, "mixed_8")
 
 
-def conv_dtypes_of_saved_tf(model_dir: Path) -> set[str]:
-    import tensorflow as tf
-
-    from imgclf.finetune.finetune_tf import SIGNATURE_KEY, load_finetune_tf
-
-    graph = load_finetune_tf(model_dir).signatures[SIGNATURE_KEY].graph.as_graph_def()
-    nodes = [*graph.node, *(n for f in graph.library.function for n in f.node_def)]
-    return {tf.as_dtype(n.attr["T"].type).name for n in nodes if n.op == "Conv2D"}
-
-
 def test_bfloat16_precision_computes_the_blocks_in_bfloat16_in_both_frameworks(tiny, tmp_path):
     import tensorflow as tf
 
+    from bench.finetune import conv_compute_dtype  # what the bench reports, read the same way
     from imgclf.finetune.finetune_keras import (
         all_layers,
         load_finetune_keras,
@@ -578,7 +569,7 @@ def test_bfloat16_precision_computes_the_blocks_in_bfloat16_in_both_frameworks(t
     )  # fmt: skip
     assert all(k.dtype == tf.float32 for k in result.model.kernels.values())  # weights stay f32
     save_finetune_tf(result.model, tmp_path / "tf16", CLASSES, cut="mixed_8")
-    assert conv_dtypes_of_saved_tf(tmp_path / "tf16") == {"bfloat16"}
+    assert conv_compute_dtype(tmp_path / "tf16", "tf") == "bfloat16"  # the SavedModel's ops
     probs = predictor(tmp_path / "tf16")(tiny["data"][2].astype(np.float32))
     assert probs.dtype == np.float32
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
@@ -589,7 +580,7 @@ def test_bfloat16_precision_computes_the_blocks_in_bfloat16_in_both_frameworks(t
         progress=False,
     )  # fmt: skip
     save_finetune_keras(result.model, tmp_path / "keras16", CLASSES, cut="mixed_8")
+    assert conv_compute_dtype(tmp_path / "keras16", "keras") == "bfloat16"
     saved = load_finetune_keras(tmp_path / "keras16")
     convs = [layer for layer in all_layers(saved) if type(layer).__name__ == "Conv2D"]
-    assert convs and {layer.dtype_policy.compute_dtype for layer in convs} == {"bfloat16"}
-    assert {layer.dtype_policy.variable_dtype for layer in convs} == {"float32"}
+    assert convs and {layer.dtype_policy.variable_dtype for layer in convs} == {"float32"}
