@@ -33,7 +33,7 @@ def main() -> None:
     layout = Layout.from_params(params)
     hp = LitertParams.from_params(params)
     calibration_images = RuntimesParams.from_params(params).calibration_images
-    models = check_models(hp.models, pipeline_models(params))
+    models = check_models(hp.models, pipeline_models(params), params)
     test = load_bottlenecks(layout.bottlenecks, "test")
     keep = len(test.ids) if hp.max_test_images == 0 else min(hp.max_test_images, len(test.ids))
     reference = predict_heads(test, layout.models, models, layout.activations)
