@@ -382,7 +382,7 @@ def train_and_save_finetune(
     test_time_flip = bool(recipe.pop("test_time_flip"))
     # Chosen once, where the blocks are built: Keras' layers carry it as their dtype policy,
     # and finetune_tf's module reads it off them.
-    precision = recipe.pop("precision", "float32")
+    precision = str(recipe.pop("precision"))
     acts = load_activations(layout.activations, "train")
     head_dir = layout.model_dir(spec.base)
     classes = read_labels(head_dir)
