@@ -22,12 +22,13 @@ Two sets of weights:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import re
 import subprocess
 import sys
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -440,6 +441,18 @@ def save_backbone(
 PRECISIONS = {"float32": "float32", "bfloat16": "mixed_bfloat16"}
 
 
+@contextlib.contextmanager
+def dtype_policy(precision: str) -> Iterator[None]:
+    """Layers built inside compute in `precision` (bfloat16: Keras' mixed policy, weights
+    float32); Keras' global policy is put back afterwards."""
+    previous = keras.mixed_precision.dtype_policy()
+    keras.mixed_precision.set_dtype_policy(PRECISIONS[precision])
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_dtype_policy(previous)
+
+
 def load_backbone(
     backbone_dir: str | Path, precision: str = "float32", image_size: int = IMAGE_SIZE
 ) -> Backbone:
@@ -465,14 +478,10 @@ def load_backbone(
             "changed or truncated since, so they are not used. Re-run the backbone stage "
             "(dvc repro -f backbone), which rebuilds and verifies them."
         )
-    previous = keras.mixed_precision.dtype_policy()
-    keras.mixed_precision.set_dtype_policy(PRECISIONS[precision])
-    try:
+    with dtype_policy(precision):
         model = build_inception_v3(
             mixed10_pool=MIXED10_POOL[weights], input_shape=(image_size, image_size, 3)
         )
-    finally:
-        keras.mixed_precision.set_dtype_policy(previous)
     model.load_weights(path)
     model.trainable = False
     return Backbone(

@@ -519,16 +519,10 @@ def test_histogram_buckets_are_tensorboards():
 def bfloat16_top(tiny):
     """The tiny backbone built under Keras' mixed_bfloat16 policy, as load_backbone(precision=
     "bfloat16") builds it, with the float32 fixture's weights."""
-    import keras
+    from imgclf.inception import build_inception_v3, build_top, dtype_policy
 
-    from imgclf.inception import build_inception_v3, build_top
-
-    previous = keras.mixed_precision.dtype_policy()
-    keras.mixed_precision.set_dtype_policy("mixed_bfloat16")
-    try:
+    with dtype_policy("bfloat16"):
         backbone = build_inception_v3("max", input_shape=(75, 75, 3))
-    finally:
-        keras.mixed_precision.set_dtype_policy(previous)
     backbone.set_weights(tiny["initial"])
     backbone.trainable = False
     return build_top(backbone, "mixed_8")

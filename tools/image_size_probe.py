@@ -7,8 +7,9 @@ never a test image) at that input side, then the scikit-learn head's model (para
 `train_sklearn`) scored by stratified k-fold cross-validation, the same folds for every size.
 Prints each size's out-of-fold accuracy, the average of the sizes' probabilities, and the exact
 McNemar test of each against the first size. The backbone runs over every train image once per
-size, in batches of 32 (5.8 images/s at 399 on 2 AVX2 cores, 2.2x one image at a time: about
-8.5 min a size for the 2,932 seed-0 flowers); nothing in DIR is written. DIR is a pipeline
+size, through the stages' own compute path in batches of `bottlenecks.batch_size` (32: 5.8
+images/s at 399 on 2 AVX2 cores, 2.2x one image at a time: about 8.5 min a size for the 2,932
+seed-0 flowers); nothing in DIR is written. DIR is a pipeline
 workspace that has run `dvc repro bottlenecks`.
 """
 
@@ -20,7 +21,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-BATCH_SIZE = 32
 
 
 def probe(workdir: Path, sizes: list[int], folds: int) -> list[dict]:
@@ -31,27 +31,28 @@ def probe(workdir: Path, sizes: list[int], folds: int) -> list[dict]:
 
     import imgclf.quiet_tf  # noqa: F401
     from imgclf.evaluation import mcnemar_exact
+    from imgclf.features import FeatureExtractor
     from imgclf.heads.common import load_bottlenecks
     from imgclf.heads.sklearn_head import build_model
-    from imgclf.images import load_rgb
     from imgclf.inception import load_backbone
     from imgclf.layout import Layout
 
     params = yaml.safe_load((workdir / "params.yaml").read_text())
     layout = Layout.from_params(params, workdir)
     train = load_bottlenecks(layout.bottlenecks, "train")
+    batch_size = int(params["bottlenecks"]["batch_size"])
     cv = StratifiedKFold(folds, shuffle=True, random_state=0)
     probabilities = {}
     for size in sizes:
         backbone = load_backbone(layout.backbone, image_size=size)
-        bar = tqdm(total=len(train.ids), desc=f"pool_3 at {size}", unit="img")
-        batches = []
-        for start in range(0, len(train.ids), BATCH_SIZE):
-            ids = train.ids[start : start + BATCH_SIZE]
-            pixels = np.concatenate([backbone.preprocess(load_rgb(layout.split / i)) for i in ids])
-            batches.append(backbone.model(pixels, training=False).numpy())
-            bar.update(len(ids))
-        bar.close()
+        # The stages' own compute path (decode, preprocess, padded batches), not a copy of it.
+        extractor = FeatureExtractor(lambda b=backbone: (b.model, b.preprocess))
+        paths = [layout.split / str(i) for i in train.ids]
+        with tqdm(total=len(paths), desc=f"pool_3 at {size}", unit="img") as bar:
+            batches = []
+            for features in extractor.batches(paths, batch_size):
+                batches.append(features)
+                bar.update(len(features))
         features = np.concatenate(batches)
         model = build_model(**params["train_sklearn"], seed=0)
         probabilities[str(size)] = cross_val_predict(
