@@ -421,6 +421,8 @@ def test_split_seeds_runs_from_a_fresh_shell_and_restores_params(project, tmp_pa
     done = run_in([sys.executable, "tools/split_seeds.py", "--seeds", "0"], project, env)
     assert "| TF |" in done.stdout
     assert "| TF vs Keras |" in done.stdout  # McNemar of each pair, per seed
+    # The validation table comes first: the numbers a recipe is chosen by.
+    assert done.stdout.index("| Validation accuracy") < done.stdout.index("| Head | Test")
     assert (project / "params.yaml").read_bytes() == before
     assert set(json.loads(run([*DVC, "status", "--json"], project))) <= {"source"}
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from tools.split_seeds import mcnemar_table, summary_table
+import json
+
+from imgclf.layout import Layout
+from tools.split_seeds import mcnemar_table, summary_table, validation_scores, validation_table
 
 
 def test_mcnemar_cells_name_the_counts_and_never_print_p_zero():
@@ -21,3 +24,36 @@ def test_summary_keeps_only_models_scored_on_every_seed():
     table = summary_table(results)
     assert "| TF | 0.910 ± 0.014 | 0.900 – 0.920 |" in table
     assert "Keras" not in table
+
+
+def test_validation_is_read_at_the_kept_step_and_pooled_over_seeds(tmp_path):
+    layout = Layout.of(metrics=tmp_path)
+    for name in ("tf", "sklearn"):
+        layout.train_metrics(name).parent.mkdir(parents=True, exist_ok=True)
+        layout.curve(name).parent.mkdir(parents=True, exist_ok=True)
+    # Kept step 2 of 3: neither the best accuracy (step 3) nor the final row.
+    layout.train_metrics("tf").write_text(json.dumps({
+        "model_step": 2, "n_val": 200, "best_val_accuracy": 0.95, "final_val_accuracy": 0.95,
+        "final_val_loss": 0.3,
+    }))  # fmt: skip
+    layout.curve("tf").write_text(
+        "epoch,train_loss,val_loss,train_accuracy,val_accuracy,step\n"
+        "1.0,0.5,0.40,0.8,0.900,1\n2.0,0.3,0.20,0.9,0.930,2\n3.0,0.2,0.30,0.95,0.950,3\n"
+    )
+    layout.train_metrics("sklearn").write_text(json.dumps({
+        "n_val": 100, "final_val_accuracy": 0.91, "final_val_loss": 0.33,
+    }))  # fmt: skip
+    layout.curve("sklearn").write_text(
+        "epoch,train_loss,val_loss,train_accuracy,val_accuracy,step\n"
+    )
+
+    scores = validation_scores(layout)
+    assert scores == {
+        "tf": {"accuracy": 0.93, "loss": 0.2, "n": 200},
+        "sklearn": {"accuracy": 0.91, "loss": 0.33, "n": 100},
+    }
+    other_seed = {"tf": {"accuracy": 0.96, "loss": 0.1, "n": 100}}
+    table = validation_table({0: scores, 1: other_seed})
+    # 186 + 96 right of 300 evaluated; sklearn is not on seed 1, so it has no row.
+    assert "| TF | 0.9400 (282/300) | 0.930/0.960 | 0.1500 |" in table
+    assert "scikit-learn" not in table

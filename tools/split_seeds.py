@@ -5,17 +5,20 @@
 
 Each seed is one `dvc exp run -S split.seed=N evaluate` in the workspace: a DVC experiment (see
 `dvc exp show`) that reruns the split, the models and evaluate; the bottlenecks and activations
-come from the feature cache. The LiteRT export and track (an MLflow run, registered models)
-are not part of a seed's run: the table needs evaluate's numbers only, and a registry version
-per seed would be a model nobody serves. `--through track` runs them too. Afterwards, or when a
-run fails, params.yaml is put back as it was (seed and any -S value), and after a full pass
-`dvc repro` brings the workspace outputs back to it. Prints a markdown table (the README quotes
-it).
+come from the feature cache. Besides the test table it prints each model's validation accuracy
+and loss at its kept step, pooled over the seeds: the numbers to choose a recipe by (`-S` one
+way, then another), read before the test table. The LiteRT export and track (an MLflow run,
+registered models) are not part of a seed's run: the table needs evaluate's numbers only, and a
+registry version per seed would be a model nobody serves. `--through track` runs them too.
+Afterwards, or when a run fails, params.yaml is put back as it was (seed and any -S value), and
+after a full pass `dvc repro` brings the workspace outputs back to it. Prints markdown tables
+(the README quotes them).
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import statistics
@@ -28,6 +31,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script: the registry of this checkout
 from imgclf.evaluation import ALPHA  # noqa: E402  (evaluate's significance level)
+from imgclf.layout import Layout  # noqa: E402
 from imgclf.registry import MODELS  # noqa: E402
 
 HEADS = {name: spec.display_name for name, spec in MODELS.items()}
@@ -48,18 +52,38 @@ def exp_run(overrides: list[str], through: str) -> None:
     dvc("exp", "run", *(arg for override in overrides for arg in ("-S", override)), through)
 
 
-def test_accuracies(metrics_dir: Path) -> dict[str, float]:
+def test_accuracies(layout: Layout) -> dict[str, float]:
     """Test accuracy of every registered model that evaluate scored in this run."""
-    files = {head: metrics_dir / "evaluate" / f"{head}.json" for head in HEADS}
+    files = {head: layout.evaluation(head) for head in HEADS}
     return {
         head: json.loads(path.read_text())["accuracy"] for head, path in files.items()
         if path.is_file()
     }  # fmt: skip
 
 
-def paired_tests(metrics_dir: Path) -> dict[str, dict]:
+def validation_scores(layout: Layout) -> dict[str, dict[str, float]]:
+    """Each trained model's validation accuracy and loss at the step it kept (its curve's row
+    at `model_step`; the final values for a model without a curve, as sklearn's), and n_val."""
+    scores = {}
+    for head in HEADS:
+        path = layout.train_metrics(head)
+        if not path.is_file():
+            continue
+        metrics = json.loads(path.read_text())
+        with layout.curve(head).open(newline="") as f:
+            kept = [row for row in csv.DictReader(f) if "model_step" in metrics
+                    and float(row["step"]) == metrics["model_step"]]  # fmt: skip
+        accuracy, loss = (
+            (float(kept[0]["val_accuracy"]), float(kept[0]["val_loss"])) if kept
+            else (metrics["final_val_accuracy"], metrics["final_val_loss"])
+        )  # fmt: skip
+        scores[head] = {"accuracy": accuracy, "loss": loss, "n": metrics["n_val"]}
+    return scores
+
+
+def paired_tests(layout: Layout) -> dict[str, dict]:
     """comparison.json: "<a>_vs_<b>" -> McNemar's b, c, n_discordant, p_value, mid_p."""
-    path = metrics_dir / "evaluate" / "comparison.json"
+    path = layout.comparison_json
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
@@ -87,6 +111,27 @@ def mcnemar_table(tests: dict[int, dict[str, dict]]) -> str:
         a, _, b = pair.partition("_vs_")
         lines.append(f"| {HEADS.get(a, a)} vs {HEADS.get(b, b)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n\n(exact McNemar; * significant at 0.05)"
+
+
+def validation_table(scores: dict[int, dict[str, dict[str, float]]]) -> str:
+    """Validation accuracy at the kept step, pooled over the seeds (right / evaluated), and
+    the mean validation loss. The seeds' slices overlap (each is 10% of a different train
+    split), so the pooled count is of evaluations, not of distinct photos."""
+    lines = [
+        f"| Model | Validation accuracy, pooled over {len(scores)} seeds | per seed "
+        "| validation loss, mean |",
+        "|---|---|---|---|",
+    ]
+    heads = [h for h in HEADS if all(h in per_seed for per_seed in scores.values())]
+    for head in heads:
+        rows = [scores[seed][head] for seed in sorted(scores)]
+        right = sum(round(r["accuracy"] * r["n"]) for r in rows)
+        total = sum(r["n"] for r in rows)
+        per_seed = "/".join(f"{r['accuracy']:.3f}" for r in rows)
+        loss = statistics.mean(r["loss"] for r in rows)
+        lines.append(f"| {HEADS[head]} | {right / total:.4f} ({right}/{total}) | {per_seed} "
+                     f"| {loss:.4f} |")  # fmt: skip
+    return "\n".join(lines)
 
 
 def summary_table(results: dict[int, dict[str, float]]) -> str:
@@ -123,13 +168,14 @@ def main() -> None:
 
     params_file = ROOT / "params.yaml"
     saved = params_file.read_bytes()
-    metrics_dir = ROOT / yaml.safe_load(saved)["paths"]["metrics"]
-    results, tests = {}, {}
+    layout = Layout.from_params(yaml.safe_load(saved), ROOT)
+    results, tests, validation = {}, {}, {}
     try:
         for seed in args.seeds:
             exp_run([f"split.seed={seed}", *args.set_param], args.through)
-            results[seed] = test_accuracies(metrics_dir)
-            tests[seed] = paired_tests(metrics_dir)
+            validation[seed] = validation_scores(layout)
+            results[seed] = test_accuracies(layout)
+            tests[seed] = paired_tests(layout)
     finally:
         # `dvc exp run -S` wrote the last seed (and the -S values) into params.yaml, also when
         # it failed.
@@ -140,6 +186,8 @@ def main() -> None:
     # cannot restore them: this reruns the seeded stages once more, and the export and track
     # only if their inputs came out different.
     dvc("repro")
+    print(validation_table(validation))
+    print()
     print(summary_table(results))
     print()
     print(mcnemar_table(tests))
