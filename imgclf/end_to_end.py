@@ -58,12 +58,18 @@ SAVED_MODEL_ARTIFACT = "saved_model"
 LABELS_ARTIFACT = "labels"
 
 
-def _load_head(head_dir: Path, kind: str) -> tuple[Any, Callable[[tf.Tensor], tf.Tensor]]:
+def _load_head(
+    head_dir: Path, kind: str, float32: bool = False
+) -> tuple[Any, Callable[[tf.Tensor], tf.Tensor]]:
     """The trained head as a TF object (kept as an attribute so its variables are saved) and the
     function bottlenecks [N, 2048] (a fine-tuned model: activations at its cut) ->
     probabilities, usable inside a tf.function: the spec's graph_head. `kind` is one of
-    HEAD_KINDS (checked by `build`)."""
-    return get_model(kind).function("graph_head")(head_dir)
+    HEAD_KINDS (checked by `build`). `float32`: a fine-tuned model's blocks compute in float32
+    whatever its recipe's precision (the heads always do)."""
+    spec = get_model(kind)
+    if float32 and spec.fine_tuned:
+        return spec.function("graph_head")(head_dir, float32=True)
+    return spec.function("graph_head")(head_dir)
 
 
 @dataclass(frozen=True)
@@ -161,13 +167,20 @@ class EndToEndModel(tf.Module):
 
 
 def build(
-    backbone: str | Path | Backbone, head_dir: str | Path, kind: str, precision: str = "float32"
+    backbone: str | Path | Backbone,
+    head_dir: str | Path,
+    kind: str,
+    precision: str = "float32",
+    *,
+    float32_blocks: bool = False,
 ) -> EndToEndModel:
     """The end-to-end model of the backbone stage's output and one trained model. `backbone`
     is the backbone folder, or a Backbone already loaded (shared by several models).
     `precision` (for a folder) should be the one the model's inputs were computed at
     (bottlenecks.precision for a head, activations.precision for a fine-tuned model), so the
-    backbone computes what the model was trained and evaluated on."""
+    backbone computes what the model was trained and evaluated on. `float32_blocks`: a
+    fine-tuned model's blocks compute in float32 even when its recipe's precision is bfloat16
+    (the same weights; for LiteRT, which has no bfloat16 convolution)."""
     if kind not in model_names(servable=True):
         raise ValueError(
             f"unknown head {kind!r}: expected one of {', '.join(model_names(servable=True))}"
@@ -187,7 +200,7 @@ def build(
             f"{head_dir}: the model takes {size}x{size} images, the backbone given was built "
             f"for {backbone.image_size}x{backbone.image_size}"
         )
-    head, head_fn = _load_head(head_dir, kind)
+    head, head_fn = _load_head(head_dir, kind, float32_blocks)
     return EndToEndModel(backbone, head, head_fn, labels, kind, cut=cut, test_time_flip=flip)
 
 
@@ -200,14 +213,19 @@ class Builder:
         self._backbones: dict[tuple[str, int], Backbone] = {}
 
     def __call__(
-        self, head_dir: str | Path, kind: str, precision: str = "float32"
+        self,
+        head_dir: str | Path,
+        kind: str,
+        precision: str = "float32",
+        *,
+        float32_blocks: bool = False,
     ) -> EndToEndModel:
         key = (precision, image_size(head_dir, kind))
         if key not in self._backbones:
             self._backbones[key] = load_backbone(
                 self.backbone_dir, precision=precision, image_size=key[1]
             )
-        return build(self._backbones[key], head_dir, kind)
+        return build(self._backbones[key], head_dir, kind, float32_blocks=float32_blocks)
 
 
 def image_size(head_dir: str | Path, kind: str) -> int:

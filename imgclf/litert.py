@@ -276,28 +276,14 @@ def targets(rows: Mapping[str, Mapping[str, float]], *, max_drop: float = 0.01) 
 
 
 # -- the export stage -------------------------------------------------------------------------
-def check_models(
-    names: Sequence[str], pipeline: Sequence[str], params: Mapping[str, Any] | None = None
-) -> list[str]:
+def check_models(names: Sequence[str], pipeline: Sequence[str]) -> list[str]:
     """`litert.models`, checked: each servable end to end (imgclf/registry.py) and a model of
-    this pipeline's result (params.yaml `models` + `finetune_models`, so it is trained); with
-    `params`, also computing in float32: LiteRT has no bfloat16 convolution, so a model whose
-    recipe says `precision: bfloat16` is refused before any conversion starts."""
+    this pipeline's result (params.yaml `models` + `finetune_models`, so it is trained)."""
     from imgclf.registry import MODELS
 
     servable = [name for name in pipeline if MODELS[name].servable]
     for name in names:
         if name in servable:
-            section = MODELS[name].section
-            precision = (params or {}).get(section, {}).get("precision", "float32")
-            if precision != "float32":
-                raise ParamsError(
-                    "litert.models",
-                    expected="models whose blocks compute in float32 (LiteRT converts no "
-                    "bfloat16 convolution)",
-                    found=f"{name!r}, trained with {section}.precision: {precision}",
-                    todo=f"set {section}.precision to float32, or take {name} out of litert.models",
-                )
             continue
         if name not in MODELS:
             why = "not a registered model (imgclf/registry.py)"

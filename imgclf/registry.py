@@ -68,7 +68,9 @@ class ModelSpec:
     and offered by `label-image --head`) also has, under these names:
 
     - graph_head(model_dir) -> (TF object holding the variables, tf function features ->
-      probabilities; for a fine-tuned model, activations at the cut -> probabilities)
+      probabilities; for a fine-tuned model, activations at the cut -> probabilities, and
+      graph_head(model_dir, float32=True) computes its blocks in float32 whatever its
+      recipe's precision: what the LiteRT export converts)
     - weights_digest(model_dir) -> bytes: what identifies its weights (the registry version)
 
     `params` is "module:Class" of its typed params block (an imgclf.params.Block subclass,

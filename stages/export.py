@@ -5,8 +5,9 @@ the TF model's own test predictions (imgclf/litert.py).
 The TF model's predictions are recomputed here the way the evaluate stage computes them
 (imgclf/predictions.py: the heads on the test bottlenecks, the fine-tuned models on the test
 activations), so this stage needs neither evaluate's outputs nor to run after it. The files
-take the backbone at float32 whatever bottlenecks.precision is: a phone has no bfloat16, and
-the agreement column measures what that changes.
+take the backbone at float32 whatever bottlenecks.precision is, and a fine-tuned model's
+blocks at float32 whatever its recipe's precision (the same weights): a phone has no bfloat16
+(LiteRT converts no bfloat16 convolution), and the agreement column measures what that changes.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def main() -> None:
     layout = Layout.from_params(params)
     hp = LitertParams.from_params(params)
     calibration_images = RuntimesParams.from_params(params).calibration_images
-    models = check_models(hp.models, pipeline_models(params), params)
+    models = check_models(hp.models, pipeline_models(params))
     test = load_bottlenecks(layout.bottlenecks, "test")
     keep = len(test.ids) if hp.max_test_images == 0 else min(hp.max_test_images, len(test.ids))
     reference = predict_heads(test, layout.models, models, layout.activations)
@@ -46,7 +47,7 @@ def main() -> None:
 
     build = Builder(layout.backbone)
     metrics = export_and_score(
-        build_model=lambda name: build(layout.model_dir(name), name),
+        build_model=lambda name: build(layout.model_dir(name), name, float32_blocks=True),
         models=models,
         precisions=hp.precisions,
         out_dir=layout.litert,

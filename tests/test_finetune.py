@@ -6,6 +6,7 @@ dozen rows takes a second. The heads they start from are trained here on the toy
 from __future__ import annotations
 
 import filecmp
+import importlib
 from pathlib import Path
 
 import numpy as np
@@ -578,3 +579,30 @@ def test_bfloat16_precision_computes_the_blocks_in_bfloat16_in_both_frameworks(t
     saved = load_finetune_keras(tmp_path / "keras16")
     convs = [layer for layer in all_layers(saved) if type(layer).__name__ == "Conv2D"]
     assert convs and {layer.dtype_policy.variable_dtype for layer in convs} == {"float32"}
+
+    # What the LiteRT export converts: the same weights with float32 convolutions (LiteRT has
+    # no bfloat16 one, tests/test_litert.py), close to what the bfloat16 models predict.
+    for kind, folder in [
+        ("finetune_tf", tmp_path / "tf16"),
+        ("finetune_keras", tmp_path / "keras16"),
+    ]:
+        module = importlib.import_module(f"imgclf.finetune.{kind}")
+        spec = tf.TensorSpec([1, *x.shape[1:]], tf.float32)
+        saved, predict = module.graph_head(folder)  # the objects keep the variables alive
+        rebuilt, predict_float32 = module.graph_head(folder, float32=True)
+        as_saved = tf.function(predict).get_concrete_function(spec)
+        as_float32 = tf.function(predict_float32).get_concrete_function(spec)
+        assert conv_dtypes(as_saved) == {"bfloat16"}, kind
+        assert conv_dtypes(as_float32) == {"float32"}, kind
+        np.testing.assert_allclose(as_float32(x[:1]).numpy(), as_saved(x[:1]).numpy(), atol=0.05)
+        converter = tf.lite.TFLiteConverter.from_concrete_functions([as_float32], rebuilt)
+        assert len(converter.convert()) > 0, kind
+
+
+def conv_dtypes(function) -> set[str]:
+    """The dtypes of the Conv2D ops a concrete function runs (nested functions included)."""
+    import tensorflow as tf
+
+    graph = function.graph.as_graph_def()
+    nodes = [*graph.node, *(n for f in graph.library.function for n in f.node_def)]
+    return {tf.as_dtype(n.attr["T"].type).name for n in nodes if n.op == "Conv2D"}

@@ -304,10 +304,34 @@ def predictor(model_dir: str | Path) -> Callable[[np.ndarray], np.ndarray]:
     return predict
 
 
-def graph_head(model_dir: str | Path) -> tuple[Any, Callable[[Any], Any]]:
+def as_float32(model: keras.Model) -> keras.Model:
+    """The same model with every layer computing in float32 (a mixed_bfloat16 model's weights
+    are float32 already, and are copied): what LiteRT converts, it has no bfloat16 convolution."""
+
+    def to_float32(config: Any) -> None:
+        if isinstance(config, dict):
+            if config.get("class_name") == "DTypePolicy":
+                config["config"]["name"] = "float32"
+            for value in config.values():
+                to_float32(value)
+        elif isinstance(config, list):
+            for value in config:
+                to_float32(value)
+
+    config = keras.saving.serialize_keras_object(model)
+    to_float32(config)
+    clone = keras.saving.deserialize_keras_object(config)
+    clone.set_weights(model.get_weights())
+    return clone
+
+
+def graph_head(model_dir: str | Path, float32: bool = False) -> tuple[Any, Callable[[Any], Any]]:
     """For the end-to-end graph: the loaded model and its inference call (batch norm in
-    inference mode, as it was trained and scored)."""
+    inference mode, as it was trained and scored); `float32`: computing in float32 whatever
+    the model was trained to compute in (`as_float32`)."""
     model = load_finetune_keras(model_dir)
+    if float32:
+        model = as_float32(model)
     return model, lambda x: model(x, training=False)
 
 

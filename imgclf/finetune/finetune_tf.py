@@ -141,10 +141,10 @@ class FinetuneTop(tf.Module):
     def _conv_keys(self) -> list[str]:
         return [f"{block}.{conv}" for block in self.blocks for conv in CONVS]
 
-    def _conv_bn_relu(self, x: tf.Tensor, key: str) -> tf.Tensor:
+    def _conv_bn_relu(self, x: tf.Tensor, key: str, compute_dtype: tf.DType) -> tf.Tensor:
         kernel = self.kernels[key]
-        if self.compute_dtype != tf.float32:
-            x, kernel = tf.cast(x, self.compute_dtype), tf.cast(kernel, self.compute_dtype)
+        if compute_dtype != tf.float32:
+            x, kernel = tf.cast(x, compute_dtype), tf.cast(kernel, compute_dtype)
         x = tf.cast(tf.nn.conv2d(x, kernel, strides=1, padding="SAME"), tf.float32)
         # The stored statistics, never the batch's: inference-mode batch norm.
         x = tf.nn.batch_normalization(
@@ -153,9 +153,9 @@ class FinetuneTop(tf.Module):
         )  # fmt: skip
         return tf.nn.relu(x)
 
-    def _block(self, x: tf.Tensor, block: str) -> tf.Tensor:
+    def _block(self, x: tf.Tensor, block: str, compute_dtype: tf.DType) -> tf.Tensor:
         def cbr(t: tf.Tensor, conv: str) -> tf.Tensor:
-            return self._conv_bn_relu(t, f"{block}.{conv}")
+            return self._conv_bn_relu(t, f"{block}.{conv}", compute_dtype)
 
         b1 = cbr(x, "conv")
         b3 = cbr(x, "tower_conv")
@@ -167,16 +167,19 @@ class FinetuneTop(tf.Module):
         bp = cbr(pool(x, ksize=3, strides=1, padding="SAME"), "tower_2_conv")
         return tf.concat([b1, b3, bd, bp], -1)
 
-    def features(self, activations: tf.Tensor) -> tf.Tensor:
-        """Activations at the cut -> the pooled 2048 features (pool_3)."""
+    def features(self, activations: tf.Tensor, compute_dtype: tf.DType | None = None) -> tf.Tensor:
+        """Activations at the cut -> the pooled 2048 features (pool_3). The convolutions
+        compute in `compute_dtype`, by default the model's own."""
         x = activations
         for block in self.blocks:
-            x = self._block(x, block)
+            x = self._block(x, block, compute_dtype or self.compute_dtype)
         return tf.reduce_mean(x, axis=[1, 2])
 
-    def logits(self, activations: tf.Tensor, dropout: Any = None) -> tf.Tensor:
+    def logits(
+        self, activations: tf.Tensor, dropout: Any = None, compute_dtype: tf.DType | None = None
+    ) -> tf.Tensor:
         """`dropout`: (rate, stateless seed) to drop pooled features in training, else None."""
-        x = self.features(activations)
+        x = self.features(activations, compute_dtype)
         if dropout is not None:
             rate, seed = dropout
             x = tf.nn.experimental.stateless_dropout(x, rate=rate, seed=seed)
@@ -192,6 +195,12 @@ class FinetuneTop(tf.Module):
     @tf.function
     def serve(self, activations: tf.Tensor) -> dict[str, tf.Tensor]:
         return {OUTPUT_KEY: self.predict(activations)}
+
+    @tf.function
+    def predict_float32(self, activations: tf.Tensor) -> tf.Tensor:
+        """`predict` with the convolutions in float32 whatever the model computes in: the same
+        weights (they are float32), for LiteRT, which has no bfloat16 convolution."""
+        return tf.nn.softmax(self.logits(activations, compute_dtype=tf.float32))
 
 
 def count_parameters(model: FinetuneTop) -> int:
@@ -409,6 +418,7 @@ def save_finetune_tf(
     """SavedModel + finetune.json + labels.txt in `model_dir`, replaced as a whole."""
     spec = tf.TensorSpec([None, *model.input_shape], tf.float32, name=INPUT_NAME)
     model.predict.get_concrete_function(spec)
+    model.predict_float32.get_concrete_function(spec)  # traced: a restored one needs a trace
     signatures = {SIGNATURE_KEY: model.serve.get_concrete_function(spec)}
 
     def write(tmp: Path) -> None:
@@ -441,9 +451,12 @@ def predictor(model_dir: str | Path) -> Callable[[np.ndarray], np.ndarray]:
     return predict
 
 
-def graph_head(model_dir: str | Path) -> tuple[Any, Callable[[Any], Any]]:
-    """For the end-to-end graph: the restored module and its activations -> probabilities."""
+def graph_head(model_dir: str | Path, float32: bool = False) -> tuple[Any, Callable[[Any], Any]]:
+    """For the end-to-end graph: the restored module and its activations -> probabilities;
+    `float32`: with the convolutions in float32 whatever the model was trained to compute in."""
     model = load_finetune_tf(model_dir)
+    if float32:
+        return model, lambda x: model.predict_float32(x)
     return model, lambda x: model.predict(x)
 
 
