@@ -28,7 +28,7 @@ def test_summary_keeps_only_models_scored_on_every_seed():
 
 def test_validation_is_read_at_the_kept_step_and_pooled_over_seeds(tmp_path):
     layout = Layout.of(metrics=tmp_path)
-    for name in ("tf", "sklearn"):
+    for name in ("tf", "sklearn", "finetune_tf"):
         layout.train_metrics(name).parent.mkdir(parents=True, exist_ok=True)
         layout.curve(name).parent.mkdir(parents=True, exist_ok=True)
     # Kept step 2 of 3: neither the best accuracy (step 3) nor the final row.
@@ -47,13 +47,27 @@ def test_validation_is_read_at_the_kept_step_and_pooled_over_seeds(tmp_path):
         "epoch,train_loss,val_loss,train_accuracy,val_accuracy,step\n"
     )
 
+    # A fine-tuned model: each epoch's accuracy too, to choose `epochs` by.
+    layout.train_metrics("finetune_tf").write_text(json.dumps({
+        "model_step": 2, "n_val": 100, "final_val_accuracy": 0.9, "final_val_loss": 0.3,
+    }))  # fmt: skip
+    layout.curve("finetune_tf").write_text(
+        "epoch,train_loss,val_loss,train_accuracy,val_accuracy,step\n"
+        "1.0,0.5,0.40,0.8,0.91,1\n2.0,0.3,0.20,0.9,0.95,2\n"
+    )
+
     scores = validation_scores(layout)
     assert scores == {
         "tf": {"accuracy": 0.93, "loss": 0.2, "n": 200},
         "sklearn": {"accuracy": 0.91, "loss": 0.33, "n": 100},
+        "finetune_tf": {"accuracy": 0.95, "loss": 0.2, "n": 100, "by_epoch": [0.91, 0.95]},
     }
-    other_seed = {"tf": {"accuracy": 0.96, "loss": 0.1, "n": 100}}
+    other_seed = {
+        "tf": {"accuracy": 0.96, "loss": 0.1, "n": 100},
+        "finetune_tf": {"accuracy": 0.96, "loss": 0.1, "n": 100, "by_epoch": [0.93, 0.96]},
+    }
     table = validation_table({0: scores, 1: other_seed})
     # 186 + 96 right of 300 evaluated; sklearn is not on seed 1, so it has no row.
-    assert "| TF | 0.9400 (282/300) | 0.930/0.960 | 0.1500 |" in table
+    assert "| TF | 0.9400 (282/300) | 0.930/0.960 | 0.1500 |  |" in table
+    assert "| TF fine-tuned | 0.9550 (191/200) | 0.950/0.960 | 0.1500 | 0.9200, 0.9550 |" in table
     assert "scikit-learn" not in table

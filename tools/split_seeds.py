@@ -25,6 +25,7 @@ import statistics
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -61,9 +62,11 @@ def test_accuracies(layout: Layout) -> dict[str, float]:
     }  # fmt: skip
 
 
-def validation_scores(layout: Layout) -> dict[str, dict[str, float]]:
+def validation_scores(layout: Layout) -> dict[str, dict[str, Any]]:
     """Each trained model's validation accuracy and loss at the step it kept (its curve's row
-    at `model_step`; the final values for a model without a curve, as sklearn's), and n_val."""
+    at `model_step`; the final values for a model without a curve, as sklearn's), n_val, and
+    for a fine-tuned model the accuracy of every epoch (`by_epoch`: what `epochs` is chosen
+    by, free of the kept-epoch rule's pick of each seed's best)."""
     scores = {}
     for head in HEADS:
         path = layout.train_metrics(head)
@@ -71,13 +74,15 @@ def validation_scores(layout: Layout) -> dict[str, dict[str, float]]:
             continue
         metrics = json.loads(path.read_text())
         with layout.curve(head).open(newline="") as f:
-            kept = [row for row in csv.DictReader(f) if "model_step" in metrics
-                    and float(row["step"]) == metrics["model_step"]]  # fmt: skip
+            curve = list(csv.DictReader(f))
+        kept = [row for row in curve if float(row["step"]) == metrics.get("model_step")]
         accuracy, loss = (
             (float(kept[0]["val_accuracy"]), float(kept[0]["val_loss"])) if kept
             else (metrics["final_val_accuracy"], metrics["final_val_loss"])
         )  # fmt: skip
         scores[head] = {"accuracy": accuracy, "loss": loss, "n": metrics["n_val"]}
+        if MODELS[head].fine_tuned:
+            scores[head]["by_epoch"] = [float(row["val_accuracy"]) for row in curve]
     return scores
 
 
@@ -113,14 +118,15 @@ def mcnemar_table(tests: dict[int, dict[str, dict]]) -> str:
     return "\n".join(lines) + "\n\n(exact McNemar; * significant at 0.05)"
 
 
-def validation_table(scores: dict[int, dict[str, dict[str, float]]]) -> str:
-    """Validation accuracy at the kept step, pooled over the seeds (right / evaluated), and
-    the mean validation loss. The seeds' slices overlap (each is 10% of a different train
-    split), so the pooled count is of evaluations, not of distinct photos."""
+def validation_table(scores: dict[int, dict[str, dict[str, Any]]]) -> str:
+    """Validation accuracy at the kept step, pooled over the seeds (right / evaluated), the
+    mean validation loss, and for the fine-tuned models the pooled accuracy of each epoch. The
+    seeds' slices overlap (each is 10% of a different train split), so the pooled count is of
+    evaluations, not of distinct photos."""
     lines = [
         f"| Model | Validation accuracy, pooled over {len(scores)} seeds | per seed "
-        "| validation loss, mean |",
-        "|---|---|---|---|",
+        "| validation loss, mean | by epoch, pooled |",
+        "|---|---|---|---|---|",
     ]
     heads = [h for h in HEADS if all(h in per_seed for per_seed in scores.values())]
     for head in heads:
@@ -129,8 +135,14 @@ def validation_table(scores: dict[int, dict[str, dict[str, float]]]) -> str:
         total = sum(r["n"] for r in rows)
         per_seed = "/".join(f"{r['accuracy']:.3f}" for r in rows)
         loss = statistics.mean(r["loss"] for r in rows)
+        curves = [r.get("by_epoch") for r in rows]
+        by_epoch = ""
+        if all(curves) and len({len(c) for c in curves}) == 1:
+            pooled = [sum(round(c[e] * r["n"]) for c, r in zip(curves, rows, strict=True))
+                      / total for e in range(len(curves[0]))]  # fmt: skip
+            by_epoch = ", ".join(f"{v:.4f}" for v in pooled)
         lines.append(f"| {HEADS[head]} | {right / total:.4f} ({right}/{total}) | {per_seed} "
-                     f"| {loss:.4f} |")  # fmt: skip
+                     f"| {loss:.4f} | {by_epoch} |")  # fmt: skip
     return "\n".join(lines)
 
 
