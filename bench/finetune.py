@@ -202,20 +202,23 @@ def run_finetune(workdir: Path, model: str, precision: str) -> dict:
     }
 
 
+def conv_dtypes(function: Any) -> set[str]:
+    """The dtypes of the Conv2D ops a concrete function runs (nested functions included)."""
+    import tensorflow as tf
+
+    graph = function.graph.as_graph_def()
+    nodes = [*graph.node, *(n for f in graph.library.function for n in f.node_def)]
+    return {tf.as_dtype(n.attr["T"].type).name for n in nodes if n.op == "Conv2D"}
+
+
 def conv_compute_dtype(model_dir: Path, model: str) -> str:
     """What the blocks' convolutions computed in, read off the saved model (so a precision
     that did not take shows here): the Conv2D ops of the SavedModel's graph, the Conv2D
     layers' policies of the .keras file."""
     if model == "tf":
-        import tensorflow as tf
-
         from imgclf.finetune.finetune_tf import SIGNATURE_KEY, load_finetune_tf
 
-        saved = load_finetune_tf(model_dir)
-        graph = saved.signatures[SIGNATURE_KEY].graph.as_graph_def()
-        nodes = [*graph.node, *(n for f in graph.library.function for n in f.node_def)]
-        conv = {tf.as_dtype(n.attr["T"].type).name for n in nodes if n.op == "Conv2D"}
-        return "/".join(sorted(conv))
+        return "/".join(sorted(conv_dtypes(load_finetune_tf(model_dir).signatures[SIGNATURE_KEY])))
     import keras
 
     from imgclf.finetune.finetune_keras import all_layers, load_finetune_keras

@@ -532,7 +532,7 @@ def bfloat16_top(tiny):
 def test_bfloat16_precision_computes_the_blocks_in_bfloat16_in_both_frameworks(tiny, tmp_path):
     import tensorflow as tf
 
-    from bench.finetune import conv_compute_dtype  # what the bench reports, read the same way
+    from bench.finetune import conv_compute_dtype, conv_dtypes  # read as the bench reads
     from imgclf.finetune.finetune_keras import (
         all_layers,
         load_finetune_keras,
@@ -597,12 +597,3 @@ def test_bfloat16_precision_computes_the_blocks_in_bfloat16_in_both_frameworks(t
         np.testing.assert_allclose(as_float32(x[:1]).numpy(), as_saved(x[:1]).numpy(), atol=0.05)
         converter = tf.lite.TFLiteConverter.from_concrete_functions([as_float32], rebuilt)
         assert len(converter.convert()) > 0, kind
-
-
-def conv_dtypes(function) -> set[str]:
-    """The dtypes of the Conv2D ops a concrete function runs (nested functions included)."""
-    import tensorflow as tf
-
-    graph = function.graph.as_graph_def()
-    nodes = [*graph.node, *(n for f in graph.library.function for n in f.node_def)]
-    return {tf.as_dtype(n.attr["T"].type).name for n in nodes if n.op == "Conv2D"}
