@@ -14,6 +14,7 @@ import pytest
 
 from imgclf.activations import Activations
 from imgclf.finetune.common import (
+    accuracy_with_flips,
     epoch_order,
     finetune_rows,
     load_finetune_data,
@@ -126,6 +127,28 @@ def test_test_time_flip_averages_the_flip_of_the_same_image():
         np.testing.assert_allclose(both[i], expected[0], rtol=1e-6)
     with pytest.raises(Exception, match=r"add flip to activations\.test_views"):
         predict_images(predict, make_acts(6, views=("orig",)), test_time_flip=True)
+
+
+def test_validation_with_flips_scores_the_validation_images_with_their_own_flips():
+    acts = make_acts(40, views=("orig", "flip"))
+    data = load_finetune_data(acts, 0.25, seed=0)
+
+    def predict(batch: np.ndarray) -> np.ndarray:
+        return np.stack([batch[:, 0, 0, 0], batch[:, 0, 0, 1], batch[:, 0, 0, 2]], axis=1)
+
+    # By hand: each validation image's orig row plus the flip row of the same id.
+    flip = {acts.ids[r]: r for r in acts.of_view("flip")}
+    right = 0
+    for row, label in zip(data.val_rows, data.y_val, strict=True):
+        pair = acts.x[[row, flip[acts.ids[row]]]].astype(np.float32)
+        right += int(predict(pair).sum(axis=0).argmax() == label)
+    assert 0 < right < data.val_rows.size  # a score that can tell the pairing apart
+    assert accuracy_with_flips(predict, acts, data) == right / data.val_rows.size
+    plain = predict_images(predict, acts, test_time_flip=False, rows=data.val_rows)
+    np.testing.assert_array_equal(plain, predict(data.x_val.astype(np.float32)))
+    # Without a flip view there is nothing to read.
+    orig_only = make_acts(40, views=("orig",))
+    assert accuracy_with_flips(predict, orig_only, load_finetune_data(orig_only, 0.25, 0)) is None
 
 
 # ----------------------------------------------------------------------- the tiny real blocks

@@ -306,6 +306,8 @@ def test_the_fine_tuned_models_are_evaluated_and_registered(project):
     for name in ("finetune_tf", "finetune_keras"):
         assert (project / "models" / "heads" / name / "finetune.json").is_file()
         assert not (project / "models" / name).exists()  # the layout's folder, not the old one
+        # flip is a train view, so the stage scores validation with test-time flips too.
+        assert 0.0 <= read(project, f"metrics/train/{name}.json")["val_accuracy_with_flips"] <= 1
     tracked = read(project, "metrics/mlflow_run.json")
     for name in ("finetune_tf", "finetune_keras"):
         assert tracked["heads"][name]["registered_model"].endswith(f"-{name}")

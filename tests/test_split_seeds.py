@@ -50,6 +50,7 @@ def test_validation_is_read_at_the_kept_step_and_pooled_over_seeds(tmp_path):
     # A fine-tuned model: each epoch's accuracy too, to choose `epochs` by.
     layout.train_metrics("finetune_tf").write_text(json.dumps({
         "model_step": 2, "n_val": 100, "final_val_accuracy": 0.9, "final_val_loss": 0.3,
+        "val_accuracy_with_flips": 0.97,
     }))  # fmt: skip
     layout.curve("finetune_tf").write_text(
         "epoch,train_loss,val_loss,train_accuracy,val_accuracy,step\n"
@@ -60,14 +61,22 @@ def test_validation_is_read_at_the_kept_step_and_pooled_over_seeds(tmp_path):
     assert scores == {
         "tf": {"accuracy": 0.93, "loss": 0.2, "n": 200},
         "sklearn": {"accuracy": 0.91, "loss": 0.33, "n": 100},
-        "finetune_tf": {"accuracy": 0.95, "loss": 0.2, "n": 100, "by_epoch": [0.91, 0.95]},
-    }
+        "finetune_tf": {
+            "accuracy": 0.95, "loss": 0.2, "n": 100, "by_epoch": [0.91, 0.95], "with_flips": 0.97,
+        },
+    }  # fmt: skip
     other_seed = {
         "tf": {"accuracy": 0.96, "loss": 0.1, "n": 100},
-        "finetune_tf": {"accuracy": 0.96, "loss": 0.1, "n": 100, "by_epoch": [0.93, 0.96]},
-    }
+        "finetune_tf": {
+            "accuracy": 0.96, "loss": 0.1, "n": 100, "by_epoch": [0.93, 0.96], "with_flips": 0.98,
+        },
+    }  # fmt: skip
     table = validation_table({0: scores, 1: other_seed})
     # 186 + 96 right of 300 evaluated; sklearn is not on seed 1, so it has no row.
-    assert "| TF | 0.9400 (282/300) | 0.930/0.960 | 0.1500 |  |" in table
-    assert "| TF fine-tuned | 0.9550 (191/200) | 0.950/0.960 | 0.1500 | 0.9200, 0.9550 |" in table
+    assert "| TF | 0.9400 (282/300) | 0.930/0.960 | 0.1500 |  |  |" in table
+    # With flips: 97 + 98 of 200.
+    assert (
+        "| TF fine-tuned | 0.9550 (191/200) | 0.950/0.960 | 0.1500 | 0.9200, 0.9550 "
+        "| 0.9750 (195/200) |" in table
+    )
     assert "scikit-learn" not in table

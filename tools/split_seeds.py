@@ -66,7 +66,9 @@ def validation_scores(layout: Layout) -> dict[str, dict[str, Any]]:
     """Each trained model's validation accuracy and loss at the step it kept (its curve's row
     at `model_step`; the final values for a model without a curve, as sklearn's), n_val, and
     for a fine-tuned model the accuracy of every epoch (`by_epoch`: what `epochs` is chosen
-    by, free of the kept-epoch rule's pick of each seed's best)."""
+    by, free of the kept-epoch rule's pick of each seed's best) and, when its stage could read
+    it, the kept epoch's accuracy with test-time flips (`with_flips`: what `test_time_flip` is
+    chosen by)."""
     scores = {}
     for head in HEADS:
         path = layout.train_metrics(head)
@@ -83,6 +85,8 @@ def validation_scores(layout: Layout) -> dict[str, dict[str, Any]]:
         scores[head] = {"accuracy": accuracy, "loss": loss, "n": metrics["n_val"]}
         if MODELS[head].fine_tuned:
             scores[head]["by_epoch"] = [float(row["val_accuracy"]) for row in curve]
+            if "val_accuracy_with_flips" in metrics:
+                scores[head]["with_flips"] = float(metrics["val_accuracy_with_flips"])
     return scores
 
 
@@ -120,13 +124,14 @@ def mcnemar_table(tests: dict[int, dict[str, dict]]) -> str:
 
 def validation_table(scores: dict[int, dict[str, dict[str, Any]]]) -> str:
     """Validation accuracy at the kept step, pooled over the seeds (right / evaluated), the
-    mean validation loss, and for the fine-tuned models the pooled accuracy of each epoch. The
+    mean validation loss, and for the fine-tuned models the pooled accuracy of each epoch and
+    the kept epoch's with test-time flips. The
     seeds' slices overlap (each is 10% of a different train split), so the pooled count is of
     evaluations, not of distinct photos."""
     lines = [
         f"| Model | Validation accuracy, pooled over {len(scores)} seeds | per seed "
-        "| validation loss, mean | by epoch, pooled |",
-        "|---|---|---|---|---|",
+        "| validation loss, mean | by epoch, pooled | with test-time flips, pooled |",
+        "|---|---|---|---|---|---|",
     ]
     heads = [h for h in HEADS if all(h in per_seed for per_seed in scores.values())]
     for head in heads:
@@ -141,8 +146,12 @@ def validation_table(scores: dict[int, dict[str, dict[str, Any]]]) -> str:
             pooled = [sum(round(c[e] * r["n"]) for c, r in zip(curves, rows, strict=True))
                       / total for e in range(len(curves[0]))]  # fmt: skip
             by_epoch = ", ".join(f"{v:.4f}" for v in pooled)
+        flips = ""
+        if all("with_flips" in r for r in rows):
+            flipped = sum(round(r["with_flips"] * r["n"]) for r in rows)
+            flips = f"{flipped / total:.4f} ({flipped}/{total})"
         lines.append(f"| {HEADS[head]} | {right / total:.4f} ({right}/{total}) | {per_seed} "
-                     f"| {loss:.4f} | {by_epoch} |")  # fmt: skip
+                     f"| {loss:.4f} | {by_epoch} | {flips} |")  # fmt: skip
     return "\n".join(lines)
 
 

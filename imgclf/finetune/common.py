@@ -65,6 +65,7 @@ class FinetuneData:
     train_images: np.ndarray  # int64 [rows]: which image each training row is a view of
     x_val: np.ndarray
     y_val: np.ndarray
+    val_rows: np.ndarray  # their rows in the activations (the `orig` view)
     n_train_images: int
     n_val_images: int
     views: tuple[str, ...]
@@ -126,6 +127,7 @@ def load_finetune_data(acts: Activations, fraction: float, seed: int) -> Finetun
         train_images=train_images.astype(np.int64),
         x_val=np.asarray(acts.x[val_rows]),
         y_val=acts.labels[val_rows].astype(np.int64),
+        val_rows=val_rows,
         n_train_images=int(train_images.max()) + 1 if train_rows.size else 0,
         n_val_images=int(val_rows.size),
         views=acts.views,
@@ -207,10 +209,12 @@ def predict_images(
     acts: Activations,
     *,
     test_time_flip: bool,
+    rows: np.ndarray | None = None,
     batch_size: int = 64,
 ) -> np.ndarray:
-    """Probabilities [n_images, n_classes] in the order of the `orig` view's rows, averaged
-    with those of the `flip` view when `test_time_flip` (the rows are matched by image id)."""
+    """Probabilities [n_images, n_classes] of the images of the `orig` view's `rows` (default:
+    all of them, in order), averaged with those of the `flip` view when `test_time_flip` (the
+    rows are matched by image id)."""
     views = ["orig", "flip"] if test_time_flip else ["orig"]
     for view in views:
         if view not in acts.views:
@@ -220,22 +224,34 @@ def predict_images(
                 if view == "flip"
                 else f"the activations hold {list(acts.views)}, not `orig`"
             )
-    orig = acts.of_view("orig")
+    images = acts.ids[acts.of_view("orig") if rows is None else rows]
     total = None
     for view in views:
-        rows = acts.of_view(view)
-        if view != "orig":
-            position = {image: i for i, image in enumerate(acts.ids[rows])}
-            rows = rows[[position[image] for image in acts.ids[orig]]]
+        view_rows = acts.of_view(view)
+        position = {image: i for i, image in enumerate(acts.ids[view_rows])}
+        view_rows = view_rows[[position[image] for image in images]]
         probs = np.concatenate(
             [
-                predict(np.asarray(acts.x[rows[i : i + batch_size]], np.float32))
-                for i in range(0, len(rows), batch_size)
+                predict(np.asarray(acts.x[view_rows[i : i + batch_size]], np.float32))
+                for i in range(0, len(view_rows), batch_size)
             ]
         )
         total = probs if total is None else total + probs
     assert total is not None
     return (total / len(views)).astype(np.float32)
+
+
+def accuracy_with_flips(
+    predict: Callable[[np.ndarray], np.ndarray], acts: Activations, data: FinetuneData
+) -> float | None:
+    """Validation accuracy with test-time flips (each image's probabilities averaged with its
+    `flip` view's), or None when the activations hold no flip view. The flips of the validation
+    images are never trained on (no view of them is), so this is what `test_time_flip` is chosen
+    by, at the epoch kept without it."""
+    if "flip" not in acts.views or not data.val_rows.size:
+        return None
+    probs = predict_images(predict, acts, test_time_flip=True, rows=data.val_rows)
+    return float(np.mean(probs.argmax(axis=1) == data.y_val))
 
 
 # --------------------------------------------------------------------------------------------
@@ -431,6 +447,10 @@ def train_and_save_finetune(
         cut=cut,
         image_size=image_size,
     )
+    # Read off the saved model, as evaluate scores it (its precision included).
+    with_flips = accuracy_with_flips(spec.function("predictor")(layout.model_dir(name)), acts, data)
+    if with_flips is not None:
+        result.summary["val_accuracy_with_flips"] = with_flips
     return write_training_metrics(
         layout.metrics,
         name,
@@ -443,8 +463,11 @@ def train_and_save_finetune(
 
 
 def report(name: str, metrics: Mapping[str, Any]) -> str:
+    flips = metrics.get("val_accuracy_with_flips")
     return (
         f"{name}: val_accuracy {metrics['start_val_accuracy']:.4f} before, best "
         f"{metrics['best_val_accuracy']:.4f} (kept epoch {metrics['model_step']} of "
-        f"{metrics['epochs']}), {metrics['train_seconds']:.1f} s"
+        f"{metrics['epochs']}"
+        + ("" if flips is None else f"; {flips:.4f} with test-time flips")
+        + f"), {metrics['train_seconds']:.1f} s"
     )
