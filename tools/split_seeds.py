@@ -125,9 +125,8 @@ def mcnemar_table(tests: dict[int, dict[str, dict]]) -> str:
 def validation_table(scores: dict[int, dict[str, dict[str, Any]]]) -> str:
     """Validation accuracy at the kept step, pooled over the seeds (right / evaluated), the
     mean validation loss, and for the fine-tuned models the pooled accuracy of each epoch and
-    the kept epoch's with test-time flips. The
-    seeds' slices overlap (each is 10% of a different train split), so the pooled count is of
-    evaluations, not of distinct photos."""
+    the kept epoch's with test-time flips. The seeds' slices overlap (each is 10% of a different
+    train split), so the pooled count is of evaluations, not of distinct photos."""
     lines = [
         f"| Model | Validation accuracy, pooled over {len(scores)} seeds | per seed "
         "| validation loss, mean | by epoch, pooled | with test-time flips, pooled |",
