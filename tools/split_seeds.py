@@ -122,6 +122,11 @@ def mcnemar_table(tests: dict[int, dict[str, dict]]) -> str:
     return "\n".join(lines) + "\n\n(exact McNemar; * significant at 0.05)"
 
 
+def pooled_right(accuracies: list[float], rows: list[dict[str, Any]]) -> int:
+    """Right answers over the seeds, from each seed's accuracy and its number evaluated."""
+    return sum(round(a * r["n"]) for a, r in zip(accuracies, rows, strict=True))
+
+
 def validation_table(scores: dict[int, dict[str, dict[str, Any]]]) -> str:
     """Validation accuracy at the kept step, pooled over the seeds (right / evaluated), the
     mean validation loss, and for the fine-tuned models the pooled accuracy of each epoch and
@@ -135,19 +140,19 @@ def validation_table(scores: dict[int, dict[str, dict[str, Any]]]) -> str:
     heads = [h for h in HEADS if all(h in per_seed for per_seed in scores.values())]
     for head in heads:
         rows = [scores[seed][head] for seed in sorted(scores)]
-        right = sum(round(r["accuracy"] * r["n"]) for r in rows)
+        right = pooled_right([r["accuracy"] for r in rows], rows)
         total = sum(r["n"] for r in rows)
         per_seed = "/".join(f"{r['accuracy']:.3f}" for r in rows)
         loss = statistics.mean(r["loss"] for r in rows)
         curves = [r.get("by_epoch") for r in rows]
         by_epoch = ""
         if all(curves) and len({len(c) for c in curves}) == 1:
-            pooled = [sum(round(c[e] * r["n"]) for c, r in zip(curves, rows, strict=True))
-                      / total for e in range(len(curves[0]))]  # fmt: skip
+            pooled = [pooled_right([c[e] for c in curves], rows) / total
+                      for e in range(len(curves[0]))]  # fmt: skip
             by_epoch = ", ".join(f"{v:.4f}" for v in pooled)
         flips = ""
         if all("with_flips" in r for r in rows):
-            flipped = sum(round(r["with_flips"] * r["n"]) for r in rows)
+            flipped = pooled_right([r["with_flips"] for r in rows], rows)
             flips = f"{flipped / total:.4f} ({flipped}/{total})"
         lines.append(f"| {HEADS[head]} | {right / total:.4f} ({right}/{total}) | {per_seed} "
                      f"| {loss:.4f} | {by_epoch} | {flips} |")  # fmt: skip
