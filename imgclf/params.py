@@ -323,6 +323,7 @@ class FinetuneParams(Block):
     view_sampling: str = choice(("all", "one_per_image"))  # finetune_common.VIEW_SAMPLINGS
     test_time_flip: bool = boolean()
     precision: str = choice(PRECISIONS)
+    refit_head: bool = boolean()  # the base head trained anew on the fine-tune's pooled inputs
 
 
 @dataclass(frozen=True)

@@ -261,6 +261,14 @@ def model_params(spec: ModelSpec, params: Mapping[str, Any]) -> dict[str, Any]:
     return spec.params_class().from_params(params).as_kwargs()
 
 
+def base_params(name: str, params: Mapping[str, Any]) -> dict[str, Any]:
+    """The params block of fine-tuned model `name`'s base head (its train recipe)."""
+    base = get_model(name).base
+    if base is None:
+        raise ValueError(f"model {name!r} is not fine-tuned from a head")
+    return model_params(get_model(base), params)
+
+
 def input_precision(name: str, params: Mapping[str, Any]) -> str:
     """The TensorFlow precision model `name`'s end-to-end model runs the backbone at: that of
     the stage that computed its inputs (params.yaml `bottlenecks` for a head, `activations` for

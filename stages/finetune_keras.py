@@ -12,6 +12,7 @@ from imgclf.finetune.finetune_keras import (
 )
 from imgclf.heads.keras_head import load_keras_head
 from imgclf.params import FinetuneKerasParams, HeadsParams
+from imgclf.registry import base_params
 from imgclf.stage import stage_main
 
 
@@ -32,6 +33,7 @@ def main() -> None:
         save_fn=save_finetune_keras,
         count_parameters=count_parameters,
         recipe=recipe,
+        base_recipe=base_params("finetune_keras", params),
     )
     print(report("finetune_keras", metrics))
 

@@ -8,6 +8,7 @@ from imgclf.finetune.common import report, train_and_save_finetune
 from imgclf.finetune.finetune_tf import count_parameters, save_finetune_tf, train_finetune_tf
 from imgclf.heads.tf_head import load_tf_head
 from imgclf.params import FinetuneTfParams, HeadsParams
+from imgclf.registry import base_params
 from imgclf.stage import stage_main
 
 
@@ -26,6 +27,7 @@ def main() -> None:
         save_fn=save_finetune_tf,
         count_parameters=count_parameters,
         recipe=FinetuneTfParams.from_params(params).as_kwargs(),
+        base_recipe=base_params("finetune_tf", params),
     )
     print(report("finetune_tf", metrics))
 

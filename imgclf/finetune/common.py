@@ -16,6 +16,7 @@ are the cached activations, not the bottlenecks; their validation slice is the h
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -151,6 +152,45 @@ def block_of(variable_path: str) -> str:
     """`mixed_9.tower_conv/kernel` -> `mixed_9`; the head's layers -> `head`."""
     first = variable_path.split("/")[0].split(".")[0]
     return first if first.startswith("mixed") else HEAD_BLOCK
+
+
+# --------------------------------------------------------------------------------------------
+# The head's start: the trained base head, or the same head refitted on the fine-tune's inputs
+
+
+def pooled_features(top: Any, x: Any, batch_size: int = 128, progress: bool = True) -> np.ndarray:
+    """The frozen top's pooled features (pool_3: 2048 a row) of the activation rows `x`,
+    float32, read batch by batch (`x` may be rows of a memory map)."""
+    from tqdm import tqdm
+
+    bar = tqdm(range(0, len(x), batch_size), desc="refit_head: pooled features", unit="batch",
+               file=sys.stderr, disable=not progress)  # fmt: skip
+    batches = [top.predict_on_batch(np.asarray(x[i : i + batch_size], np.float32)) for i in bar]
+    return np.concatenate(batches).astype(np.float32)
+
+
+def refit_head(
+    base: str, top: Any, data: FinetuneData, *, n_classes: int, seed: int,
+    recipe: Mapping[str, Any],
+) -> Any:  # fmt: skip
+    """The registered head `base` trained anew by its own train function and `recipe` (its
+    train_<base> block) on the pooled features the frozen `top` gives the fine-tune's own rows:
+    every train view of the training images, and the validation slice. The head the train
+    stage saved was fitted to the bottlenecks (the orig view at 299 pixels); this one is fitted
+    to the inputs fine-tuning trains on (their views, activations.image_size), so the blocks
+    start from a head that matches them (linear probing, then fine-tuning)."""
+    from imgclf.registry import get_model
+
+    result = get_model(base).function("train")(
+        pooled_features(top, data.x_train),
+        data.y_train,
+        pooled_features(top, data.x_val),
+        data.y_val,
+        n_classes=n_classes,
+        seed=seed,
+        **recipe,
+    )
+    return result.model
 
 
 # --------------------------------------------------------------------------------------------
@@ -379,14 +419,16 @@ def train_and_save_finetune(
     save_fn: Callable[..., None],
     count_parameters: Callable[[Any], int],
     recipe: Mapping[str, Any],
+    base_recipe: Mapping[str, Any],
 ) -> dict[str, Any]:
     """Load the train activations, the backbone's top after `cut` and the registered model's
-    `base` head; fine-tune with `recipe`; write the model, metrics/train/<name>.json, the curve
-    (with the per-block gradient norms of each epoch) and the TensorBoard events, where
-    imgclf/layout.py puts them. Returns the metrics written."""
+    `base` head (refitted on the activations' pooled features with `base_recipe`, its train
+    block, when `recipe` says refit_head); fine-tune with `recipe`; write the model,
+    metrics/train/<name>.json, the curve (with the per-block gradient norms of each epoch) and
+    the TensorBoard events, where imgclf/layout.py puts them. Returns the metrics written."""
     import imgclf.quiet_tf  # noqa: F401
     from imgclf.activations import load_activations
-    from imgclf.heads.common import read_labels, write_training_metrics
+    from imgclf.heads.common import read_labels, stopwatch, write_training_metrics
     from imgclf.inception import build_top, load_backbone
     from imgclf.layout import Layout
     from imgclf.registry import get_model
@@ -399,6 +441,7 @@ def train_and_save_finetune(
     # Chosen once, where the blocks are built: Keras' layers carry it as their dtype policy,
     # and finetune_tf's module reads it off them.
     precision = str(recipe.pop("precision"))
+    refit = bool(recipe.pop("refit_head"))
     acts = load_activations(layout.activations, "train")
     head_dir = layout.model_dir(spec.base)
     classes = read_labels(head_dir)
@@ -419,9 +462,14 @@ def train_and_save_finetune(
             "(activations.cut, activations.image_size): rerun the activations stage "
             "(dvc repro activations)"
         )
+    head = load_head(head_dir)
+    with stopwatch() as refit_timer:
+        if refit:
+            head = refit_head(spec.base, top, data, n_classes=len(classes),
+                              seed=int(shared["seed"]), recipe=base_recipe)  # fmt: skip
     result = train_fn(
         top,
-        load_head(head_dir),
+        head,
         data.x_train,
         data.y_train,
         data.x_val,
@@ -437,6 +485,8 @@ def train_and_save_finetune(
             "n_train_views": len(data.views),
             "test_time_flip": int(test_time_flip),
             "precision": precision,
+            "refit_head": int(refit),
+            "refit_head_seconds": refit_timer["seconds"],
         }
     )
     save_fn(
