@@ -448,6 +448,58 @@ def test_both_fine_tunes_can_train_on_one_view_per_image_each_epoch(tiny, tmp_pa
                           tensorboard_dir=tmp_path / "bad", view_sampling="one")  # fmt: skip
 
 
+def test_refit_head_fits_the_base_head_to_the_pooled_features_of_every_train_view(tiny, tmp_path):
+    import tensorflow as tf
+
+    from imgclf.finetune.common import FinetuneData, SelectedRows, pooled_features, refit_head
+    from imgclf.finetune.finetune_keras import train_finetune_keras
+    from imgclf.finetune.finetune_tf import train_finetune_tf
+    from imgclf.heads.keras_head import train_keras_head
+    from imgclf.heads.tf_head import train_tf_head
+
+    x_train, y_train, x_val, y_val, images = two_views(tiny)
+    np.save(tmp_path / "x.npy", x_train)
+    rows = np.random.default_rng(0).permutation(len(y_train))  # both views, mixed
+    data = FinetuneData(
+        x_train=SelectedRows(np.load(tmp_path / "x.npy", mmap_mode="r"), rows),
+        y_train=y_train[rows], train_images=images[rows], x_val=x_val, y_val=y_val,
+        val_rows=np.arange(len(y_val)), n_train_images=len(y_train) // 2,
+        n_val_images=len(y_val), views=("orig", "noisy"),
+    )  # fmt: skip
+    top = fresh(tiny)
+    pooled = pooled_features(top, data.x_train, progress=False)
+    expected = top.predict(x_train[rows].astype(np.float32), verbose=0)
+    np.testing.assert_allclose(pooled, expected, rtol=1e-5, atol=1e-6)
+    pooled_val = pooled_features(top, x_val, progress=False)
+
+    # The registered head's own train function and recipe, on every training row's features.
+    recipe = dict(steps=60, batch_size=8, eval_every=30, learning_rate=0.05, hidden_units=0,
+                  dropout=0.0)  # fmt: skip
+    head = refit_head("tf", top, data, n_classes=3, seed=0, recipe=recipe)
+    by_hand = train_tf_head(pooled, data.y_train, pooled_val, y_val, n_classes=3, seed=0,
+                            progress=False, **recipe).model  # fmt: skip
+    np.testing.assert_array_equal(head.final_weights.numpy(), by_hand.final_weights.numpy())
+    # Fine-tuning starts from it: its first validation score is the refitted head's.
+    result = train_finetune_tf(top, head, x_train, y_train, x_val, y_val, cut="mixed_8",
+                               tensorboard_dir=tmp_path / "tb", epochs=1, batch_size=8,
+                               progress=False)  # fmt: skip
+    start = np.mean(head.predict(tf.constant(pooled_val)).numpy().argmax(1) == y_val)
+    assert result.summary["start_val_accuracy"] == pytest.approx(start)
+
+    recipe = dict(hidden_units=16, dropout=0.0, learning_rate=1e-3, epochs=3, batch_size=8,
+                  early_stopping_patience=0)  # fmt: skip
+    head = refit_head("keras", fresh(tiny), data, n_classes=3, seed=0, recipe=recipe)
+    by_hand = train_keras_head(pooled, data.y_train, pooled_val, y_val, n_classes=3, seed=0,
+                               progress=False, **recipe)  # fmt: skip
+    for mine, theirs in zip(head.get_weights(), by_hand.model.get_weights(), strict=True):
+        np.testing.assert_array_equal(mine, theirs)
+    start = np.mean(head.predict(pooled_val, verbose=0).argmax(1) == y_val)
+    result = train_finetune_keras(fresh(tiny), head, x_train, y_train, x_val, y_val,
+                                  n_classes=3, tensorboard_dir=tmp_path / "tbk", epochs=1,
+                                  batch_size=8, progress=False)  # fmt: skip
+    assert result.summary["start_val_accuracy"] == pytest.approx(start)
+
+
 _FRESH_PROCESS = """
 import sys
 from pathlib import Path

@@ -245,6 +245,8 @@ def project(tmp_path_factory) -> Path:
     params["train_keras"]["epochs"] = 15
     for name in params["finetune_models"]:
         params[name]["epochs"] = 1
+    # One fine-tune from its trained head, the other from its head refitted on its own inputs.
+    params["finetune_keras"]["refit_head"] = True
     # Two views, not the ten of params.yaml: each view is a backbone pass per training image and
     # an epoch's share of both fine-tunes, in every pass of the pipeline (tests/test_activations.py
     # adds a view to a cached stage).
@@ -307,7 +309,9 @@ def test_the_fine_tuned_models_are_evaluated_and_registered(project):
         assert (project / "models" / "heads" / name / "finetune.json").is_file()
         assert not (project / "models" / name).exists()  # the layout's folder, not the old one
         # flip is a train view, so the stage scores validation with test-time flips too.
-        assert 0.0 <= read(project, f"metrics/train/{name}.json")["val_accuracy_with_flips"] <= 1
+        trained = read(project, f"metrics/train/{name}.json")
+        assert 0.0 <= trained["val_accuracy_with_flips"] <= 1
+        assert trained["refit_head"] == int(name == "finetune_keras")
     tracked = read(project, "metrics/mlflow_run.json")
     for name in ("finetune_tf", "finetune_keras"):
         assert tracked["heads"][name]["registered_model"].endswith(f"-{name}")
