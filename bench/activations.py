@@ -1,13 +1,16 @@
 """Benchmark of the activations stage against the bottlenecks stage, measured in one run.
 
     .venv/bin/python bench/activations.py [IMAGE_FOLDER] [--per-class 20] [--precision float32]
+        [--image-sizes 299 399]
 
 IMAGE_FOLDER is a class-folder tree (default ../shared/datasets/flower_photos); `--per-class N`
 takes the first N images of each class (0: all). It is split into a scratch workspace (nothing
 is written to the repo) and every phase runs in a fresh process, so each gets its own peak RSS
 and nothing warms another. Both stages run on the same split with the same backbone (from
 models/backbone when `dvc repro backbone` has run, else converted into the scratch folder).
-Prints one table of ratios, which hold on a noisy machine better than raw speeds.
+Prints one table of ratios, which hold on a noisy machine better than raw speeds. With several
+`--image-sizes` (activations.image_size), each round also runs the activations stage at each,
+against the same bottlenecks run (the bottlenecks are always the backbone's 299).
 """
 
 from __future__ import annotations
@@ -54,7 +57,7 @@ def run_bottlenecks(workdir: Path, precision: str) -> dict:
     return {"images_per_s": stats["images_per_second"], "computed": stats["computed"]}
 
 
-def run_activations(workdir: Path, precision: str) -> dict:
+def run_activations(workdir: Path, precision: str, image_size: int) -> dict:
     from imgclf.activations import ActivationsOptions
     from imgclf.activations import run_activations as run
 
@@ -65,6 +68,7 @@ def run_activations(workdir: Path, precision: str) -> dict:
             "test_views": list(TEST_VIEWS),
             "precision": precision,
             "batch_size": BATCH,
+            "image_size": image_size,
         }
     )
     stats = run(
@@ -92,6 +96,9 @@ def main() -> None:
     # Other jobs on this machine swing raw speeds by 2x within minutes: each round runs both
     # stages back to back from empty caches, and only ratios within a round are compared.
     parser.add_argument("--rounds", type=int, default=2, help="bottlenecks/activations pairs")
+    parser.add_argument("--image-sizes", type=int, nargs="+", default=[299],
+                        help="activations.image_size values, each run in every round")  # fmt: skip
+    parser.add_argument("--image-size", type=int, help=argparse.SUPPRESS)  # one phase's
     parser.add_argument("--phase", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--source", type=Path, help=argparse.SUPPRESS)
@@ -101,7 +108,7 @@ def main() -> None:
         report = {
             "prepare": lambda: {"images": prepare(args.workdir, args.source)},
             "bottlenecks": lambda: run_bottlenecks(args.workdir, args.precision),
-            "activations": lambda: run_activations(args.workdir, args.precision),
+            "activations": lambda: run_activations(args.workdir, args.precision, args.image_size),
         }[args.phase]()
         print(json.dumps(report))
         return
@@ -116,49 +123,63 @@ def main() -> None:
         print(
             f"{n} images from {args.images} ({args.per_class or 'all'} per class), batch "
             f"{BATCH}, {args.precision}, train views {list(TRAIN_VIEWS)}, test views "
-            f"{list(TEST_VIEWS)}, {load_average()}",
+            f"{list(TEST_VIEWS)}, image sizes {args.image_sizes}, {load_average()}",
             flush=True,
         )
         rounds = []
         for _ in range(args.rounds):
             shutil.rmtree(work / "cache" / "bottlenecks", ignore_errors=True)
-            shutil.rmtree(work / "cache" / "activations", ignore_errors=True)
             bott = phase("bottlenecks", work, script=__file__, precision=args.precision)
-            cold = phase("activations", work, script=__file__, precision=args.precision)
-            rounds.append((bott, cold))
-        warm = phase("activations", work, script=__file__, precision=args.precision)
+            for size in args.image_sizes:
+                shutil.rmtree(work / "cache" / "activations", ignore_errors=True)
+                cold = phase("activations", work, script=__file__, precision=args.precision,
+                             image_size=size)  # fmt: skip
+                rounds.append((bott, cold, size))
+        warm = phase("activations", work, script=__file__, precision=args.precision,
+                     image_size=args.image_sizes[-1])  # fmt: skip
         assert warm["entries"]["computed"] == 0, warm
 
     rows = []
-    for i, (bott, cold) in enumerate(rounds, 1):
+    sizes = len(args.image_sizes)
+    for i, (bott, cold, size) in enumerate(rounds):
         per_view_cost = bott["images_per_s"] / cold["entries_per_second"]
+        at = f" at {size}" if sizes > 1 else ""
+        if i % sizes == 0:
+            rows.append(
+                (
+                    f"round {i // sizes + 1}: bottlenecks stage (compute)",
+                    f"{bott['images_per_s']:.1f} img/s",
+                    "1.00",
+                    "",
+                )
+            )
         rows += [
             (
-                f"round {i}: bottlenecks stage (compute)",
-                f"{bott['images_per_s']:.1f} img/s",
-                "1.00",
-                "",
-            ),
-            (
-                f"round {i}: activations stage (compute), per view",
+                f"round {i // sizes + 1}: activations stage{at} (compute), per view",
                 f"{cold['entries_per_second']:.1f} entries/s",
                 f"{per_view_cost:.2f} x bottlenecks' cost",
                 "target <= 1.3",
             ),
         ]
     entries = cold["entries"]["computed"]
+    at = f" at {args.image_sizes[-1]}" if sizes > 1 else ""
     rows += [
         (
-            "activations stage, cold (process wall)",
+            f"activations stage{at}, cold (process wall)",
             f"{cold['wall_s']:.1f} s",
             f"{entries} entries",
             "",
         ),
-        ("cached rerun (process wall)", f"{warm['wall_s']:.1f} s", "", "target < 10 s"),
-        ("peak RSS, activations cold", f"{cold['peak_rss_gib']:.2f} GiB", "", "target < 6 GiB"),
+        (f"cached rerun{at} (process wall)", f"{warm['wall_s']:.1f} s", "", "target < 10 s"),
+        (
+            f"peak RSS, activations{at} cold",
+            f"{cold['peak_rss_gib']:.2f} GiB",
+            "",
+            "target < 6 GiB",
+        ),
         ("peak RSS, cached rerun", f"{warm['peak_rss_gib']:.2f} GiB", "", ""),
         (
-            "activation cache on disk",
+            f"activation cache on disk{at}",
             f"{cold['cache_bytes'] / 2**20:.0f} MiB",
             f"{cold['cache_bytes'] / entries / 1024:.0f} KiB an entry",
             "",
