@@ -462,11 +462,12 @@ def train_and_save_finetune(
             "(activations.cut, activations.image_size): rerun the activations stage "
             "(dvc repro activations)"
         )
-    head = load_head(head_dir)
-    with stopwatch() as refit_timer:
-        if refit:
+    head, refit_seconds = load_head(head_dir), 0.0
+    if refit:
+        with stopwatch() as timer:
             head = refit_head(spec.base, top, data, n_classes=len(classes),
                               seed=int(shared["seed"]), recipe=base_recipe)  # fmt: skip
+        refit_seconds = timer["seconds"]
     result = train_fn(
         top,
         head,
@@ -486,7 +487,7 @@ def train_and_save_finetune(
             "test_time_flip": int(test_time_flip),
             "precision": precision,
             "refit_head": int(refit),
-            "refit_head_seconds": refit_timer["seconds"],
+            "refit_head_seconds": refit_seconds,
         }
     )
     save_fn(
@@ -514,8 +515,11 @@ def train_and_save_finetune(
 
 def report(name: str, metrics: Mapping[str, Any]) -> str:
     flips = metrics.get("val_accuracy_with_flips")
+    refit = metrics.get("refit_head")
     return (
-        f"{name}: val_accuracy {metrics['start_val_accuracy']:.4f} before, best "
+        f"{name}: val_accuracy {metrics['start_val_accuracy']:.4f} before"
+        + (f" (head refitted, {metrics['refit_head_seconds']:.1f} s)" if refit else "")
+        + ", best "
         f"{metrics['best_val_accuracy']:.4f} (kept epoch {metrics['model_step']} of "
         f"{metrics['epochs']}"
         + ("" if flips is None else f"; {flips:.4f} with test-time flips")
