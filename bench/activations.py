@@ -66,8 +66,10 @@ def run_activations(workdir: Path, precision: str, image_size: int) -> dict:
             "cut": "mixed_8",
             "train_views": list(TRAIN_VIEWS),
             "test_views": list(TEST_VIEWS),
+            "runtime": "tensorflow",
             "precision": precision,
             "batch_size": BATCH,
+            "executor": "local",
             "image_size": image_size,
         }
     )
