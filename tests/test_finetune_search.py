@@ -28,12 +28,13 @@ def test_variants_are_scored_on_validation_and_the_workspace_is_untouched(tmp_pa
     proc = subprocess.run(
         [sys.executable, str(ROOT / "tools" / "finetune_search.py"), "--workdir", str(workdir),
          "--views", "orig", "--out", str(out),
-         "--variant", "base={}", "--variant", 'mixup={"mixup": 0.4, "epochs": 2}'],
+         "--variant", "base={}", "--variant", 'mixup={"mixup": 0.4, "epochs": 2}',
+         "--variant", 'refit={"refit_head": true}'],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [r["variant"] for r in rows] == ["base", "mixup"]
+    assert [r["variant"] for r in rows] == ["base", "mixup", "refit"]
     assert len(rows[0]["val_accuracy"]) == params["finetune_tf"]["epochs"] == 1
     assert len(rows[1]["val_accuracy"]) == 2 and rows[1]["changes"] == {"mixup": 0.4, "epochs": 2}
     assert all(r["views"] == ["orig"] and 0 <= r["best_val_accuracy"] <= 1 for r in rows)

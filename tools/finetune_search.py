@@ -21,6 +21,7 @@ that starts later.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import inspect
 import json
 import sys
@@ -42,16 +43,18 @@ def search(workdir: Path, variants: dict[str, dict], views: list[str] | None) ->
 
     import imgclf.quiet_tf  # noqa: F401
     from imgclf.activations import load_activations
-    from imgclf.finetune.common import SelectedRows, load_finetune_data
+    from imgclf.finetune.common import SelectedRows, load_finetune_data, refit_head
     from imgclf.finetune.finetune_tf import train_finetune_tf
     from imgclf.heads.tf_head import load_tf_head
     from imgclf.inception import build_top, load_backbone
     from imgclf.layout import Layout
     from imgclf.params import FinetuneTfParams, HeadsParams
-    from imgclf.registry import get_model
+    from imgclf.registry import base_params, get_model
 
-    # precision: a stage param that picks the blocks' build, not a trainer keyword.
-    known = set(inspect.signature(train_finetune_tf).parameters) - FIXED | {"precision"}
+    # precision and refit_head: stage params that pick the blocks' build and the head's start,
+    # not trainer keywords.
+    known = set(inspect.signature(train_finetune_tf).parameters) - FIXED
+    known |= {"precision", "refit_head"}
     for name, changes in variants.items():  # before any training: a typo costs no minutes
         if unknown := sorted(set(changes) - known):
             raise SystemExit(f"--variant {name}: unknown key(s) {unknown}; expected some of "
@@ -71,6 +74,9 @@ def search(workdir: Path, variants: dict[str, dict], views: list[str] | None) ->
     rows = data.x_train.rows[np.isin(acts.view[data.x_train.rows],
                                      [acts.views.index(v) for v in views])]  # fmt: skip
     _, images = np.unique(acts.ids[rows], return_inverse=True)
+    train = dataclasses.replace(data, x_train=SelectedRows(acts.x, rows),
+                                y_train=acts.labels[rows].astype(np.int64),
+                                train_images=images)  # fmt: skip
     base = get_model("finetune_tf").base
     assert base is not None
     results = []
@@ -81,16 +87,20 @@ def search(workdir: Path, variants: dict[str, dict], views: list[str] | None) ->
     head = load_tf_head(layout.model_dir(base))
     for name, changes in variants.items():
         kwargs = {**recipe, **changes}
-        precision = kwargs.pop("precision")
+        precision, refit = kwargs.pop("precision"), kwargs.pop("refit_head")
         if precision not in tops:
             backbone = load_backbone(layout.backbone, precision=precision, image_size=size)
             tops[precision] = build_top(backbone.model, cut)
         top = tops[precision]
         started = time.perf_counter()
+        start = head
+        if refit:  # the same head the stage would refit: on the variant's views
+            n_classes = int(head.final_weights.shape[1])
+            start = refit_head(base, top, train, n_classes=n_classes, seed=heads.seed,
+                               recipe=base_params("finetune_tf", params))  # fmt: skip
         with tempfile.TemporaryDirectory() as tensorboard:
             result = train_finetune_tf(
-                top, head, SelectedRows(acts.x, rows),
-                acts.labels[rows].astype(np.int64), data.x_val, data.y_val, cut=cut,
+                top, start, train.x_train, train.y_train, data.x_val, data.y_val, cut=cut,
                 tensorboard_dir=tensorboard, train_images=images, seed=heads.seed,
                 progress=False, **kwargs,
             )  # fmt: skip
