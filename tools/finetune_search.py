@@ -85,6 +85,7 @@ def search(workdir: Path, variants: dict[str, dict], views: list[str] | None) ->
     size = params["activations"]["image_size"]
     tops: dict[str, Any] = {}
     head = load_tf_head(layout.model_dir(base))
+    refitted: dict[str, Any] = {}  # per precision: every variant shares the views, so the refit
     for name, changes in variants.items():
         kwargs = {**recipe, **changes}
         precision, refit = kwargs.pop("precision"), kwargs.pop("refit_head")
@@ -93,11 +94,12 @@ def search(workdir: Path, variants: dict[str, dict], views: list[str] | None) ->
             tops[precision] = build_top(backbone.model, cut)
         top = tops[precision]
         started = time.perf_counter()
-        start = head
-        if refit:  # the same head the stage would refit: on the variant's views
+        if refit and precision not in refitted:  # the head the stage would refit
             n_classes = int(head.final_weights.shape[1])
-            start = refit_head(base, top, train, n_classes=n_classes, seed=heads.seed,
-                               recipe=base_params("finetune_tf", params))  # fmt: skip
+            refitted[precision] = refit_head(base, top, train, n_classes=n_classes,
+                                             seed=heads.seed,
+                                             recipe=base_params("finetune_tf", params))  # fmt: skip
+        start = refitted[precision] if refit else head
         with tempfile.TemporaryDirectory() as tensorboard:
             result = train_finetune_tf(
                 top, start, train.x_train, train.y_train, data.x_val, data.y_val, cut=cut,

@@ -462,12 +462,14 @@ def train_and_save_finetune(
             "(activations.cut, activations.image_size): rerun the activations stage "
             "(dvc repro activations)"
         )
-    head, refit_seconds = load_head(head_dir), 0.0
-    if refit:
+    refit_seconds = 0.0
+    if refit:  # the trained head is then not loaded at all
         with stopwatch() as timer:
             head = refit_head(spec.base, top, data, n_classes=len(classes),
                               seed=int(shared["seed"]), recipe=base_recipe)  # fmt: skip
         refit_seconds = timer["seconds"]
+    else:
+        head = load_head(head_dir)
     result = train_fn(
         top,
         head,
