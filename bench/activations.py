@@ -21,6 +21,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -35,6 +36,9 @@ from bench.common import (  # noqa: E402  (needs ROOT on sys.path)
     print_table,
     sample_tree,
 )
+
+if TYPE_CHECKING:
+    from imgclf.activations import ActivationsOptions
 
 TRAIN_VIEWS = ("orig", "flip")
 TEST_VIEWS = ("orig",)
@@ -57,13 +61,17 @@ def run_bottlenecks(workdir: Path, precision: str) -> dict:
     return {"images_per_s": stats["images_per_second"], "computed": stats["computed"]}
 
 
-def run_activations(workdir: Path, precision: str, image_size: int) -> dict:
+def activations_options(precision: str, image_size: int) -> ActivationsOptions:
+    """params.yaml's `activations` block with the bench's views, precision, size and batch, on
+    TensorFlow and the local executor (what the bottlenecks run on): a key the stage gains
+    reaches the bench through params.yaml, not through a copy of the block kept here."""
     from imgclf.activations import ActivationsOptions
-    from imgclf.activations import run_activations as run
+    from imgclf.config import load_params
 
-    options = ActivationsOptions.from_params(
+    block = load_params(ROOT / "params.yaml")["activations"]
+    return ActivationsOptions.from_params(
         {
-            "cut": "mixed_8",
+            **block,
             "train_views": list(TRAIN_VIEWS),
             "test_views": list(TEST_VIEWS),
             "runtime": "tensorflow",
@@ -73,6 +81,12 @@ def run_activations(workdir: Path, precision: str, image_size: int) -> dict:
             "image_size": image_size,
         }
     )
+
+
+def run_activations(workdir: Path, precision: str, image_size: int) -> dict:
+    from imgclf.activations import run_activations as run
+
+    options = activations_options(precision, image_size)
     stats = run(
         split_dir=workdir / "split",
         backbone_dir=workdir / "backbone",

@@ -29,3 +29,16 @@ def test_bench_prints_its_usage(bench: Path) -> None:
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith(f"usage: {bench.name}"), proc.stdout
+
+
+def test_activations_bench_options_pass_the_stage_check() -> None:
+    """The activations bench builds the stage's options from this checkout's params.yaml (it
+    once stopped at its first phase, unseen, when the block gained required keys that a copy of
+    the block inside the bench lacked); what it overrides must still pass the stage's check."""
+    from bench.activations import activations_options
+    from imgclf.config import load_params
+
+    block = load_params(ROOT / "params.yaml")["activations"]
+    options = activations_options("bfloat16", 399)
+    assert (options.cut, options.image_size, options.precision) == (block["cut"], 399, "bfloat16")
+    assert options.train_views == ("orig", "flip"), options
