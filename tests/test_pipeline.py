@@ -432,6 +432,14 @@ def test_split_seeds_runs_from_a_fresh_shell_and_restores_params(project, tmp_pa
     assert done.stdout.index("| Validation accuracy") < done.stdout.index("| Head | Test")
     assert (project / "params.yaml").read_bytes() == before
     assert set(json.loads(run([*DVC, "status", "--json"], project))) <= {"source"}
+    # A pass for its tables alone skips the closing repro (and still restores params.yaml).
+    tables_only = run_in(
+        [sys.executable, "tools/split_seeds.py", "--seeds", "0", "--no-closing-repro"],
+        project, env,
+    )  # fmt: skip
+    assert "| TF |" in tables_only.stdout
+    assert "$ dvc exp run" in tables_only.stdout and "$ dvc repro" not in tables_only.stdout
+    assert (project / "params.yaml").read_bytes() == before
 
     # A run that fails half-way (a class too small to split) leaves params.yaml as it was too.
     failed = run_in(

@@ -11,8 +11,9 @@ way, then another), read before the test table. The LiteRT export and track (an 
 registered models) are not part of a seed's run: the table needs evaluate's numbers only, and a
 registry version per seed would be a model nobody serves. `--through track` runs them too.
 Afterwards, or when a run fails, params.yaml is put back as it was (seed and any -S value), and
-after a full pass `dvc repro` brings the workspace outputs back to it. Prints markdown tables
-(the README quotes them).
+after a full pass `dvc repro` brings the workspace outputs back to it (`--no-closing-repro`
+skips that, for a pass whose tables are all that is wanted: the outputs stay the last seed's,
+and `dvc status` says so). Prints markdown tables (the README quotes them).
 """
 
 from __future__ import annotations
@@ -189,6 +190,12 @@ def main() -> None:
         help="the last stage of each seed's run (default: evaluate; track: also an MLflow run "
         "and registered models per seed)",
     )
+    parser.add_argument(
+        "--no-closing-repro",
+        action="store_true",
+        help="leave the workspace's outputs as the last seed's run left them (params.yaml is "
+        "restored either way); saves the closing `dvc repro`",
+    )
     args = parser.parse_args()
 
     params_file = ROOT / "params.yaml"
@@ -210,7 +217,8 @@ def main() -> None:
     # The outputs are the last run's. The stages write uncached metrics, so DVC's run cache
     # cannot restore them: this reruns the seeded stages once more, and the export and track
     # only if their inputs came out different.
-    dvc("repro")
+    if not args.no_closing_repro:
+        dvc("repro")
     print(validation_table(validation))
     print()
     print(summary_table(results))
