@@ -34,6 +34,7 @@ from bench.common import (  # noqa: E402  (needs ROOT on sys.path)
     phase,
     prepare,
     print_table,
+    repo_block,
     sample_tree,
 )
 
@@ -63,23 +64,20 @@ def run_bottlenecks(workdir: Path, precision: str) -> dict:
 
 def activations_options(precision: str, image_size: int) -> ActivationsOptions:
     """params.yaml's `activations` block with the bench's views, precision, size and batch, on
-    TensorFlow and the local executor (what the bottlenecks run on): a key the stage gains
-    reaches the bench through params.yaml, not through a copy of the block kept here."""
+    TensorFlow and the local executor (what the bottlenecks run on)."""
     from imgclf.activations import ActivationsOptions
-    from imgclf.config import load_params
 
-    block = load_params(ROOT / "params.yaml")["activations"]
     return ActivationsOptions.from_params(
-        {
-            **block,
-            "train_views": list(TRAIN_VIEWS),
-            "test_views": list(TEST_VIEWS),
-            "runtime": "tensorflow",
-            "precision": precision,
-            "batch_size": BATCH,
-            "executor": "local",
-            "image_size": image_size,
-        }
+        repo_block(
+            "activations",
+            train_views=list(TRAIN_VIEWS),
+            test_views=list(TEST_VIEWS),
+            runtime="tensorflow",
+            precision=precision,
+            batch_size=BATCH,
+            executor="local",
+            image_size=image_size,
+        )
     )
 
 

@@ -16,10 +16,20 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_IMAGES = ROOT.parent / "shared" / "datasets" / "flower_photos"
 BATCH = 32
+
+
+def repo_block(name: str, **overrides: Any) -> dict[str, Any]:
+    """params.yaml's block `name` with the bench's `overrides`: a key the block gains reaches
+    every bench through params.yaml, not through a copy of the block kept in the bench (one
+    such copy once stopped a bench at its first phase, unseen)."""
+    from imgclf.config import load_params
+
+    return {**load_params(ROOT / "params.yaml")[name], **overrides}
 
 
 def phase(name: str, workdir: Path, script: str | Path, **kwargs: object) -> dict:

@@ -23,6 +23,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import repo_block  # noqa: E402  (needs ROOT on sys.path)
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -54,8 +56,8 @@ def main() -> None:
         del model
         print(f"{len(rows)} images, batch {args.batch}, ray with {args.actors} actors", flush=True)
 
-        params = {"ray": {"address": "local", "actors": args.actors, "cpus_per_actor": 1}}
-        params["ray"]["attempts"] = 3
+        params = {"ray": repo_block("ray", address="local", actors=args.actors,
+                                    cpus_per_actor=1, attempts=3)}  # fmt: skip
         out = {}
         for name in ("local", "ray"):
             os.environ["IMGCLF_CACHE_DIR"] = str(work / f"cache-{name}")

@@ -35,6 +35,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import repo_block  # noqa: E402  (needs ROOT on sys.path)
+
 
 def sample_paths(folder: Path, n: int) -> list[Path]:
     classes = [sorted(d.glob("*.jpg")) for d in sorted(folder.iterdir()) if d.is_dir()]
@@ -107,7 +109,8 @@ def run_phase(workdir: Path, executor: str, actors: int, n: int, batch: int, sou
             puts.append(time.perf_counter())
 
     cache = TimedCache(workdir / f"cache-{executor}-{actors}", "k", dim=2048)
-    params = {"ray": {"address": "local", "actors": actors, "cpus_per_actor": 1, "attempts": 3}}
+    params = {"ray": repo_block("ray", address="local", actors=actors, cpus_per_actor=1,
+                                attempts=3)}  # fmt: skip
     backbone_dir = workdir / "backbone"
 
     def load_model():

@@ -103,7 +103,7 @@ def search(workdir: Path, variants: dict[str, dict], views: list[str] | None) ->
         with tempfile.TemporaryDirectory() as tensorboard:
             result = train_finetune_tf(
                 top, start, train.x_train, train.y_train, data.x_val, data.y_val, cut=cut,
-                tensorboard_dir=tensorboard, train_images=images, seed=heads.seed,
+                tensorboard_dir=tensorboard, train_images=train.train_images, seed=heads.seed,
                 progress=False, **kwargs,
             )  # fmt: skip
         val = [row["val_accuracy"] for row in result.curve]
