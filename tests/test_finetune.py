@@ -402,6 +402,49 @@ def test_tf_finetune_updates_only_the_explicit_list_and_is_deterministic(tiny, t
     )
 
 
+def test_epoch_rank_counts_images_then_prefers_the_lower_loss():
+    from imgclf.finetune.common import epoch_rank
+
+    # 3 of 10 right, summed two ways: the floats differ, the count does not.
+    assert 0.1 + 0.2 != 0.3
+    assert epoch_rank(0.1 + 0.2, 0.5, 10) == epoch_rank(0.3, 0.5, 10)
+    assert epoch_rank(0.3, 0.4, 10) > epoch_rank(0.3, 0.5, 10)  # a tie: the lower loss
+    assert epoch_rank(0.4, 0.9, 10) > epoch_rank(0.3, 0.1, 10)  # one more image right wins
+
+
+def test_both_fine_tunes_keep_the_lowest_loss_of_the_epochs_tied_on_accuracy(tiny, tmp_path):
+    """On the tiny set every epoch from the first or second has all 12 validation images right
+    while the loss keeps falling: the kept epoch is the tied one with the lowest loss (not the
+    earliest, which both kept before), and the model returned holds its weights."""
+    import keras
+    import tensorflow as tf
+
+    from imgclf.finetune.finetune_keras import train_finetune_keras
+    from imgclf.finetune.finetune_tf import train_finetune_tf
+    from imgclf.heads.common import accuracy_and_loss
+    from imgclf.heads.tf_head import load_tf_head
+
+    x_val, y_val = tiny["data"][2].astype(np.float32), tiny["data"][3]
+    common = {"tensorboard_dir": tmp_path / "tb", "epochs": 3, "batch_size": 8,
+              "learning_rate": 0.01, "progress": False}  # fmt: skip
+    tf_result = train_finetune_tf(fresh(tiny), load_tf_head(tf_head_dir(tiny, tmp_path / "h")),
+                                  *tiny["data"], cut="mixed_8", **common)  # fmt: skip
+    tf_probs = tf_result.model.predict(tf.constant(x_val)).numpy()
+    keras_result = train_finetune_keras(fresh(tiny), keras_head_for(tiny), *tiny["data"],
+                                        n_classes=3, **common)  # fmt: skip
+    keras_probs = keras.ops.convert_to_numpy(keras_result.model(x_val))
+    for result, probs in ((tf_result, tf_probs), (keras_result, keras_probs)):
+        counts = [round(row["val_accuracy"] * len(y_val)) for row in result.curve]
+        tied = [row for row, n in zip(result.curve, counts, strict=True) if n == max(counts)]
+        assert len(tied) >= 2, "no tie on validation accuracy: the case this test is for"
+        lowest = min(tied, key=lambda row: row["val_loss"])
+        assert lowest is not tied[0]
+        assert result.summary["model_step"] == lowest["step"]
+        accuracy, loss = accuracy_and_loss(probs, y_val)
+        assert accuracy == lowest["val_accuracy"]
+        assert loss == pytest.approx(lowest["val_loss"], rel=1e-4)
+
+
 def two_views(tiny):
     """The tiny training set with a second, noisy view of each image (view-major rows)."""
     x_train, y_train, x_val, y_val = tiny["data"]

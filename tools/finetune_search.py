@@ -107,16 +107,17 @@ def search(workdir: Path, variants: dict[str, dict], views: list[str] | None) ->
                 progress=False, **kwargs,
             )  # fmt: skip
         val = [row["val_accuracy"] for row in result.curve]
+        kept = int(result.summary["model_step"])  # the stage's pick: epoch_rank
         results.append({
             "variant": name, "changes": changes, "views": views,
             "start_val_accuracy": result.summary["start_val_accuracy"],
             "val_accuracy": val, "val_loss": [row["val_loss"] for row in result.curve],
             "train_accuracy": [row["train_accuracy"] for row in result.curve],
-            "best_val_accuracy": max(val), "best_epoch": val.index(max(val)) + 1,
+            "best_val_accuracy": val[kept - 1], "best_epoch": kept,
             "n_val": len(data.y_val), "seconds": round(time.perf_counter() - started),
         })  # fmt: skip
         print(f"{name}: validation {', '.join(f'{v:.4f}' for v in val)} "
-              f"(best {max(val):.4f}, epoch {val.index(max(val)) + 1})", flush=True)  # fmt: skip
+              f"(kept {val[kept - 1]:.4f}, epoch {kept})", flush=True)  # fmt: skip
     return results
 
 

@@ -6,9 +6,9 @@ so fine-tuning starts exactly where `train_keras` ended. What trains is said wit
 flags: every layer of the top and of the head, except the batch-norm layers, which Keras 3 then
 runs in inference mode (moving statistics used and left alone, beta frozen). Then compile
 (SGD with momentum, label smoothing optional, constant or cosine learning rate) and fit, with
-callbacks: EarlyStopping restores the epoch with the best validation accuracy, and a monitor
-writes TensorBoard events (fit gives callbacks no gradients, so they are taken on a fixed
-probe batch at each epoch's end).
+callbacks: `KeepBestEpoch` restores the best epoch on validation (most images right, then the
+lower loss), and a monitor writes TensorBoard events (fit gives callbacks no gradients, so they
+are taken on a fixed probe batch at each epoch's end).
 
 Inputs: activations at the cut, float [N, h, w, c]; output: probabilities in label order.
 """
@@ -32,6 +32,7 @@ from imgclf.finetune.common import (
     TensorBoardLog,
     epoch_order,
     epoch_plan,
+    epoch_rank,
     epoch_row,
     model_config,
     write_config,
@@ -126,6 +127,30 @@ class _Monitor(keras.callbacks.Callback):
         self.log.close()
 
 
+class KeepBestEpoch(keras.callbacks.Callback):
+    """EarlyStopping's restore_best_weights without the stopping, on `epoch_rank` (validation
+    accuracy counted in images, then the lower validation loss): EarlyStopping watches one
+    logged value, and on accuracy alone a tie keeps the earliest of the tied epochs."""
+
+    def __init__(self, n_val: int) -> None:
+        super().__init__()
+        self.n_val = int(n_val)
+        self.best_rank: tuple[int, float] | None = None
+        self.best_epoch = 0  # 1-based, as the curve's rows
+        self.best_weights: list[np.ndarray] | None = None
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        logs = logs or {}
+        rank = epoch_rank(logs["val_accuracy"], logs["val_loss"], self.n_val)
+        if self.best_rank is None or rank > self.best_rank:  # an exact tie keeps the earlier
+            self.best_rank, self.best_epoch = rank, epoch + 1
+            self.best_weights = self.model.get_weights()
+
+    def on_train_end(self, logs: dict | None = None) -> None:
+        if self.best_weights is not None:
+            self.model.set_weights(self.best_weights)
+
+
 class _OneViewPerImage(keras.utils.PyDataset):
     """fit's training batches when each epoch draws one view of every image: the order of
     `epoch_order`, drawn anew at each epoch's end from one generator (so a seed gives the same
@@ -176,8 +201,8 @@ def train_finetune_keras(
 ) -> TrainResult:
     """Fine-tune `top` + `head` (both changed in place: their layers are the model's) on the
     training rows (`view_sampling`: all, or one per image of `train_images`). The curve has
-    one row per epoch; the model returned holds the weights of the epoch with the
-    best validation accuracy (the earliest on a tie)."""
+    one row per epoch; the model returned holds the weights of the best epoch on validation
+    (`epoch_rank`: most images right, then the lower loss)."""
     if schedule not in SCHEDULES:
         raise ValueError(f"finetune_keras.schedule must be one of {SCHEDULES}, not {schedule!r}")
     if len(x_train) == 0 or len(x_val) == 0:
@@ -210,9 +235,7 @@ def train_finetune_keras(
         epochs,
         progress,
     )
-    best = keras.callbacks.EarlyStopping(
-        monitor="val_accuracy", mode="max", patience=epochs, restore_best_weights=True
-    )
+    best = KeepBestEpoch(len(y_val))
     if view_sampling == "all":  # as the tutorial: fit shuffles the arrays itself
         train: dict[str, Any] = {"x": np.asarray(x_train), "y": y_train_1h,
                                  "batch_size": batch_size, "shuffle": True}  # fmt: skip
@@ -236,9 +259,7 @@ def train_finetune_keras(
         )
         for e in range(len(h["loss"]))
     ]
-    # EarlyStopping counts an epoch as better only when strictly better: ties keep the first.
-    # best_epoch is 0-based; restore_best_weights leaves the model at that epoch.
-    best_epoch = best.best_epoch + 1
+    best_epoch = best.best_epoch  # the model holds its weights (KeepBestEpoch.on_train_end)
     norms = monitor.norms[best_epoch - 1] if monitor.norms else {}
     return TrainResult(
         model=model,

@@ -11,7 +11,8 @@ initialised from the backbone's weights (via `build_top`) and from the trained `
 - the step is a `tf.function` with a `tf.GradientTape` over that list and the momentum update
   written out (`v = momentum * v - lr * g; w += v`, Keras' SGD formula), with a non-trainable
   step counter that the learning-rate schedule reads;
-- the best epoch on validation accuracy is kept by copying the variables' values.
+- the best epoch on validation (most images right, then the lower log loss) is kept by
+  copying the variables' values.
 
 The saved model is a SavedModel whose `serving_default` maps activations [None, h, w, c]
 float32 to {"probabilities": [None, n_classes]}.
@@ -35,6 +36,7 @@ from imgclf.finetune.common import (
     TensorBoardLog,
     epoch_order,
     epoch_plan,
+    epoch_rank,
     epoch_row,
     learning_rate_at,
     model_config,
@@ -323,7 +325,7 @@ def train_finetune_tf(
     """Fine-tune a FinetuneTop built from `top` (Keras, for its initial weights) and `head` (the
     restored train_tf SavedModel). Each epoch visits the training rows (`view_sampling`: all,
     or one per image of `train_images`) in an order drawn from `seed`; the model returned
-    holds the epoch with the best validation accuracy."""
+    holds the best epoch on validation (`epoch_rank`: accuracy, then log loss)."""
     if schedule not in SCHEDULES:
         raise ValueError(f"finetune_tf.schedule must be one of {SCHEDULES}, not {schedule!r}")
     if len(x_train) == 0 or len(x_val) == 0:
@@ -353,7 +355,7 @@ def train_finetune_tf(
     log.scalars(0, {"loss/val": start_loss, "accuracy/val": start_accuracy})
     curve: list[dict[str, float | int]] = []
     all_norms: list[dict[str, float]] = []
-    best_accuracy, best_epoch, best_values = -1.0, 0, None
+    best_rank, best_epoch, best_values = None, 0, None
     with stopwatch() as timer:
         for epoch in tqdm(range(1, epochs + 1), desc="finetune_tf", unit="epoch",
                           file=sys.stderr, disable=not progress):  # fmt: skip
@@ -380,8 +382,9 @@ def train_finetune_tf(
             grads = trainer.gradients(probe_x, probe_y)
             all_norms.append(log.gradients(epoch, zip(trainer.names, grads, strict=True)))
             curve.append(epoch_row(epoch, train, val, all_norms[-1]))
-            if val[1] > best_accuracy:  # strictly better: a tie keeps the earlier epoch
-                best_accuracy, best_epoch = val[1], epoch
+            rank = epoch_rank(val[1], val[0], len(y_val))
+            if best_rank is None or rank > best_rank:  # an exact tie keeps the earlier epoch
+                best_rank, best_epoch = rank, epoch
                 best_values = [v.numpy() for v in trainer.variables]
     log.close()
     assert best_values is not None
