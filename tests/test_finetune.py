@@ -333,18 +333,35 @@ def tf_head_dir(tiny, folder: Path) -> Path:
     return folder
 
 
-def test_tf_blocks_rewritten_op_by_op_are_the_keras_blocks(tiny, tmp_path):
+@pytest.mark.parametrize("cut", ["mixed_8", "mixed_7"])
+def test_tf_blocks_rewritten_op_by_op_are_the_keras_blocks(tiny, tmp_path, cut):
     import tensorflow as tf
 
     from imgclf.finetune.finetune_tf import FinetuneTop
     from imgclf.heads.tf_head import load_tf_head
+    from imgclf.inception import build_top
 
-    top = fresh(tiny)
-    model = FinetuneTop(top, load_tf_head(tf_head_dir(tiny, tmp_path / "head")), "mixed_8")
-    x = tiny["data"][0].astype(np.float32)
+    fresh(tiny)
+    top = build_top(tiny["backbone"], cut)
+    model = FinetuneTop(top, load_tf_head(tf_head_dir(tiny, tmp_path / "head")), cut)
+    if cut == "mixed_8":
+        x = tiny["data"][0].astype(np.float32)
+    else:  # mixed_7 (3x3x768 on the tiny input): mixed_8's strided towers and pool too
+        shape = (16, *top.input.shape[1:])
+        x = np.abs(np.random.default_rng(0).normal(size=shape)).astype(np.float32)
+        assert {key.split(".")[0] for key in model.kernels} == {"mixed_8", "mixed_9", "mixed_10"}
     np.testing.assert_allclose(
         model.features(tf.constant(x)).numpy(), top.predict(x, verbose=0), rtol=1e-5, atol=1e-5
     )
+    if cut == "mixed_7":  # one step trains the reduction block's kernels too
+        from imgclf.finetune.finetune_tf import MomentumTrainer
+
+        before = {key: kernel.numpy() for key, kernel in model.kernels.items()}
+        trainer = MomentumTrainer(model, learning_rate=0.01, momentum=0.9, label_smoothing=0.0,
+                                  schedule="constant", total_steps=1)  # fmt: skip
+        trainer.train_step(tf.constant(x), tf.constant(np.arange(16) % 3, tf.int64),
+                           tf.constant(1.0), tf.constant([0, 0], tf.int64))  # fmt: skip
+        assert all(not np.array_equal(before[k], v.numpy()) for k, v in model.kernels.items())
     # The explicit list is exactly what tf.Module counts as trainable.
     declared = {v.ref() for _, v in model.variables_to_train()}
     assert declared == {v.ref() for v in model.trainable_variables}

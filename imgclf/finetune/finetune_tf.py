@@ -1,9 +1,9 @@
 """Fine-tuning the top of Inception V3 in low-level TensorFlow: the blog's "control" side.
 
-The blocks after the cut (mixed_9, mixed_10 at mixed_8) are rewritten op by op with tf.nn
-(conv2d, batch_normalization, relu, pools, concat) on `tf.Variable`s of a `tf.Module`,
-initialised from the backbone's weights (via `build_top`) and from the trained `train_tf` head
-(a SavedModel: its final, and hidden if any, weights). Nothing is left implicit:
+The blocks after the cut (mixed_9, mixed_10 at mixed_8; mixed_8 too at mixed_7) are rewritten
+op by op with tf.nn (conv2d, batch_normalization, relu, pools, concat) on `tf.Variable`s of a
+`tf.Module`, initialised from the backbone's weights (via `build_top`) and from the trained
+`train_tf` head (a SavedModel: its final, and hidden if any, weights). Nothing is left implicit:
 
 - the variables that train are an explicit list (`FinetuneTop.variables_to_train`: the conv
   kernels and the head); the batch-norm statistics and offsets are `trainable=False` variables
@@ -49,8 +49,17 @@ from imgclf.heads.tf_head import deterministic_fingerprint
 SIGNATURE_KEY = "serving_default"
 OUTPUT_KEY = "probabilities"
 INPUT_NAME = "activations"
-# The 8x8 blocks of Inception V3, and the convolutions of one, in build_inception_v3's order.
-BLOCKS = ("mixed_9", "mixed_10")
+# The blocks this module rewrites, in build_inception_v3's order: mixed_8 (17x17 -> 8x8, a
+# reduction block) and the two 8x8 blocks; and the convolutions of each kind.
+BLOCKS = ("mixed_8", "mixed_9", "mixed_10")
+REDUCTION_CONVS = (
+    "tower.conv",
+    "tower.conv_1",
+    "tower_1.conv",
+    "tower_1.conv_1",
+    "tower_1.conv_2",
+    "tower_1.conv_3",
+)
 CONVS = (
     "conv",
     "tower_conv",
@@ -62,18 +71,18 @@ CONVS = (
     "tower_1_mixed_conv_1",
     "tower_2_conv",
 )
+CONVS_OF = {"mixed_8": REDUCTION_CONVS, "mixed_9": CONVS, "mixed_10": CONVS}
 
 
 def blocks_after(cut: str) -> tuple[str, ...]:
-    """The blocks this module rewrites for a cut: the 8x8 blocks after it."""
-    if cut == "mixed_8":
-        return BLOCKS
-    if cut == "mixed_9":
-        return BLOCKS[1:]
-    raise UserError(
-        f"activations.cut: finetune_tf rewrites the 8x8 blocks (mixed_9, mixed_10) op by op, so "
-        f"it needs a cut at mixed_8 or mixed_9, not {cut!r}"
-    )
+    """The blocks this module rewrites for a cut: those after it."""
+    cuts = {"mixed_7": BLOCKS, "mixed_8": BLOCKS[1:], "mixed_9": BLOCKS[2:]}
+    if cut not in cuts:
+        raise UserError(
+            f"activations.cut: finetune_tf rewrites mixed_8, mixed_9 and mixed_10 op by op, so "
+            f"it needs a cut at one of {list(cuts)}, not {cut!r}"
+        )
+    return cuts[cut]
 
 
 def _layers_by_name(model: Any) -> dict[str, Any]:
@@ -93,12 +102,14 @@ class FinetuneTop(tf.Module):
         layers = _layers_by_name(top)
         self.max_pool = {}
         self.kernels, self.offsets, self.means, self.variances = {}, {}, {}, {}
-        self.epsilon = {}
+        self.epsilon, self.geometry = {}, {}
         for block in self.blocks:
             self.max_pool[block] = type(layers[f"{block}.pool"]).__name__ == "MaxPooling2D"
-            for conv in CONVS:
+            for conv in CONVS_OF[block]:
                 key = f"{block}.{conv}"
                 kernel = layers[key].kernel
+                # mixed_8's two stride-2 convolutions are the ones with `valid` padding.
+                self.geometry[key] = (int(layers[key].strides[0]), layers[key].padding.upper())
                 bn = layers[f"{key}.bn"]
                 if getattr(bn, "gamma", None) is not None:
                     raise UserError(f"{key}.bn has a scale (gamma): the 2015 graph's have none")
@@ -141,13 +152,14 @@ class FinetuneTop(tf.Module):
                 ("head/final_biases", self.final_biases)]  # fmt: skip
 
     def _conv_keys(self) -> list[str]:
-        return [f"{block}.{conv}" for block in self.blocks for conv in CONVS]
+        return [f"{block}.{conv}" for block in self.blocks for conv in CONVS_OF[block]]
 
     def _conv_bn_relu(self, x: tf.Tensor, key: str, compute_dtype: tf.DType) -> tf.Tensor:
         kernel = self.kernels[key]
         if compute_dtype != tf.float32:
             x, kernel = tf.cast(x, compute_dtype), tf.cast(kernel, compute_dtype)
-        x = tf.cast(tf.nn.conv2d(x, kernel, strides=1, padding="SAME"), tf.float32)
+        strides, padding = self.geometry[key]
+        x = tf.cast(tf.nn.conv2d(x, kernel, strides=strides, padding=padding), tf.float32)
         # The stored statistics, never the batch's: inference-mode batch norm.
         x = tf.nn.batch_normalization(
             x, self.means[key], self.variances[key], offset=self.offsets[key], scale=None,
@@ -159,6 +171,11 @@ class FinetuneTop(tf.Module):
         def cbr(t: tf.Tensor, conv: str) -> tf.Tensor:
             return self._conv_bn_relu(t, f"{block}.{conv}", compute_dtype)
 
+        if block == "mixed_8":  # the reduction: two strided towers and a strided max pool
+            b3 = cbr(cbr(x, "tower.conv"), "tower.conv_1")
+            b7 = cbr(cbr(cbr(cbr(x, "tower_1.conv"), "tower_1.conv_1"), "tower_1.conv_2"),
+                     "tower_1.conv_3")  # fmt: skip
+            return tf.concat([b3, b7, tf.nn.max_pool2d(x, 3, strides=2, padding="VALID")], -1)
         b1 = cbr(x, "conv")
         b3 = cbr(x, "tower_conv")
         b3 = tf.concat([cbr(b3, "tower_mixed_conv"), cbr(b3, "tower_mixed_conv_1")], -1)
