@@ -508,6 +508,52 @@ def test_both_fine_tunes_can_train_on_one_view_per_image_each_epoch(tiny, tmp_pa
                           tensorboard_dir=tmp_path / "bad", view_sampling="one")  # fmt: skip
 
 
+class ReadLog:
+    """Training rows that record which positions each read asked for (as SelectedRows, whose
+    rows both fine-tunes read batch by batch)."""
+
+    def __init__(self, x: np.ndarray) -> None:
+        self.x, self.reads = x, []
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.x.shape
+
+    def __getitem__(self, positions):
+        self.reads.append(np.asarray(positions).tolist())
+        return self.x[positions]
+
+
+def test_both_fine_tunes_train_on_the_same_batches_in_the_same_order(tiny, tmp_path):
+    """The seed's TrainingOrder gives both frameworks the probe batch and every epoch's batches,
+    read from the rows batch by batch (Keras never receives the whole array)."""
+    from imgclf.finetune.common import TrainingOrder
+    from imgclf.finetune.finetune_keras import train_finetune_keras
+    from imgclf.finetune.finetune_tf import train_finetune_tf
+    from imgclf.heads.tf_head import load_tf_head
+
+    x_train, y_train, x_val, y_val = tiny["data"]
+    epochs, batch = 2, 8
+    order = TrainingOrder(3, np.arange(len(y_train)), "all", batch)
+    expected = [b.tolist() for _ in range(epochs) for b in order.next_epoch()]
+    assert expected[0] != sorted(expected[0] + expected[1])[: len(expected[0])]  # shuffled
+    common = {"epochs": epochs, "batch_size": batch, "learning_rate": 0.01, "seed": 3,
+              "progress": False}  # fmt: skip
+    tf_rows = ReadLog(x_train)
+    train_finetune_tf(fresh(tiny), load_tf_head(tf_head_dir(tiny, tmp_path / "h")), tf_rows,
+                      y_train, x_val, y_val, cut="mixed_8", tensorboard_dir=tmp_path / "t",
+                      **common)  # fmt: skip
+    keras_rows = ReadLog(x_train)
+    train_finetune_keras(fresh(tiny), keras_head_for(tiny), keras_rows, y_train, x_val, y_val,
+                         n_classes=3, tensorboard_dir=tmp_path / "k", **common)  # fmt: skip
+    for rows in (tf_rows, keras_rows):
+        # The probe batch, then each epoch's batches, each read once: never the whole array.
+        assert rows.reads == [order.probe.tolist(), *expected]
+
+
 def test_refit_head_fits_the_base_head_to_the_pooled_features_of_every_train_view(tiny, tmp_path):
     import tensorflow as tf
 

@@ -91,6 +91,26 @@ def epoch_order(
     return rng.permutation(picked)
 
 
+class TrainingOrder:
+    """The draws a seed gives both fine-tunes, from one generator and in this order: the probe
+    batch (the training rows whose gradients are logged each epoch), then each epoch's order of
+    the training rows (`epoch_order`). So finetune_tf and finetune_keras train on the same
+    batches in the same order, and log gradients on the same rows."""
+
+    def __init__(self, seed: int, images: np.ndarray, view_sampling: str, batch_size: int) -> None:
+        check_view_sampling(view_sampling)
+        self.images, self.view_sampling, self.batch_size = images, view_sampling, batch_size
+        self.rng = np.random.default_rng(seed)
+        self.probe = self.rng.permutation(len(images))[:batch_size]
+
+    def next_epoch(self) -> list[np.ndarray]:
+        """The next epoch's batches: positions of training rows, each batch sorted (sequential
+        reads of the memory map)."""
+        order = epoch_order(self.rng, self.images, self.view_sampling)
+        size = self.batch_size
+        return [np.sort(order[i : i + size]) for i in range(0, len(order), size)]
+
+
 def epoch_plan(
     n_rows: int, train_images: np.ndarray | None, view_sampling: str, batch_size: int
 ) -> tuple[np.ndarray, int]:

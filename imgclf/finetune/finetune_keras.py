@@ -30,7 +30,7 @@ from imgclf.errors import MissingInput
 from imgclf.finetune.common import (
     SCHEDULES,
     TensorBoardLog,
-    epoch_order,
+    TrainingOrder,
     epoch_plan,
     epoch_rank,
     epoch_row,
@@ -151,27 +151,18 @@ class KeepBestEpoch(keras.callbacks.Callback):
             self.model.set_weights(self.best_weights)
 
 
-class _OneViewPerImage(keras.utils.PyDataset):
-    """fit's training batches when each epoch draws one view of every image: the order of
-    `epoch_order`, drawn anew at each epoch's end from one generator (so a seed gives the same
-    epochs), and rows read from the activations' memory map batch by batch."""
-
-    def __init__(self, x: Any, y: np.ndarray, images: np.ndarray, batch_size: int,
-                 seed: int) -> None:  # fmt: skip
-        super().__init__()
-        self.x, self.y, self.images, self.batch_size = x, y, images, batch_size
-        self.rng = np.random.default_rng(seed)
-        self.order = epoch_order(self.rng, images, "one_per_image")
-
-    def __len__(self) -> int:
-        return -(-len(self.order) // self.batch_size)
-
-    def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        rows = np.sort(self.order[index * self.batch_size : (index + 1) * self.batch_size])
-        return np.asarray(self.x[rows], np.float32), self.y[rows]
-
-    def on_epoch_end(self) -> None:
-        self.order = epoch_order(self.rng, self.images, "one_per_image")
+def training_batches(
+    x: Any, y: np.ndarray, order: TrainingOrder, epochs: int
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Every epoch's training batches, one after another: `TrainingOrder`'s, the ones
+    finetune_tf trains on, the rows read from the activations' memory map batch by batch and
+    made float32 there. fit reads it straight through (given `steps_per_epoch`), so no batch
+    depends on when Keras calls a hook: a PyDataset's next epoch is fetched ahead, before its
+    `on_epoch_end`, and its batches are shuffled by fit. Given the whole array instead, fit's
+    array adapter holds it as tensors several times over (8.0 GiB peak on the full set)."""
+    for _ in range(epochs):
+        for rows in order.next_epoch():
+            yield np.asarray(x[rows], np.float32), y[rows]
 
 
 def _evaluate(model: keras.Model, x: np.ndarray, y: np.ndarray, batch_size: int) -> list[float]:
@@ -219,31 +210,28 @@ def train_finetune_keras(
         loss=loss,
         metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
     )
-    # One-hot labels: label smoothing needs them. float32 inputs, converted batch by batch
-    # from the float16 cache would cost a copy per epoch; one conversion here is cheaper.
+    # One-hot labels (label smoothing needs them), made float32 once: unlike the activations,
+    # they are small.
     y_train_1h = keras.utils.to_categorical(y_train, n_classes).astype(np.float32)
     y_val_1h = keras.utils.to_categorical(y_val, n_classes).astype(np.float32)
-    probe_rows = np.random.default_rng(seed).permutation(len(x_train))[:batch_size]
+    order = TrainingOrder(seed, images, view_sampling, batch_size)
     log = TensorBoardLog(tensorboard_dir)
     with without_stderr_lines(_TF_DATA_NOTICE):
         start_loss, start_accuracy = _evaluate(model, x_val, y_val_1h, 256)
     log.scalars(0, {"loss/val": start_loss, "accuracy/val": start_accuracy})
     monitor = _Monitor(
         log,
-        (np.asarray(x_train[probe_rows], np.float32), y_train_1h[probe_rows]),
+        (np.asarray(x_train[order.probe], np.float32), y_train_1h[order.probe]),
         loss,
         epochs,
         progress,
     )
     best = KeepBestEpoch(len(y_val))
-    if view_sampling == "all":  # as the tutorial: fit shuffles the arrays itself
-        train: dict[str, Any] = {"x": np.asarray(x_train), "y": y_train_1h,
-                                 "batch_size": batch_size, "shuffle": True}  # fmt: skip
-    else:
-        train = {"x": _OneViewPerImage(x_train, y_train_1h, images, batch_size, seed)}
     with stopwatch() as timer, without_stderr_lines(_TF_DATA_NOTICE):
         history = model.fit(
-            **train,
+            training_batches(x_train, y_train_1h, order, epochs),
+            steps_per_epoch=steps_per_epoch,
+            shuffle=False,  # the batches come shuffled, and the same as finetune_tf's
             validation_data=(x_val, y_val_1h),
             epochs=epochs,
             callbacks=[monitor, best],

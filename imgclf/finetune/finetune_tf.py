@@ -34,7 +34,7 @@ from imgclf.errors import MissingInput, UserError
 from imgclf.finetune.common import (
     SCHEDULES,
     TensorBoardLog,
-    epoch_order,
+    TrainingOrder,
     epoch_plan,
     epoch_rank,
     epoch_row,
@@ -361,12 +361,11 @@ def train_finetune_tf(
         mixup=mixup,
         weight_decay=weight_decay,
     )
-    rng = np.random.default_rng(seed)
-    # Apart from `rng`, so that mixup and dropout leave the order of the rows unchanged.
+    order = TrainingOrder(seed, images, view_sampling, batch_size)
+    # Apart from `order`, so that mixup and dropout leave the order of the rows unchanged.
     mix_rng = np.random.default_rng([seed, 1])
-    probe = rng.permutation(len(x_train))[:batch_size]
-    probe_x = tf.constant(np.asarray(x_train[probe], np.float32))
-    probe_y = tf.constant(y_train[probe], tf.int64)
+    probe_x = tf.constant(np.asarray(x_train[order.probe], np.float32))
+    probe_y = tf.constant(y_train[order.probe], tf.int64)
     log = TensorBoardLog(tensorboard_dir)
     start_loss, start_accuracy = trainer.evaluate(x_val, y_val)
     log.scalars(0, {"loss/val": start_loss, "accuracy/val": start_accuracy})
@@ -376,10 +375,8 @@ def train_finetune_tf(
     with stopwatch() as timer:
         for epoch in tqdm(range(1, epochs + 1), desc="finetune_tf", unit="epoch",
                           file=sys.stderr, disable=not progress):  # fmt: skip
-            order = epoch_order(rng, images, view_sampling)
-            loss_sum = accuracy_sum = 0.0
-            for i in range(0, len(order), batch_size):
-                rows = np.sort(order[i : i + batch_size])  # sorted: sequential reads
+            loss_sum = accuracy_sum = n_rows = 0.0
+            for rows in order.next_epoch():
                 mix = mix_rng.beta(mixup, mixup) if mixup > 0 else 1.0
                 loss, acc = trainer.train_step(
                     tf.constant(np.asarray(x_train[rows], np.float32)),
@@ -389,7 +386,8 @@ def train_finetune_tf(
                 )
                 loss_sum += float(loss) * len(rows)
                 accuracy_sum += float(acc) * len(rows)
-            train = (loss_sum / len(order), accuracy_sum / len(order))
+                n_rows += len(rows)
+            train = (loss_sum / n_rows, accuracy_sum / n_rows)
             val = trainer.evaluate(x_val, y_val)
             lr = learning_rate_at(model.step - 1, trainer.total_steps, learning_rate, schedule)
             log.scalars(epoch, {"loss/train": train[0], "loss/val": val[0],
