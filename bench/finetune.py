@@ -53,10 +53,10 @@ TARGET_MINUTES = 8.0
 TARGET_RSS_GIB = 6.0
 # Training images of the full 3,670-photo set (3,666 kept, 80/20 split), as the issue counts.
 FULL_TRAIN_IMAGES = 2645
-# What the fine-tune stages keep in memory per training row, beyond the sample's peak: the
-# float16 activations (load_finetune_data), and for Keras a second copy, as fit's tf.data
-# pipeline turns the whole array into one tensor (keras array_data_adapter, from_tensors).
-COPIES_HELD = {"tf": 1, "keras": 2}
+# The peak RSS is projected as the sample's plus one float16 copy of each extra training row:
+# the pages of the memory map that every epoch reads (both stages read batches from it:
+# TrainingOrder). Until Keras did too, fit on the whole array held it several times over, and
+# the projection (two copies for Keras) said 3.2 GiB where the full set's run peaked at 8.05.
 # The heads only have to exist (the fine-tunes start from them): short trainings, the same code.
 HEAD_OVERRIDES = {"train_tf": {"steps": 300, "eval_every": 100}, "train_keras": {"epochs": 10}}
 RUNS = (("tf", "float32"), ("keras", "float32"), ("keras", "bfloat16"), ("tf", "bfloat16"))
@@ -254,7 +254,7 @@ def speed(run: dict, clock: str = "wall") -> tuple[float, float]:
     return run["rows"] / steady, max(sum(epochs[:warm]) - warm * steady, 0.0)
 
 
-def projection(run: dict, model: str, full_rows: int, epochs: int) -> tuple[float, float, float]:
+def projection(run: dict, full_rows: int, epochs: int) -> tuple[float, float, float]:
     """(projected minutes of the full-set stage at this run's wall speed; the same from its CPU
     time spread over every core, i.e. on an idle machine with perfect scaling; projected peak
     RSS in GiB)."""
@@ -265,7 +265,7 @@ def projection(run: dict, model: str, full_rows: int, epochs: int) -> tuple[floa
         fixed = total - sum(per_epoch)  # start-up, loading, saving
         minutes[clock] = (fixed + warm_up + epochs * full_rows / rate) / 60
     extra_rows = max(full_rows - run["rows"], 0)
-    rss = run["peak_rss_gib"] + extra_rows * run["row_bytes"] * COPIES_HELD[model] / 2**30
+    rss = run["peak_rss_gib"] + extra_rows * run["row_bytes"] / 2**30
     return minutes["wall"], minutes["cpu"] / (os.cpu_count() or 1), rss
 
 
@@ -344,7 +344,7 @@ def main() -> None:
     rates = {key: speed(run)[0] for key, run in runs.items()}
     cpu_rates = {key: speed(run, "cpu")[0] for key, run in runs.items()}
     for (model, precision), run in runs.items():
-        minutes, idle_minutes, rss = projection(run, model, full_rows, full_epochs[model])
+        minutes, idle_minutes, rss = projection(run, full_rows, full_epochs[model])
         label = f"finetune_{model}, {precision}"
         base = (model, "float32") if precision == "bfloat16" else ("keras", "float32")
         if (model, precision) == ("tf", "float32"):
