@@ -159,7 +159,7 @@ def training_batches(
     made float32 there. fit reads it straight through (given `steps_per_epoch`), so no batch
     depends on when Keras calls a hook: a PyDataset's next epoch is fetched ahead, before its
     `on_epoch_end`, and its batches are shuffled by fit. Given the whole array instead, fit's
-    array adapter holds it as tensors several times over (8.0 GiB peak on the full set)."""
+    array adapter holds it as tensors several times over (8.05 GiB peak on the full set)."""
     for _ in range(epochs):
         for rows in order.next_epoch():
             yield np.asarray(x[rows], np.float32), y[rows]
