@@ -537,7 +537,7 @@ def test_both_fine_tunes_train_on_the_same_batches_in_the_same_order(tiny, tmp_p
 
     x_train, y_train, x_val, y_val = tiny["data"]
     epochs, batch = 2, 8
-    order = TrainingOrder(3, np.arange(len(y_train)), "all", batch)
+    order = TrainingOrder(3, len(y_train), None, "all", batch)
     expected = [b.tolist() for _ in range(epochs) for b in order.next_epoch()]
     assert expected[0] != sorted(expected[0] + expected[1])[: len(expected[0])]  # shuffled
     common = {"epochs": epochs, "batch_size": batch, "learning_rate": 0.01, "seed": 3,

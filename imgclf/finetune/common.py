@@ -95,11 +95,16 @@ class TrainingOrder:
     """The draws a seed gives both fine-tunes, from one generator and in this order: the probe
     batch (the training rows whose gradients are logged each epoch), then each epoch's order of
     the training rows (`epoch_order`). So finetune_tf and finetune_keras train on the same
-    batches in the same order, and log gradients on the same rows."""
+    batches in the same order, and log gradients on the same rows. Without `train_images`
+    every row is its own image."""
 
-    def __init__(self, seed: int, images: np.ndarray, view_sampling: str, batch_size: int) -> None:
+    def __init__(self, seed: int, n_rows: int, train_images: np.ndarray | None,
+                 view_sampling: str, batch_size: int) -> None:  # fmt: skip
         check_view_sampling(view_sampling)
+        images = np.arange(n_rows) if train_images is None else np.asarray(train_images)
         self.images, self.view_sampling, self.batch_size = images, view_sampling, batch_size
+        rows = len(images) if view_sampling == "all" else int(np.unique(images).size)
+        self.steps_per_epoch = -(-rows // batch_size)
         self.rng = np.random.default_rng(seed)
         self.probe = self.rng.permutation(len(images))[:batch_size]
 
@@ -109,17 +114,6 @@ class TrainingOrder:
         order = epoch_order(self.rng, self.images, self.view_sampling)
         size = self.batch_size
         return [np.sort(order[i : i + size]) for i in range(0, len(order), size)]
-
-
-def epoch_plan(
-    n_rows: int, train_images: np.ndarray | None, view_sampling: str, batch_size: int
-) -> tuple[np.ndarray, int]:
-    """(the image of each training row, steps per epoch) for a trainer: without
-    `train_images` every row is its own image."""
-    check_view_sampling(view_sampling)
-    images = np.arange(n_rows) if train_images is None else np.asarray(train_images)
-    rows = len(images) if view_sampling == "all" else int(np.unique(images).size)
-    return images, -(-rows // batch_size)
 
 
 def finetune_rows(acts: Activations, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -31,7 +31,6 @@ from imgclf.finetune.common import (
     SCHEDULES,
     TensorBoardLog,
     TrainingOrder,
-    epoch_plan,
     epoch_rank,
     epoch_row,
     model_config,
@@ -200,10 +199,10 @@ def train_finetune_keras(
         raise ValueError("finetune_keras: empty training or validation set")
     set_determinism(seed)
     model = build_finetune_model(top, head)
-    images, steps_per_epoch = epoch_plan(len(x_train), train_images, view_sampling, batch_size)
+    order = TrainingOrder(seed, len(x_train), train_images, view_sampling, batch_size)
     lr: Any = learning_rate
     if schedule == "cosine":
-        lr = keras.optimizers.schedules.CosineDecay(learning_rate, epochs * steps_per_epoch)
+        lr = keras.optimizers.schedules.CosineDecay(learning_rate, epochs * order.steps_per_epoch)
     loss = keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing)
     model.compile(
         optimizer=keras.optimizers.SGD(learning_rate=lr, momentum=momentum),
@@ -214,7 +213,6 @@ def train_finetune_keras(
     # they are small.
     y_train_1h = keras.utils.to_categorical(y_train, n_classes).astype(np.float32)
     y_val_1h = keras.utils.to_categorical(y_val, n_classes).astype(np.float32)
-    order = TrainingOrder(seed, images, view_sampling, batch_size)
     log = TensorBoardLog(tensorboard_dir)
     with without_stderr_lines(_TF_DATA_NOTICE):
         start_loss, start_accuracy = _evaluate(model, x_val, y_val_1h, 256)
@@ -230,7 +228,7 @@ def train_finetune_keras(
     with stopwatch() as timer, without_stderr_lines(_TF_DATA_NOTICE):
         history = model.fit(
             training_batches(x_train, y_train_1h, order, epochs),
-            steps_per_epoch=steps_per_epoch,
+            steps_per_epoch=order.steps_per_epoch,
             shuffle=False,  # the batches come shuffled, and the same as finetune_tf's
             validation_data=(x_val, y_val_1h),
             epochs=epochs,
@@ -255,7 +253,7 @@ def train_finetune_keras(
         summary={
             "epochs": len(curve),
             "model_step": best_epoch,
-            "steps": len(curve) * steps_per_epoch,
+            "steps": len(curve) * order.steps_per_epoch,
             "batch_size": batch_size,
             "learning_rate": learning_rate,
             "momentum": momentum,

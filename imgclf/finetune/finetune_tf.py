@@ -35,7 +35,6 @@ from imgclf.finetune.common import (
     SCHEDULES,
     TensorBoardLog,
     TrainingOrder,
-    epoch_plan,
     epoch_rank,
     epoch_row,
     learning_rate_at,
@@ -349,19 +348,18 @@ def train_finetune_tf(
         raise ValueError("finetune_tf: empty training or validation set")
     set_determinism(seed)
     model = FinetuneTop(top, head, cut)
-    images, steps_per_epoch = epoch_plan(len(x_train), train_images, view_sampling, batch_size)
+    order = TrainingOrder(seed, len(x_train), train_images, view_sampling, batch_size)
     trainer = MomentumTrainer(
         model,
         learning_rate=learning_rate,
         momentum=momentum,
         label_smoothing=label_smoothing,
         schedule=schedule,
-        total_steps=epochs * steps_per_epoch,
+        total_steps=epochs * order.steps_per_epoch,
         dropout=dropout,
         mixup=mixup,
         weight_decay=weight_decay,
     )
-    order = TrainingOrder(seed, images, view_sampling, batch_size)
     # Apart from `order`, so that mixup and dropout leave the order of the rows unchanged.
     mix_rng = np.random.default_rng([seed, 1])
     probe_x = tf.constant(np.asarray(x_train[order.probe], np.float32))
