@@ -70,3 +70,40 @@ def test_the_image_size_probe_cross_validates_train_images_only(tmp_path_factory
     assert [line.split(" | ")[0] for line in table[1:]] == ["| 299", "| 331", "| average"]
     assert "| 299 | " in table[1] and "0 / 0, p = 1 |" in table[1]  # the reference itself
     assert before == {name: digest(workdir / name) for name in ("data", "models", "metrics")}
+
+
+def test_the_ensemble_probe_starts_from_the_stages_models_and_varies_only_the_order(
+    tmp_path_factory,
+):
+    # tools/ensemble_probe.py on the tiny result: member 0 is each stage's saved model (so its
+    # validation accuracy is the stage's, to the image), member 1 is trained with another
+    # training-order seed (so its probabilities differ), and the workspace is left as it was.
+    import numpy as np
+
+    workdir, _ = tiny_result(tmp_path_factory)
+    before = {name: digest(workdir / name) for name in ("data", "models", "metrics")}
+    out = tmp_path_factory.mktemp("ensemble")
+    tool = [sys.executable, str(ROOT / "tools" / "ensemble_probe.py")]
+    proc = subprocess.run(
+        [*tool, "train", "--workdir", str(workdir), "--members", "2", "--out", str(out / "a.npz")],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = np.load(out / "a.npz")
+    for name in ("finetune_tf", "finetune_keras"):
+        val = run[f"{name}_val"]
+        assert val.shape[:2] == (2, len(run["y_val"]))
+        assert run[f"{name}_test"].shape[:2] == (2, len(run["y_test"]))
+        stage = json.loads((workdir / "metrics" / "train" / f"{name}.json").read_text())
+        right = int(np.sum(val[0].argmax(1) == run["y_val"]))
+        assert right == round(stage["best_val_accuracy"] * stage["n_val"])
+        assert not np.array_equal(val[0], val[1]), f"{name}: member 1 is member 0"
+    assert before == {name: digest(workdir / name) for name in ("data", "models", "metrics")}
+    proc = subprocess.run([*tool, "table", str(out / "a.npz")], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
+    assert [row.split(" | ")[0] for row in rows[1:]] == ["| 1", "| 2"]
+    n_val = len(run["y_val"])
+    right_tf = int(np.sum(run["finetune_tf_val"][0].argmax(1) == run["y_val"]))
+    assert f"| 1 | {right_tf} ({right_tf / n_val:.4f})" in rows[1]

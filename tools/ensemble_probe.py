@@ -1,0 +1,166 @@
+"""Would an ensemble of fine-tunes reach the target? Several members per framework, judged on
+the validation slice; the test set is read only by `table`, after.
+
+    .venv/bin/python tools/ensemble_probe.py train --workdir DIR --members 3 --out seed0.npz
+    .venv/bin/python tools/ensemble_probe.py table seed*.npz
+
+`train`, in a workspace where `dvc repro evaluate` (or one seed of tools/split_seeds.py) has
+run: member 0 of each fine-tune model is the model its stage saved; members 1, 2, ... are the
+same recipe from the same start (the trained head, the blocks' pretrained weights) and differ
+only in the seed of the training order (`heads.seed + i`: the batches and the probe rows).
+Each is trained as the stage trains (same rows, same validation slice, its epoch kept by the
+same rule) and scored on the `orig` view of the validation and test images. Writes their
+probabilities to --out; writes nothing into DIR.
+
+`table` pools the files (one per split seed): the validation accuracy of the average of the
+first k members' probabilities for every k, in evaluations right, then the test scores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+FRAMEWORKS = ("finetune_tf", "finetune_keras")
+
+
+def train_members(workdir: Path, members: int, precision: str | None) -> dict[str, np.ndarray]:
+    import yaml
+
+    import imgclf.quiet_tf  # noqa: F401
+    from imgclf.activations import load_activations
+    from imgclf.finetune.common import load_finetune_data, predict_images
+    from imgclf.heads.common import read_labels
+    from imgclf.inception import build_top, load_backbone
+    from imgclf.layout import Layout
+    from imgclf.params import FinetuneKerasParams, FinetuneTfParams, HeadsParams
+    from imgclf.registry import get_model
+
+    params = yaml.safe_load((workdir / "params.yaml").read_text())
+    layout = Layout.from_params(params, workdir)
+    cut, size = params["activations"]["cut"], params["activations"]["image_size"]
+    heads = HeadsParams.from_params(params)
+    acts = load_activations(layout.activations, "train")
+    test = load_activations(layout.activations, "test")
+    data = load_finetune_data(acts, heads.validation_fraction, heads.seed)
+    out = {"y_val": data.y_val, "y_test": test.labels[test.of_view("orig")]}
+    recipes = {"finetune_tf": FinetuneTfParams, "finetune_keras": FinetuneKerasParams}
+
+    def scores(predict) -> tuple[np.ndarray, np.ndarray]:
+        val = predict_images(predict, acts, test_time_flip=False, rows=data.val_rows)
+        return val, predict_images(predict, test, test_time_flip=False)
+
+    for name in FRAMEWORKS:
+        spec = get_model(name)
+        assert spec.base is not None
+        classes = read_labels(layout.model_dir(spec.base))
+        # The stages' own train functions take these beside the recipe (stages/finetune_*.py).
+        extra = {"cut": cut} if name == "finetune_tf" else {"n_classes": len(classes)}
+        recipe = recipes[name].from_params(params).as_kwargs()
+        recipe.pop("test_time_flip")
+        stage_precision = recipe.pop("precision")
+        if recipe.pop("refit_head"):
+            raise SystemExit(f"{name}.refit_head: the probe starts from the trained head only")
+        val, tst = scores(spec.function("predictor")(layout.model_dir(name)))
+        print(f"{name} member 0 (the stage's model, {stage_precision}): validation "
+              f"{np.mean(val.argmax(1) == data.y_val):.4f}", flush=True)  # fmt: skip
+        vals, tests = [val], [tst]
+        for member in range(1, members):
+            started = time.perf_counter()
+            # Built anew for each member: Keras trains the top's and the head's layers in place.
+            backbone = load_backbone(layout.backbone, precision=precision or stage_precision,
+                                     image_size=size)  # fmt: skip
+            top = build_top(backbone.model, cut)
+            head = get_model(spec.base).function("load")(layout.model_dir(spec.base))
+            with tempfile.TemporaryDirectory() as tmp:
+                result = spec.function("train")(
+                    top, head, data.x_train, data.y_train, data.x_val, data.y_val,
+                    tensorboard_dir=Path(tmp) / "events", train_images=data.train_images,
+                    seed=heads.seed + member, progress=False, **extra, **recipe,
+                )  # fmt: skip
+                spec.function("save")(result.model, Path(tmp) / "model", classes,
+                                      test_time_flip=False, cut=cut, image_size=size)  # fmt: skip
+                val, tst = scores(spec.function("predictor")(Path(tmp) / "model"))
+            vals.append(val)
+            tests.append(tst)
+            print(f"{name} member {member}: validation {np.mean(val.argmax(1) == data.y_val):.4f}"
+                  f" (epoch {result.summary['model_step']}), ensemble of {member + 1}: "
+                  f"{np.mean(np.mean(vals, 0).argmax(1) == data.y_val):.4f}, "
+                  f"{time.perf_counter() - started:.0f} s", flush=True)  # fmt: skip
+        out[f"{name}_val"], out[f"{name}_test"] = np.stack(vals), np.stack(tests)
+    return out
+
+
+def right(probs: np.ndarray, labels: np.ndarray) -> int:
+    return int(np.sum(probs.argmax(1) == labels))
+
+
+def table(files: list[Path]) -> str:
+    from scipy.stats import binomtest
+
+    runs = {f.stem: dict(np.load(f)) for f in files}
+    n_val = sum(len(r["y_val"]) for r in runs.values())
+    members = min(r[f"{name}_val"].shape[0] for r in runs.values() for name in FRAMEWORKS)
+    lines = [
+        f"| members averaged | {' | '.join(f'{n}, validation (of {n_val})' for n in FRAMEWORKS)}"
+        f" | {' | '.join(f'{n}, test mean ± sd' for n in FRAMEWORKS)} |",
+        "|---|" + "---:|" * 2 + "---|" * 2,
+    ]
+    for k in range(1, members + 1):
+        cells, test_cells = [], []
+        for name in FRAMEWORKS:
+            per_seed = [right(r[f"{name}_val"][:k].mean(0), r["y_val"]) for r in runs.values()]
+            cells.append(f"{sum(per_seed)} ({sum(per_seed) / n_val:.4f}); per seed "
+                         + "/".join(map(str, per_seed)))  # fmt: skip
+            acc = [right(r[f"{name}_test"][:k].mean(0), r["y_test"]) / len(r["y_test"])
+                   for r in runs.values()]  # fmt: skip
+            sd = statistics.stdev(acc) if len(acc) > 1 else 0.0
+            test_cells.append(f"{statistics.mean(acc):.3f} ± {sd:.3f} ("
+                              + " ".join(f"{a:.3f}" for a in acc) + ")")  # fmt: skip
+        lines.append(f"| {k} | {' | '.join(cells)} | {' | '.join(test_cells)} |")
+    both = [right((r["finetune_tf_val"][0] + r["finetune_keras_val"][0]) / 2, r["y_val"])
+            for r in runs.values()]  # fmt: skip
+    lines.append(f"\nseeds (files): {', '.join(runs)}. TF member 0 + Keras member 0 averaged: "
+                 f"{sum(both)} of {n_val} on validation.")  # fmt: skip
+    # Each ensemble against its member 0 on test, read after: exact McNemar per seed.
+    for name in FRAMEWORKS:
+        cells = []
+        for seed, r in runs.items():
+            one = r[f"{name}_test"][0].argmax(1) == r["y_test"]
+            ens = r[f"{name}_test"].mean(0).argmax(1) == r["y_test"]
+            b, c = int(np.sum(ens & ~one)), int(np.sum(one & ~ens))
+            p = binomtest(b, b + c).pvalue if b + c else 1.0
+            cells.append(f"{seed}: {b}/{c}, p = {p:.3g}")
+        lines.append(f"{name}, all {members} vs member 0 on test (right only by the ensemble / "
+                     f"only by member 0): " + "; ".join(cells))  # fmt: skip
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train")
+    train.add_argument("--workdir", type=Path, default=ROOT)
+    train.add_argument("--members", type=int, default=3)
+    train.add_argument("--precision", help="of members 1, ... (default: the stage's)")
+    train.add_argument("--out", type=Path, required=True)
+    show = sub.add_parser("table")
+    show.add_argument("files", type=Path, nargs="+")
+    args = parser.parse_args()
+    if args.command == "train":
+        out = train_members(args.workdir.resolve(), args.members, args.precision)
+        np.savez(args.out, **out)
+    else:
+        print(table(args.files))
+
+
+if __name__ == "__main__":
+    main()
