@@ -37,6 +37,7 @@ def train_members(workdir: Path, members: int, precision: str | None) -> dict[st
 
     import imgclf.quiet_tf  # noqa: F401
     from imgclf.activations import load_activations
+    from imgclf.fileio import read_json
     from imgclf.finetune.common import load_finetune_data, predict_images
     from imgclf.heads.common import read_labels
     from imgclf.inception import build_top, load_backbone
@@ -70,7 +71,9 @@ def train_members(workdir: Path, members: int, precision: str | None) -> dict[st
         if recipe.pop("refit_head"):
             raise SystemExit(f"{name}.refit_head: the probe starts from the trained head only")
         val, tst = scores(spec.function("predictor")(layout.model_dir(name)))
-        print(f"{name} member 0 (the stage's model, {stage_precision}): validation "
+        # What the stage ran with (params.yaml may have been put back since: split_seeds -S).
+        ran = read_json(layout.train_metrics(name)).get("precision", stage_precision)
+        print(f"{name} member 0 (the stage's model, {ran}): validation "
               f"{np.mean(val.argmax(1) == data.y_val):.4f}", flush=True)  # fmt: skip
         vals, tests = [val], [tst]
         for member in range(1, members):
