@@ -40,6 +40,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import cached_property
@@ -417,9 +418,12 @@ def subset_dataset(split_manifest: str | Path, subset: str, source: str, name: s
     digest = hashlib.sha256(canonical).hexdigest()[:16]
     # A URL stays a URL (HTTP source); a path is made absolute (a local artifact source).
     uri = str(source) if "://" in str(source) else str(Path(source).expanduser().resolve())
-    return PandasDataset(
-        df=frame, source=resolve_dataset_source(uri), targets="class", name=name, digest=digest
-    )
+    with warnings.catch_warnings():
+        # MLflow registers its local artifact source twice (schemes "" and "file"), so every
+        # local path "can be interpreted in multiple ways": two classes of the same name.
+        warnings.filterwarnings("ignore", "The specified dataset source can be interpreted")
+        dataset_source = resolve_dataset_source(uri)
+    return PandasDataset(df=frame, source=dataset_source, targets="class", name=name, digest=digest)
 
 
 def log_datasets(client: Any, run_id: str, datasets: Mapping[str, Any]) -> None:
