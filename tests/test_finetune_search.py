@@ -103,7 +103,9 @@ def test_the_ensemble_probe_starts_from_the_stages_models_and_varies_only_the_or
                           text=True, timeout=120)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
-    assert [row.split(" | ")[0] for row in rows[1:]] == ["| 1", "| 2"]
+    # The validation table (what a choice is made on), then the test table, read after.
+    assert [row.split(" | ")[0] for row in rows] == ["| members averaged", "| 1", "| 2"] * 2
+    assert "validation, right of" in rows[0] and "test accuracy" in rows[3]
     n_val = len(run["y_val"])
     right_tf = int(np.sum(run["finetune_tf_val"][0].argmax(1) == run["y_val"]))
     assert f"| 1 | {right_tf} ({right_tf / n_val:.4f})" in rows[1]

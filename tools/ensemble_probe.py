@@ -107,43 +107,51 @@ def right(probs: np.ndarray, labels: np.ndarray) -> int:
 
 
 def table(files: list[Path]) -> str:
-    from scipy.stats import binomtest
+    """Validation first (what the rule reads), then test, read after."""
+    from imgclf.evaluation import mcnemar_exact
 
     runs = {f.stem: dict(np.load(f)) for f in files}
     n_val = sum(len(r["y_val"]) for r in runs.values())
     members = min(r[f"{name}_val"].shape[0] for r in runs.values() for name in FRAMEWORKS)
-    lines = [
-        f"| members averaged | {' | '.join(f'{n}, validation (of {n_val})' for n in FRAMEWORKS)}"
-        f" | {' | '.join(f'{n}, test mean ± sd' for n in FRAMEWORKS)} |",
-        "|---|" + "---:|" * 2 + "---|" * 2,
-    ]
+    val_head = " | ".join(f"{n}: validation, right of {n_val}; per seed" for n in FRAMEWORKS)
+    test_head = " | ".join(f"{n}: test accuracy, mean ± sd; per seed" for n in FRAMEWORKS)
+    rule = "|---|" + "---|" * len(FRAMEWORKS)
+    val_lines = [f"| members averaged | {val_head} |", rule]
+    test_lines = [f"| members averaged | {test_head} |", rule]
     for k in range(1, members + 1):
-        cells, test_cells = [], []
+        val_cells, test_cells = [], []
         for name in FRAMEWORKS:
-            per_seed = [right(r[f"{name}_val"][:k].mean(0), r["y_val"]) for r in runs.values()]
-            cells.append(f"{sum(per_seed)} ({sum(per_seed) / n_val:.4f}); per seed "
-                         + "/".join(map(str, per_seed)))  # fmt: skip
+            right_per_seed = [
+                right(r[f"{name}_val"][:k].mean(0), r["y_val"]) for r in runs.values()
+            ]
+            total = sum(right_per_seed)
+            val_cells.append(
+                f"{total} ({total / n_val:.4f}); " + "/".join(map(str, right_per_seed))
+            )
             acc = [right(r[f"{name}_test"][:k].mean(0), r["y_test"]) / len(r["y_test"])
                    for r in runs.values()]  # fmt: skip
             sd = statistics.stdev(acc) if len(acc) > 1 else 0.0
-            test_cells.append(f"{statistics.mean(acc):.3f} ± {sd:.3f} ("
-                              + " ".join(f"{a:.3f}" for a in acc) + ")")  # fmt: skip
-        lines.append(f"| {k} | {' | '.join(cells)} | {' | '.join(test_cells)} |")
-    both = [right((r["finetune_tf_val"][0] + r["finetune_keras_val"][0]) / 2, r["y_val"])
-            for r in runs.values()]  # fmt: skip
-    lines.append(f"\nseeds (files): {', '.join(runs)}. TF member 0 + Keras member 0 averaged: "
-                 f"{sum(both)} of {n_val} on validation.")  # fmt: skip
-    # Each ensemble against its member 0 on test, read after: exact McNemar per seed.
-    for name in FRAMEWORKS:
+            test_cells.append(f"{statistics.mean(acc):.3f} ± {sd:.3f}; "
+                              + " ".join(f"{a:.3f}" for a in acc))  # fmt: skip
+        val_lines.append(f"| {k} | {' | '.join(val_cells)} |")
+        test_lines.append(f"| {k} | {' | '.join(test_cells)} |")
+    both = sum(right((r["finetune_tf_val"][0] + r["finetune_keras_val"][0]) / 2, r["y_val"])
+               for r in runs.values())  # fmt: skip
+    lines = [*val_lines, "",
+             f"Split seeds (files): {', '.join(runs)}. Member 0 of TF and of Keras averaged (not "
+             f"a model of either framework): {both} of {n_val} on validation.", "",
+             "Test, read after:", "", *test_lines, ""]  # fmt: skip
+    for name in FRAMEWORKS:  # all members against member 0, per seed
         cells = []
         for seed, r in runs.items():
             one = r[f"{name}_test"][0].argmax(1) == r["y_test"]
-            ens = r[f"{name}_test"].mean(0).argmax(1) == r["y_test"]
-            b, c = int(np.sum(ens & ~one)), int(np.sum(one & ~ens))
-            p = binomtest(b, b + c).pvalue if b + c else 1.0
-            cells.append(f"{seed}: {b}/{c}, p = {p:.3g}")
-        lines.append(f"{name}, all {members} vs member 0 on test (right only by the ensemble / "
-                     f"only by member 0): " + "; ".join(cells))  # fmt: skip
+            ensemble = r[f"{name}_test"].mean(0).argmax(1) == r["y_test"]
+            b, c = int(np.sum(ensemble & ~one)), int(np.sum(one & ~ensemble))
+            cells.append(f"{seed}: {b}/{c}, p = {mcnemar_exact(b, c)[0]:.3g}")
+        lines.append(
+            f"{name}, {members} members vs member 0 on test (right only by the ensemble / only "
+            "by member 0, exact McNemar): " + "; ".join(cells)
+        )
     return "\n".join(lines)
 
 
