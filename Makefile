@@ -28,7 +28,7 @@ export GIT_AUTHOR_EMAIL ?= $(GIT_FALLBACK_EMAIL)
 export GIT_COMMITTER_EMAIL ?= $(GIT_FALLBACK_EMAIL)
 endif
 
-.PHONY: run exp seeds plots test lint bench bench-ray bench-litert ui tensorboard setup clean
+.PHONY: run exp seeds plots test lint bench bench-ray bench-litert ui serve tensorboard setup clean
 
 $(BIN)/activate: pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -104,6 +104,15 @@ ui: setup
 	@echo "MLflow UI: open $$($(BIN)/python -m imgclf.tracking ui-url http://127.0.0.1:$(UI_PORT))"
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --default-artifact-root ./mlartifacts \
 		--host 127.0.0.1 --port $(UI_PORT)
+
+# A registered end-to-end model over HTTP (README, "MLflow"): make serve MODEL=models:/<name>@champion.
+# `mlflow models serve` starts uvicorn by name, so the venv must be on PATH (make's PATH has it;
+# a bare .venv/bin/mlflow in a shell where nothing is activated fails: "uvicorn: not found").
+MODEL ?= models:/flower_photos-finetune_keras@champion
+SERVE_PORT ?= 5001
+serve: setup
+	MLFLOW_TRACKING_URI="$${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db}" $(BIN)/mlflow models serve \
+		-m '$(MODEL)' --env-manager local -h 127.0.0.1 -p $(SERVE_PORT)
 
 # The fine-tune stages' event files: curves on the epoch axis, weight and gradient histograms,
 # gradient norms per block (paths.tensorboard in params.yaml).

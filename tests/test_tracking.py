@@ -698,7 +698,7 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 def test_served_model_answers_like_label_image(tracked, tmp_path, monkeypatch, capsys):
-    """`mlflow models serve` of the registered Keras model (@champion), a real HTTP request on
+    """`make serve` of the registered Keras model (@champion), a real HTTP request on
     127.0.0.1 with the JPEG file in base64, as in MLflow's image example, and label-image
     (pipeline output, and the same registry URI): the label and the same probabilities."""
     import base64
@@ -708,24 +708,23 @@ def test_served_model_answers_like_label_image(tracked, tmp_path, monkeypatch, c
     workdir, summary = tracked["workdir"], tracked["summary"]
     image = workdir / "data/split/test/green/green_01.jpg"
     port = _free_port()
+    # As the README serves it, from a shell where nothing is activated: no venv on PATH (the
+    # server starts uvicorn by name, which `.venv/bin/mlflow models serve` alone cannot find).
     env = {
-        **os.environ,
+        **{k: v for k, v in os.environ.items() if k not in ("PATH", "VIRTUAL_ENV")},
         "MLFLOW_TRACKING_URI": summary["tracking_uri"],
-        "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}",
+        "PATH": os.pathsep.join(["/usr/local/bin", "/usr/bin", "/bin"]),
     }
     server = subprocess.Popen(
         [
-            str(VENV_BIN / "mlflow"),
-            "models",
+            "make",
+            "-s",
+            "-C",
+            str(ROOT),
             "serve",
-            "-m",
-            "models:/generated-keras@champion",
-            "--env-manager",
-            "local",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            str(port),
+            f"VENV={VENV_BIN.parent}",
+            "MODEL=models:/generated-keras@champion",
+            f"SERVE_PORT={port}",
         ],
         env=env,
         cwd=tmp_path,
