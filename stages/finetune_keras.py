@@ -27,9 +27,7 @@ def main() -> None:
         cut=params["activations"]["cut"],
         image_size=params["activations"]["image_size"],
         load_head=load_keras_head,
-        train_fn=lambda top, head, *data, **kw: train_finetune_keras(
-            top, head, *data, n_classes=int(head.layers[-1].units), **kw
-        ),
+        train_fn=train_finetune_keras,
         save_fn=save_finetune_keras,
         count_parameters=count_parameters,
         recipe=recipe,

@@ -269,7 +269,7 @@ def test_keras_finetune_trains_only_what_it_declares_and_saves_the_same_bytes(ti
         head = keras_head_for(tiny)
         head_before = [np.array(w) for w in head.weights]
         result = train_finetune_keras(
-            top, head, *tiny["data"], n_classes=3, tensorboard_dir=tmp_path / f"tb{run}",
+            top, head, *tiny["data"], tensorboard_dir=tmp_path / f"tb{run}",
             epochs=2, batch_size=8, learning_rate=0.01, progress=False,
         )  # fmt: skip
         after = {w.path: np.array(w) for w in backbone.weights}
@@ -448,7 +448,7 @@ def test_both_fine_tunes_keep_the_lowest_loss_of_the_epochs_tied_on_accuracy(tin
                                   *tiny["data"], cut="mixed_8", **common)  # fmt: skip
     tf_probs = tf_result.model.predict(tf.constant(x_val)).numpy()
     keras_result = train_finetune_keras(fresh(tiny), keras_head_for(tiny), *tiny["data"],
-                                        n_classes=3, **common)  # fmt: skip
+                                        **common)  # fmt: skip
     keras_probs = keras.ops.convert_to_numpy(keras_result.model(x_val))
     for result, probs in ((tf_result, tf_probs), (keras_result, keras_probs)):
         counts = [round(row["val_accuracy"] * len(y_val)) for row in result.curve]
@@ -493,7 +493,7 @@ def test_both_fine_tunes_can_train_on_one_view_per_image_each_epoch(tiny, tmp_pa
     keras_curves = []
     for run in range(2):
         result = train_finetune_keras(
-            fresh(tiny), keras_head_for(tiny), x_train, y_train, x_val, y_val, n_classes=3,
+            fresh(tiny), keras_head_for(tiny), x_train, y_train, x_val, y_val,
             tensorboard_dir=tmp_path / f"k{run}", train_images=images,
             view_sampling="one_per_image", epochs=epochs, batch_size=batch,
             learning_rate=0.01, schedule="cosine", progress=False,
@@ -548,7 +548,7 @@ def test_both_fine_tunes_train_on_the_same_batches_in_the_same_order(tiny, tmp_p
                       **common)  # fmt: skip
     keras_rows = ReadLog(x_train)
     train_finetune_keras(fresh(tiny), keras_head_for(tiny), keras_rows, y_train, x_val, y_val,
-                         n_classes=3, tensorboard_dir=tmp_path / "k", **common)  # fmt: skip
+                         tensorboard_dir=tmp_path / "k", **common)  # fmt: skip
     for rows in (tf_rows, keras_rows):
         # The probe batch, then each epoch's batches, each read once: never the whole array.
         assert rows.reads == [order.probe.tolist(), *expected]
@@ -601,7 +601,7 @@ def test_refit_head_fits_the_base_head_to_the_pooled_features_of_every_train_vie
         np.testing.assert_array_equal(mine, theirs)
     start = np.mean(head.predict(pooled_val, verbose=0).argmax(1) == y_val)
     result = train_finetune_keras(fresh(tiny), head, x_train, y_train, x_val, y_val,
-                                  n_classes=3, tensorboard_dir=tmp_path / "tbk", epochs=1,
+                                  tensorboard_dir=tmp_path / "tbk", epochs=1,
                                   batch_size=8, progress=False)  # fmt: skip
     assert result.summary["start_val_accuracy"] == pytest.approx(start)
 
@@ -616,7 +616,7 @@ tiny = t.make_tiny()
 from imgclf.finetune.finetune_keras import save_finetune_keras, train_finetune_keras
 from imgclf.finetune.finetune_tf import save_finetune_tf, train_finetune_tf
 from imgclf.heads.tf_head import load_tf_head
-r = train_finetune_keras(t.fresh(tiny), t.keras_head_for(tiny), *tiny["data"], n_classes=3,
+r = train_finetune_keras(t.fresh(tiny), t.keras_head_for(tiny), *tiny["data"],
                          tensorboard_dir=out / "tb_k", epochs=1, batch_size=8, progress=False)
 save_finetune_keras(r.model, out / "models/finetune_keras", t.CLASSES)
 head = load_tf_head(t.tf_head_dir(tiny, out / "tf_head"))
@@ -751,7 +751,7 @@ def test_bfloat16_precision_computes_the_blocks_in_bfloat16_in_both_frameworks(t
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
 
     result = train_finetune_keras(
-        top16, keras_head_for(tiny), *tiny["data"], n_classes=3,
+        top16, keras_head_for(tiny), *tiny["data"],
         tensorboard_dir=tmp_path / "tb_keras", epochs=1, batch_size=8, learning_rate=0.01,
         progress=False,
     )  # fmt: skip

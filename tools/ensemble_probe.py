@@ -63,8 +63,8 @@ def train_members(workdir: Path, members: int, precision: str | None) -> dict[st
         spec = get_model(name)
         assert spec.base is not None
         classes = read_labels(layout.model_dir(spec.base))
-        # The stages' own train functions take these beside the recipe (stages/finetune_*.py).
-        extra = {"cut": cut} if name == "finetune_tf" else {"n_classes": len(classes)}
+        # finetune_tf's trainer also takes the cut (stages/finetune_tf.py); Keras' top knows it.
+        extra = {"cut": cut} if name == "finetune_tf" else {}
         recipe = recipes[name].from_params(params).as_kwargs()
         recipe.pop("test_time_flip")
         stage_precision = recipe.pop("precision")

@@ -176,7 +176,6 @@ def train_finetune_keras(
     x_val: np.ndarray,
     y_val: np.ndarray,
     *,
-    n_classes: int,
     tensorboard_dir: str | Path,
     train_images: np.ndarray | None = None,
     view_sampling: str = "all",
@@ -210,7 +209,8 @@ def train_finetune_keras(
         metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
     )
     # One-hot labels (label smoothing needs them), made float32 once: unlike the activations,
-    # they are small.
+    # they are small. As many classes as the head's softmax layer has units.
+    n_classes = int(head.layers[-1].units)
     y_train_1h = keras.utils.to_categorical(y_train, n_classes).astype(np.float32)
     y_val_1h = keras.utils.to_categorical(y_val, n_classes).astype(np.float32)
     log = TensorBoardLog(tensorboard_dir)
