@@ -38,12 +38,12 @@ def train_members(workdir: Path, members: int, precision: str | None) -> dict[st
     import imgclf.quiet_tf  # noqa: F401
     from imgclf.activations import load_activations
     from imgclf.fileio import read_json
-    from imgclf.finetune.common import load_finetune_data, predict_images
+    from imgclf.finetune.common import load_finetune_data, predict_images, split_recipe
     from imgclf.heads.common import read_labels
     from imgclf.inception import build_top, load_backbone
     from imgclf.layout import Layout
-    from imgclf.params import FinetuneKerasParams, FinetuneTfParams, HeadsParams
-    from imgclf.registry import get_model
+    from imgclf.params import HeadsParams
+    from imgclf.registry import get_model, model_params
 
     params = yaml.safe_load((workdir / "params.yaml").read_text())
     layout = Layout.from_params(params, workdir)
@@ -53,7 +53,6 @@ def train_members(workdir: Path, members: int, precision: str | None) -> dict[st
     test = load_activations(layout.activations, "test")
     data = load_finetune_data(acts, heads.validation_fraction, heads.seed)
     out = {"y_val": data.y_val, "y_test": test.labels[test.of_view("orig")]}
-    recipes = {"finetune_tf": FinetuneTfParams, "finetune_keras": FinetuneKerasParams}
 
     def scores(predict) -> tuple[np.ndarray, np.ndarray]:
         val = predict_images(predict, acts, test_time_flip=False, rows=data.val_rows)
@@ -65,10 +64,9 @@ def train_members(workdir: Path, members: int, precision: str | None) -> dict[st
         classes = read_labels(layout.model_dir(spec.base))
         # finetune_tf's trainer also takes the cut (stages/finetune_tf.py); Keras' top knows it.
         extra = {"cut": cut} if name == "finetune_tf" else {}
-        recipe = recipes[name].from_params(params).as_kwargs()
-        recipe.pop("test_time_flip")
-        stage_precision = recipe.pop("precision")
-        if recipe.pop("refit_head"):
+        recipe, settings = split_recipe(model_params(spec, params))
+        stage_precision = settings.precision
+        if settings.refit_head:
             raise SystemExit(f"{name}.refit_head: the probe starts from the trained head only")
         val, tst = scores(spec.function("predictor")(layout.model_dir(name)))
         # What the stage ran with (params.yaml may have been put back since: split_seeds -S).

@@ -43,13 +43,18 @@ def search(workdir: Path, variants: dict[str, dict], views: list[str] | None) ->
 
     import imgclf.quiet_tf  # noqa: F401
     from imgclf.activations import load_activations
-    from imgclf.finetune.common import SelectedRows, load_finetune_data, refit_head
+    from imgclf.finetune.common import (
+        SelectedRows,
+        load_finetune_data,
+        refit_head,
+        split_recipe,
+    )
     from imgclf.finetune.finetune_tf import train_finetune_tf
     from imgclf.heads.tf_head import load_tf_head
     from imgclf.inception import build_top, load_backbone
     from imgclf.layout import Layout
-    from imgclf.params import FinetuneTfParams, HeadsParams
-    from imgclf.registry import base_params, get_model
+    from imgclf.params import HeadsParams
+    from imgclf.registry import base_params, get_model, model_params
 
     # precision and refit_head: stage params that pick the blocks' build and the head's start,
     # not trainer keywords.
@@ -63,8 +68,7 @@ def search(workdir: Path, variants: dict[str, dict], views: list[str] | None) ->
     layout = Layout.from_params(params, workdir)
     cut = params["activations"]["cut"]
     heads = HeadsParams.from_params(params)
-    recipe = FinetuneTfParams.from_params(params).as_kwargs()
-    recipe.pop("test_time_flip")  # a scoring choice, not training: judged apart
+    recipe = model_params(get_model("finetune_tf"), params)
     acts = load_activations(layout.activations, "train")
     data = load_finetune_data(acts, heads.validation_fraction, heads.seed)
     views = list(views or acts.views)
@@ -87,8 +91,8 @@ def search(workdir: Path, variants: dict[str, dict], views: list[str] | None) ->
     head = load_tf_head(layout.model_dir(base))
     refitted: dict[str, Any] = {}  # per precision: every variant shares the views, so the refit
     for name, changes in variants.items():
-        kwargs = {**recipe, **changes}
-        precision, refit = kwargs.pop("precision"), kwargs.pop("refit_head")
+        kwargs, settings = split_recipe({**recipe, **changes})  # test-time flips: judged apart
+        precision, refit = settings.precision, settings.refit_head
         if precision not in tops:
             backbone = load_backbone(layout.backbone, precision=precision, image_size=size)
             tops[precision] = build_top(backbone.model, cut)

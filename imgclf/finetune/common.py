@@ -116,6 +116,28 @@ class TrainingOrder:
         return [np.sort(order[i : i + size]) for i in range(0, len(order), size)]
 
 
+@dataclass(frozen=True)
+class StageSettings:
+    """The keys of a finetune_* params block that are the stage's, not its trainer's."""
+
+    test_time_flip: bool  # a scoring choice, judged apart from training
+    # How the blocks are built: Keras' layers carry it as their dtype policy, and finetune_tf's
+    # module reads it off them.
+    precision: str
+    refit_head: bool  # which head the blocks start from
+
+
+def split_recipe(recipe: Mapping[str, Any]) -> tuple[dict[str, Any], StageSettings]:
+    """(the trainer's keyword arguments, the stage's own settings) of a finetune_* block."""
+    kwargs = dict(recipe)
+    settings = StageSettings(
+        test_time_flip=bool(kwargs.pop("test_time_flip")),
+        precision=str(kwargs.pop("precision")),
+        refit_head=bool(kwargs.pop("refit_head")),
+    )
+    return kwargs, settings
+
+
 def finetune_rows(acts: Activations, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(train rows, val rows) of the train activations: all views of the training images, the
     `orig` view only of the validation images (the heads' slice, in image order)."""
@@ -459,12 +481,7 @@ def train_and_save_finetune(
     spec = get_model(name)
     assert spec.base is not None, f"{name} is registered without a base head"
     layout = Layout.from_params({"paths": paths})
-    recipe = dict(recipe)
-    test_time_flip = bool(recipe.pop("test_time_flip"))
-    # Chosen once, where the blocks are built: Keras' layers carry it as their dtype policy,
-    # and finetune_tf's module reads it off them.
-    precision = str(recipe.pop("precision"))
-    refit = bool(recipe.pop("refit_head"))
+    recipe, settings = split_recipe(recipe)
     acts = load_activations(layout.activations, "train")
     head_dir = layout.model_dir(spec.base)
     classes = read_labels(head_dir)
@@ -475,7 +492,7 @@ def train_and_save_finetune(
             "another split; rerun the pipeline (dvc repro)"
         )
     data = load_finetune_data(acts, float(shared["validation_fraction"]), int(shared["seed"]))
-    backbone = load_backbone(layout.backbone, precision=precision, image_size=image_size)
+    backbone = load_backbone(layout.backbone, precision=settings.precision, image_size=image_size)
     top = build_top(backbone.model, cut)
     if tuple(top.input.shape[1:]) != tuple(data.x_train.shape[1:]):
         raise UserError(
@@ -486,7 +503,7 @@ def train_and_save_finetune(
             "(dvc repro activations)"
         )
     refit_seconds = 0.0
-    if refit:  # the trained head is then not loaded at all
+    if settings.refit_head:  # the trained head is then not loaded at all
         with stopwatch() as timer:
             head = refit_head(spec.base, top, data, n_classes=len(classes),
                               seed=int(shared["seed"]), recipe=base_recipe)  # fmt: skip
@@ -509,9 +526,9 @@ def train_and_save_finetune(
         {
             "n_train_images": data.n_train_images,
             "n_train_views": len(data.views),
-            "test_time_flip": int(test_time_flip),
-            "precision": precision,
-            "refit_head": int(refit),
+            "test_time_flip": int(settings.test_time_flip),
+            "precision": settings.precision,
+            "refit_head": int(settings.refit_head),
             "refit_head_seconds": refit_seconds,
         }
     )
@@ -519,7 +536,7 @@ def train_and_save_finetune(
         result.model,
         layout.model_dir(name),
         classes,
-        test_time_flip=test_time_flip,
+        test_time_flip=settings.test_time_flip,
         cut=cut,
         image_size=image_size,
     )
