@@ -698,6 +698,21 @@ def test_histogram_buckets_are_tensorboards():
     assert histogram_buckets(np.zeros(0)).shape == (30, 3)
 
 
+def test_a_diverged_fine_tune_stops_naming_the_tensor_and_the_fix(tmp_path):
+    # NaN weights once reached the bucketing as "'list' argument must have no negative
+    # elements" (found training the whole backbone: tools/whole_backbone_probe.py).
+    from imgclf.finetune.common import TensorBoardLog, TrainingDiverged
+
+    log = TensorBoardLog(tmp_path / "events")
+    log.histograms(1, [("weights/ok", np.ones(4))])
+    bad = np.array([[0.5, np.nan], [np.inf, 1.0]], np.float32)
+    with pytest.raises(TrainingDiverged) as raised:
+        log.histograms(2, [("weights/ok", np.ones(4)), ("gradients/mixed_9.conv/kernel", bad)])
+    message = str(raised.value)
+    assert "by epoch 2" in message and "gradients/mixed_9.conv/kernel holds 2 NaN" in message
+    assert "Lower the learning rate" in message
+
+
 def bfloat16_top(tiny):
     """The tiny backbone built under Keras' mixed_bfloat16 policy, as load_backbone(precision=
     "bfloat16") builds it, with the float32 fixture's weights."""

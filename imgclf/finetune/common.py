@@ -368,6 +368,22 @@ def histogram_buckets(values: Any, bucket_count: int = HISTOGRAM_BUCKETS) -> np.
     return buckets
 
 
+class TrainingDiverged(UserError):
+    pass
+
+
+def check_finite(name: str, values: np.ndarray, epoch: int) -> None:
+    """Stop a fine-tune whose weights or gradients went NaN or infinite, naming them: the
+    epochs after would train on NaN, and the histograms cannot be bucketed."""
+    bad = int(np.size(values) - np.count_nonzero(np.isfinite(values)))
+    if bad:
+        raise TrainingDiverged(
+            f"the fine-tune diverged by epoch {epoch}: {name} holds {bad} NaN or infinite "
+            f"values of {np.size(values)}. Lower the learning rate (learning_rate in the "
+            "model's block of params.yaml, e.g. by 10x) and rerun."
+        )
+
+
 class TensorBoardLog:
     """Event files under `log_dir` (one writer): scalars and histograms on the epoch axis.
 
@@ -404,6 +420,8 @@ class TensorBoardLog:
         metadata = create_summary_metadata(display_name=None, description=None)
         with self._writer.as_default(step=int(epoch)):
             for name, value in values:
+                value = np.asarray(value, dtype=np.float64)
+                check_finite(name, value, epoch)
                 tf.summary.write(name, histogram_buckets(value), metadata=metadata)
 
     def gradients(self, epoch: int, named_grads: Iterable[tuple[str, Any]]) -> dict[str, float]:
