@@ -109,3 +109,39 @@ def test_the_ensemble_probe_starts_from_the_stages_models_and_varies_only_the_or
     n_val = len(run["y_val"])
     right_tf = int(np.sum(run["finetune_tf_val"][0].argmax(1) == run["y_val"]))
     assert f"| 1 | {right_tf} ({right_tf / n_val:.4f})" in rows[1]
+
+
+def test_the_whole_backbone_probe_trains_every_layer_from_the_stages_start(tmp_path_factory):
+    # tools/whole_backbone_probe.py on the tiny result: the stage's model is scored as the stage
+    # scored it (its validation count, to the image), the probe's model differs from it and
+    # changed the backbone's first convolution (which no stage trains), the workspace is left
+    # as it was, and the table puts validation before test.
+    import numpy as np
+
+    workdir, _ = tiny_result(tmp_path_factory)
+    before = {name: digest(workdir / name) for name in ("data", "models", "metrics")}
+    out = tmp_path_factory.mktemp("whole") / "seed0.npz"
+    tool = [sys.executable, str(ROOT / "tools" / "whole_backbone_probe.py")]
+    # The tiny backbone's random weights diverge over all layers at the stage's rate (1e-3).
+    proc = subprocess.run(
+        [*tool, "train", "--workdir", str(workdir), "--learning-rate", "1e-6", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = np.load(out)
+    stage = json.loads((workdir / "metrics" / "train" / "finetune_keras.json").read_text())
+    right = int(np.sum(run["stage_val"].argmax(1) == run["y_val"]))
+    assert right == round(stage["best_val_accuracy"] * stage["n_val"])
+    assert run["whole_val"].shape == run["stage_val"].shape
+    assert run["whole_test"].shape == run["stage_test"].shape == (len(run["y_test"]), 3)
+    assert not np.allclose(run["whole_val"], run["stage_val"], atol=1e-4)
+    assert float(run["first_conv_change"]) > 0, "the backbone's first layer did not train"
+    assert len(run["whole_val_by_epoch"]) == stage["epochs"] == 1
+    assert before == {name: digest(workdir / name) for name in ("data", "models", "metrics")}
+    proc = subprocess.run([*tool, "table", str(out)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line.split(" | ")[0] for line in proc.stdout.splitlines() if line.startswith("| ")]
+    assert rows == ["| finetune_keras", "| stage", "| whole"] * 2
+    assert proc.stdout.index("validation, right of") < proc.stdout.index("test accuracy")
+    assert f"| stage | {right} (" in proc.stdout

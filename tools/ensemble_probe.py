@@ -19,7 +19,6 @@ first k members' probabilities for every k, in evaluations right, then the test 
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
 import time
@@ -29,6 +28,10 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from tools import probe_runs  # noqa: E402
+from tools.probe_runs import load_runs, mcnemar_cell, mean_sd, right  # noqa: E402
+
 FRAMEWORKS = ("finetune_tf", "finetune_keras")
 
 
@@ -100,16 +103,9 @@ def train_members(workdir: Path, members: int, precision: str | None) -> dict[st
     return out
 
 
-def right(probs: np.ndarray, labels: np.ndarray) -> int:
-    return int(np.sum(probs.argmax(1) == labels))
-
-
 def table(files: list[Path]) -> str:
     """Validation first (what the rule reads), then test, read after."""
-    from imgclf.evaluation import mcnemar_exact
-
-    runs = {f.stem: dict(np.load(f)) for f in files}
-    n_val = sum(len(r["y_val"]) for r in runs.values())
+    runs, n_val = load_runs(files)
     members = min(r[f"{name}_val"].shape[0] for r in runs.values() for name in FRAMEWORKS)
     val_head = " | ".join(f"{n}: validation, right of {n_val}; per seed" for n in FRAMEWORKS)
     test_head = " | ".join(f"{n}: test accuracy, mean ± sd; per seed" for n in FRAMEWORKS)
@@ -128,9 +124,7 @@ def table(files: list[Path]) -> str:
             )
             acc = [right(r[f"{name}_test"][:k].mean(0), r["y_test"]) / len(r["y_test"])
                    for r in runs.values()]  # fmt: skip
-            sd = statistics.stdev(acc) if len(acc) > 1 else 0.0
-            test_cells.append(f"{statistics.mean(acc):.3f} ± {sd:.3f}; "
-                              + " ".join(f"{a:.3f}" for a in acc))  # fmt: skip
+            test_cells.append(mean_sd(acc))
         val_lines.append(f"| {k} | {' | '.join(val_cells)} |")
         test_lines.append(f"| {k} | {' | '.join(test_cells)} |")
     both = sum(right((r["finetune_tf_val"][0] + r["finetune_keras_val"][0]) / 2, r["y_val"])
@@ -140,12 +134,8 @@ def table(files: list[Path]) -> str:
              f"a model of either framework): {both} of {n_val} on validation.", "",
              "Test, read after:", "", *test_lines, ""]  # fmt: skip
     for name in FRAMEWORKS:  # all members against member 0, per seed
-        cells = []
-        for seed, r in runs.items():
-            one = r[f"{name}_test"][0].argmax(1) == r["y_test"]
-            ensemble = r[f"{name}_test"].mean(0).argmax(1) == r["y_test"]
-            b, c = int(np.sum(ensemble & ~one)), int(np.sum(one & ~ensemble))
-            cells.append(f"{seed}: {b}/{c}, p = {mcnemar_exact(b, c)[0]:.3g}")
+        cells = [mcnemar_cell(seed, r[f"{name}_test"].mean(0), r[f"{name}_test"][0], r["y_test"])
+                 for seed, r in runs.items()]  # fmt: skip
         lines.append(
             f"{name}, {members} members vs member 0 on test (right only by the ensemble / only "
             "by member 0, exact McNemar): " + "; ".join(cells)
@@ -153,23 +143,12 @@ def table(files: list[Path]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    train = sub.add_parser("train")
-    train.add_argument("--workdir", type=Path, default=ROOT)
-    train.add_argument("--members", type=int, default=3)
-    train.add_argument("--precision", help="of members 1, ... (default: the stage's)")
-    train.add_argument("--out", type=Path, required=True)
-    show = sub.add_parser("table")
-    show.add_argument("files", type=Path, nargs="+")
-    args = parser.parse_args()
-    if args.command == "train":
-        out = train_members(args.workdir.resolve(), args.members, args.precision)
-        np.savez(args.out, **out)
-    else:
-        print(table(args.files))
+def add_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--members", type=int, default=3)
+    parser.add_argument("--precision", help="of members 1, ... (default: the stage's)")
 
 
 if __name__ == "__main__":
-    main()
+    probe_runs.main(
+        __doc__, add_options, lambda a: train_members(a.workdir, a.members, a.precision), table
+    )

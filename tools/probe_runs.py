@@ -1,0 +1,76 @@
+"""What the probes' tables share: their .npz files (one per split seed, each with `y_val`,
+`y_test` and probabilities) and the cells of their tables."""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_runs(files: list[Path]) -> tuple[dict[str, dict[str, np.ndarray]], int]:
+    """The files' arrays by file stem (the split seed's name), and the validation images
+    pooled over them."""
+    runs = {f.stem: dict(np.load(f)) for f in files}
+    return runs, sum(len(r["y_val"]) for r in runs.values())
+
+
+def right(probs: np.ndarray, labels: np.ndarray) -> int:
+    return int(np.sum(probs.argmax(1) == labels))
+
+
+def mean_sd(accuracies: list[float]) -> str:
+    """`0.941 ± 0.006; 0.935 0.941 ...`: the mean over seeds, then each seed's."""
+    sd = statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0
+    return f"{statistics.mean(accuracies):.3f} ± {sd:.3f}; " + " ".join(
+        f"{a:.3f}" for a in accuracies
+    )
+
+
+def mcnemar_cell(seed: str, new: np.ndarray, old: np.ndarray, labels: np.ndarray) -> str:
+    """`seed: b/c, p = …`: test images right only by `new` / only by `old` (probabilities),
+    and the exact McNemar p-value."""
+    from imgclf.evaluation import mcnemar_exact
+
+    new_right, old_right = new.argmax(1) == labels, old.argmax(1) == labels
+    b, c = int(np.sum(new_right & ~old_right)), int(np.sum(old_right & ~new_right))
+    return f"{seed}: {b}/{c}, p = {mcnemar_exact(b, c)[0]:.3g}"
+
+
+def main(
+    doc: str,
+    add_options: Callable[[argparse.ArgumentParser], None],
+    train: Callable[[argparse.Namespace], dict[str, np.ndarray]],
+    table: Callable[[list[Path]], str],
+) -> None:
+    """A probe's command line: `train --workdir DIR --out F.npz [options]` writes what
+    `train(args)` returns (args.workdir resolved); `table F.npz ...` prints `table(files)`."""
+    from imgclf.errors import UserError
+
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    train_parser = sub.add_parser("train")
+    train_parser.add_argument("--workdir", type=Path, default=ROOT)
+    add_options(train_parser)
+    train_parser.add_argument("--out", type=Path, required=True)
+    sub.add_parser("table").add_argument("files", type=Path, nargs="+")
+    args = parser.parse_args()
+    if args.command == "table":
+        print(table(args.files))
+        return
+    args.workdir = args.workdir.resolve()
+    if not (args.workdir / "params.yaml").is_file():
+        raise SystemExit(
+            f"error: --workdir {args.workdir} has no params.yaml: pass a clone of this project "
+            "in which `dvc repro evaluate` (or one seed of tools/split_seeds.py) has run"
+        )
+    try:
+        out = train(args)
+    except UserError as e:
+        raise SystemExit(f"error: {e}") from None
+    np.savez(args.out, **out)
