@@ -108,7 +108,13 @@ def prepare(workdir: Path, image_folder: Path) -> int:
     subsets = assign_subsets(rows, test_fraction=0.2, seed=0, min_per_class=1)
     split_rows = write_split_trees(rows, subsets, image_folder, workdir / "split")
     write_csv(workdir / "split" / "manifest.csv", ["class", "file", "sha256", "subset"], split_rows)
+    provide_backbone(workdir)
+    return len(rows)
 
+
+def provide_backbone(workdir: Path) -> Path:
+    """workdir/backbone: a symlink to the repo's models/backbone when `dvc repro backbone` has
+    run, else the tf-2015 backbone converted there."""
     backbone = workdir / "backbone"
     if (ROOT / "models" / "backbone" / "backbone.json").is_file():
         backbone.symlink_to(ROOT / "models" / "backbone")
@@ -117,7 +123,7 @@ def prepare(workdir: Path, image_folder: Path) -> int:
 
         model, source = build_backbone("tf-2015")
         save_backbone(model, backbone, "tf-2015", source)
-    return len(rows)
+    return backbone
 
 
 def check_image_folder(path: Path) -> None:
