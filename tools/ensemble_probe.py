@@ -149,6 +149,6 @@ def add_options(parser: argparse.ArgumentParser) -> None:
 
 
 if __name__ == "__main__":
-    probe_runs.main(
+    probe_runs.cli(
         __doc__, add_options, lambda a: train_members(a.workdir, a.members, a.precision), table
     )

@@ -1,5 +1,6 @@
-"""What the probes' tables share: their .npz files (one per split seed, each with `y_val`,
-`y_test` and probabilities) and the cells of their tables."""
+"""What the probes (tools/*_probe.py) share: their command line (`train` writes an .npz per
+split seed, with `y_val`, `y_test` and probabilities; `table` reads them) and the cells of
+their tables."""
 
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ def mcnemar_cell(seed: str, new: np.ndarray, old: np.ndarray, labels: np.ndarray
     return f"{seed}: {b}/{c}, p = {mcnemar_exact(b, c)[0]:.3g}"
 
 
-def main(
+def cli(
     doc: str,
     add_options: Callable[[argparse.ArgumentParser], None],
     train: Callable[[argparse.Namespace], dict[str, np.ndarray]],

@@ -161,7 +161,7 @@ def add_options(parser: argparse.ArgumentParser) -> None:
 
 
 if __name__ == "__main__":
-    probe_runs.main(
+    probe_runs.cli(
         __doc__,
         add_options,
         lambda a: train_whole(a.workdir, a.learning_rate, a.epochs, a.precision),
