@@ -12,7 +12,7 @@ and `--precision` override it) on the stage's rows: every train view of the imag
 the validation slice, its epoch kept by the same rule. Its inputs are pixels instead of cached
 activations: each row's image decoded again, its view applied and the backbone's
 preprocessing after, as the activations stage computes them, held in memory as float16
-(536 KB a row at 299: 2.7 GiB for the full set's 5,276 rows). Writes the probabilities of the
+(536 KB a row at 299: 2.6 GiB for the full set's 5,276 rows). Writes the probabilities of the
 stage's saved finetune_keras model and of the whole-backbone one on the `orig` view of the
 validation and test images; writes nothing into DIR.
 
@@ -122,8 +122,8 @@ def train_whole(workdir: Path, learning_rate: float | None, epochs: int | None,
     change = backbone.model.get_layer("conv").get_weights()[0] - first_conv
     out["first_conv_change"] = np.float64(np.abs(change).max())
     for name in MODELS:
-        right = int(np.sum(out[f"{name}_val"].argmax(1) == data.y_val))
-        print(f"{name}: validation {right} of {len(data.y_val)}", flush=True)
+        print(f"{name}: validation {right(out[f'{name}_val'], data.y_val)} of {len(data.y_val)}",
+              flush=True)  # fmt: skip
     print(f"whole: kept epoch {result.summary['model_step']} (validation by epoch "
           f"{', '.join(f'{a:.4f}' for a in out['whole_val_by_epoch'])}), "
           f"{result.train_seconds:.0f} s of training", flush=True)  # fmt: skip
