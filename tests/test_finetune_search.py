@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.test_tracking import tiny_result
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,12 +44,38 @@ def test_variants_are_scored_on_validation_and_the_workspace_is_untouched(tmp_pa
     assert {name: digest(workdir / name) for name in before} == before
 
 
+@pytest.mark.parametrize("model", ["finetune_tf", "finetune_keras"])
+def test_the_search_reproduces_each_stage_from_its_own_recipe(tmp_path_factory, model):
+    # A variant that changes nothing, on the views the stage trained on, is the stage's own
+    # training: the same validation loss as its metrics (written to 6 digits), in both
+    # frameworks (Keras trains its top and head in place, so each variant needs fresh ones).
+    workdir, _ = tiny_result(tmp_path_factory)
+    out = tmp_path_factory.mktemp("search") / f"{model}.jsonl"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "finetune_search.py"), "--workdir", str(workdir),
+         "--model", model, "--out", str(out), "--variant", "base={}", "--variant", "again={}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    stage = json.loads((workdir / "metrics" / "train" / f"{model}.json").read_text())
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["model"] for r in rows] == [model, model]
+    for row in rows:
+        assert row["val_loss"][-1] == pytest.approx(stage["final_val_loss"], rel=2e-5)
+        assert row["best_val_accuracy"] == pytest.approx(stage["best_val_accuracy"], abs=1e-5)
+
+
 def test_a_mistyped_key_or_view_stops_before_any_training(tmp_path_factory):
     workdir, _ = tiny_result(tmp_path_factory)
     tool = [sys.executable, str(ROOT / "tools" / "finetune_search.py"), "--workdir", str(workdir)]
     for extra, expected in (
         (["--variant", 'typo={"mixupp": 0.4}'], "--variant typo: unknown key(s) ['mixupp']"),
         (["--views", "orig,flop", "--variant", "base={}"], "--views: ['flop'] not in"),
+        # mixup is a regularizer of finetune_tf's trainer only.
+        (
+            ["--model", "finetune_keras", "--variant", 'm={"mixup": 0.4}'],
+            "--variant m: unknown key(s) ['mixup']; finetune_keras takes some of",
+        ),
     ):
         proc = subprocess.run([*tool, *extra], cwd=ROOT, capture_output=True, text=True,
                               timeout=300)  # fmt: skip

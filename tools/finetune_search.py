@@ -1,21 +1,22 @@
 """Recipe search for fine-tuning, on the validation slice only: never reads a test row.
 
-    .venv/bin/python tools/finetune_search.py [--workdir DIR] [--views orig,flip] \
-        --variant base='{}' --variant mixup='{"mixup": 0.4, "epochs": 5}' ...
+    .venv/bin/python tools/finetune_search.py [--workdir DIR] [--model finetune_keras] \
+        [--views orig,flip] --variant base='{}' --variant lr='{"learning_rate": 3e-4}' ...
 
-Each variant is finetune_tf's recipe from DIR/params.yaml with some keys replaced (any keyword
-of `imgclf.finetune.finetune_tf.train_finetune_tf`, including the regularizers that are not
-stage params: `dropout`, `mixup`, `weight_decay`), and `precision`, which picks how the blocks
-are built. It trains on DIR's cached train activations
-(the views given, default all cached) and the heads' validation slice, exactly as the stage
-does, starting from DIR's trained `train_tf` head; nothing in DIR is written. Prints the
-validation accuracy of every epoch, and appends one JSON line per variant to `--out`.
+Each variant is the fine-tuned model's recipe (`--model`, default finetune_tf) from
+DIR/params.yaml with some keys replaced: any keyword of the model's train function (for
+finetune_tf that includes the regularizers that are not stage params: `dropout`, `mixup`,
+`weight_decay`), `precision`, which picks how the blocks are built, and `refit_head`. It trains
+on DIR's cached train activations (the views given, default all cached) and the heads'
+validation slice, exactly as the stage does, starting from DIR's trained base head (`train_tf`
+or `train_keras`); nothing in DIR is written. Prints the validation accuracy of every epoch,
+and appends one JSON line per variant to `--out`.
 
-DIR is a pipeline workspace that has run `dvc repro activations train@tf` (this checkout by
-default; a clone with `data.source` set to the full flowers for the README's search). Leave the
-code of the checkout that runs the search alone until it ends: TensorFlow's autograph reads a
-`tf.function`'s source file again when it traces, so an edit made meanwhile can break a variant
-that starts later.
+DIR is a pipeline workspace that has run `dvc repro activations train@tf train@keras` (this
+checkout by default; a clone with `data.source` set to the full flowers for the README's
+search). Leave the code of the checkout that runs the search alone until it ends: TensorFlow's
+autograph reads a `tf.function`'s source file again when it traces, so an edit made meanwhile
+can break a variant that starts later.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -37,7 +37,8 @@ FIXED = {"top", "head", "x_train", "y_train", "x_val", "y_val", "cut", "tensorbo
          "train_images", "seed", "progress"}  # fmt: skip
 
 
-def search(workdir: Path, variants: dict[str, dict], views: list[str] | None) -> list[dict]:
+def search(workdir: Path, variants: dict[str, dict], views: list[str] | None,
+           model: str = "finetune_tf") -> list[dict]:  # fmt: skip
     import numpy as np
     import yaml
 
@@ -49,26 +50,31 @@ def search(workdir: Path, variants: dict[str, dict], views: list[str] | None) ->
         refit_head,
         split_recipe,
     )
-    from imgclf.finetune.finetune_tf import train_finetune_tf
-    from imgclf.heads.tf_head import load_tf_head
+    from imgclf.heads.common import read_labels
     from imgclf.inception import build_top, load_backbone
     from imgclf.layout import Layout
     from imgclf.params import HeadsParams
     from imgclf.registry import base_params, get_model, model_params
 
+    spec = get_model(model)
+    if spec.base is None:
+        raise SystemExit(f"--model {model}: not a fine-tuned model (it has no base head)")
+    train_fn = spec.function("train")
+    trainer_keys = set(inspect.signature(train_fn).parameters)
     # precision and refit_head: stage params that pick the blocks' build and the head's start,
     # not trainer keywords.
-    known = set(inspect.signature(train_finetune_tf).parameters) - FIXED
-    known |= {"precision", "refit_head"}
+    known = (trainer_keys - FIXED) | {"precision", "refit_head"}
     for name, changes in variants.items():  # before any training: a typo costs no minutes
         if unknown := sorted(set(changes) - known):
-            raise SystemExit(f"--variant {name}: unknown key(s) {unknown}; expected some of "
-                             f"{sorted(known)}")  # fmt: skip
+            raise SystemExit(f"--variant {name}: unknown key(s) {unknown}; {model} takes "
+                             f"some of {sorted(known)}")  # fmt: skip
     params = yaml.safe_load((workdir / "params.yaml").read_text())
     layout = Layout.from_params(params, workdir)
     cut = params["activations"]["cut"]
+    # finetune_tf's trainer also takes the cut (its module rewrites the blocks after it).
+    extra = {"cut": cut} if "cut" in trainer_keys else {}
     heads = HeadsParams.from_params(params)
-    recipe = model_params(get_model("finetune_tf"), params)
+    recipe = model_params(spec, params)
     acts = load_activations(layout.activations, "train")
     data = load_finetune_data(acts, heads.validation_fraction, heads.seed)
     views = list(views or acts.views)
@@ -81,39 +87,31 @@ def search(workdir: Path, variants: dict[str, dict], views: list[str] | None) ->
     train = dataclasses.replace(data, x_train=SelectedRows(acts.x, rows),
                                 y_train=acts.labels[rows].astype(np.int64),
                                 train_images=images)  # fmt: skip
-    base = get_model("finetune_tf").base
-    assert base is not None
-    results = []
-    # Read once: the trainer copies their values into its own variables and leaves them as
-    # they were, so every variant starts from the same top and head.
+    load_head = get_model(spec.base).function("load")
+    n_classes = len(read_labels(layout.model_dir(spec.base)))
     size = params["activations"]["image_size"]
-    tops: dict[str, Any] = {}
-    head = load_tf_head(layout.model_dir(base))
-    refitted: dict[str, Any] = {}  # per precision: every variant shares the views, so the refit
+    results = []
     for name, changes in variants.items():
         kwargs, settings = split_recipe({**recipe, **changes})  # test-time flips: judged apart
-        precision, refit = settings.precision, settings.refit_head
-        if precision not in tops:
-            backbone = load_backbone(layout.backbone, precision=precision, image_size=size)
-            tops[precision] = build_top(backbone.model, cut)
-        top = tops[precision]
+        # Built anew for every variant: Keras trains the top's and the head's layers in place.
+        backbone = load_backbone(layout.backbone, precision=settings.precision, image_size=size)
+        top = build_top(backbone.model, cut)
         started = time.perf_counter()
-        if refit and precision not in refitted:  # the head the stage would refit
-            n_classes = int(head.final_weights.shape[1])
-            refitted[precision] = refit_head(base, top, train, n_classes=n_classes,
-                                             seed=heads.seed,
-                                             recipe=base_params("finetune_tf", params))  # fmt: skip
-        start = refitted[precision] if refit else head
+        if settings.refit_head:  # the head the stage would refit
+            head = refit_head(spec.base, top, train, n_classes=n_classes, seed=heads.seed,
+                              recipe=base_params(model, params))  # fmt: skip
+        else:
+            head = load_head(layout.model_dir(spec.base))
         with tempfile.TemporaryDirectory() as tensorboard:
-            result = train_finetune_tf(
-                top, start, train.x_train, train.y_train, data.x_val, data.y_val, cut=cut,
+            result = train_fn(
+                top, head, train.x_train, train.y_train, data.x_val, data.y_val,
                 tensorboard_dir=tensorboard, train_images=train.train_images, seed=heads.seed,
-                progress=False, **kwargs,
+                progress=False, **extra, **kwargs,
             )  # fmt: skip
         val = [row["val_accuracy"] for row in result.curve]
         kept = int(result.summary["model_step"])  # the stage's pick: epoch_rank
         results.append({
-            "variant": name, "changes": changes, "views": views,
+            "variant": name, "model": model, "changes": changes, "views": views,
             "start_val_accuracy": result.summary["start_val_accuracy"],
             "val_accuracy": val, "val_loss": [row["val_loss"] for row in result.curve],
             "train_accuracy": [row["train_accuracy"] for row in result.curve],
@@ -128,6 +126,10 @@ def search(workdir: Path, variants: dict[str, dict], views: list[str] | None) ->
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", type=Path, default=ROOT)
+    parser.add_argument(
+        "--model", default="finetune_tf", choices=["finetune_tf", "finetune_keras"],
+        help="the fine-tuned model whose recipe is searched",
+    )  # fmt: skip
     parser.add_argument("--views", help="comma-separated cached train views (default: all)")
     parser.add_argument(
         "--variant",
@@ -143,7 +145,7 @@ def main() -> None:
         name, _, changes = spec.partition("=")
         variants[name] = json.loads(changes or "{}")
     views = args.views.split(",") if args.views else None
-    results = search(args.workdir.resolve(), variants, views)
+    results = search(args.workdir.resolve(), variants, views, args.model)
     with args.out.open("a") as f:
         for row in results:
             f.write(json.dumps(row) + "\n")
