@@ -126,8 +126,10 @@ def search(workdir: Path, variants: dict[str, dict], views: list[str] | None,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", type=Path, default=ROOT)
+    from imgclf.registry import model_names
+
     parser.add_argument(
-        "--model", default="finetune_tf", choices=["finetune_tf", "finetune_keras"],
+        "--model", default="finetune_tf", choices=model_names(inputs="activations"),
         help="the fine-tuned model whose recipe is searched",
     )  # fmt: skip
     parser.add_argument("--views", help="comma-separated cached train views (default: all)")
