@@ -164,6 +164,7 @@ def test_the_whole_backbone_probe_trains_every_layer_from_the_stages_start(tmp_p
     assert run["whole_test"].shape == run["stage_test"].shape == (len(run["y_test"]), 3)
     assert not np.allclose(run["whole_val"], run["stage_val"], atol=1e-4)
     assert float(run["first_conv_change"]) > 0, "the backbone's first layer did not train"
+    assert int(run["peak_rss_bytes"]) > 2**20
     assert len(run["whole_val_by_epoch"]) == stage["epochs"] == 1
     assert before == {name: digest(workdir / name) for name in ("data", "models", "metrics")}
     proc = subprocess.run([*tool, "table", str(out)], cwd=ROOT, capture_output=True, text=True,

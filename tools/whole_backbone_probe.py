@@ -69,7 +69,7 @@ def train_whole(workdir: Path, learning_rate: float | None, epochs: int | None,
     import yaml
 
     import imgclf.quiet_tf  # noqa: F401
-    from imgclf.activations import load_activations
+    from imgclf.activations import load_activations, peak_rss_bytes
     from imgclf.features import split_items
     from imgclf.finetune.common import load_finetune_data, predict_images, split_recipe
     from imgclf.inception import PREPROCESSORS, build_top, load_backbone
@@ -121,12 +121,14 @@ def train_whole(workdir: Path, learning_rate: float | None, epochs: int | None,
     # The proof that the lowest layer trained too (the stages never change it).
     change = backbone.model.get_layer("conv").get_weights()[0] - first_conv
     out["first_conv_change"] = np.float64(np.abs(change).max())
+    out["peak_rss_bytes"] = np.int64(peak_rss_bytes())
     for name in MODELS:
         print(f"{name}: validation {right(out[f'{name}_val'], data.y_val)} of {len(data.y_val)}",
               flush=True)  # fmt: skip
     print(f"whole: kept epoch {result.summary['model_step']} (validation by epoch "
           f"{', '.join(f'{a:.4f}' for a in out['whole_val_by_epoch'])}), "
-          f"{result.train_seconds:.0f} s of training", flush=True)  # fmt: skip
+          f"{result.train_seconds:.0f} s of training, peak RSS "
+          f"{out['peak_rss_bytes'] / 2**30:.2f} GiB", flush=True)  # fmt: skip
     return out
 
 
