@@ -36,30 +36,18 @@ FRAMEWORKS = ("finetune_tf", "finetune_keras")
 
 
 def train_members(workdir: Path, members: int, precision: str | None) -> dict[str, np.ndarray]:
-    import yaml
-
-    import imgclf.quiet_tf  # noqa: F401
-    from imgclf.activations import load_activations
+    import imgclf.quiet_tf  # noqa: F401  (first: TensorFlow without its notices)
     from imgclf.fileio import read_json
-    from imgclf.finetune.common import load_finetune_data, predict_images, split_recipe
+    from imgclf.finetune.common import split_recipe
     from imgclf.heads.common import read_labels
     from imgclf.inception import build_top, load_backbone
-    from imgclf.layout import Layout
-    from imgclf.params import HeadsParams
     from imgclf.registry import get_model, model_params
 
-    params = yaml.safe_load((workdir / "params.yaml").read_text())
-    layout = Layout.from_params(params, workdir)
+    ws = probe_runs.load_workspace(workdir)
+    params, layout, heads, data = ws.params, ws.layout, ws.heads, ws.data
     cut, size = params["activations"]["cut"], params["activations"]["image_size"]
-    heads = HeadsParams.from_params(params)
-    acts = load_activations(layout.activations, "train")
-    test = load_activations(layout.activations, "test")
-    data = load_finetune_data(acts, heads.validation_fraction, heads.seed)
-    out = {"y_val": data.y_val, "y_test": test.labels[test.of_view("orig")]}
-
-    def scores(predict) -> tuple[np.ndarray, np.ndarray]:
-        val = predict_images(predict, acts, test_time_flip=False, rows=data.val_rows)
-        return val, predict_images(predict, test, test_time_flip=False)
+    out = ws.labels()
+    scores = ws.scores
 
     for name in FRAMEWORKS:
         spec = get_model(name)

@@ -7,11 +7,55 @@ from __future__ import annotations
 import argparse
 import statistics
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Workspace:
+    """What every probe reads from a workspace where a seed's fine-tunes ran: its params, where
+    things are, the heads' slice, and the train and test activations split as the stages do."""
+
+    params: dict[str, Any]
+    layout: Any  # imgclf.layout.Layout
+    heads: Any  # imgclf.params.HeadsParams
+    acts: Any  # imgclf.activations.Activations, train
+    test: Any  # the same, test
+    data: Any  # imgclf.finetune.common.FinetuneData
+
+    def labels(self) -> dict[str, np.ndarray]:
+        """`y_val` and `y_test` (the `orig` view of the test images): every probe file's."""
+        return {"y_val": self.data.y_val, "y_test": self.test.labels[self.test.of_view("orig")]}
+
+    def scores(self, predict: Callable) -> tuple[np.ndarray, np.ndarray]:
+        """A model's probabilities on the `orig` view of the validation and the test images."""
+        from imgclf.finetune.common import predict_images
+
+        val = predict_images(predict, self.acts, test_time_flip=False, rows=self.data.val_rows)
+        return val, predict_images(predict, self.test, test_time_flip=False)
+
+
+def load_workspace(workdir: Path) -> Workspace:
+    import yaml
+
+    import imgclf.quiet_tf  # noqa: F401
+    from imgclf.activations import load_activations
+    from imgclf.finetune.common import load_finetune_data
+    from imgclf.layout import Layout
+    from imgclf.params import HeadsParams
+
+    params = yaml.safe_load((workdir / "params.yaml").read_text())
+    layout = Layout.from_params(params, workdir)
+    heads = HeadsParams.from_params(params)
+    acts = load_activations(layout.activations, "train")
+    test = load_activations(layout.activations, "test")
+    data = load_finetune_data(acts, heads.validation_fraction, heads.seed)
+    return Workspace(params, layout, heads, acts, test, data)
 
 
 def load_runs(files: list[Path]) -> tuple[dict[str, dict[str, np.ndarray]], int]:

@@ -66,21 +66,17 @@ def train_whole(workdir: Path, learning_rate: float | None, epochs: int | None,
                 precision: str | None) -> dict[str, np.ndarray]:  # fmt: skip
     import functools
 
-    import yaml
-
-    import imgclf.quiet_tf  # noqa: F401
-    from imgclf.activations import load_activations, peak_rss_bytes
+    import imgclf.quiet_tf  # noqa: F401  (first: TensorFlow without its notices)
+    from imgclf.activations import peak_rss_bytes
     from imgclf.features import split_items
-    from imgclf.finetune.common import load_finetune_data, predict_images, split_recipe
+    from imgclf.finetune.common import split_recipe
     from imgclf.inception import PREPROCESSORS, build_top, load_backbone
-    from imgclf.layout import Layout
-    from imgclf.params import HeadsParams
     from imgclf.registry import get_model, model_params
 
-    params = yaml.safe_load((workdir / "params.yaml").read_text())
-    layout = Layout.from_params(params, workdir)
+    ws = probe_runs.load_workspace(workdir)
+    params, layout, heads, acts, test, data = (ws.params, ws.layout, ws.heads, ws.acts, ws.test,
+                                               ws.data)  # fmt: skip
     size = params["activations"]["image_size"]
-    heads = HeadsParams.from_params(params)
     spec = get_model(MODEL)
     assert spec.base is not None
     recipe, settings = split_recipe(model_params(spec, params))
@@ -88,14 +84,11 @@ def train_whole(workdir: Path, learning_rate: float | None, epochs: int | None,
         raise SystemExit(f"{MODEL}.refit_head: the probe starts from the trained head only")
     recipe.update({k: v for k, v in (("learning_rate", learning_rate), ("epochs", epochs))
                    if v is not None})  # fmt: skip
-    acts = load_activations(layout.activations, "train")
-    test = load_activations(layout.activations, "test")
-    data = load_finetune_data(acts, heads.validation_fraction, heads.seed)
     test_rows = test.of_view("orig")
-    out = {"y_val": data.y_val, "y_test": test.labels[test_rows]}
-    stage = spec.function("predictor")(layout.model_dir(MODEL))
-    out["stage_val"] = predict_images(stage, acts, test_time_flip=False, rows=data.val_rows)
-    out["stage_test"] = predict_images(stage, test, test_time_flip=False)
+    out = ws.labels()
+    out["stage_val"], out["stage_test"] = ws.scores(
+        spec.function("predictor")(layout.model_dir(MODEL))
+    )
 
     backbone = load_backbone(layout.backbone, precision=precision or settings.precision,
                              image_size=size)  # fmt: skip
