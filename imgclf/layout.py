@@ -10,6 +10,11 @@ reader asks this object for a file's place, and dvc.yaml spells the same places 
     <paths.metrics>/misclassified/<name>.csv, .png
     <paths.tensorboard>/<name>/                  TensorBoard events (fine-tuned models)
 
+the label audit's (imgclf/label_audit.py):
+
+    <paths.metrics>/label_issues.csv, .png      training images whose label looks wrong
+    <paths.metrics>/audit.json                  how many, per class
+
 and the export stage's LiteRT files (imgclf/litert.py):
 
     <paths.models>/litert/<name>-<precision>.tflite, .labels.txt, .json
@@ -94,6 +99,14 @@ class Layout:
 
     def misclassified(self, name: str, suffix: str = ".csv") -> Path:
         return self.metrics / "misclassified" / f"{name}{suffix}"
+
+    def label_issues(self, suffix: str = ".csv") -> Path:
+        """The label audit's list of training images whose label looks wrong (.csv, .png)."""
+        return self.metrics / f"label_issues{suffix}"
+
+    @property
+    def audit_metrics(self) -> Path:
+        return self.metrics / "audit.json"
 
     @property
     def comparison_json(self) -> Path:

@@ -61,6 +61,9 @@ def check_runtime(runtime: str, precision: str, section: str) -> None:
         )
 
 
+# cleanlab's find_label_issues filters (imgclf/label_audit.py FILTERS; a test checks they agree).
+LABEL_AUDIT_FILTERS = ("prune_by_noise_rate", "prune_by_class", "both", "confident_learning")
+
 # Where feature extraction runs (imgclf/executors: EXECUTORS); a test checks they agree.
 EXECUTORS = ("local", "ray")
 
@@ -267,6 +270,17 @@ class HeadsParams(Block):
     section: ClassVar[str] = "heads"
     validation_fraction: float = number(0, 1, open_low=True, open_high=True)
     seed: int = integer(0)
+    drop_label_issues: bool = boolean()  # train without the images the label audit flags
+
+
+@dataclass(frozen=True)
+class AuditParams(Block):
+    section: ClassVar[str] = "audit"
+    folds: int = integer(2)
+    C: float = number(0, math.inf, open_low=True)
+    max_iter: int = integer(1)
+    filter_by: str = choice(LABEL_AUDIT_FILTERS)
+    sheet_max: int = integer(0)
 
 
 @dataclass(frozen=True)

@@ -16,9 +16,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from imgclf.fileio import read_csv, read_json, read_metrics, write_json
-from imgclf.heads.common import Bottlenecks
-from imgclf.reports import (
+from imgclf.contact_sheet import (
     CELL_H,
     CELL_W,
     HEADER_H,
@@ -27,8 +25,10 @@ from imgclf.reports import (
     THUMB,
     contact_sheet,
     contact_sheet_size,
-    lines_of_code,
 )
+from imgclf.fileio import read_csv, read_json, read_metrics, write_json
+from imgclf.heads.common import Bottlenecks
+from imgclf.reports import lines_of_code
 from stages.evaluate import HEADS_SOURCE_DIR, evaluate_predictions
 from tests.helpers import make_image
 

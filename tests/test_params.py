@@ -19,6 +19,7 @@ BLOCKS = [
     P.BottlenecksParams,
     P.RayParams,
     P.HeadsParams,
+    P.AuditParams,
     P.TrainTfParams,
     P.TrainKerasParams,
     P.TrainSklearnParams,

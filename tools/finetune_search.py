@@ -46,9 +46,9 @@ def search(workdir: Path, variants: dict[str, dict], views: list[str] | None,
     from imgclf.activations import load_activations
     from imgclf.finetune.common import (
         SelectedRows,
-        load_finetune_data,
         refit_head,
         split_recipe,
+        stage_finetune_data,
     )
     from imgclf.heads.common import read_labels
     from imgclf.inception import build_top, load_backbone
@@ -76,7 +76,7 @@ def search(workdir: Path, variants: dict[str, dict], views: list[str] | None,
     heads = HeadsParams.from_params(params)
     recipe = model_params(spec, params)
     acts = load_activations(layout.activations, "train")
-    data = load_finetune_data(acts, heads.validation_fraction, heads.seed)
+    data, _ = stage_finetune_data(acts, layout, heads.as_kwargs())
     views = list(views or acts.views)
     if missing := [v for v in views if v not in acts.views]:
         raise SystemExit(f"--views: {missing} not in {layout.activations}/train_index.npz, "

@@ -45,7 +45,7 @@ def load_workspace(workdir: Path) -> Workspace:
 
     import imgclf.quiet_tf  # noqa: F401
     from imgclf.activations import load_activations
-    from imgclf.finetune.common import load_finetune_data
+    from imgclf.finetune.common import stage_finetune_data
     from imgclf.layout import Layout
     from imgclf.params import HeadsParams
 
@@ -54,7 +54,7 @@ def load_workspace(workdir: Path) -> Workspace:
     heads = HeadsParams.from_params(params)
     acts = load_activations(layout.activations, "train")
     test = load_activations(layout.activations, "test")
-    data = load_finetune_data(acts, heads.validation_fraction, heads.seed)
+    data, _ = stage_finetune_data(acts, layout, heads.as_kwargs())
     return Workspace(params, layout, heads, acts, test, data)
 
 

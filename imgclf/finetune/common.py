@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ from imgclf.backbone_info import IMAGE_SIZE
 from imgclf.errors import MissingInput, UserError
 from imgclf.fileio import atomic_write_bytes, read_json
 from imgclf.heads.common import validation_split
+from imgclf.label_audit import without_ids
 
 SCHEDULES = ("constant", "cosine")
 VIEW_SAMPLINGS = ("all", "one_per_image")
@@ -138,9 +139,12 @@ def split_recipe(recipe: Mapping[str, Any]) -> tuple[dict[str, Any], StageSettin
     return kwargs, settings
 
 
-def finetune_rows(acts: Activations, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(train rows, val rows) of the train activations: all views of the training images, the
-    `orig` view only of the validation images (the heads' slice, in image order)."""
+def finetune_rows(
+    acts: Activations, fraction: float, seed: int, exclude: Sequence[str] = ()
+) -> tuple[np.ndarray, np.ndarray]:
+    """(train rows, val rows) of the train activations: all views of the training images but
+    those in `exclude` (ids), the `orig` view only of the validation images (the heads' slice,
+    in image order)."""
     if "orig" not in acts.views:
         raise UserError(
             f"the train activations hold the views {list(acts.views)} but not `orig`, which the "
@@ -150,13 +154,15 @@ def finetune_rows(acts: Activations, fraction: float, seed: int) -> tuple[np.nda
     _, val_idx = validation_split(acts.labels[orig], fraction, seed)
     val_rows = orig[val_idx]
     is_val_image = np.isin(acts.ids, acts.ids[val_rows])
-    return np.flatnonzero(~is_val_image), val_rows
+    return without_ids(acts.ids, np.flatnonzero(~is_val_image), exclude), val_rows
 
 
-def load_finetune_data(acts: Activations, fraction: float, seed: int) -> FinetuneData:
+def load_finetune_data(
+    acts: Activations, fraction: float, seed: int, exclude: Sequence[str] = ()
+) -> FinetuneData:
     """The rows of `finetune_rows`: the validation rows in memory, the training rows left in
     the memory map until a batch reads them."""
-    train_rows, val_rows = finetune_rows(acts, fraction, seed)
+    train_rows, val_rows = finetune_rows(acts, fraction, seed, exclude)
     _, train_images = np.unique(acts.ids[train_rows], return_inverse=True)
     return FinetuneData(
         x_train=SelectedRows(acts.x, train_rows),
@@ -169,6 +175,19 @@ def load_finetune_data(acts: Activations, fraction: float, seed: int) -> Finetun
         n_val_images=int(val_rows.size),
         views=acts.views,
     )
+
+
+def stage_finetune_data(
+    acts: Activations, layout: Any, shared: Mapping[str, Any]
+) -> tuple[FinetuneData, int]:
+    """`load_finetune_data` as the fine-tune stages call it, from the heads block (`shared`):
+    the heads' slice and seed, and without the label audit's images when drop_label_issues is
+    set. Also the number of images so left out. `layout`: an imgclf.layout.Layout."""
+    from imgclf.heads.common import excluded_from_training
+
+    excluded = excluded_from_training(layout, bool(shared["drop_label_issues"]))
+    fraction, seed = float(shared["validation_fraction"]), int(shared["seed"])
+    return load_finetune_data(acts, fraction, seed, excluded), len(excluded)
 
 
 def learning_rate_at(step: Any, total_steps: int, learning_rate: float, schedule: str) -> Any:
@@ -509,7 +528,7 @@ def train_and_save_finetune(
             f"but {head_dir}/labels.txt lists {len(classes)} classes: the head was trained on "
             "another split; rerun the pipeline (dvc repro)"
         )
-    data = load_finetune_data(acts, float(shared["validation_fraction"]), int(shared["seed"]))
+    data, n_dropped = stage_finetune_data(acts, layout, shared)
     backbone = load_backbone(layout.backbone, precision=settings.precision, image_size=image_size)
     top = build_top(backbone.model, cut)
     if tuple(top.input.shape[1:]) != tuple(data.x_train.shape[1:]):
@@ -570,6 +589,7 @@ def train_and_save_finetune(
         n_train=len(data.y_train),
         n_val=len(data.y_val),
         n_classes=len(classes),
+        n_dropped=n_dropped,
     )
 
 

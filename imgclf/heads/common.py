@@ -240,6 +240,7 @@ def write_training_metrics(
     n_val: int,
     n_classes: int,
     has_curve: bool | None = None,
+    n_dropped: int = 0,
 ) -> dict[str, Any]:
     """Write metrics/train/<head>.json and metrics/curves/<head>.csv (see imgclf/layout.py).
 
@@ -256,6 +257,8 @@ def write_training_metrics(
         "n_train": int(n_train),
         "n_val": int(n_val),
         "n_classes": int(n_classes),
+        # Training images left out because the label audit flagged them (heads.drop_label_issues).
+        "n_label_issues_dropped": int(n_dropped),
         "train_seconds": round(result.train_seconds, 2),
         **curve_summary(result.curve),
         **result.summary,
@@ -271,11 +274,26 @@ def write_training_metrics(
     return metrics
 
 
+def excluded_from_training(layout: Layout, drop_label_issues: bool) -> list[str]:
+    """The ids every model trains without: the label audit's list when heads.drop_label_issues
+    is true, else none. The validation slice is carved before they are taken out, so it is the
+    same either way (the audit never lists its images)."""
+    if not drop_label_issues:
+        return []
+    from imgclf.label_audit import read_label_issues
+
+    return read_label_issues(layout.label_issues())
+
+
 def split_train_val(
-    train: Bottlenecks, fraction: float, seed: int
+    train: Bottlenecks, fraction: float, seed: int, exclude: Sequence[str] = ()
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(x_train, y_train, x_val, y_val) using the shared validation slice."""
+    """(x_train, y_train, x_val, y_val) using the shared validation slice; the training rows
+    without the ids in `exclude`."""
+    from imgclf.label_audit import without_ids
+
     train_idx, val_idx = validation_split(train.labels, fraction, seed)
+    train_idx = without_ids(train.ids, train_idx, exclude)
     return (
         train.features[train_idx],
         train.labels[train_idx],
@@ -297,7 +315,10 @@ def train_model(name: str, params: Mapping[str, Any], workdir: str | Path = ".")
     layout = Layout.from_params(params, workdir)
     shared = HeadsParams.from_params(params)
     train = load_bottlenecks(layout.bottlenecks, "train")
-    x_train, y_train, x_val, y_val = split_train_val(train, shared.validation_fraction, shared.seed)
+    excluded = excluded_from_training(layout, shared.drop_label_issues)
+    x_train, y_train, x_val, y_val = split_train_val(
+        train, shared.validation_fraction, shared.seed, excluded
+    )
     result = spec.function("train")(
         x_train,
         y_train,
@@ -317,6 +338,7 @@ def train_model(name: str, params: Mapping[str, Any], workdir: str | Path = ".")
         n_val=len(y_val),
         n_classes=len(train.classes),
         has_curve=spec.has_curve,
+        n_dropped=len(excluded),
     )
 
 
