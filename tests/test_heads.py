@@ -245,7 +245,7 @@ def test_load_predictor_rejects_unknown_heads_and_missing_models(tmp_path: Path)
 
 def _small_params() -> dict:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["heads"] = {"validation_fraction": 0.2, "seed": 0}
+    params["heads"].update(validation_fraction=0.2, seed=0)
     params["train_tf"].update(steps=150, eval_every=50, batch_size=32)
     params["train_keras"].update(hidden_units=16, epochs=3, learning_rate=1e-3)
     return params

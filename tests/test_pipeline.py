@@ -294,6 +294,12 @@ def test_repro_builds_every_stage_and_the_split_trees(project):
     assert litert["files"]["tf-float32"]["max_abs_prob_diff"] < 1e-3
     assert (project / "models" / "litert" / "tf-float32.tflite").is_file()
     assert "| `tf-float32.tflite` |" in (project / "metrics" / "litert.md").read_text()
+    # The label audit ran on the training images outside the validation slice; by default
+    # the models trained on every one of them.
+    audit = read(project, "metrics/audit.json")
+    train = read(project, "metrics/train/tf.json")
+    assert audit["images_audited"] == train["n_train"] and train["n_label_issues_dropped"] == 0
+    assert (project / "metrics" / "label_issues.png").is_file()
 
 
 def test_the_fine_tuned_models_are_evaluated_and_registered(project):
