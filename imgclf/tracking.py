@@ -628,6 +628,10 @@ def track_pipeline(
             if path.is_file():
                 client.log_artifact(parent_id, str(path))
         _log_litert(client, parent_id, files.layout, log_models=log_models)
+        layout = files.layout
+        for path in (layout.label_issues(), layout.label_issues(".png"), layout.audit_metrics):
+            if path.is_file():
+                client.log_artifact(parent_id, str(path), "label_audit")
         for head in heads:
             summary["heads"][head] = _track_head(
                 head,

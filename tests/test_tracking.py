@@ -153,8 +153,9 @@ def build_tiny_result(workdir: Path) -> dict:
     os.chdir(workdir)
     try:
         from imgclf.registry import pipeline_models
-        from stages import activations, evaluate, finetune_keras, finetune_tf, train
+        from stages import activations, audit, evaluate, finetune_keras, finetune_tf, train
 
+        audit.main()
         for head in ("tf", "keras", "sklearn"):
             train.main([head])
         activations.main()
@@ -466,7 +467,10 @@ def test_one_parent_run_a_child_per_model_with_params_metrics_curves_tags(tracke
 def test_artifacts_are_logged(tracked, tmp_path):
     client, summary = tracked["client"], tracked["summary"]
     parent_files = {a.path for a in client.list_artifacts(summary["run_id"])}
-    assert {"params.yaml", "comparison.md", "backbone.json"} <= parent_files
+    assert {"params.yaml", "comparison.md", "backbone.json", "label_audit"} <= parent_files
+    audit_files = {a.path for a in client.list_artifacts(summary["run_id"], "label_audit")}
+    assert audit_files == {f"label_audit/{name}" for name in
+                           ("label_issues.csv", "label_issues.png", "audit.json")}  # fmt: skip
     for head in ("tf", "keras", "sklearn", "finetune_tf", "finetune_keras"):
         run_id = summary["heads"][head]["run_id"]
         files = {
