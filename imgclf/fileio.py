@@ -115,14 +115,20 @@ def read_metrics(path: str | Path) -> dict[str, Any]:
 
 
 def write_csv(
-    path: str | Path, fieldnames: Sequence[str], rows: Iterable[Mapping[str, Any]]
+    path: str | Path,
+    fieldnames: Sequence[str],
+    rows: Iterable[Mapping[str, Any]],
+    fixed_decimals: Mapping[str, int] | None = None,
 ) -> None:
-    """CSV with a header and Unix line endings, written atomically."""
+    """CSV with a header and Unix line endings, written atomically. The columns of
+    `fixed_decimals` are written with that many decimals (4: 0.5 -> "0.5000"), so such a
+    column reads (and diffs) evenly."""
+    fixed = dict(fixed_decimals or {})
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(fieldnames), lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow(row)
+        writer.writerow({**row, **{k: f"{float(row[k]):.{n}f}" for k, n in fixed.items()}})
     atomic_write_bytes(path, buf.getvalue().encode("utf-8"))
 
 

@@ -88,11 +88,7 @@ def find_label_issues(
 
 
 def write_label_issues(path: str | Path, rows: Sequence[Mapping[str, Any]]) -> None:
-    formatted = [
-        {**r, "p_label": f"{r['p_label']:.4f}", "p_suggested": f"{r['p_suggested']:.4f}"}
-        for r in rows
-    ]
-    write_csv(path, LABEL_ISSUE_COLUMNS, formatted)
+    write_csv(path, LABEL_ISSUE_COLUMNS, rows, fixed_decimals={"p_label": 4, "p_suggested": 4})
 
 
 def read_label_issues(path: str | Path) -> list[str]:

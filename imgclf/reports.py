@@ -121,12 +121,7 @@ def misclassified_rows(result: HeadResult, split_dir: str | Path) -> list[dict[s
 
 
 def write_misclassified_csv(path: str | Path, rows: Sequence[Mapping[str, Any]]) -> None:
-    # Fixed 4 decimals, so 0.5 is written "0.5000" and the column reads (and diffs) evenly.
-    formatted = [
-        {**r, "confidence": f"{r['confidence']:.4f}", "p_actual": f"{r['p_actual']:.4f}"}
-        for r in rows
-    ]
-    write_csv(path, MISCLASSIFIED_COLUMNS, formatted)
+    write_csv(path, MISCLASSIFIED_COLUMNS, rows, fixed_decimals={"confidence": 4, "p_actual": 4})
 
 
 # ---------------------------------------------------------------------------------------------
