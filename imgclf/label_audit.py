@@ -132,8 +132,17 @@ def audit_summary(
 
 
 def without_ids(ids: np.ndarray, rows: np.ndarray, excluded: Iterable[str]) -> np.ndarray:
-    """`rows` (positions into `ids`) minus those whose id is in `excluded`."""
+    """`rows` (positions into `ids`) minus those whose id is in `excluded`. Every excluded id
+    must be among them: a list made for another split (or another data set) would otherwise
+    leave out less than it says, or touch the validation slice."""
     excluded = np.asarray(list(excluded), dtype=str)
     if not excluded.size:
         return rows
-    return rows[~np.isin(np.asarray(ids)[rows], excluded)]
+    row_ids = np.asarray(ids)[rows]
+    if unknown := sorted(set(excluded.tolist()) - set(row_ids.tolist())):
+        raise UserError(
+            f"the label audit's list names {len(unknown)} image(s) that are not training images "
+            f"of this split (e.g. {unknown[0]}): it was made for another split or data set; "
+            "rerun it (dvc repro audit)"
+        )
+    return rows[~np.isin(row_ids, excluded)]

@@ -87,6 +87,10 @@ def test_dropping_leaves_the_validation_slice_and_every_view_of_the_dropped_imag
     np.testing.assert_array_equal(kept_val, val_rows)
     assert len(kept) == len(rows) - 2 * 2  # both views of each
     assert not set(acts.ids[kept]) & set(dropped)
+    # A list made for another split names a validation image: refused, not half applied.
+    with pytest.raises(UserError, match=r"1 image\(s\) that are not training images .*"
+                       r"dvc repro audit"):  # fmt: skip
+        finetune_rows(acts, 0.2, seed=3, exclude=[*dropped, acts.ids[val_rows[0]]])
 
 
 def test_the_fine_tune_stages_drop_the_audits_list_only_when_told(tmp_path):

@@ -28,8 +28,9 @@ from imgclf.activations import Activations
 from imgclf.backbone_info import IMAGE_SIZE
 from imgclf.errors import MissingInput, UserError
 from imgclf.fileio import atomic_write_bytes, read_json
-from imgclf.heads.common import validation_split
+from imgclf.heads.common import excluded_from_training, validation_split
 from imgclf.label_audit import without_ids
+from imgclf.layout import Layout
 
 SCHEDULES = ("constant", "cosine")
 VIEW_SAMPLINGS = ("all", "one_per_image")
@@ -178,13 +179,11 @@ def load_finetune_data(
 
 
 def stage_finetune_data(
-    acts: Activations, layout: Any, shared: Mapping[str, Any]
+    acts: Activations, layout: Layout, shared: Mapping[str, Any]
 ) -> tuple[FinetuneData, int]:
     """`load_finetune_data` as the fine-tune stages call it, from the heads block (`shared`):
     the heads' slice and seed, and without the label audit's images when drop_label_issues is
-    set. Also the number of images so left out. `layout`: an imgclf.layout.Layout."""
-    from imgclf.heads.common import excluded_from_training
-
+    set. Also the number of images so left out."""
     excluded = excluded_from_training(layout, bool(shared["drop_label_issues"]))
     fraction, seed = float(shared["validation_fraction"]), int(shared["seed"])
     return load_finetune_data(acts, fraction, seed, excluded), len(excluded)
@@ -512,7 +511,6 @@ def train_and_save_finetune(
     from imgclf.activations import load_activations
     from imgclf.heads.common import read_labels, stopwatch, write_training_metrics
     from imgclf.inception import build_top, load_backbone
-    from imgclf.layout import Layout
     from imgclf.registry import get_model
 
     spec = get_model(name)

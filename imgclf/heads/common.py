@@ -25,6 +25,7 @@ import numpy as np
 from imgclf.errors import MissingInput
 from imgclf.evaluation import log_loss
 from imgclf.fileio import atomic_write_bytes, read_json, write_csv, write_metrics
+from imgclf.label_audit import read_label_issues, without_ids
 from imgclf.layout import Layout
 
 N_FEATURES = 2048
@@ -280,8 +281,6 @@ def excluded_from_training(layout: Layout, drop_label_issues: bool) -> list[str]
     same either way (the audit never lists its images)."""
     if not drop_label_issues:
         return []
-    from imgclf.label_audit import read_label_issues
-
     return read_label_issues(layout.label_issues())
 
 
@@ -290,8 +289,6 @@ def split_train_val(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(x_train, y_train, x_val, y_val) using the shared validation slice; the training rows
     without the ids in `exclude`."""
-    from imgclf.label_audit import without_ids
-
     train_idx, val_idx = validation_split(train.labels, fraction, seed)
     train_idx = without_ids(train.ids, train_idx, exclude)
     return (
