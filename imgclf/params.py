@@ -61,7 +61,7 @@ def check_runtime(runtime: str, precision: str, section: str) -> None:
         )
 
 
-# cleanlab's find_label_issues filters (imgclf/label_audit.py FILTERS; a test checks they agree).
+# The filters of cleanlab's find_label_issues that the label audit offers (imgclf/label_audit.py).
 LABEL_AUDIT_FILTERS = ("prune_by_noise_rate", "prune_by_class", "both", "confident_learning")
 
 # Where feature extraction runs (imgclf/executors: EXECUTORS); a test checks they agree.

@@ -4,6 +4,8 @@ heads.drop_label_issues: true the models train without them."""
 
 from __future__ import annotations
 
+import sys
+
 from imgclf.config import load_params
 from imgclf.contact_sheet import contact_sheet
 from imgclf.fileio import atomic_write_bytes, write_metrics
@@ -46,6 +48,12 @@ def main() -> None:
         none="no label looks wrong",
     )  # fmt: skip
     atomic_write_bytes(layout.label_issues(".png"), sheet.png)
+    if sheet.unreadable:
+        print(
+            f"audit: {sheet.unreadable} flagged image(s) could not be read from {layout.split} "
+            "for the contact sheet (grey placeholders; they are in the list all the same)",
+            file=sys.stderr,
+        )
     summary = write_metrics(layout.audit_metrics, audit_summary(rows, labels, probabilities,
                                                                 train.classes))  # fmt: skip
     use = (

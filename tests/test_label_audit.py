@@ -112,7 +112,7 @@ def test_the_fine_tune_stages_drop_the_audits_list_only_when_told(tmp_path):
 
 @pytest.mark.slow
 def test_the_stage_audits_training_images_only_and_the_models_train_without_its_list(
-    tmp_path, monkeypatch
+    tmp_path, monkeypatch, capsys
 ):
     from stages import audit as audit_stage
     from stages import train
@@ -127,11 +127,12 @@ def test_the_stage_audits_training_images_only_and_the_models_train_without_its_
         x, y, ids = data["features"], data["labels"].copy(), data["ids"]
     y[:5] = (y[:5] + 1) % len(CLASSES)
     np.savez(bottlenecks / "train.npz", features=x, labels=y, ids=ids)
-    for i in ids[:6]:  # thumbnails for a few; the rest are drawn as unreadable placeholders
+    for i in ids[:2]:  # thumbnails for two; the rest are drawn as unreadable placeholders
         make_image(tmp_path / params["paths"]["split"] / i, size=(40, 30))
     monkeypatch.chdir(tmp_path)
 
     audit_stage.main()
+    assert "could not be read" in capsys.readouterr().err  # the thumbnails not written above
     metrics = Path(params["paths"]["metrics"])
     listed = read_label_issues(metrics / "label_issues.csv")
     train_data = load_bottlenecks(params["paths"]["bottlenecks"], "train")
