@@ -40,21 +40,13 @@ FIXED = {"top", "head", "x_train", "y_train", "x_val", "y_val", "cut", "tensorbo
 def search(workdir: Path, variants: dict[str, dict], views: list[str] | None,
            model: str = "finetune_tf") -> list[dict]:  # fmt: skip
     import numpy as np
-    import yaml
 
     import imgclf.quiet_tf  # noqa: F401
-    from imgclf.activations import load_activations
-    from imgclf.finetune.common import (
-        SelectedRows,
-        refit_head,
-        split_recipe,
-        stage_finetune_data,
-    )
+    from imgclf.finetune.common import SelectedRows, refit_head, split_recipe
     from imgclf.heads.common import read_labels
     from imgclf.inception import build_top, load_backbone
-    from imgclf.layout import Layout
-    from imgclf.params import HeadsParams
     from imgclf.registry import base_params, get_model, model_params
+    from tools.probe_runs import load_workspace
 
     spec = get_model(model)
     if spec.base is None:
@@ -68,15 +60,12 @@ def search(workdir: Path, variants: dict[str, dict], views: list[str] | None,
         if unknown := sorted(set(changes) - known):
             raise SystemExit(f"--variant {name}: unknown key(s) {unknown}; {model} takes "
                              f"some of {sorted(known)}")  # fmt: skip
-    params = yaml.safe_load((workdir / "params.yaml").read_text())
-    layout = Layout.from_params(params, workdir)
+    ws = load_workspace(workdir, with_test=False)
+    params, layout, heads, acts, data = ws.params, ws.layout, ws.heads, ws.acts, ws.data
     cut = params["activations"]["cut"]
     # finetune_tf's trainer also takes the cut (its module rewrites the blocks after it).
     extra = {"cut": cut} if "cut" in trainer_keys else {}
-    heads = HeadsParams.from_params(params)
     recipe = model_params(spec, params)
-    acts = load_activations(layout.activations, "train")
-    data, _ = stage_finetune_data(acts, layout, heads.as_kwargs())
     views = list(views or acts.views)
     if missing := [v for v in views if v not in acts.views]:
         raise SystemExit(f"--views: {missing} not in {layout.activations}/train_index.npz, "
@@ -124,10 +113,10 @@ def search(workdir: Path, variants: dict[str, dict], views: list[str] | None,
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workdir", type=Path, default=ROOT)
     from imgclf.registry import model_names
 
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workdir", type=Path, default=ROOT)
     parser.add_argument(
         "--model", default="finetune_tf", choices=model_names(inputs="activations"),
         help="the fine-tuned model whose recipe is searched",

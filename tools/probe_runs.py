@@ -25,7 +25,7 @@ class Workspace:
     layout: Any  # imgclf.layout.Layout
     heads: Any  # imgclf.params.HeadsParams
     acts: Any  # imgclf.activations.Activations, train
-    test: Any  # the same, test
+    test: Any  # the same, test (None when loaded with_test=False)
     data: Any  # imgclf.finetune.common.FinetuneData
 
     def labels(self) -> dict[str, np.ndarray]:
@@ -40,7 +40,9 @@ class Workspace:
         return val, predict_images(predict, self.test, test_time_flip=False)
 
 
-def load_workspace(workdir: Path) -> Workspace:
+def load_workspace(workdir: Path, with_test: bool = True) -> Workspace:
+    """The workspace at `workdir`; `with_test=False` leaves the test activations unread (the
+    recipe search, which must never see a test row)."""
     import yaml
 
     import imgclf.quiet_tf  # noqa: F401
@@ -53,7 +55,7 @@ def load_workspace(workdir: Path) -> Workspace:
     layout = Layout.from_params(params, workdir)
     heads = HeadsParams.from_params(params)
     acts = load_activations(layout.activations, "train")
-    test = load_activations(layout.activations, "test")
+    test = load_activations(layout.activations, "test") if with_test else None
     data, _ = stage_finetune_data(acts, layout, heads.as_kwargs())
     return Workspace(params, layout, heads, acts, test, data)
 
