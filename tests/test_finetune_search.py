@@ -174,3 +174,60 @@ def test_the_whole_backbone_probe_trains_every_layer_from_the_stages_start(tmp_p
     assert rows == ["| finetune_keras", "| stage", "| whole"] * 2
     assert proc.stdout.index("validation, right of") < proc.stdout.index("test accuracy")
     assert f"| stage | {right} (" in proc.stdout
+
+
+def test_the_learning_curve_subsets_nest_and_keep_every_class():
+    import numpy as np
+
+    from tools.learning_curve_probe import nested_image_subset
+
+    labels = np.repeat([0, 1, 2], [40, 20, 3])
+    quarter, half, whole = (nested_image_subset(labels, f, seed=7) for f in (0.25, 0.5, 1.0))
+    assert set(quarter) < set(half) < set(whole) == set(range(len(labels)))
+    # Stratified: round(f × n) of each class, at least one of the smallest.
+    assert [int(np.sum(labels[half] == c)) for c in range(3)] == [20, 10, 2]
+    assert [int(np.sum(labels[quarter] == c)) for c in range(3)] == [10, 5, 1]
+    assert np.array_equal(half, nested_image_subset(labels, 0.5, seed=7))
+    assert not np.array_equal(half, nested_image_subset(labels, 0.5, seed=8))
+    with pytest.raises(ValueError, match=r"must be in \(0, 1\], not 0"):
+        nested_image_subset(labels, 0, seed=7)
+
+
+def test_the_learning_curve_probe_trains_on_fewer_images_and_leaves_the_workspace(
+    tmp_path_factory,
+):
+    # tools/learning_curve_probe.py on the tiny result: at fraction 1 every training image
+    # outside the validation slice (the stage's count), at 0.5 about half, with all views;
+    # each model's head refitted and fine-tuned; the workspace left as it was.
+    import numpy as np
+
+    workdir, _ = tiny_result(tmp_path_factory)
+    before = {name: digest(workdir / name) for name in ("data", "models", "metrics")}
+    out = tmp_path_factory.mktemp("curve") / "seed0.npz"
+    tool = [sys.executable, str(ROOT / "tools" / "learning_curve_probe.py")]
+    proc = subprocess.run(
+        [*tool, "train", "--workdir", str(workdir), "--fractions", "1", "0.5", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = np.load(out)
+    assert list(run["fractions"]) == [0.5, 1.0]
+    stage = json.loads((workdir / "metrics" / "train" / "finetune_tf.json").read_text())
+    half, whole = (int(n) for n in run["n_train_images"])
+    assert whole == stage["n_train_images"] and 0 < half < whole
+    for name in ("finetune_tf", "finetune_keras"):
+        assert run[f"{name}_val"].shape[:2] == (2, len(run["y_val"]))
+        assert run[f"{name}_test"].shape[:2] == (2, len(run["y_test"]))
+        assert not np.array_equal(run[f"{name}_val"][0], run[f"{name}_val"][1])
+    assert before == {name: digest(workdir / name) for name in ("data", "models", "metrics")}
+    proc = subprocess.run([*tool, "table", str(out)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
+    assert [row.split(" | ")[0] for row in rows[:3]] == [
+        "| training images (fraction), mean a seed",
+        f"| {half} (0.5)",
+        f"| {whole} (1)",
+    ]
+    assert "validation points per doubling, 0.5 → 1:" in proc.stdout
+    assert rows[-1].startswith("| 1 | ") and "Test, read after:" in proc.stdout

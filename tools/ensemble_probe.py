@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -30,57 +29,43 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tools import probe_runs  # noqa: E402
-from tools.probe_runs import load_runs, mcnemar_cell, mean_sd, right  # noqa: E402
-
-FRAMEWORKS = ("finetune_tf", "finetune_keras")
+from tools.probe_runs import (  # noqa: E402
+    fine_tuned_models,
+    load_runs,
+    mcnemar_cell,
+    mean_sd,
+    right,
+    train_and_score,
+    trained_head,
+)
 
 
 def train_members(workdir: Path, members: int, precision: str | None) -> dict[str, np.ndarray]:
     import imgclf.quiet_tf  # noqa: F401  (first: TensorFlow without its notices)
     from imgclf.fileio import read_json
     from imgclf.finetune.common import split_recipe
-    from imgclf.heads.common import read_labels
-    from imgclf.inception import build_top, load_backbone
     from imgclf.registry import get_model, model_params
 
     ws = probe_runs.load_workspace(workdir)
-    params, layout, heads, data = ws.params, ws.layout, ws.heads, ws.data
-    cut, size = params["activations"]["cut"], params["activations"]["image_size"]
+    layout, heads, data = ws.layout, ws.heads, ws.data
     out = ws.labels()
-    scores = ws.scores
-
-    for name in FRAMEWORKS:
+    for name in fine_tuned_models():
         spec = get_model(name)
         assert spec.base is not None
-        classes = read_labels(layout.model_dir(spec.base))
-        # finetune_tf's trainer also takes the cut (stages/finetune_tf.py); Keras' top knows it.
-        extra = {"cut": cut} if name == "finetune_tf" else {}
-        recipe, settings = split_recipe(model_params(spec, params))
-        stage_precision = settings.precision
+        _, settings = split_recipe(model_params(spec, ws.params))
         if settings.refit_head:
             raise SystemExit(f"{name}.refit_head: the probe starts from the trained head only")
-        val, tst = scores(spec.function("predictor")(layout.model_dir(name)))
+        val, tst = ws.scores(spec.function("predictor")(layout.model_dir(name)))
         # What the stage ran with (params.yaml may have been put back since: split_seeds -S).
-        ran = read_json(layout.train_metrics(name)).get("precision", stage_precision)
+        ran = read_json(layout.train_metrics(name)).get("precision", settings.precision)
         print(f"{name} member 0 (the stage's model, {ran}): validation "
               f"{np.mean(val.argmax(1) == data.y_val):.4f}", flush=True)  # fmt: skip
         vals, tests = [val], [tst]
+        start = trained_head(ws, name)
         for member in range(1, members):
             started = time.perf_counter()
-            # Built anew for each member: Keras trains the top's and the head's layers in place.
-            backbone = load_backbone(layout.backbone, precision=precision or stage_precision,
-                                     image_size=size)  # fmt: skip
-            top = build_top(backbone.model, cut)
-            head = get_model(spec.base).function("load")(layout.model_dir(spec.base))
-            with tempfile.TemporaryDirectory() as tmp:
-                result = spec.function("train")(
-                    top, head, data.x_train, data.y_train, data.x_val, data.y_val,
-                    tensorboard_dir=Path(tmp) / "events", train_images=data.train_images,
-                    seed=heads.seed + member, progress=False, **extra, **recipe,
-                )  # fmt: skip
-                spec.function("save")(result.model, Path(tmp) / "model", classes,
-                                      test_time_flip=False, cut=cut, image_size=size)  # fmt: skip
-                val, tst = scores(spec.function("predictor")(Path(tmp) / "model"))
+            val, tst, result = train_and_score(ws, name, start, data, seed=heads.seed + member,
+                                               precision=precision)  # fmt: skip
             vals.append(val)
             tests.append(tst)
             print(f"{name} member {member}: validation {np.mean(val.argmax(1) == data.y_val):.4f}"
@@ -94,15 +79,16 @@ def train_members(workdir: Path, members: int, precision: str | None) -> dict[st
 def table(files: list[Path]) -> str:
     """Validation first (what the rule reads), then test, read after."""
     runs, n_val = load_runs(files)
-    members = min(r[f"{name}_val"].shape[0] for r in runs.values() for name in FRAMEWORKS)
-    val_head = " | ".join(f"{n}: validation, right of {n_val}; per seed" for n in FRAMEWORKS)
-    test_head = " | ".join(f"{n}: test accuracy, mean ± sd; per seed" for n in FRAMEWORKS)
-    rule = "|---|" + "---|" * len(FRAMEWORKS)
+    models = fine_tuned_models()
+    members = min(r[f"{name}_val"].shape[0] for r in runs.values() for name in models)
+    val_head = " | ".join(f"{n}: validation, right of {n_val}; per seed" for n in models)
+    test_head = " | ".join(f"{n}: test accuracy, mean ± sd; per seed" for n in models)
+    rule = "|---|" + "---|" * len(models)
     val_lines = [f"| members averaged | {val_head} |", rule]
     test_lines = [f"| members averaged | {test_head} |", rule]
     for k in range(1, members + 1):
         val_cells, test_cells = [], []
-        for name in FRAMEWORKS:
+        for name in models:
             right_per_seed = [
                 right(r[f"{name}_val"][:k].mean(0), r["y_val"]) for r in runs.values()
             ]
@@ -115,13 +101,13 @@ def table(files: list[Path]) -> str:
             test_cells.append(mean_sd(acc))
         val_lines.append(f"| {k} | {' | '.join(val_cells)} |")
         test_lines.append(f"| {k} | {' | '.join(test_cells)} |")
-    both = sum(right((r["finetune_tf_val"][0] + r["finetune_keras_val"][0]) / 2, r["y_val"])
-               for r in runs.values())  # fmt: skip
+    across = sum(right(np.mean([r[f"{name}_val"][0] for name in models], 0), r["y_val"])
+                 for r in runs.values())  # fmt: skip
     lines = [*val_lines, "",
-             f"Split seeds (files): {', '.join(runs)}. Member 0 of TF and of Keras averaged (not "
-             f"a model of either framework): {both} of {n_val} on validation.", "",
+             f"Split seeds (files): {', '.join(runs)}. Member 0 of {' and of '.join(models)} "
+             f"averaged (a model of no one framework): {across} of {n_val} on validation.", "",
              "Test, read after:", "", *test_lines, ""]  # fmt: skip
-    for name in FRAMEWORKS:  # all members against member 0, per seed
+    for name in models:  # all members against member 0, per seed
         cells = [mcnemar_cell(seed, r[f"{name}_test"].mean(0), r[f"{name}_test"][0], r["y_test"])
                  for seed, r in runs.items()]  # fmt: skip
         lines.append(

@@ -60,6 +60,69 @@ def load_workspace(workdir: Path, with_test: bool = True) -> Workspace:
     return Workspace(params, layout, heads, acts, test, data)
 
 
+def fine_tuned_models() -> list[str]:
+    """The registry's fine-tuned models (those trained on the cached activations)."""
+    from imgclf.registry import model_names
+
+    return model_names(inputs="activations")
+
+
+def trained_head(ws: Workspace, name: str) -> Callable[[Any], Any]:
+    """A `start` for train_and_score: fine-tuned model `name`'s base head as its train stage
+    saved it, loaded anew at every call (Keras trains the head's layers in place)."""
+    from imgclf.registry import get_model
+
+    base = get_model(name).base
+    assert base is not None, f"{name} is not a fine-tuned model"
+    load = get_model(base).function("load")
+    return lambda _top: load(ws.layout.model_dir(base))
+
+
+def train_and_score(
+    ws: Workspace, name: str, start: Callable[[Any], Any], data: Any, *, seed: int,
+    precision: str | None = None,
+) -> tuple[np.ndarray, np.ndarray, Any]:  # fmt: skip
+    """Fine-tuned model `name` trained as its stage trains it (its recipe and trainer, the
+    blocks after the cut built anew, its epoch kept by the same rule) from the head
+    `start(top)` returns (given the frozen blocks: a refit needs them) on `data`'s
+    rows (a FinetuneData: the stage's, or a probe's selection), the training order seeded by
+    `seed`, the blocks at `precision` (default: the stage's). Returns its saved model's
+    probabilities on the `orig` view of the validation and test images, and the trainer's
+    result."""
+    import inspect
+    import tempfile
+
+    from imgclf.finetune.common import split_recipe
+    from imgclf.heads.common import read_labels
+    from imgclf.inception import build_top, load_backbone
+    from imgclf.registry import get_model, model_params
+
+    spec = get_model(name)
+    assert spec.base is not None, f"{name} is not a fine-tuned model"
+    cut = ws.params["activations"]["cut"]
+    size = ws.params["activations"]["image_size"]
+    recipe, settings = split_recipe(model_params(spec, ws.params))
+    train_fn = spec.function("train")
+    # finetune_tf's trainer also takes the cut (its module rewrites the blocks after it).
+    extra = {"cut": cut} if "cut" in inspect.signature(train_fn).parameters else {}
+    # Built anew for every model: Keras trains the top's and the head's layers in place.
+    backbone = load_backbone(ws.layout.backbone, precision=precision or settings.precision,
+                             image_size=size)  # fmt: skip
+    top = build_top(backbone.model, cut)
+    head = start(top)
+    with tempfile.TemporaryDirectory() as tmp:
+        result = train_fn(
+            top, head, data.x_train, data.y_train, data.x_val,
+            data.y_val, tensorboard_dir=Path(tmp) / "events", train_images=data.train_images,
+            seed=seed, progress=False, **extra, **recipe,
+        )  # fmt: skip
+        spec.function("save")(result.model, Path(tmp) / "model",
+                              read_labels(ws.layout.model_dir(spec.base)),
+                              test_time_flip=False, cut=cut, image_size=size)  # fmt: skip
+        val, test = ws.scores(spec.function("predictor")(Path(tmp) / "model"))
+    return val, test, result
+
+
 def load_runs(files: list[Path]) -> tuple[dict[str, dict[str, np.ndarray]], int]:
     """The files' arrays by file stem (the split seed's name), and the validation images
     pooled over them."""

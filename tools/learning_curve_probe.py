@@ -1,0 +1,168 @@
+"""What would more labelled photos buy? The fine-tunes' learning curve on the validation slice;
+the test set is read only by `table`, after.
+
+    .venv/bin/python tools/learning_curve_probe.py train --workdir DIR \
+        --fractions 0.25 0.5 1 [--precision bfloat16] --out seed0.npz
+    .venv/bin/python tools/learning_curve_probe.py table seed*.npz
+
+`train`, in a workspace where `dvc repro activations train@tf train@keras` (or one seed of
+tools/split_seeds.py) has run: for every fine-tuned model in the registry and every fraction,
+a class-stratified fraction of the training images outside the validation slice (drawn once
+with `heads.seed`, so each smaller set lies inside the larger ones) with all their cached
+views. The model's head is refitted on that set first (`refit_head`: the head the train stage
+saved has seen every training image), then the blocks are fine-tuned with the stage's recipe,
+on the same validation slice, the epoch kept by the same rule. Records the refitted head's
+validation accuracy (the frozen features' curve) and the fine-tuned model's probabilities on
+the `orig` view of the validation and test images; writes nothing into DIR.
+
+`table` pools the files (one per split seed): validation right per fraction, the gain per
+doubling of the training images, then the test accuracy, read after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tools import probe_runs  # noqa: E402
+from tools.probe_runs import fine_tuned_models, load_runs, mean_sd, right  # noqa: E402
+
+
+def nested_image_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Indices of a class-stratified `fraction` of the images whose labels are `labels`: in
+    each class the first round(fraction × n) (at least one) of one permutation drawn from
+    `seed`, so for one seed a smaller fraction's images are among a larger one's."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"a fraction of the training images must be in (0, 1], not {fraction}")
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(labels))  # one draw for every fraction: the sets nest
+    kept = [
+        in_class[: max(1, round(fraction * len(in_class)))]
+        for in_class in (order[labels[order] == c] for c in np.unique(labels))
+    ]
+    return np.sort(np.concatenate(kept))
+
+
+def subset_rows(data, fraction: float, seed: int):
+    """`data` (a FinetuneData) with only the training rows of `nested_image_subset`'s images:
+    every cached view of each, the validation slice unchanged."""
+    from imgclf.finetune.common import SelectedRows
+
+    first_row = np.unique(data.train_images, return_index=True)[1]  # image i's first row
+    images = nested_image_subset(data.y_train[first_row], fraction, seed)
+    rows = np.isin(data.train_images, images)
+    _, train_images = np.unique(data.train_images[rows], return_inverse=True)
+    return dataclasses.replace(
+        data,
+        x_train=SelectedRows(data.x_train.source, data.x_train.rows[rows]),
+        y_train=data.y_train[rows],
+        train_images=train_images.astype(np.int64),
+        n_train_images=len(images),
+    )
+
+
+def train_curve(workdir: Path, fractions: list[float], precision: str | None
+                ) -> dict[str, np.ndarray]:  # fmt: skip
+    import imgclf.quiet_tf  # noqa: F401  (first: TensorFlow without its notices)
+    from imgclf.finetune.common import refit_head
+    from imgclf.heads.common import read_labels
+    from imgclf.registry import base_params, get_model
+
+    ws = probe_runs.load_workspace(workdir)
+    out = ws.labels()
+    out["fractions"] = np.array(fractions, np.float64)
+    subsets = [subset_rows(ws.data, f, ws.heads.seed) for f in fractions]
+    out["n_train_images"] = np.array([s.n_train_images for s in subsets], np.int64)
+    for name in fine_tuned_models():
+        base = get_model(name).base
+        assert base is not None
+        n_classes = len(read_labels(ws.layout.model_dir(base)))
+        vals, tests, starts, epochs = [], [], [], []
+        for fraction, subset in zip(fractions, subsets, strict=True):
+            started = time.perf_counter()
+
+            def refitted(top, subset=subset, base=base, n_classes=n_classes, name=name):
+                return refit_head(base, top, subset, n_classes=n_classes, seed=ws.heads.seed,
+                                  recipe=base_params(name, ws.params))  # fmt: skip
+
+            val, test, result = probe_runs.train_and_score(
+                ws, name, refitted, subset, seed=ws.heads.seed, precision=precision
+            )
+            vals.append(val)
+            tests.append(test)
+            starts.append(result.summary["start_val_accuracy"])
+            epochs.append(result.summary["model_step"])
+            print(f"{name}, {fraction:g} of the training images ({subset.n_train_images}): "
+                  f"refitted head {starts[-1]:.4f}, fine-tuned {right(val, ws.data.y_val)} of "
+                  f"{len(ws.data.y_val)} (epoch {epochs[-1]}), "
+                  f"{time.perf_counter() - started:.0f} s", flush=True)  # fmt: skip
+        out[f"{name}_val"], out[f"{name}_test"] = np.stack(vals), np.stack(tests)
+        out[f"{name}_start_val"] = np.array(starts, np.float64)
+        out[f"{name}_epoch"] = np.array(epochs, np.int64)
+    return out
+
+
+def table(files: list[Path]) -> str:
+    """Validation first, with the gain per doubling of the training images; then test."""
+    runs, n_val = load_runs(files)
+    models = fine_tuned_models()
+    fractions = next(iter(runs.values()))["fractions"]
+    if any(not np.array_equal(r["fractions"], fractions) for r in runs.values()):
+        raise SystemExit("the files were trained with different --fractions")
+    images = [round(np.mean([r["n_train_images"][i] for r in runs.values()]))
+              for i in range(len(fractions))]  # fmt: skip
+    cells = " | ".join(f"{m}: refitted head / fine-tuned, right of {n_val}; per seed"
+                       for m in models)  # fmt: skip
+    lines = [f"| training images (fraction), mean a seed | {cells} |",
+             "|---|" + "---|" * len(models)]  # fmt: skip
+    pooled: dict[str, list[int]] = {m: [] for m in models}
+    for i, fraction in enumerate(fractions):
+        row = []
+        for m in models:
+            per_seed = [right(r[f"{m}_val"][i], r["y_val"]) for r in runs.values()]
+            head = sum(round(r[f"{m}_start_val"][i] * len(r["y_val"])) for r in runs.values())
+            pooled[m].append(sum(per_seed))
+            row.append(f"{head} / {sum(per_seed)} ({sum(per_seed) / n_val:.4f}); "
+                       + "/".join(map(str, per_seed)))  # fmt: skip
+        lines.append(f"| {images[i]} ({fraction:g}) | {' | '.join(row)} |")
+    lines.append("")
+    for m in models:  # validation points gained per doubling, between neighbouring fractions
+        steps = []
+        for i in range(len(fractions) - 1):
+            doublings = math.log2(fractions[i + 1] / fractions[i])
+            points = (pooled[m][i + 1] - pooled[m][i]) / n_val * 100
+            steps.append(f"{fractions[i]:g} → {fractions[i + 1]:g}: {points / doublings:+.2f}")
+        lines.append(f"{m}, fine-tuned: validation points per doubling, " + "; ".join(steps))
+    lines += ["", f"Split seeds (files): {', '.join(runs)}.", "", "Test, read after:", "",
+              "| fraction | " + " | ".join(f"{m}: test accuracy, mean ± sd; per seed"
+                                         for m in models) + " |",
+              "|---|" + "---|" * len(models)]  # fmt: skip
+    for i, fraction in enumerate(fractions):
+        row = [mean_sd([right(r[f"{m}_test"][i], r["y_test"]) / len(r["y_test"])
+                        for r in runs.values()]) for m in models]  # fmt: skip
+        lines.append(f"| {fraction:g} | {' | '.join(row)} |")
+    return "\n".join(lines)
+
+
+def add_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--fractions", type=float, nargs="+", default=[0.25, 0.5, 1.0],
+                        help="of the training images, ascending")  # fmt: skip
+    parser.add_argument("--precision", help="of the fine-tuned blocks (default: the stage's)")
+
+
+if __name__ == "__main__":
+    probe_runs.cli(
+        __doc__,
+        add_options,
+        lambda a: train_curve(a.workdir, sorted(a.fractions), a.precision),
+        table,
+    )
