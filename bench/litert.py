@@ -42,11 +42,11 @@ def main(argv: list[str] | None = None) -> None:
     # same count as the files'.
     tf.config.threading.set_intra_op_parallelism_threads(args.threads)
     import imgclf.quiet_tf  # noqa: F401
+    from imgclf.bottleneck_files import load_bottlenecks
     from imgclf.config import load_params
     from imgclf.end_to_end import build
     from imgclf.features import split_items
     from imgclf.fidelity import calibration_sample
-    from imgclf.heads.common import load_bottlenecks
     from imgclf.layout import Layout
     from imgclf.litert import PRECISIONS, export_and_score, preprocessed_pixels
     from imgclf.params import RuntimesParams

@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from imgclf.bottleneck_files import Bottlenecks
 from imgclf.errors import UserError
 from imgclf.heads import HEADS, load_predictor, model_dir
-from imgclf.heads.common import Bottlenecks
 from imgclf.registry import get_model
 
 

@@ -9,6 +9,9 @@ renaming a file moves nothing.
 A pre-split tree kept as given (ingest.presplit=keep) carries its subsets in the manifest's
 `given_subset` column; `given_subsets` then replaces the stratified assignment, and the split
 summary says so (`"method": "given"`).
+
+`validation_split` carves the validation slice out of the train images the same way for every
+model and for the label audit (seeded, stratified), so all of them are judged on one slice.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ import shutil
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+
+import numpy as np
 
 from imgclf.errors import UserError
 
@@ -175,3 +180,32 @@ def split_summary(
         summary["given_from"] = {s: sorted(folders[s]) for s in SUBSETS}
         summary["classes_without_test"] = sorted(c for c, n in counts.items() if not n["test"])
     return summary
+
+
+def validation_split(
+    labels: np.ndarray, fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Stratified, deterministic (train_idx, val_idx) over `labels`, both sorted and disjoint.
+
+    Each class gives round(fraction * n_class) images (at least 1, at most n_class - 1), drawn
+    from a generator seeded by `seed`, so the slice depends only on (labels, fraction, seed): every
+    head, and every rerun, sees the same one.
+    """
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"heads.validation_fraction must be in (0, 1), got {fraction}")
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    val_parts = []
+    for cls in np.unique(labels):
+        members = np.flatnonzero(labels == cls)
+        if members.size < 2:
+            raise ValueError(
+                f"class {cls} has {members.size} training image(s): a validation slice needs "
+                "at least 2 per class (lower split.test_fraction or add images)"
+            )
+        n_val = min(max(1, round(fraction * members.size)), members.size - 1)
+        val_parts.append(rng.permutation(members)[:n_val])
+    val_idx = np.sort(np.concatenate(val_parts)) if val_parts else np.zeros(0, np.int64)
+    train_mask = np.ones(labels.shape[0], dtype=bool)
+    train_mask[val_idx] = False
+    return np.flatnonzero(train_mask), val_idx

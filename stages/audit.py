@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import sys
 
+from imgclf.bottleneck_files import load_bottlenecks
 from imgclf.config import load_params
 from imgclf.contact_sheet import contact_sheet
 from imgclf.fileio import atomic_write_bytes, write_metrics
-from imgclf.heads.common import load_bottlenecks, validation_split
 from imgclf.label_audit import (
     audit_summary,
     find_label_issues,
@@ -18,6 +18,7 @@ from imgclf.label_audit import (
 )
 from imgclf.layout import Layout
 from imgclf.params import AuditParams, HeadsParams
+from imgclf.splitting import validation_split
 from imgclf.stage import stage_main
 
 

@@ -21,11 +21,11 @@ import numpy as np
 
 import imgclf.heads
 import imgclf.quiet_tf  # TensorFlow without its start-up notices
+from imgclf.bottleneck_files import Bottlenecks, load_bottlenecks
 from imgclf.config import load_params
 from imgclf.errors import StageFailed
 from imgclf.evaluation import HeadResult, PairedTest, all_pairs, evaluate_head
 from imgclf.heads import HEADS
-from imgclf.heads.common import Bottlenecks, load_bottlenecks
 from imgclf.layout import Layout
 from imgclf.params import EvaluateParams
 from imgclf.predictions import predict_heads

@@ -15,11 +15,11 @@ from __future__ import annotations
 import numpy as np
 
 import imgclf.quiet_tf  # noqa: F401  (first: TensorFlow without its start-up notices)
+from imgclf.bottleneck_files import load_bottlenecks
 from imgclf.config import load_params
 from imgclf.features import split_items
 from imgclf.fidelity import calibration_sample
 from imgclf.fileio import write_json
-from imgclf.heads.common import load_bottlenecks
 from imgclf.layout import Layout
 from imgclf.litert import check_models, export_and_score, markdown_table
 from imgclf.params import LitertParams, RuntimesParams

@@ -16,6 +16,7 @@ import pytest
 import yaml
 from PIL import Image
 
+from imgclf.bottleneck_files import Bottlenecks
 from imgclf.contact_sheet import (
     CELL_H,
     CELL_W,
@@ -27,7 +28,6 @@ from imgclf.contact_sheet import (
     contact_sheet_size,
 )
 from imgclf.fileio import read_csv, read_json, read_metrics, write_json
-from imgclf.heads.common import Bottlenecks
 from imgclf.reports import lines_of_code
 from stages.evaluate import HEADS_SOURCE_DIR, evaluate_predictions
 from tests.helpers import make_image

@@ -21,7 +21,7 @@ from imgclf.finetune.common import (
     model_cut,
     predict_images,
 )
-from imgclf.heads.common import validation_split
+from imgclf.splitting import validation_split
 
 CLASSES = ["daisy", "rose", "tulip"]
 N_PER_CLASS = 14

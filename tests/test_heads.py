@@ -11,15 +11,11 @@ import numpy as np
 import pytest
 import yaml
 
+from imgclf.bottleneck_files import load_bottlenecks
 from imgclf.fileio import read_csv, read_json
 from imgclf.heads import HEADS, load_predictor, model_dir
-from imgclf.heads.common import (
-    CURVE_COLUMNS,
-    load_bottlenecks,
-    read_labels,
-    round_sig,
-    validation_split,
-)
+from imgclf.heads.common import CURVE_COLUMNS, read_labels, round_sig
+from imgclf.splitting import validation_split
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["daisy", "roses", "tulips", "sunflowers"]

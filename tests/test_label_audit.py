@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 import yaml
 
+from imgclf.bottleneck_files import load_bottlenecks
 from imgclf.errors import MissingInput, UserError
 from imgclf.fileio import read_csv, read_json
 from imgclf.finetune.common import finetune_rows, stage_finetune_data
-from imgclf.heads.common import load_bottlenecks, split_train_val, validation_split
+from imgclf.heads.common import split_train_val
 from imgclf.label_audit import (
     LABEL_ISSUE_COLUMNS,
     find_label_issues,
@@ -22,6 +23,7 @@ from imgclf.label_audit import (
     write_label_issues,
 )
 from imgclf.layout import Layout
+from imgclf.splitting import validation_split
 from tests.helpers import make_image
 from tests.test_finetune import make_acts
 from tests.test_heads import CLASSES, _small_params, clusters, write_bottlenecks

@@ -30,9 +30,9 @@ def probe(workdir: Path, sizes: list[int], folds: int) -> list[dict]:
     from tqdm import tqdm
 
     import imgclf.quiet_tf  # noqa: F401
+    from imgclf.bottleneck_files import load_bottlenecks
     from imgclf.evaluation import mcnemar_exact
     from imgclf.features import FeatureExtractor
-    from imgclf.heads.common import load_bottlenecks
     from imgclf.heads.sklearn_head import build_model
     from imgclf.inception import load_backbone
     from imgclf.layout import Layout

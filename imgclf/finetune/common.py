@@ -28,9 +28,10 @@ from imgclf.activations import Activations
 from imgclf.backbone_info import IMAGE_SIZE
 from imgclf.errors import MissingInput, UserError
 from imgclf.fileio import atomic_write_bytes, read_json
-from imgclf.heads.common import excluded_from_training, validation_split
+from imgclf.heads.common import excluded_from_training
 from imgclf.label_audit import without_ids
 from imgclf.layout import Layout
+from imgclf.splitting import validation_split
 
 SCHEDULES = ("constant", "cosine")
 VIEW_SAMPLINGS = ("all", "one_per_image")

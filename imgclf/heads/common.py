@@ -1,8 +1,9 @@
-"""What every head shares: the bottleneck files, the validation slice, seeding, metrics output.
+"""What every head shares: its training rows, seeding, metrics output, the saved model folder.
 
 The comparison is only fair if the heads differ in nothing but the head: the same train
-bottlenecks, the same validation slice carved out of train (never the test set), the same seed,
-and the same metric files. Everything here is framework-free except `set_determinism`, which
+bottlenecks (imgclf/bottleneck_files.py), the same validation slice carved out of train, never
+the test set (imgclf/splitting.py's validation_split), the same seed, and the same metric
+files. Everything here is framework-free except `set_determinism`, which
 imports TensorFlow/Keras lazily so that the scikit-learn stage stays light.
 """
 
@@ -22,32 +23,18 @@ from typing import Any
 
 import numpy as np
 
+from imgclf.bottleneck_files import Bottlenecks, load_bottlenecks
 from imgclf.errors import MissingInput
 from imgclf.evaluation import log_loss
-from imgclf.fileio import atomic_write_bytes, read_json, write_csv, write_metrics
+from imgclf.fileio import atomic_write_bytes, write_csv, write_metrics
 from imgclf.label_audit import read_label_issues, without_ids
 from imgclf.layout import Layout
+from imgclf.splitting import validation_split
 
-N_FEATURES = 2048
 # `epoch` (training images seen / training-set size, a float) is the one x-axis every head's
 # curve shares; `step` is the head's own counter (SGD steps for tf, epochs for keras).
 CURVE_COLUMNS = ("epoch", "train_loss", "val_loss", "train_accuracy", "val_accuracy", "step")
 LABELS_FILE = "labels.txt"
-SUBSETS = ("train", "test")
-
-
-@dataclass(frozen=True)
-class Bottlenecks:
-    """One subset of the bottleneck cache: `features[i]` is the image `ids[i]` of class
-    `classes[labels[i]]`."""
-
-    features: np.ndarray  # float32 [N, 2048]
-    labels: np.ndarray  # int64 [N]
-    ids: np.ndarray  # str [N]
-    classes: list[str]
-
-    def __len__(self) -> int:
-        return int(self.labels.shape[0])
 
 
 @dataclass
@@ -62,77 +49,6 @@ class TrainResult:
     curve: list[dict[str, float | int]] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
     train_seconds: float = 0.0
-
-
-def load_bottlenecks(bottleneck_dir: str | Path, subset: str) -> Bottlenecks:
-    """Read `<bottleneck_dir>/<subset>.npz` and `classes.json`, checking the contract."""
-    if subset not in SUBSETS:
-        raise ValueError(f"subset must be one of {SUBSETS}, got {subset!r}")
-    bottleneck_dir = Path(bottleneck_dir)
-    npz_path = bottleneck_dir / f"{subset}.npz"
-    classes_path = bottleneck_dir / "classes.json"
-    for path in (npz_path, classes_path):
-        if not path.is_file():
-            raise MissingInput(
-                f"{path} not found: run the bottlenecks stage first (dvc repro bottlenecks)."
-            )
-    classes = read_json(classes_path)
-    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
-        raise ValueError(f"{classes_path}: expected a non-empty JSON list of class names")
-    with np.load(npz_path, allow_pickle=False) as data:
-        missing = {"features", "labels", "ids"} - set(data.files)
-        if missing:
-            raise ValueError(f"{npz_path}: missing arrays {sorted(missing)} (has {data.files})")
-        features = np.asarray(data["features"])
-        labels = np.asarray(data["labels"])
-        ids = np.asarray(data["ids"]).astype(str)
-    # bfloat16 bottlenecks (bottlenecks.precision) are stored widened; the heads train in float32.
-    features = features.astype(np.float32, copy=False)
-    labels = labels.astype(np.int64, copy=False)
-    n = labels.shape[0]
-    if features.ndim != 2 or features.shape[0] != n or ids.shape != (n,) or labels.ndim != 1:
-        raise ValueError(
-            f"{npz_path}: inconsistent shapes features={features.shape} labels={labels.shape} "
-            f"ids={ids.shape}; expected [N, {N_FEATURES}], [N], [N]"
-        )
-    if n and (labels.min() < 0 or labels.max() >= len(classes)):
-        raise ValueError(
-            f"{npz_path}: labels span [{labels.min()}, {labels.max()}] but {classes_path} "
-            f"lists {len(classes)} classes"
-        )
-    if not np.isfinite(features).all():
-        bad = int((~np.isfinite(features).all(axis=1)).sum())
-        raise ValueError(f"{npz_path}: {bad} rows have NaN/inf features; rebuild the bottlenecks")
-    return Bottlenecks(features=features, labels=labels, ids=ids, classes=list(classes))
-
-
-def validation_split(
-    labels: np.ndarray, fraction: float, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Stratified, deterministic (train_idx, val_idx) over `labels`, both sorted and disjoint.
-
-    Each class gives round(fraction * n_class) images (at least 1, at most n_class - 1), drawn
-    from a generator seeded by `seed`, so the slice depends only on (labels, fraction, seed): every
-    head, and every rerun, sees the same one.
-    """
-    if not 0.0 < fraction < 1.0:
-        raise ValueError(f"heads.validation_fraction must be in (0, 1), got {fraction}")
-    labels = np.asarray(labels)
-    rng = np.random.default_rng(seed)
-    val_parts = []
-    for cls in np.unique(labels):
-        members = np.flatnonzero(labels == cls)
-        if members.size < 2:
-            raise ValueError(
-                f"class {cls} has {members.size} training image(s): a validation slice needs "
-                "at least 2 per class (lower split.test_fraction or add images)"
-            )
-        n_val = min(max(1, round(fraction * members.size)), members.size - 1)
-        val_parts.append(rng.permutation(members)[:n_val])
-    val_idx = np.sort(np.concatenate(val_parts)) if val_parts else np.zeros(0, np.int64)
-    train_mask = np.ones(labels.shape[0], dtype=bool)
-    train_mask[val_idx] = False
-    return np.flatnonzero(train_mask), val_idx
 
 
 def set_determinism(seed: int) -> None:

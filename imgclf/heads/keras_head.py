@@ -17,9 +17,9 @@ import keras
 import numpy as np
 from tqdm import tqdm
 
+from imgclf.bottleneck_files import N_FEATURES
 from imgclf.errors import MissingInput
 from imgclf.heads.common import (
-    N_FEATURES,
     TrainResult,
     keras_weights_digest,
     normalise_keras_archive,

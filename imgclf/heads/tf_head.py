@@ -25,9 +25,9 @@ import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
+from imgclf.bottleneck_files import N_FEATURES
 from imgclf.errors import MissingInput
 from imgclf.heads.common import (
-    N_FEATURES,
     TrainResult,
     save_model_dir,
     set_determinism,
