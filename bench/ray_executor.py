@@ -95,8 +95,8 @@ def _descends(proc: Path, ancestor: int) -> bool:
 
 
 def run_phase(workdir: Path, executor: str, actors: int, n: int, batch: int, source: Path) -> dict:
-    from imgclf.executors import make_executor
-    from imgclf.features import FeatureCache, ImageItem, fill_cache, gather_features
+    from imgclf.executors import fill_cache, make_executor
+    from imgclf.features import FeatureCache, ImageItem, gather_features
     from imgclf.fileio import sha256_file
 
     paths = sample_paths(source, n)

@@ -37,13 +37,12 @@ from imgclf.backbone_info import (
     read_backbone_info,
 )
 from imgclf.errors import MissingInput, ParamsError
-from imgclf.executors import EXECUTORS, Executor
+from imgclf.executors import EXECUTORS, Executor, fill_cache
 from imgclf.features import (
     FeatureCache,
     ImageItem,
     View,
     cache_key,
-    fill_cache,
     gather_features,
     split_items,
 )

@@ -28,8 +28,6 @@ from imgclf.splitting import SUBSETS
 if TYPE_CHECKING:
     import tensorflow as tf
 
-    from imgclf.executors import Executor
-
 _DIGEST = 32  # bytes of sha256 appended to every cache entry
 
 
@@ -145,6 +143,9 @@ def cache_key(backbone_sha256: str, preprocessing: str, precision: str) -> str:
 
 
 View = Callable[[np.ndarray], np.ndarray]  # uint8 [H, W, 3] -> uint8 [h, w, 3]
+# What an executor (imgclf/executors) is handed and hands back.
+Pending = tuple[str, Path]  # (image sha256, a path to the image)
+Timing = dict[str, float]  # "seconds" computing, "startup_seconds" before the first batch
 
 
 def image_batches(
@@ -229,66 +230,6 @@ class FeatureExtractor:
             if n < batch_size:
                 batch = np.concatenate([batch, np.repeat(batch[-1:], batch_size - n, axis=0)])
             yield self.runtime.predict(batch)[:n]
-
-
-def fill_cache(
-    items: Sequence[ImageItem],
-    load_model: ModelLoader,
-    cache: FeatureCache,
-    *,
-    batch_size: int,
-    progress: bool = True,
-    view: View | None = None,
-    desc: str = "bottlenecks",
-    executor: Executor | None = None,
-) -> dict[str, float]:
-    """Compute the features of every item whose content is not cached yet.
-
-    `load_model()` returns the runtime (imgclf.runtimes: anything with `predict(batch)`; a
-    Keras model runs as the TensorFlow runtime) and its preprocessing; it is only called when
-    something is left to compute (building Inception V3 takes seconds). `view` transforms the
-    decoded pixels first (see `image_batches`); `cache` must then be that view's own. `executor`
-    (imgclf.executors, default: the local loop) computes the missing entries and writes each
-    batch to `cache` as soon as it is done, so an interrupted run resumes where it stopped.
-    Returns counts and throughput.
-    """
-    first_path: dict[str, Path] = {}
-    for item in items:
-        first_path.setdefault(item.sha256, item.path)
-    bad_before = cache.bad
-    todo = cache.missing(sorted(first_path))
-    stats = {
-        "images": len(items),
-        "computed": len(todo),
-        "recomputed_bad": cache.bad - bad_before,  # of `computed`: entries that failed a check
-        "cached": len(first_path) - len(todo),
-        "seconds": 0.0,
-        "startup_seconds": 0.0,
-        "images_per_second": 0.0,
-    }
-    if not todo:
-        return stats
-    if executor is None:
-        from imgclf.executors.local import LocalExecutor
-
-        executor = LocalExecutor()
-    timing = executor.run(
-        [(sha, first_path[sha]) for sha in todo],
-        load_model,
-        cache,
-        batch_size=batch_size,
-        view=view,
-        desc=desc,
-        progress=progress,
-    )
-    # `seconds` as before: computing only, after the model (and a cluster) got ready.
-    seconds = timing["seconds"]
-    return {
-        **stats,
-        "seconds": seconds,
-        "startup_seconds": timing["startup_seconds"],
-        "images_per_second": len(todo) / seconds,
-    }
 
 
 def gather_features(

@@ -7,11 +7,10 @@ from typing import Any
 
 import imgclf.quiet_tf  # noqa: F401  (first: TensorFlow without its start-up notices)
 from imgclf.config import cache_dir, load_params
-from imgclf.executors import Executor, make_executor
+from imgclf.executors import Executor, fill_cache, make_executor
 from imgclf.features import (
     FeatureCache,
     cache_key,
-    fill_cache,
     gather_features,
     save_bottlenecks,
     split_items,

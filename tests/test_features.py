@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from imgclf.features import FeatureCache, ImageItem, cache_key, fill_cache, gather_features
+from imgclf.executors import fill_cache
+from imgclf.features import FeatureCache, ImageItem, cache_key, gather_features
 from imgclf.fileio import sha256_file
 from tests.helpers import make_image
 
@@ -153,7 +154,8 @@ def test_kill_9_mid_run_then_rerun_finishes_without_recomputing(tmp_path):
             f"""
             import time
             from pathlib import Path
-            from imgclf.features import FeatureCache, ImageItem, fill_cache
+            from imgclf.executors import fill_cache
+            from imgclf.features import FeatureCache, ImageItem
             from imgclf.fileio import sha256_file
             paths = sorted(Path({str(tmp_path / "img")!r}).glob("*.png"))
             items = [ImageItem(p.name, p, sha256_file(p), 0) for p in paths]

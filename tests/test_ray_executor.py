@@ -23,8 +23,8 @@ import numpy as np
 import pytest
 import yaml
 
-from imgclf.executors import ExtractionFailed, make_executor
-from imgclf.features import FeatureCache, ImageItem, fill_cache, gather_features
+from imgclf.executors import ExtractionFailed, fill_cache, make_executor
+from imgclf.features import FeatureCache, ImageItem, gather_features
 from imgclf.fileio import sha256_file, write_csv
 
 pytestmark = pytest.mark.slow
@@ -333,8 +333,8 @@ import sys
 from pathlib import Path
 import numpy as np, yaml
 import stages.bottlenecks, stages.activations
-from imgclf.executors import make_executor
-from imgclf.features import FeatureCache, ImageItem, fill_cache
+from imgclf.executors import fill_cache, make_executor
+from imgclf.features import FeatureCache, ImageItem
 params = yaml.safe_load(Path("params.yaml").read_text())
 make_executor("ray", params)  # configuring it imports no Ray: only running does
 def tiny():

@@ -7,8 +7,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from imgclf.executors import Pending, Timing
-    from imgclf.features import FeatureCache, ModelLoader, View
+    from imgclf.features import FeatureCache, ModelLoader, Pending, Timing, View
 
 
 class LocalExecutor:

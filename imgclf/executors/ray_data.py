@@ -48,8 +48,7 @@ from imgclf.executors import ExtractionFailed
 from imgclf.params import RayParams
 
 if TYPE_CHECKING:
-    from imgclf.executors import Pending, Timing
-    from imgclf.features import FeatureCache, ModelLoader, View
+    from imgclf.features import FeatureCache, ModelLoader, Pending, Timing, View
 
 INSTALL_HINT = "pip install -e '.[ray]' (the optional Ray extra)"
 

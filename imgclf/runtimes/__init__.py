@@ -3,7 +3,7 @@ a cut (the activations stage). Where that runs (this process, a cluster) is anot
 
 A runtime object has one method that matters, `predict(batch) -> np.ndarray`: a float32 batch
 [N, 299, 299, 3], already decoded and preprocessed by the TensorFlow path (Pillow, the same
-resize), in; float32 features out. `imgclf.features.fill_cache` calls nothing else, so decoding,
+resize), in; float32 features out. `imgclf.executors.fill_cache` calls nothing else, so decoding,
 the cache and the executor are the same whatever computes the numbers.
 
 Registry: `RUNTIMES` maps a name (`bottlenecks.runtime`, `activations.runtime`) to the
