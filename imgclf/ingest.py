@@ -417,126 +417,27 @@ def collect_dataturks(export: Path, options: IngestOptions) -> Collected:
 # --------------------------------------------------------------------------- build
 
 
+# One candidate on its way through build_image_set: (candidate, sha256, ImageInfo, or BadImage
+# until _into_classes sorts those out), then also its safe file name.
+Checked = tuple[Candidate, str, Any]
+Named = tuple[Candidate, str, Any, str]
+
+
 def build_image_set(
     collected: Collected, options: IngestOptions, *, source: str = "", kind: str = ""
 ) -> IngestResult:
-    """Validate, de-duplicate and name the candidates; pure apart from reading the files."""
+    """Validate, de-duplicate and name the candidates; pure apart from reading the files.
+    Every candidate left out is one `Skip` in the result, with its reason."""
     skipped = list(collected.skipped)
     try:
         folders = class_dirs(collected.labels)
     except ClassNameCollision as e:
         raise IngestError(str(e)) from None
-
-    # Hash every file, decode each distinct content once.
-    infos: dict[str, Any] = {}  # sha -> ImageInfo | BadImage
-    hashed: list[tuple[Candidate, str]] = []
-    for cand in tqdm(collected.candidates, desc="ingest: validate", unit="file", leave=False):
-        try:
-            sha = sha256_file(cand.path)
-        except OSError as e:
-            skipped.append(Skip(cand.origin, "unreadable", f"{type(e).__name__}: {e}"))
-            continue
-        if sha not in infos:
-            try:
-                infos[sha] = inspect_image(cand.path, options.max_image_pixels)
-            except BadImage as e:
-                infos[sha] = e
-        hashed.append((cand, sha))
-
-    by_class: dict[str, list[tuple[Candidate, str, Any]]] = defaultdict(list)
-    for cand, sha in hashed:
-        info = infos[sha]
-        if isinstance(info, BadImage):
-            skipped.append(Skip(cand.origin, info.reason, _where(cand) + info.detail))
-        elif not cand.label:
-            skipped.append(Skip(cand.origin, "unlabelled", "an image outside any class folder"))
-        elif cand.label not in folders:
-            skipped.append(
-                Skip(
-                    cand.origin,
-                    "bad_label",
-                    f"{_where(cand)}no safe folder name for label {cand.label!r}",
-                )
-            )
-        else:
-            by_class[folders[cand.label]].append((cand, sha, info))
-
-    # Same bytes twice in one class: keep the copy with the smallest (safe name, origin).
-    kept: dict[str, list[tuple[Candidate, str, Any, str]]] = {}
-    duplicates = 0
-    for folder, entries in by_class.items():
-        named = sorted(
-            (
-                (cand, sha, info, safe_file_name(cand.name, FORMAT_EXTENSIONS[info.format]))
-                for cand, sha, info in entries
-            ),
-            key=lambda e: (e[3], e[0].origin),
-        )
-        first_of: dict[str, str] = {}
-        kept[folder] = []
-        for cand, sha, info, name in named:
-            if sha in first_of:
-                duplicates += 1
-                skipped.append(
-                    Skip(
-                        cand.origin,
-                        "duplicate",
-                        f"{_where(cand)}same bytes as {first_of[sha]}, kept once",
-                    )
-                )
-                continue
-            first_of[sha] = f"{_where(cand)}{cand.origin}"
-            kept[folder].append((cand, sha, info, name))
-
-    # Same bytes under several classes.
-    classes_of: dict[str, set[str]] = defaultdict(set)
-    for folder, entries in kept.items():
-        for _, sha, _, _ in entries:
-            classes_of[sha].add(folder)
-    cross = {sha: sorted(f) for sha, f in classes_of.items() if len(f) > 1}
-    cross_files = 0
-    if cross and options.cross_class_duplicates == "drop":
-        for folder, entries in kept.items():
-            remaining = []
-            for entry in entries:
-                cand, sha = entry[0], entry[1]
-                if sha in cross:
-                    cross_files += 1
-                    skipped.append(
-                        Skip(
-                            cand.origin,
-                            "cross_class_duplicate",
-                            f"{_where(cand)}the same bytes are filed under "
-                            f"{', '.join(cross[sha])}: dropped from every class "
-                            "(ingest.cross_class_duplicates=keep keeps them)",
-                        )
-                    )
-                else:
-                    remaining.append(entry)
-            kept[folder] = remaining
-
-    images: list[IngestedImage] = []
-    renamed = 0
-    for folder, entries in kept.items():
-        names = _unique_names([(name, sha) for _, sha, _, name in entries])
-        for (cand, sha, info, name), final in zip(entries, names, strict=True):
-            renamed += final != name
-            images.append(
-                IngestedImage(
-                    class_dir=folder,
-                    label=cand.label,
-                    file=f"{folder}/{final}",
-                    sha256=sha,
-                    width=info.width,
-                    height=info.height,
-                    format=info.format,
-                    origin=cand.origin,
-                    path=cand.path,
-                    subset=cand.subset,
-                    nested=cand.nested,
-                )
-            )
-    images.sort(key=lambda im: (im.class_dir, im.file))
+    hashed = _hash_and_inspect(collected.candidates, options.max_image_pixels, skipped)
+    by_class = _into_classes(hashed, folders, skipped)
+    kept, duplicates = _drop_duplicates(by_class, skipped)
+    cross, cross_files = _cross_class_duplicates(kept, options.cross_class_duplicates, skipped)
+    images, renamed = _name_images(kept)
     skipped.sort(key=lambda s: (s.origin, s.reason, s.detail))
 
     counts = Counter(im.class_dir for im in images)
@@ -590,6 +491,147 @@ def build_image_set(
         stats=stats,
         problems=problems,
     )
+
+
+def _hash_and_inspect(
+    candidates: list[Candidate], max_image_pixels: int, skipped: list[Skip]
+) -> list[Checked]:
+    """(candidate, sha256, ImageInfo or BadImage) of every readable file, each distinct
+    content decoded once; an unreadable file is a Skip."""
+    infos: dict[str, Any] = {}  # sha -> ImageInfo | BadImage
+    hashed: list[Checked] = []
+    for cand in tqdm(candidates, desc="ingest: validate", unit="file", leave=False):
+        try:
+            sha = sha256_file(cand.path)
+        except OSError as e:
+            skipped.append(Skip(cand.origin, "unreadable", f"{type(e).__name__}: {e}"))
+            continue
+        if sha not in infos:
+            try:
+                infos[sha] = inspect_image(cand.path, max_image_pixels)
+            except BadImage as e:
+                infos[sha] = e
+        hashed.append((cand, sha, infos[sha]))
+    return hashed
+
+
+def _into_classes(
+    hashed: list[Checked], folders: dict[str, str], skipped: list[Skip]
+) -> dict[str, list[Checked]]:
+    """The valid, labelled candidates by class folder; a bad image, a candidate without a
+    label, or a label without a safe folder name is a Skip."""
+    by_class: dict[str, list[Checked]] = defaultdict(list)
+    for cand, sha, info in hashed:
+        if isinstance(info, BadImage):
+            skipped.append(Skip(cand.origin, info.reason, _where(cand) + info.detail))
+        elif not cand.label:
+            skipped.append(Skip(cand.origin, "unlabelled", "an image outside any class folder"))
+        elif cand.label not in folders:
+            skipped.append(
+                Skip(
+                    cand.origin,
+                    "bad_label",
+                    f"{_where(cand)}no safe folder name for label {cand.label!r}",
+                )
+            )
+        else:
+            by_class[folders[cand.label]].append((cand, sha, info))
+    return by_class
+
+
+def _drop_duplicates(
+    by_class: dict[str, list[Checked]], skipped: list[Skip]
+) -> tuple[dict[str, list[Named]], int]:
+    """Same bytes twice in one class: keep the copy with the smallest (safe name, origin).
+    Returns each class's kept candidates with their safe names, and how many were dropped."""
+    kept: dict[str, list[Named]] = {}
+    duplicates = 0
+    for folder, entries in by_class.items():
+        named = sorted(
+            (
+                (cand, sha, info, safe_file_name(cand.name, FORMAT_EXTENSIONS[info.format]))
+                for cand, sha, info in entries
+            ),
+            key=lambda e: (e[3], e[0].origin),
+        )
+        first_of: dict[str, str] = {}
+        kept[folder] = []
+        for cand, sha, info, name in named:
+            if sha in first_of:
+                duplicates += 1
+                skipped.append(
+                    Skip(
+                        cand.origin,
+                        "duplicate",
+                        f"{_where(cand)}same bytes as {first_of[sha]}, kept once",
+                    )
+                )
+                continue
+            first_of[sha] = f"{_where(cand)}{cand.origin}"
+            kept[folder].append((cand, sha, info, name))
+    return kept, duplicates
+
+
+def _cross_class_duplicates(
+    kept: dict[str, list[Named]], mode: str, skipped: list[Skip]
+) -> tuple[dict[str, list[str]], int]:
+    """Same bytes under several classes: {sha256: its classes}, and with mode `drop` every
+    copy is taken out of `kept` (in place) as a Skip. Returns those and the files dropped."""
+    classes_of: dict[str, set[str]] = defaultdict(set)
+    for folder, entries in kept.items():
+        for _, sha, _, _ in entries:
+            classes_of[sha].add(folder)
+    cross = {sha: sorted(f) for sha, f in classes_of.items() if len(f) > 1}
+    dropped = 0
+    if not cross or mode != "drop":
+        return cross, dropped
+    for folder, entries in kept.items():
+        remaining = []
+        for entry in entries:
+            cand, sha = entry[0], entry[1]
+            if sha in cross:
+                dropped += 1
+                skipped.append(
+                    Skip(
+                        cand.origin,
+                        "cross_class_duplicate",
+                        f"{_where(cand)}the same bytes are filed under "
+                        f"{', '.join(cross[sha])}: dropped from every class "
+                        "(ingest.cross_class_duplicates=keep keeps them)",
+                    )
+                )
+            else:
+                remaining.append(entry)
+        kept[folder] = remaining
+    return cross, dropped
+
+
+def _name_images(kept: dict[str, list[Named]]) -> tuple[list[IngestedImage], int]:
+    """The kept candidates as images with unique file names in their class folder, sorted by
+    (class, file); and how many names had to change to be unique."""
+    images: list[IngestedImage] = []
+    renamed = 0
+    for folder, entries in kept.items():
+        names = _unique_names([(name, sha) for _, sha, _, name in entries])
+        for (cand, sha, info, name), final in zip(entries, names, strict=True):
+            renamed += final != name
+            images.append(
+                IngestedImage(
+                    class_dir=folder,
+                    label=cand.label,
+                    file=f"{folder}/{final}",
+                    sha256=sha,
+                    width=info.width,
+                    height=info.height,
+                    format=info.format,
+                    origin=cand.origin,
+                    path=cand.path,
+                    subset=cand.subset,
+                    nested=cand.nested,
+                )
+            )
+    images.sort(key=lambda im: (im.class_dir, im.file))
+    return images, renamed
 
 
 def _where(cand: Candidate) -> str:

@@ -34,6 +34,7 @@ from tools.probe_runs import (  # noqa: E402
     load_runs,
     mcnemar_cell,
     mean_sd,
+    models_in,
     right,
     train_and_score,
     trained_head,
@@ -79,7 +80,7 @@ def train_members(workdir: Path, members: int, precision: str | None) -> dict[st
 def table(files: list[Path]) -> str:
     """Validation first (what the rule reads), then test, read after."""
     runs, n_val = load_runs(files)
-    models = fine_tuned_models()
+    models = models_in(runs)
     members = min(r[f"{name}_val"].shape[0] for r in runs.values() for name in models)
     val_head = " | ".join(f"{n}: validation, right of {n_val}; per seed" for n in models)
     test_head = " | ".join(f"{n}: test accuracy, mean ± sd; per seed" for n in models)

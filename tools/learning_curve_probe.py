@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tools import probe_runs  # noqa: E402
-from tools.probe_runs import fine_tuned_models, load_runs, mean_sd, right  # noqa: E402
+from tools.probe_runs import fine_tuned_models, load_runs, mean_sd, models_in, right  # noqa: E402
 
 
 def nested_image_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
@@ -114,7 +114,7 @@ def train_curve(workdir: Path, fractions: list[float], precision: str | None
 def table(files: list[Path]) -> str:
     """Validation first, with the gain per doubling of the training images; then test."""
     runs, n_val = load_runs(files)
-    models = fine_tuned_models()
+    models = models_in(runs)
     fractions = next(iter(runs.values()))["fractions"]
     if any(not np.array_equal(r["fractions"], fractions) for r in runs.values()):
         raise SystemExit("the files were trained with different --fractions")

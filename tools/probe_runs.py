@@ -67,6 +67,12 @@ def fine_tuned_models() -> list[str]:
     return model_names(inputs="activations")
 
 
+def models_in(runs: dict[str, dict[str, np.ndarray]]) -> list[str]:
+    """The fine-tuned models whose `<model>_val` every probe file holds (files written before
+    a model was registered lack it), in registry order."""
+    return [m for m in fine_tuned_models() if all(f"{m}_val" in r for r in runs.values())]
+
+
 def trained_head(ws: Workspace, name: str) -> Callable[[Any], Any]:
     """A `start` for train_and_score: fine-tuned model `name`'s base head as its train stage
     saved it, loaded anew at every call (Keras trains the head's layers in place)."""

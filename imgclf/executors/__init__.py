@@ -101,8 +101,8 @@ def fill_cache(
     `load_model()` returns the runtime (imgclf.runtimes: anything with `predict(batch)`; a
     Keras model runs as the TensorFlow runtime) and its preprocessing; it is only called when
     something is left to compute (building Inception V3 takes seconds). `view` transforms the
-    decoded pixels first (see `image_batches`); `cache` must then be that view's own. `executor`
-    (imgclf.executors, default: the local loop) computes the missing entries and writes each
+    decoded pixels first (see `imgclf.features.image_batches`); `cache` must then be that view's
+    own. `executor` (default: the local loop) computes the missing entries and writes each
     batch to `cache` as soon as it is done, so an interrupted run resumes where it stopped.
     Returns counts and throughput.
     """
