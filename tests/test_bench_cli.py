@@ -1,8 +1,11 @@
-"""The benchmarks still start: each bench/*.py parses its arguments and imports what it needs
-at the top (bench.common and the project), in a fresh Python, as a user runs it.
+"""The benchmarks and the tools still start: each bench/*.py and each command-line script in
+tools/ parses its arguments and imports what it needs at the top (bench.common, tools.probe_runs
+and the project), in a fresh Python, as a user runs it.
 
-A full bench run takes minutes to an hour and needs the shared photos, so the suite does not
-run one; this catches the breakage that went unseen once (a bench that no longer started).
+A full bench run takes minutes to an hour and needs the shared photos, and a tool's pass hours
+of a workspace on the full set, so the suite runs neither in full (the tools' own tests run them
+on a tiny result); this catches the breakage that went unseen once (a bench that no longer
+started).
 """
 
 from __future__ import annotations
@@ -15,20 +18,25 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCHES = sorted(p for p in (ROOT / "bench").glob("*.py") if p.name != "common.py")
+TOOLS = sorted(
+    p for p in (ROOT / "tools").glob("*.py") if 'if __name__ == "__main__":' in p.read_text()
+)
 
 
-def test_every_bench_is_listed() -> None:
+def test_every_bench_and_tool_is_listed() -> None:
     assert len(BENCHES) >= 5, f"expected the benches under {ROOT / 'bench'}, found {BENCHES}"
+    assert len(TOOLS) >= 5, f"expected the tools under {ROOT / 'tools'}, found {TOOLS}"
+    assert ROOT / "tools" / "probe_runs.py" not in TOOLS  # a module the probes share
 
 
-@pytest.mark.parametrize("bench", BENCHES, ids=lambda p: p.stem)
-def test_bench_prints_its_usage(bench: Path) -> None:
+@pytest.mark.parametrize("script", BENCHES + TOOLS, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_script_prints_its_usage(script: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, str(bench), "--help"], cwd=ROOT, capture_output=True, text=True,
+        [sys.executable, str(script), "--help"], cwd=ROOT, capture_output=True, text=True,
         timeout=120,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.startswith(f"usage: {bench.name}"), proc.stdout
+    assert proc.stdout.startswith(f"usage: {script.name}"), proc.stdout
 
 
 def test_activations_bench_options_pass_the_stage_check() -> None:

