@@ -8,7 +8,9 @@ files that Python runs on the way. A function that loads modules by name
 that use that function. The model registry (imgclf/registry.py) resolves each model's
 functions by name too: a stage that imports it runs every registered model's module, except
 `python -m stages.train <model>` (the `foreach` stages train@<model>), which runs that model's
-only. A file is covered by a dep naming it or a folder above it.
+only, and a fine-tuned model's own stage (`python -m stages.<model>`), which runs its model's
+module and its base head's (the start it loads, or refits). A file is covered by a dep naming
+it or a folder above it.
 """
 
 from __future__ import annotations
@@ -174,8 +176,13 @@ def stage_code(stage: Mapping) -> set[str]:
         modules = registered_modules()
         model = match.group(2)
         assert model is None or model in modules, f"{stage['cmd']!r}: {model} is not registered"
+        runs = set(modules) if model is None else {model}
+        if model is None and match.group(1) in modules:  # a fine-tuned model's own stage
+            from imgclf.registry import get_model
+
+            runs = {match.group(1), get_model(match.group(1)).base}
         for name, module in modules.items():
-            if model is None or name == model:
+            if name in runs:
                 files |= closure(module)
     return {p.relative_to(ROOT).as_posix() for p in files}
 
@@ -230,6 +237,11 @@ def test_closure_follows_the_kinds_of_import_we_use():
     train_tf = stage_code(load_dvc_stages()["train@tf"])
     assert "imgclf/heads/tf_head.py" in train_tf
     assert "imgclf/heads/keras_head.py" not in train_tf
+    # A fine-tuned model's stage runs its own module and its base head's, not the other models'.
+    finetune_keras = stage_code(load_dvc_stages()["finetune_keras"])
+    assert {"imgclf/finetune/finetune_keras.py", "imgclf/heads/keras_head.py"} <= finetune_keras
+    assert not {"imgclf/heads/tf_head.py", "imgclf/heads/sklearn_head.py"} & finetune_keras
+    assert "imgclf/heads/sklearn_head.py" not in stage_code(load_dvc_stages()["finetune_tf"])
 
 
 @pytest.mark.parametrize("name", sorted(load_dvc_stages()))
