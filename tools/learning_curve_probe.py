@@ -26,7 +26,9 @@ import dataclasses
 import math
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -70,12 +72,24 @@ def subset_rows(data, fraction: float, seed: int):
     )
 
 
-def train_curve(workdir: Path, fractions: list[float], precision: str | None
-                ) -> dict[str, np.ndarray]:  # fmt: skip
-    import imgclf.quiet_tf  # noqa: F401  (first: TensorFlow without its notices)
+def refitted_head(ws, name: str, data) -> Callable[[Any], Any]:
+    """A `start` for probe_runs.train_and_score: fine-tuned model `name`'s base head trained
+    anew on `data`'s rows (what the stage's `refit_head: true` does), given the frozen top."""
     from imgclf.finetune.common import refit_head
     from imgclf.heads.common import read_labels
     from imgclf.registry import base_params, get_model
+
+    base = get_model(name).base
+    assert base is not None, f"{name} is not a fine-tuned model"
+    n_classes = len(read_labels(ws.layout.model_dir(base)))
+    recipe = base_params(name, ws.params)
+    return lambda top: refit_head(base, top, data, n_classes=n_classes, seed=ws.heads.seed,
+                                  recipe=recipe)  # fmt: skip
+
+
+def train_curve(workdir: Path, fractions: list[float], precision: str | None
+                ) -> dict[str, np.ndarray]:  # fmt: skip
+    import imgclf.quiet_tf  # noqa: F401  (first: TensorFlow without its notices)
 
     ws = probe_runs.load_workspace(workdir)
     out = ws.labels()
@@ -83,20 +97,13 @@ def train_curve(workdir: Path, fractions: list[float], precision: str | None
     subsets = [subset_rows(ws.data, f, ws.heads.seed) for f in fractions]
     out["n_train_images"] = np.array([s.n_train_images for s in subsets], np.int64)
     for name in fine_tuned_models():
-        base = get_model(name).base
-        assert base is not None
-        n_classes = len(read_labels(ws.layout.model_dir(base)))
         vals, tests, starts, epochs = [], [], [], []
         for fraction, subset in zip(fractions, subsets, strict=True):
             started = time.perf_counter()
-
-            def refitted(top, subset=subset, base=base, n_classes=n_classes, name=name):
-                return refit_head(base, top, subset, n_classes=n_classes, seed=ws.heads.seed,
-                                  recipe=base_params(name, ws.params))  # fmt: skip
-
             val, test, result = probe_runs.train_and_score(
-                ws, name, refitted, subset, seed=ws.heads.seed, precision=precision
-            )
+                ws, name, refitted_head(ws, name, subset), subset, seed=ws.heads.seed,
+                precision=precision,
+            )  # fmt: skip
             vals.append(val)
             tests.append(test)
             starts.append(result.summary["start_val_accuracy"])
