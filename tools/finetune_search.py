@@ -22,11 +22,9 @@ can break a variant that starts later.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import inspect
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -42,17 +40,14 @@ def search(workdir: Path, variants: dict[str, dict], views: list[str] | None,
     import numpy as np
 
     import imgclf.quiet_tf  # noqa: F401
-    from imgclf.finetune.common import SelectedRows, refit_head, split_recipe
-    from imgclf.heads.common import read_labels
-    from imgclf.inception import build_top, load_backbone
-    from imgclf.registry import base_params, get_model, model_params
-    from tools.probe_runs import load_workspace
+    from imgclf.finetune.common import keep_training_rows, split_recipe
+    from imgclf.registry import get_model, model_params
+    from tools.probe_runs import load_workspace, refitted_head, train_like_stage, trained_head
 
     spec = get_model(model)
     if spec.base is None:
         raise SystemExit(f"--model {model}: not a fine-tuned model (it has no base head)")
-    train_fn = spec.function("train")
-    trainer_keys = set(inspect.signature(train_fn).parameters)
+    trainer_keys = set(inspect.signature(spec.function("train")).parameters)
     # precision and refit_head: stage params that pick the blocks' build and the head's start,
     # not trainer keywords.
     known = (trainer_keys - FIXED) | {"precision", "refit_head"}
@@ -61,42 +56,20 @@ def search(workdir: Path, variants: dict[str, dict], views: list[str] | None,
             raise SystemExit(f"--variant {name}: unknown key(s) {unknown}; {model} takes "
                              f"some of {sorted(known)}")  # fmt: skip
     ws = load_workspace(workdir, with_test=False)
-    params, layout, heads, acts, data = ws.params, ws.layout, ws.heads, ws.acts, ws.data
-    cut = params["activations"]["cut"]
-    # finetune_tf's trainer also takes the cut (its module rewrites the blocks after it).
-    extra = {"cut": cut} if "cut" in trainer_keys else {}
-    recipe = model_params(spec, params)
+    acts, data = ws.acts, ws.data
     views = list(views or acts.views)
     if missing := [v for v in views if v not in acts.views]:
-        raise SystemExit(f"--views: {missing} not in {layout.activations}/train_index.npz, "
+        raise SystemExit(f"--views: {missing} not in {ws.layout.activations}/train_index.npz, "
                          f"which holds {list(acts.views)}")  # fmt: skip
-    rows = data.x_train.rows[np.isin(acts.view[data.x_train.rows],
-                                     [acts.views.index(v) for v in views])]  # fmt: skip
-    _, images = np.unique(acts.ids[rows], return_inverse=True)
-    train = dataclasses.replace(data, x_train=SelectedRows(acts.x, rows),
-                                y_train=acts.labels[rows].astype(np.int64),
-                                train_images=images)  # fmt: skip
-    load_head = get_model(spec.base).function("load")
-    n_classes = len(read_labels(layout.model_dir(spec.base)))
-    size = params["activations"]["image_size"]
+    train = keep_training_rows(data, np.isin(acts.view[data.x_train.rows],
+                                             [acts.views.index(v) for v in views]))  # fmt: skip
     results = []
     for name, changes in variants.items():
-        kwargs, settings = split_recipe({**recipe, **changes})  # test-time flips: judged apart
-        # Built anew for every variant: Keras trains the top's and the head's layers in place.
-        backbone = load_backbone(layout.backbone, precision=settings.precision, image_size=size)
-        top = build_top(backbone.model, cut)
+        _, settings = split_recipe({**model_params(spec, ws.params), **changes})
+        # The head the stage would start from: refitted to these rows, or the trained one.
+        start = refitted_head(ws, model, train) if settings.refit_head else trained_head(ws, model)
         started = time.perf_counter()
-        if settings.refit_head:  # the head the stage would refit
-            head = refit_head(spec.base, top, train, n_classes=n_classes, seed=heads.seed,
-                              recipe=base_params(model, params))  # fmt: skip
-        else:
-            head = load_head(layout.model_dir(spec.base))
-        with tempfile.TemporaryDirectory() as tensorboard:
-            result = train_fn(
-                top, head, train.x_train, train.y_train, data.x_val, data.y_val,
-                tensorboard_dir=tensorboard, train_images=train.train_images, seed=heads.seed,
-                progress=False, **extra, **kwargs,
-            )  # fmt: skip
+        result = train_like_stage(ws, model, start, train, seed=ws.heads.seed, changes=changes)
         val = [row["val_accuracy"] for row in result.curve]
         kept = int(result.summary["model_step"])  # the stage's pick: epoch_rank
         results.append({

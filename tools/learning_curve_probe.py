@@ -22,13 +22,10 @@ doubling of the training images, then the test accuracy, read after.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -57,34 +54,11 @@ def nested_image_subset(labels: np.ndarray, fraction: float, seed: int) -> np.nd
 def subset_rows(data, fraction: float, seed: int):
     """`data` (a FinetuneData) with only the training rows of `nested_image_subset`'s images:
     every cached view of each, the validation slice unchanged."""
-    from imgclf.finetune.common import SelectedRows
+    from imgclf.finetune.common import keep_training_rows
 
     first_row = np.unique(data.train_images, return_index=True)[1]  # image i's first row
     images = nested_image_subset(data.y_train[first_row], fraction, seed)
-    rows = np.isin(data.train_images, images)
-    _, train_images = np.unique(data.train_images[rows], return_inverse=True)
-    return dataclasses.replace(
-        data,
-        x_train=SelectedRows(data.x_train.source, data.x_train.rows[rows]),
-        y_train=data.y_train[rows],
-        train_images=train_images.astype(np.int64),
-        n_train_images=len(images),
-    )
-
-
-def refitted_head(ws, name: str, data) -> Callable[[Any], Any]:
-    """A `start` for probe_runs.train_and_score: fine-tuned model `name`'s base head trained
-    anew on `data`'s rows (what the stage's `refit_head: true` does), given the frozen top."""
-    from imgclf.finetune.common import refit_head
-    from imgclf.heads.common import read_labels
-    from imgclf.registry import base_params, get_model
-
-    base = get_model(name).base
-    assert base is not None, f"{name} is not a fine-tuned model"
-    n_classes = len(read_labels(ws.layout.model_dir(base)))
-    recipe = base_params(name, ws.params)
-    return lambda top: refit_head(base, top, data, n_classes=n_classes, seed=ws.heads.seed,
-                                  recipe=recipe)  # fmt: skip
+    return keep_training_rows(data, np.isin(data.train_images, images))
 
 
 def train_curve(workdir: Path, fractions: list[float], precision: str | None
@@ -101,7 +75,7 @@ def train_curve(workdir: Path, fractions: list[float], precision: str | None
         for fraction, subset in zip(fractions, subsets, strict=True):
             started = time.perf_counter()
             val, test, result = probe_runs.train_and_score(
-                ws, name, refitted_head(ws, name, subset), subset, seed=ws.heads.seed,
+                ws, name, probe_runs.refitted_head(ws, name, subset), subset, seed=ws.heads.seed,
                 precision=precision,
             )  # fmt: skip
             vals.append(val)

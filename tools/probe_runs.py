@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -84,48 +84,77 @@ def trained_head(ws: Workspace, name: str) -> Callable[[Any], Any]:
     return lambda _top: load(ws.layout.model_dir(base))
 
 
-def train_and_score(
+def refitted_head(ws: Workspace, name: str, data: Any) -> Callable[[Any], Any]:
+    """A `start` for train_and_score: fine-tuned model `name`'s base head trained anew on
+    `data`'s rows (what the stage's `refit_head: true` does), given the frozen top."""
+    from imgclf.finetune.common import refit_head
+    from imgclf.heads.common import read_labels
+    from imgclf.registry import base_params, get_model
+
+    base = get_model(name).base
+    assert base is not None, f"{name} is not a fine-tuned model"
+    n_classes = len(read_labels(ws.layout.model_dir(base)))
+    recipe = base_params(name, ws.params)
+    return lambda top: refit_head(base, top, data, n_classes=n_classes, seed=ws.heads.seed,
+                                  recipe=recipe)  # fmt: skip
+
+
+def train_like_stage(
     ws: Workspace, name: str, start: Callable[[Any], Any], data: Any, *, seed: int,
-    precision: str | None = None,
-) -> tuple[np.ndarray, np.ndarray, Any]:  # fmt: skip
-    """Fine-tuned model `name` trained as its stage trains it (its recipe and trainer, the
-    blocks after the cut built anew, its epoch kept by the same rule) from the head
-    `start(top)` returns (given the frozen blocks: a refit needs them) on `data`'s
-    rows (a FinetuneData: the stage's, or a probe's selection), the training order seeded by
-    `seed`, the blocks at `precision` (default: the stage's). Returns its saved model's
-    probabilities on the `orig` view of the validation and test images, and the trainer's
-    result."""
+    precision: str | None = None, changes: Mapping[str, Any] | None = None,
+) -> Any:  # fmt: skip
+    """Fine-tuned model `name` trained as its stage trains it (its recipe from the workspace's
+    params with `changes` on top, its trainer, the blocks after the cut built anew, its epoch
+    kept by the same rule) from the head `start(top)` returns (given the frozen blocks: a refit
+    needs them) on `data`'s rows (a FinetuneData: the stage's, or a probe's selection), the
+    training order seeded by `seed`, the blocks at `precision` (default: the recipe's).
+    Returns the trainer's result; nothing is written."""
     import inspect
     import tempfile
 
     from imgclf.finetune.common import split_recipe
-    from imgclf.heads.common import read_labels
     from imgclf.inception import build_top, load_backbone
     from imgclf.registry import get_model, model_params
 
     spec = get_model(name)
-    assert spec.base is not None, f"{name} is not a fine-tuned model"
     cut = ws.params["activations"]["cut"]
-    size = ws.params["activations"]["image_size"]
-    recipe, settings = split_recipe(model_params(spec, ws.params))
+    recipe, settings = split_recipe({**model_params(spec, ws.params), **(changes or {})})
     train_fn = spec.function("train")
     # finetune_tf's trainer also takes the cut (its module rewrites the blocks after it).
     extra = {"cut": cut} if "cut" in inspect.signature(train_fn).parameters else {}
     # Built anew for every model: Keras trains the top's and the head's layers in place.
     backbone = load_backbone(ws.layout.backbone, precision=precision or settings.precision,
-                             image_size=size)  # fmt: skip
+                             image_size=ws.params["activations"]["image_size"])  # fmt: skip
     top = build_top(backbone.model, cut)
     head = start(top)
-    with tempfile.TemporaryDirectory() as tmp:
-        result = train_fn(
-            top, head, data.x_train, data.y_train, data.x_val,
-            data.y_val, tensorboard_dir=Path(tmp) / "events", train_images=data.train_images,
-            seed=seed, progress=False, **extra, **recipe,
+    with tempfile.TemporaryDirectory() as events:
+        return train_fn(
+            top, head, data.x_train, data.y_train, data.x_val, data.y_val,
+            tensorboard_dir=events, train_images=data.train_images, seed=seed, progress=False,
+            **extra, **recipe,
         )  # fmt: skip
-        spec.function("save")(result.model, Path(tmp) / "model",
-                              read_labels(ws.layout.model_dir(spec.base)),
-                              test_time_flip=False, cut=cut, image_size=size)  # fmt: skip
-        val, test = ws.scores(spec.function("predictor")(Path(tmp) / "model"))
+
+
+def train_and_score(
+    ws: Workspace, name: str, start: Callable[[Any], Any], data: Any, *, seed: int,
+    precision: str | None = None,
+) -> tuple[np.ndarray, np.ndarray, Any]:  # fmt: skip
+    """`train_like_stage`, then the model saved as its stage saves it: its probabilities on
+    the `orig` view of the validation and test images, and the trainer's result."""
+    import tempfile
+
+    from imgclf.heads.common import read_labels
+    from imgclf.registry import get_model
+
+    spec = get_model(name)
+    assert spec.base is not None, f"{name} is not a fine-tuned model"
+    result = train_like_stage(ws, name, start, data, seed=seed, precision=precision)
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = Path(tmp) / "model"
+        spec.function("save")(result.model, model_dir, read_labels(ws.layout.model_dir(spec.base)),
+                              test_time_flip=False, cut=ws.params["activations"]["cut"],
+                              image_size=ws.params["activations"]["image_size"])  # fmt: skip
+        val, test = ws.scores(spec.function("predictor")(model_dir))
     return val, test, result
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +73,19 @@ class FinetuneData:
     n_train_images: int
     n_val_images: int
     views: tuple[str, ...]
+
+
+def keep_training_rows(data: FinetuneData, keep: np.ndarray) -> FinetuneData:
+    """`data` with only the training rows where the boolean mask `keep` is true (e.g. some
+    views, or some images); the validation slice unchanged."""
+    _, images = np.unique(data.train_images[keep], return_inverse=True)
+    return replace(
+        data,
+        x_train=SelectedRows(data.x_train.source, data.x_train.rows[keep]),
+        y_train=data.y_train[keep],
+        train_images=images.astype(np.int64),
+        n_train_images=int(images.max()) + 1 if images.size else 0,
+    )
 
 
 def check_view_sampling(view_sampling: str) -> None:
