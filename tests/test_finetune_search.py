@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.test_tracking import tiny_result
 
@@ -193,12 +194,20 @@ def test_the_learning_curve_subsets_nest_and_keep_every_class():
         nested_image_subset(labels, 0, seed=7)
 
 
+def test_equal_steps_give_a_smaller_set_more_epochs():
+    from tools.learning_curve_probe import epochs_at
+
+    assert [epochs_at(f, 3, equal_steps=False) for f in (0.25, 0.5, 1)] == [3, 3, 3]
+    assert [epochs_at(f, 3, equal_steps=True) for f in (0.25, 0.5, 0.7, 1)] == [12, 6, 4, 3]
+
+
 def test_the_learning_curve_probe_trains_on_fewer_images_and_leaves_the_workspace(
     tmp_path_factory,
 ):
     # tools/learning_curve_probe.py on the tiny result: at fraction 1 every training image
-    # outside the validation slice (the stage's count), at 0.5 about half, with all views;
-    # each model's head refitted and fine-tuned; the workspace left as it was.
+    # outside the validation slice (the stage's count), at 0.5 about half, with all views and
+    # (--equal-steps) twice the stage's epochs; each model's head refitted and fine-tuned; the
+    # workspace left as it was.
     import numpy as np
 
     workdir, _ = tiny_result(tmp_path_factory)
@@ -206,7 +215,8 @@ def test_the_learning_curve_probe_trains_on_fewer_images_and_leaves_the_workspac
     out = tmp_path_factory.mktemp("curve") / "seed0.npz"
     tool = [sys.executable, str(ROOT / "tools" / "learning_curve_probe.py")]
     proc = subprocess.run(
-        [*tool, "train", "--workdir", str(workdir), "--fractions", "1", "0.5", "--out", str(out)],
+        [*tool, "train", "--workdir", str(workdir), "--fractions", "1", "0.5", "--equal-steps",
+         "--out", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -219,6 +229,8 @@ def test_the_learning_curve_probe_trains_on_fewer_images_and_leaves_the_workspac
         assert run[f"{name}_val"].shape[:2] == (2, len(run["y_val"]))
         assert run[f"{name}_test"].shape[:2] == (2, len(run["y_test"]))
         assert not np.array_equal(run[f"{name}_val"][0], run[f"{name}_val"][1])
+        epochs = yaml.safe_load((workdir / "params.yaml").read_text())[name]["epochs"]
+        assert list(run[f"{name}_epochs_run"]) == [2 * epochs, epochs]
     assert before == {name: digest(workdir / name) for name in ("data", "models", "metrics")}
     proc = subprocess.run([*tool, "table", str(out)], cwd=ROOT, capture_output=True, text=True,
                           timeout=120)  # fmt: skip
@@ -230,4 +242,5 @@ def test_the_learning_curve_probe_trains_on_fewer_images_and_leaves_the_workspac
         f"| {whole} (1)",
     ]
     assert "validation points per doubling, 0.5 → 1:" in proc.stdout
+    assert "the epoch kept of the epochs run, per seed: 0.5: " in proc.stdout
     assert rows[-1].startswith("| 1 | ") and "Test, read after:" in proc.stdout

@@ -2,7 +2,7 @@
 the test set is read only by `table`, after.
 
     .venv/bin/python tools/learning_curve_probe.py train --workdir DIR \
-        --fractions 0.25 0.5 1 [--precision bfloat16] --out seed0.npz
+        --fractions 0.25 0.5 1 [--precision bfloat16] [--equal-steps] --out seed0.npz
     .venv/bin/python tools/learning_curve_probe.py table seed*.npz
 
 `train`, in a workspace where `dvc repro activations train@tf train@keras` (or one seed of
@@ -11,7 +11,9 @@ a class-stratified fraction of the training images outside the validation slice 
 with `heads.seed`, so each smaller set lies inside the larger ones) with all their cached
 views. The model's head is refitted on that set first (`refit_head`: the head the train stage
 saved has seen every training image), then the blocks are fine-tuned with the stage's recipe,
-on the same validation slice, the epoch kept by the same rule. Records the refitted head's
+on the same validation slice, the epoch kept by the same rule. The stage's epochs are a number
+of passes, so a smaller set gets fewer steps; `--equal-steps` runs epochs / fraction of them
+instead (rounded), about the steps of the whole set. Records the refitted head's
 validation accuracy (the frozen features' curve) and the fine-tuned model's probabilities on
 the `orig` view of the validation and test images; writes nothing into DIR.
 
@@ -61,9 +63,16 @@ def subset_rows(data, fraction: float, seed: int):
     return keep_training_rows(data, np.isin(data.train_images, images))
 
 
-def train_curve(workdir: Path, fractions: list[float], precision: str | None
-                ) -> dict[str, np.ndarray]:  # fmt: skip
+def epochs_at(fraction: float, epochs: int, equal_steps: bool) -> int:
+    """The epochs to train on `fraction` of the images: the stage's `epochs`, or with
+    `equal_steps` as many as give about the whole set's steps (at least the stage's)."""
+    return max(epochs, round(epochs / fraction)) if equal_steps else epochs
+
+
+def train_curve(workdir: Path, fractions: list[float], precision: str | None,
+                equal_steps: bool = False) -> dict[str, np.ndarray]:  # fmt: skip
     import imgclf.quiet_tf  # noqa: F401  (first: TensorFlow without its notices)
+    from imgclf.registry import get_model, model_params
 
     ws = probe_runs.load_workspace(workdir)
     out = ws.labels()
@@ -71,12 +80,14 @@ def train_curve(workdir: Path, fractions: list[float], precision: str | None
     subsets = [subset_rows(ws.data, f, ws.heads.seed) for f in fractions]
     out["n_train_images"] = np.array([s.n_train_images for s in subsets], np.int64)
     for name in fine_tuned_models():
-        vals, tests, starts, epochs = [], [], [], []
+        vals, tests, starts, epochs, runs = [], [], [], [], []
+        stage_epochs = model_params(get_model(name), ws.params)["epochs"]
         for fraction, subset in zip(fractions, subsets, strict=True):
             started = time.perf_counter()
+            runs.append(epochs_at(fraction, stage_epochs, equal_steps))
             val, test, result = probe_runs.train_and_score(
                 ws, name, probe_runs.refitted_head(ws, name, subset), subset, seed=ws.heads.seed,
-                precision=precision,
+                precision=precision, changes={"epochs": runs[-1]},
             )  # fmt: skip
             vals.append(val)
             tests.append(test)
@@ -84,11 +95,12 @@ def train_curve(workdir: Path, fractions: list[float], precision: str | None
             epochs.append(result.summary["model_step"])
             print(f"{name}, {fraction:g} of the training images ({subset.n_train_images}): "
                   f"refitted head {starts[-1]:.4f}, fine-tuned {right(val, ws.data.y_val)} of "
-                  f"{len(ws.data.y_val)} (epoch {epochs[-1]}), "
+                  f"{len(ws.data.y_val)} (epoch {epochs[-1]} of {runs[-1]}), "
                   f"{time.perf_counter() - started:.0f} s", flush=True)  # fmt: skip
         out[f"{name}_val"], out[f"{name}_test"] = np.stack(vals), np.stack(tests)
         out[f"{name}_start_val"] = np.array(starts, np.float64)
         out[f"{name}_epoch"] = np.array(epochs, np.int64)
+        out[f"{name}_epochs_run"] = np.array(runs, np.int64)
     return out
 
 
@@ -116,6 +128,15 @@ def table(files: list[Path]) -> str:
                        + "/".join(map(str, per_seed)))  # fmt: skip
         lines.append(f"| {images[i]} ({fraction:g}) | {' | '.join(row)} |")
     lines.append("")
+    for m in models:  # files written before --equal-steps existed lack the epochs run
+        if all(f"{m}_epochs_run" in r for r in runs.values()):
+            kept = "; ".join(
+                f"{f:g}: " + ", ".join(f"{r[f'{m}_epoch'][i]} of {r[f'{m}_epochs_run'][i]}"
+                                       for r in runs.values())
+                for i, f in enumerate(fractions)
+            )  # fmt: skip
+            lines.append(f"{m}, the epoch kept of the epochs run, per seed: {kept}")
+    lines.append("")
     for m in models:  # validation points gained per doubling, between neighbouring fractions
         steps = []
         for i in range(len(fractions) - 1):
@@ -138,12 +159,17 @@ def add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.25, 0.5, 1.0],
                         help="of the training images, ascending")  # fmt: skip
     parser.add_argument("--precision", help="of the fine-tuned blocks (default: the stage's)")
+    parser.add_argument(
+        "--equal-steps",
+        action="store_true",
+        help="train fraction f for epochs / f epochs (the whole set's steps)",
+    )
 
 
 if __name__ == "__main__":
     probe_runs.cli(
         __doc__,
         add_options,
-        lambda a: train_curve(a.workdir, sorted(a.fractions), a.precision),
+        lambda a: train_curve(a.workdir, sorted(a.fractions), a.precision, a.equal_steps),
         table,
     )

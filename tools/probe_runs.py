@@ -137,7 +137,7 @@ def train_like_stage(
 
 def train_and_score(
     ws: Workspace, name: str, start: Callable[[Any], Any], data: Any, *, seed: int,
-    precision: str | None = None,
+    precision: str | None = None, changes: Mapping[str, Any] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, Any]:  # fmt: skip
     """`train_like_stage`, then the model saved as its stage saves it: its probabilities on
     the `orig` view of the validation and test images, and the trainer's result."""
@@ -148,7 +148,8 @@ def train_and_score(
 
     spec = get_model(name)
     assert spec.base is not None, f"{name} is not a fine-tuned model"
-    result = train_like_stage(ws, name, start, data, seed=seed, precision=precision)
+    result = train_like_stage(ws, name, start, data, seed=seed, precision=precision,
+                              changes=changes)  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp) / "model"
         spec.function("save")(result.model, model_dir, read_labels(ws.layout.model_dir(spec.base)),
