@@ -15,10 +15,10 @@ the label audit's (imgclf/label_audit.py):
     <paths.metrics>/label_issues.csv, .png      training images whose label looks wrong
     <paths.metrics>/audit.json                  how many, per class
 
-and the export stage's LiteRT files (imgclf/litert.py):
+and, per model of `litert.models`, its export@<name> stage's LiteRT files (imgclf/litert.py):
 
-    <paths.models>/litert/<name>-<precision>.tflite, .labels.txt, .json
-    <paths.metrics>/litert.json, litert.md    their test metrics, and as a table
+    <paths.models>/litert/<name>/<name>-<precision>.tflite, .labels.txt, .json
+    <paths.metrics>/litert/<name>.json, .md   their test metrics, and as a table
 
 The same for heads and fine-tuned models (imgclf/registry.py). evaluate and track depend on
 these folders, so a new head needs no edit of their dvc.yaml entries.
@@ -69,15 +69,22 @@ class Layout:
 
     @property
     def litert(self) -> Path:
+        """Every exported model's folder (track logs it whole)."""
         return self.models / LITERT_DIR
 
-    @property
-    def litert_metrics(self) -> Path:
-        return self.metrics / "litert.json"
+    def litert_dir(self, name: str) -> Path:
+        return self.litert / name
 
     @property
-    def litert_md(self) -> Path:
-        return self.metrics / "litert.md"
+    def litert_reports(self) -> Path:
+        """Every exported model's metrics and table."""
+        return self.metrics / LITERT_DIR
+
+    def litert_metrics(self, name: str) -> Path:
+        return self.litert_reports / f"{name}.json"
+
+    def litert_md(self, name: str) -> Path:
+        return self.litert_reports / f"{name}.md"
 
     def model_dir(self, name: str) -> Path:
         return self.heads / name

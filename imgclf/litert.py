@@ -332,7 +332,7 @@ def export_and_score(
     """Convert each model at each precision into `out_dir`, then score its files on the test
     images in one pass (each image decoded and resized once, fed to each file), against the
     TF model's own probabilities `reference[model]` (rows = `test_paths`). Returns the metrics
-    (numbers only: metrics/litert.json). A failure names the model and precision."""
+    (numbers only: metrics/litert/<model>.json). A failure names the model and precision."""
     from imgclf.errors import StageFailed
 
     for precision in precisions:
@@ -388,7 +388,7 @@ def export_and_score(
 
 
 def markdown_table(metrics: Mapping[str, Any], *, max_drop: float = 0.01) -> str:
-    """metrics/litert.md: one row per file, then the issue's targets, checked."""
+    """metrics/litert/<model>.md: one row per file, then the issue's targets, checked."""
     lines = [
         f"LiteRT (TFLite) files on {metrics['test_images']} test images, scored with the "
         "LiteRT interpreter (batch 1) against the TF model's own test predictions.",

@@ -664,21 +664,23 @@ def track_pipeline(
 
 
 def _log_litert(client: Any, run_id: str, layout: Layout, *, log_models: bool) -> None:
-    """The export stage's result, when it ran: metrics/litert.json as `litert.<file>.<key>`
-    metrics and with litert.md under `litert/`; the .tflite files (+ labels, sidecars) there too
-    unless track.log_models is false (they are models: ~150 MB for one model's three files)."""
-    if layout.litert_metrics.is_file():
-        metrics = read_json(layout.litert_metrics)
+    """The export@<model> stages' results, when they ran: each metrics/litert/<model>.json as
+    `litert.<file>.<key>` metrics, and with its .md under `litert/`; the .tflite files (+ labels,
+    sidecars) there too unless track.log_models is false (they are models: ~150 MB for one
+    model's three files)."""
+    reports = sorted(layout.litert_reports.glob("*.json")) if layout.litert_reports.is_dir() else []
+    for report in reports:
+        files = read_json(report).get("files", {})
         _log_metrics(
-            client,
-            run_id,
-            [(f"litert.{k}", v, 0) for k, v in numeric_leaves(metrics.get("files", {})).items()],
+            client, run_id, [(f"litert.{k}", v, 0) for k, v in numeric_leaves(files).items()]
         )
-        client.log_artifact(run_id, str(layout.litert_metrics), "litert")
-    if layout.litert_md.is_file():
-        client.log_artifact(run_id, str(layout.litert_md), "litert")
-    if log_models and layout.litert.is_dir():
-        client.log_artifacts(run_id, str(layout.litert), "litert")
+        client.log_artifact(run_id, str(report), "litert")
+        if report.with_suffix(".md").is_file():
+            client.log_artifact(run_id, str(report.with_suffix(".md")), "litert")
+    if log_models:
+        for report in reports:
+            if layout.litert_dir(report.stem).is_dir():
+                client.log_artifacts(run_id, str(layout.litert_dir(report.stem)), "litert")
 
 
 def curves_link(experiment_id: str, run_ids: Iterable[str], keys: list[str]) -> str:

@@ -248,3 +248,18 @@ def test_closure_follows_the_kinds_of_import_we_use():
 def test_stage_commands_are_stage_modules(name):
     stage = load_dvc_stages()[name]
     assert _CMD.match(stage["cmd"].strip()), stage["cmd"]
+
+
+def test_a_models_export_depends_on_that_model_alone():
+    # export@<model> converts one model: another model's new weights must not rerun it (each
+    # export costs minutes), while its own must.
+    from imgclf.registry import MODELS
+
+    params = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
+    exports = {n.split("@")[1]: s for n, s in load_dvc_stages().items() if n.startswith("export@")}
+    assert set(exports) == set(params["litert"]["models"])
+    for model, stage in exports.items():
+        reads = {
+            m for m in MODELS if covered(f"{params['paths']['models']}/heads/{m}/x", stage["deps"])
+        }
+        assert reads == {model}, f"export@{model} depends on the model folders of {sorted(reads)}"

@@ -319,19 +319,19 @@ def test_track_logs_the_export_to_the_parent_run(tiny, images, tmp_path, monkeyp
     layout.metrics.mkdir()
     metrics = export_and_score(
         build_model=lambda name: model, models=["tf"], precisions=["float32"],
-        out_dir=layout.litert, calibration_paths=[], test_paths=images[0][:2],
+        out_dir=layout.litert_dir("tf"), calibration_paths=[], test_paths=images[0][:2],
         test_labels=images[1], reference={"tf": _tf_probabilities(model, pixels[:2])},
         num_threads=1,
     )  # fmt: skip
-    write_json(layout.litert_metrics, metrics)
-    layout.litert_md.write_text(markdown_table(metrics), encoding="utf-8")
+    write_json(layout.litert_metrics("tf"), metrics)
+    layout.litert_md("tf").write_text(markdown_table(metrics), encoding="utf-8")
     store = configure_store(tmp_path / "store")
     client = mlflow.MlflowClient(store.tracking_uri)
     run = client.create_run(get_or_create_experiment("litert-test", store))
     _log_litert(client, run.info.run_id, layout, log_models=log_models)
     logged = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "litert")}
     files = {"tf-float32.tflite", "tf-float32.labels.txt", "tf-float32.json"}
-    assert {"litert.json", "litert.md"} <= logged
+    assert {"tf.json", "tf.md"} <= logged
     assert (files <= logged) == log_models and not (files & logged and not log_models)
     recorded = client.get_run(run.info.run_id).data.metrics
     assert recorded["litert.tf-float32.size_mb"] == pytest.approx(

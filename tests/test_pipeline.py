@@ -288,12 +288,12 @@ def test_repro_builds_every_stage_and_the_split_trees(project):
         result = read(project, f"metrics/evaluate/{head}.json")
         assert 0.0 <= result["accuracy"] <= 1.0
     assert "| TF |" in (project / "metrics" / "comparison.md").read_text()
-    litert = read(project, "metrics/litert.json")
+    litert = read(project, "metrics/litert/tf.json")  # export@tf, the one litert.models
     assert set(litert["files"]) == {"tf-float32"}
     assert litert["test_images"] == read(project, "metrics/evaluate/tf.json")["n_test"]
     assert litert["files"]["tf-float32"]["max_abs_prob_diff"] < 1e-3
-    assert (project / "models" / "litert" / "tf-float32.tflite").is_file()
-    assert "| `tf-float32.tflite` |" in (project / "metrics" / "litert.md").read_text()
+    assert (project / "models" / "litert" / "tf" / "tf-float32.tflite").is_file()
+    assert "| `tf-float32.tflite` |" in (project / "metrics" / "litert" / "tf.md").read_text()
     # The label audit ran on the training images outside the validation slice; by default
     # the models trained on every one of them.
     audit = read(project, "metrics/audit.json")

@@ -817,26 +817,11 @@ def make_dvc_repo(repo: Path, workdir: Path, params: dict) -> None:
         else:
             (repo / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, repo / rel)
-    # The export stage's outputs for `litert.models: []` (the tiny result has no LiteRT files),
-    # made by its own function: track depends on them. The folder holds a file so git keeps it
-    # (for the `dvc exp run --temp` copy, made from git).
-    from imgclf.fileio import write_json
-    from imgclf.litert import export_and_score, markdown_table
-
-    litert = export_and_score(
-        build_model=lambda name: pytest.fail(f"no model to build, asked for {name}"),
-        models=[],
-        precisions=[],
-        out_dir=repo / "models/litert",
-        calibration_paths=[],
-        test_paths=[],
-        test_labels=np.zeros(0, np.int64),
-        reference={},
-        num_threads=1,
-    )
-    (repo / "models/litert/.gitkeep").write_text("")
-    write_json(repo / "metrics/litert.json", litert)
-    (repo / "metrics/litert.md").write_text(markdown_table(litert))
+    # `litert.models: []` (the tiny result has no LiteRT files): no export@<model> stage, and
+    # the two folders track depends on hold only the README.md that git keeps for them.
+    for folder in ("models/litert", "metrics/litert"):
+        (repo / folder).mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / folder / "README.md", repo / folder / "README.md")
     # track does not load the backbone without models: a small stand-in keeps git fast.
     weights = repo / "models/backbone/inception_v3.weights.h5"
     weights.write_bytes(b"stand-in weights")
