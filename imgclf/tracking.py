@@ -627,7 +627,8 @@ def track_pipeline(
         ):
             if path.is_file():
                 client.log_artifact(parent_id, str(path))
-        _log_litert(client, parent_id, files.layout, log_models=log_models)
+        _log_litert(client, parent_id, files.layout, params.get("litert", {}).get("models", []),
+                    log_models=log_models)  # fmt: skip
         layout = files.layout
         for path in (layout.label_issues(), layout.label_issues(".png"), layout.audit_metrics):
             if path.is_file():
@@ -663,24 +664,27 @@ def track_pipeline(
     return summary
 
 
-def _log_litert(client: Any, run_id: str, layout: Layout, *, log_models: bool) -> None:
-    """The export@<model> stages' results, when they ran: each metrics/litert/<model>.json as
-    `litert.<file>.<key>` metrics, and with its .md under `litert/`; the .tflite files (+ labels,
-    sidecars) there too unless track.log_models is false (they are models: ~150 MB for one
-    model's three files)."""
-    reports = sorted(layout.litert_reports.glob("*.json")) if layout.litert_reports.is_dir() else []
-    for report in reports:
+def _log_litert(
+    client: Any, run_id: str, layout: Layout, models: Iterable[str], *, log_models: bool
+) -> None:
+    """The export@<model> stages' results for `models` (litert.models), when they ran: each
+    metrics/litert/<model>.json as `litert.<file>.<key>` metrics, and with its .md under
+    `litert/`; the .tflite files (+ labels, sidecars) there too unless track.log_models is false
+    (they are models: ~150 MB for one model's three files). A model no longer in the list may
+    have left its files behind (DVC keeps the outputs of a stage that is gone): not logged."""
+    for model in models:
+        report = layout.litert_metrics(model)
+        if not report.is_file():
+            continue
         files = read_json(report).get("files", {})
         _log_metrics(
             client, run_id, [(f"litert.{k}", v, 0) for k, v in numeric_leaves(files).items()]
         )
         client.log_artifact(run_id, str(report), "litert")
-        if report.with_suffix(".md").is_file():
-            client.log_artifact(run_id, str(report.with_suffix(".md")), "litert")
-    if log_models:
-        for report in reports:
-            if layout.litert_dir(report.stem).is_dir():
-                client.log_artifacts(run_id, str(layout.litert_dir(report.stem)), "litert")
+        if layout.litert_md(model).is_file():
+            client.log_artifact(run_id, str(layout.litert_md(model)), "litert")
+        if log_models and layout.litert_dir(model).is_dir():
+            client.log_artifacts(run_id, str(layout.litert_dir(model)), "litert")
 
 
 def curves_link(experiment_id: str, run_ids: Iterable[str], keys: list[str]) -> str:

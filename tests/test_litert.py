@@ -328,12 +328,16 @@ def test_track_logs_the_export_to_the_parent_run(tiny, images, tmp_path, monkeyp
     store = configure_store(tmp_path / "store")
     client = mlflow.MlflowClient(store.tracking_uri)
     run = client.create_run(get_or_create_experiment("litert-test", store))
-    _log_litert(client, run.info.run_id, layout, log_models=log_models)
+    # finetune_tf: in litert.models, not exported (yet): skipped. keras: exported once, no
+    # longer in litert.models: its stale report is not logged.
+    write_json(layout.litert_metrics("keras"), {"files": {"keras-float32": {"size_mb": 1.0}}})
+    _log_litert(client, run.info.run_id, layout, ["tf", "finetune_tf"], log_models=log_models)
     logged = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "litert")}
     files = {"tf-float32.tflite", "tf-float32.labels.txt", "tf-float32.json"}
-    assert {"tf.json", "tf.md"} <= logged
+    assert {"tf.json", "tf.md"} <= logged and "keras.json" not in logged
     assert (files <= logged) == log_models and not (files & logged and not log_models)
     recorded = client.get_run(run.info.run_id).data.metrics
     assert recorded["litert.tf-float32.size_mb"] == pytest.approx(
         metrics["files"]["tf-float32"]["size_mb"]
     )
+    assert "litert.keras-float32.size_mb" not in recorded
