@@ -135,8 +135,7 @@ def table(files: list[Path]) -> str:
                                        for r in runs.values())
                 for i, f in enumerate(fractions)
             )  # fmt: skip
-            lines.append(f"{m}, the epoch kept of the epochs run, per seed: {kept}")
-    lines.append("")
+            lines += [f"{m}, the epoch kept of the epochs run, per seed: {kept}", ""]
     for m in models:  # validation points gained per doubling, between neighbouring fractions
         steps = []
         for i in range(len(fractions) - 1):
