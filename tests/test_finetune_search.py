@@ -201,6 +201,46 @@ def test_equal_steps_give_a_smaller_set_more_epochs():
     assert [epochs_at(f, 3, equal_steps=True) for f in (0.25, 0.5, 0.7, 1)] == [12, 6, 4, 3]
 
 
+def test_one_seeds_passes_with_different_fractions_merge_into_one_curve(tmp_path):
+    # A quarter run in a later pass than the half and the whole set: `table` reads one seed's
+    # files (one name, two folders) as one curve, and refuses files that are not one seed's.
+    import numpy as np
+
+    from tools.learning_curve_probe import merge_passes, table
+
+    rng = np.random.default_rng(0)
+    y_val, y_test = rng.integers(0, 5, 20), rng.integers(0, 5, 30)
+
+    def write(folder: str, fractions: list[float], y_val=y_val) -> Path:
+        n = len(fractions)
+        arrays = {"y_val": y_val, "y_test": y_test, "fractions": np.array(fractions),
+                  "n_train_images": np.array([round(100 * f) for f in fractions])}  # fmt: skip
+        for m in ("finetune_tf", "finetune_keras"):
+            arrays |= {f"{m}_val": rng.random((n, 20, 5)), f"{m}_test": rng.random((n, 30, 5)),
+                       f"{m}_start_val": np.full(n, 0.5), f"{m}_epoch": np.ones(n, np.int64),
+                       f"{m}_epochs_run": np.array([round(3 / f) for f in fractions])}  # fmt: skip
+        (tmp_path / folder).mkdir(exist_ok=True)
+        np.savez(tmp_path / folder / "seed0.npz", **arrays)
+        return tmp_path / folder / "seed0.npz"
+
+    later, earlier = write("quarter", [0.25]), write("half_all", [0.5, 1.0])
+    runs, n_val = merge_passes([earlier, later])
+    assert list(runs) == ["seed0"] and n_val == 20
+    run = runs["seed0"]
+    assert list(run["fractions"]) == [0.25, 0.5, 1.0]
+    assert list(run["finetune_keras_epochs_run"]) == [12, 6, 3]
+    np.testing.assert_array_equal(run["finetune_tf_val"][0], np.load(later)["finetune_tf_val"][0])
+    np.testing.assert_array_equal(run["finetune_tf_test"][1:], np.load(earlier)["finetune_tf_test"])
+    printed = table([earlier, later])
+    assert "| 25 (0.25) |" in printed and "| 100 (1) |" in printed
+    assert "0.25 → 0.5: " in printed and "0.5 → 1: " in printed
+
+    with pytest.raises(SystemExit, match="give each fraction of a seed in one file only"):
+        merge_passes([earlier, write("again", [1.0])])
+    with pytest.raises(SystemExit, match="not a split seed's images"):
+        merge_passes([earlier, write("other_seed", [0.25], y_val=y_val[::-1])])
+
+
 def test_the_learning_curve_probe_trains_on_fewer_images_and_leaves_the_workspace(
     tmp_path_factory,
 ):

@@ -18,7 +18,8 @@ validation accuracy (the frozen features' curve) and the fine-tuned model's prob
 the `orig` view of the validation and test images; writes nothing into DIR.
 
 `table` pools the files (one per split seed): validation right per fraction, the gain per
-doubling of the training images, then the test accuracy, read after.
+doubling of the training images, then the test accuracy, read after. Files of one seed from
+passes with different `--fractions` carry one name (`a/seed0.npz b/seed0.npz`) and are merged.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tools import probe_runs  # noqa: E402
-from tools.probe_runs import fine_tuned_models, load_runs, mean_sd, models_in, right  # noqa: E402
+from tools.probe_runs import fine_tuned_models, mean_sd, models_in, right  # noqa: E402
 
 
 def nested_image_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
@@ -104,9 +105,43 @@ def train_curve(workdir: Path, fractions: list[float], precision: str | None,
     return out
 
 
+def merge_passes(files: list[Path]) -> tuple[dict[str, dict[str, np.ndarray]], int]:
+    """`load_runs`, with the files of one split seed (one name, several folders: passes run
+    with different `--fractions`) merged fraction by fraction, in ascending order."""
+    by_seed: dict[str, list[Path]] = {}
+    for path in files:
+        by_seed.setdefault(path.stem, []).append(path)
+    runs = {}
+    for seed, paths in by_seed.items():
+        passes = [dict(np.load(path)) for path in paths]
+        first = passes[0]
+        for path, other in zip(paths[1:], passes[1:], strict=True):
+            if set(other) != set(first) or not all(
+                np.array_equal(first[k], other[k]) for k in ("y_val", "y_test")
+            ):
+                raise SystemExit(
+                    f"{path} and {paths[0]} share a name but not a split seed's images (or "
+                    "arrays): merge only passes of one seed, one workspace and one probe version"
+                )
+        fractions = np.concatenate([p["fractions"] for p in passes])
+        if len(np.unique(fractions)) < len(fractions):
+            raise SystemExit(
+                f"{', '.join(map(str, paths))}: fractions {sorted(fractions.tolist())}; "
+                "give each fraction of a seed in one file only"
+            )
+        order = np.argsort(fractions)
+        runs[seed] = {
+            key: first[key]
+            if key in ("y_val", "y_test")
+            else np.concatenate([p[key] for p in passes])[order]
+            for key in first
+        }
+    return runs, sum(len(r["y_val"]) for r in runs.values())
+
+
 def table(files: list[Path]) -> str:
     """Validation first, with the gain per doubling of the training images; then test."""
-    runs, n_val = load_runs(files)
+    runs, n_val = merge_passes(files)
     models = models_in(runs)
     fractions = next(iter(runs.values()))["fractions"]
     if any(not np.array_equal(r["fractions"], fractions) for r in runs.values()):
