@@ -263,3 +263,15 @@ def test_a_models_export_depends_on_that_model_alone():
             m for m in MODELS if covered(f"{params['paths']['models']}/heads/{m}/x", stage["deps"])
         }
         assert reads == {model}, f"export@{model} depends on the model folders of {sorted(reads)}"
+
+
+def test_the_committed_lock_names_only_the_pipelines_stages():
+    # DVC never drops a dvc.lock entry whose stage is gone: a stale entry in the committed lock
+    # would sit in every user's lock after their first run (train_tf, train_keras and
+    # train_sklearn did, for weeks after the train@<model> stages replaced them).
+    lock = yaml.safe_load((ROOT / "dvc.lock").read_text(encoding="utf-8"))["stages"]
+    stale = sorted(set(lock) - set(load_dvc_stages()))
+    assert not stale, (
+        f"dvc.lock has entries for stages dvc.yaml no longer has: {stale}; delete them, or "
+        "refresh the lock (`dvc commit -f` in a workspace where the whole pipeline has run)"
+    )
