@@ -239,6 +239,11 @@ def test_one_seeds_passes_with_different_fractions_merge_into_one_curve(tmp_path
         merge_passes([earlier, write("again", [1.0])])
     with pytest.raises(SystemExit, match="not a split seed's images"):
         merge_passes([earlier, write("other_seed", [0.25], y_val=y_val[::-1])])
+    # The probes that read one pass per seed refuse two files of one name, not keep the last.
+    from tools.probe_runs import load_runs
+
+    with pytest.raises(SystemExit, match=r"one file per split seed: .* share a name"):
+        load_runs([earlier, later])
 
 
 def test_the_learning_curve_probe_trains_on_fewer_images_and_leaves_the_workspace(

@@ -162,6 +162,9 @@ def train_and_score(
 def load_runs(files: list[Path]) -> tuple[dict[str, dict[str, np.ndarray]], int]:
     """The files' arrays by file stem (the split seed's name), and the validation images
     pooled over them."""
+    stems = [f.stem for f in files]
+    if twice := sorted({str(f) for f in files if stems.count(f.stem) > 1}):
+        raise SystemExit(f"one file per split seed: {', '.join(twice)} share a name")
     runs = {f.stem: dict(np.load(f)) for f in files}
     return runs, sum(len(r["y_val"]) for r in runs.values())
 
