@@ -165,3 +165,25 @@ def test_train_signature_defaults_have_not_drifted_from_params_yaml():
         defaults = {k: signature.parameters[k].default for k in PARAMS[block.section]}
         assert defaults == PARAMS[block.section], fn.__name__
         assert signature.parameters["seed"].default == PARAMS["heads"]["seed"]
+
+
+def test_dvc_exp_run_set_rewrites_only_the_lines_it_sets(tmp_path):
+    # `make run DATA=...` and `make exp SET=...` go through `dvc exp run -S`, which writes
+    # params.yaml back through its own YAML round trip: flow lists become block lists, and a
+    # comment or blank line after a block list is dropped. params.yaml is kept in the layout
+    # that survives it, so a user's `git diff params.yaml` shows what they set and nothing else.
+    from dvc.utils.hydra import apply_overrides
+
+    written = tmp_path / "params.yaml"
+    written.write_text((ROOT / "params.yaml").read_text(encoding="utf-8"), encoding="utf-8")
+    apply_overrides(str(written), ["data.source=../shared/datasets/flower_photos"])
+    apply_overrides(str(written), ["train_keras.learning_rate=0.0003", "split.seed=3"])
+    before = (ROOT / "params.yaml").read_text(encoding="utf-8").splitlines()
+    after = written.read_text(encoding="utf-8").splitlines()
+    assert len(after) == len(before), "dvc exp run -S dropped or added lines of params.yaml"
+    changed = [(old, new) for old, new in zip(before, after, strict=True) if old != new]
+    assert [new.strip() for _, new in changed] == [
+        "source: ../shared/datasets/flower_photos",
+        "seed: 3",
+        "learning_rate: 0.0003",
+    ], changed
