@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -459,9 +460,15 @@ def test_split_seeds_runs_from_a_fresh_shell_and_restores_params(project, tmp_pa
 
 
 def test_a_stage_run_by_another_python_says_what_to_do():
+    # Run from the repository, as DVC runs a stage; the repository's tf_or_keras.egg-info (from
+    # `pip install -e .`) must not pass for an installed project.
     other = shutil.which("python3", path="/usr/local/bin:/usr/bin:/bin")
     probe = "import importlib.metadata as m; m.distribution('tf-or-keras')"
-    if other is None or subprocess.run([other, "-c", probe], capture_output=True).returncode == 0:
+    elsewhere = Path(tempfile.gettempdir())  # not the repository: only what is installed counts
+    if (
+        other is None
+        or subprocess.run([other, "-c", probe], cwd=elsewhere, capture_output=True).returncode == 0
+    ):
         pytest.skip("no python3 on the system PATH without the project installed")
     done = subprocess.run([other, "-m", "stages.source"], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 1
