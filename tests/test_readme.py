@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCUMENTS = sorted(p.relative_to(ROOT).as_posix() for p in ROOT.glob("*.md"))
+DOCUMENTS = sorted(
+    p.relative_to(ROOT).as_posix() for pattern in ("*.md", "docs/*.md") for p in ROOT.glob(pattern)
+)
 FENCE = re.compile(r"^```.*?^```", re.M | re.S)
 LINK = re.compile(r"\]\(([^)\s]+)\)")
 
@@ -57,10 +59,11 @@ def test_every_link_lands(document):
         if re.match(r"[a-z]+:", target):  # http(s), mailto: not checked offline
             continue
         path, _, anchor = target.partition("#")
-        if path and not (ROOT / document).parent.joinpath(path).exists():
+        linked = (ROOT / document).parent / path
+        if path and not linked.exists():
             broken.append(f"{target}: no file {path}")
         elif anchor and not path and anchor not in offered:
             broken.append(f"{target}: no heading or <a id> makes #{anchor}")
-        elif anchor and path and anchor not in anchors((ROOT / path).read_text("utf-8")):
+        elif anchor and path and anchor not in anchors(linked.read_text("utf-8")):
             broken.append(f"{target}: {path} has no #{anchor}")
     assert not broken, f"{document}: links that lead nowhere:\n" + "\n".join(broken)
