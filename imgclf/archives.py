@@ -23,10 +23,9 @@ import tarfile
 import tempfile
 import zipfile
 import zlib
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
 from tqdm import tqdm
 
@@ -45,14 +44,6 @@ class ArchiveLimits:
 
     max_bytes: int = 20_000_000_000
     max_ratio: float = 100.0
-
-    @classmethod
-    def from_params(cls, ingest: Mapping[str, Any]) -> ArchiveLimits:
-        """From the `ingest:` block of params.yaml (missing keys take the defaults)."""
-        return cls(
-            int(ingest.get("max_extracted_bytes", cls.max_bytes)),
-            float(ingest.get("max_expansion_ratio", cls.max_ratio)),
-        )
 
     def __post_init__(self) -> None:
         if self.max_bytes <= 0 or self.max_ratio <= 0:

@@ -47,6 +47,13 @@ from imgclf.errors import UserError
 from imgclf.fileio import sha256_file, write_csv, write_metrics
 from imgclf.images import DEFAULT_MAX_PIXELS, FORMAT_EXTENSIONS, BadImage, inspect_image
 from imgclf.labels import ClassNameCollision, class_dirs, normalize_label, safe_file_name
+from imgclf.params import (
+    BAD_LINE_MODES,
+    CROSS_CLASS_MODES,
+    MULTIPLE_LABEL_MODES,
+    PRESPLIT_MODES,
+    IngestParams,
+)
 from imgclf.sources import (
     BROKEN_LINK,
     IGNORED,
@@ -64,10 +71,6 @@ MANIFEST_FIELDS = ("class", "label", "file", "sha256", "width", "height", "forma
 GIVEN_SUBSET_FIELD = "given_subset"
 SKIPPED_FIELDS = ("origin", "reason", "detail")
 CLASSES_FIELDS = ("class", "images")
-MULTIPLE_LABEL_MODES = ("error", "first", "skip")
-CROSS_CLASS_MODES = ("drop", "keep")
-PRESPLIT_MODES = ("keep", "pool")
-BAD_LINE_MODES = ("skip", "error")
 
 
 class IngestError(UserError, RuntimeError):
@@ -110,30 +113,22 @@ class IngestOptions:
             )
 
     @classmethod
-    def from_params(cls, ingest: Mapping[str, Any]) -> IngestOptions:
-        """From the `ingest:` block of params.yaml (missing keys take the defaults)."""
-        download = ingest.get("download") or {}
-        defaults = cls()
-        try:
-            limits = ArchiveLimits.from_params(ingest)
-        except ValueError as e:
-            raise IngestError(str(e)) from None
+    def from_params(cls, params: Mapping[str, Any]) -> IngestOptions:
+        """From params.yaml's `ingest:` block, parsed strictly (imgclf/params.py: IngestParams):
+        a missing or misspelt key is an error, not a default."""
+        p = IngestParams.from_params(params)
         return cls(
-            on_multiple_labels=str(ingest.get("on_multiple_labels", defaults.on_multiple_labels)),
-            cross_class_duplicates=str(
-                ingest.get("cross_class_duplicates", defaults.cross_class_duplicates)
-            ),
-            min_images_per_class=int(
-                ingest.get("min_images_per_class", defaults.min_images_per_class)
-            ),
-            max_image_pixels=int(ingest.get("max_image_pixels", defaults.max_image_pixels)),
-            download_workers=int(download.get("workers", defaults.download_workers)),
-            download_timeout_s=float(download.get("timeout_s", defaults.download_timeout_s)),
-            download_retries=int(download.get("retries", defaults.download_retries)),
-            presplit=str(ingest.get("presplit", defaults.presplit)),
-            on_bad_line=str(ingest.get("on_bad_line", defaults.on_bad_line)),
-            max_extracted_bytes=limits.max_bytes,
-            max_expansion_ratio=limits.max_ratio,
+            on_multiple_labels=p.on_multiple_labels,
+            cross_class_duplicates=p.cross_class_duplicates,
+            min_images_per_class=p.min_images_per_class,
+            max_image_pixels=p.max_image_pixels,
+            download_workers=p.download.workers,
+            download_timeout_s=p.download.timeout_s,
+            download_retries=p.download.retries,
+            presplit=p.presplit,
+            on_bad_line=p.on_bad_line,
+            max_extracted_bytes=p.max_extracted_bytes,
+            max_expansion_ratio=p.max_expansion_ratio,
         )
 
     @property

@@ -7,8 +7,8 @@ file is an error, not a silent fallback; an unknown key (a typo) is an error too
 nothing the user wrote may be silently dropped. A stage calls `TrainTfParams.from_params(params)`
 and passes `asdict(...)` on as keyword arguments.
 
-The ingest, split and track blocks are still read where they are used (IngestOptions in
-imgclf/ingest.py for ingest).
+Two blocks are read elsewhere: `activations` by ActivationsOptions.from_params
+(imgclf/activations.py, as strict as these), and `paths`, whose keys imgclf/layout.py reads.
 """
 
 from __future__ import annotations
@@ -171,6 +171,31 @@ def distinct_list(options: tuple[str, ...] | None = None) -> Any:
     return field(metadata={"parse": parse, "expected": expected})
 
 
+def name_templates(placeholder: str) -> Any:
+    """A mapping of names to non-empty templates whose only placeholder is `{placeholder}`
+    (track.registered_models: model -> `{dataset}-tf`); the caller checks the names."""
+    expected = f"a mapping of model names to names, {{{placeholder}}} their only placeholder"
+
+    def parse(value: Any) -> dict[str, str] | None:
+        if not isinstance(value, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, str) and v.strip() for k, v in value.items()
+        ):
+            return None
+        try:
+            for template in value.values():
+                template.format(**{placeholder: placeholder})
+        except (KeyError, IndexError, ValueError):
+            return None
+        return dict(value)
+
+    return field(metadata={"parse": parse, "expected": expected})
+
+
+def nested(block: type[Block]) -> Any:
+    """A block inside a block (ingest.download), parsed as strictly, its keys named in full."""
+    return field(metadata={"block": block})
+
+
 def text() -> Any:
     def parse(value: Any) -> str | None:
         return value if isinstance(value, str) and value.strip() else None
@@ -188,26 +213,33 @@ class Block:
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> Self:
         """Parse `params[cls.section]` (params = the whole params.yaml)."""
-        block = params.get(cls.section)
+        return cls.from_block(params.get(cls.section), cls.section)
+
+    @classmethod
+    def from_block(cls, block: Any, section: str) -> Self:
+        """Parse one block; `section` is its key path in params.yaml (`ingest.download`)."""
         if not isinstance(block, Mapping):
             raise ParamsError(
-                cls.section,
+                section,
                 expected="a block of " + ", ".join(f.name for f in dataclasses.fields(cls)),
                 found="nothing" if block is None else repr(block),
             )
         names = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(block) - set(names))
+        unknown = sorted(set(block) - set(names), key=str)
         if unknown:
             raise ParamsError(
-                f"{cls.section}.{unknown[0]}",
+                f"{section}.{unknown[0]}",
                 expected="one of the keys " + ", ".join(names),
                 found=f"{len(unknown)} unknown key(s): " + ", ".join(map(str, unknown)),
                 todo="Check the spelling.",
             )
         values: dict[str, Any] = {}
         for f in dataclasses.fields(cls):
+            key = f"{section}.{f.name}"
+            if "block" in f.metadata:
+                values[f.name] = f.metadata["block"].from_block(block.get(f.name), key)
+                continue
             parse: Callable[[Any], Any] = f.metadata["parse"]
-            key = f"{cls.section}.{f.name}"
             if f.name not in block:
                 raise ParamsError(key, expected=f.metadata["expected"], found="no such key")
             parsed = parse(block[f.name])
@@ -218,6 +250,65 @@ class Block:
 
     def as_kwargs(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class DataParams(Block):
+    section: ClassVar[str] = "data"
+    source: str = text()  # a folder, an archive (path or URL) or a Dataturks export
+
+
+# The modes of imgclf/ingest.py; kept here so that reading params imports neither Pillow nor
+# urllib3 (a test checks they agree).
+MULTIPLE_LABEL_MODES = ("error", "first", "skip")
+CROSS_CLASS_MODES = ("drop", "keep")
+PRESPLIT_MODES = ("keep", "pool")
+BAD_LINE_MODES = ("skip", "error")
+
+
+@dataclass(frozen=True)
+class DownloadParams(Block):
+    """How ingest fetches what a source names by URL (a Dataturks export's images, an archive)."""
+
+    section: ClassVar[str] = "ingest.download"
+    workers: int = integer(1)
+    timeout_s: float = number(0, math.inf, open_low=True)
+    retries: int = integer(0)
+
+
+@dataclass(frozen=True)
+class IngestParams(Block):
+    section: ClassVar[str] = "ingest"
+    on_multiple_labels: str = choice(MULTIPLE_LABEL_MODES)
+    cross_class_duplicates: str = choice(CROSS_CLASS_MODES)
+    min_images_per_class: int = integer(1)
+    max_image_pixels: int = integer(1)
+    presplit: str = choice(PRESPLIT_MODES)
+    on_bad_line: str = choice(BAD_LINE_MODES)
+    max_extracted_bytes: int = integer(1)
+    max_expansion_ratio: float = number(0, math.inf, open_low=True)
+    download: DownloadParams = nested(DownloadParams)  # noqa: RUF009 (a field(), as above)
+
+
+@dataclass(frozen=True)
+class SplitParams(Block):
+    section: ClassVar[str] = "split"
+    test_fraction: float = number(0, 1, open_low=True, open_high=True)
+    seed: int = integer(0)
+    min_per_class: int = integer(1)  # a class with fewer images stops the split
+
+
+@dataclass(frozen=True)
+class TrackParams(Block):
+    """The track stage (imgclf/tracking.py): the MLflow experiment, the registered name of each
+    servable model (a model it does not name gets `{dataset}-<model>`; tracking checks the
+    names against the registry, which this module does not import), and whether the
+    end-to-end models are logged at all."""
+
+    section: ClassVar[str] = "track"
+    experiment: str = text()
+    registered_models: Mapping[str, str] = name_templates("dataset")
+    log_models: bool = boolean()
 
 
 @dataclass(frozen=True)

@@ -50,8 +50,10 @@ from typing import Any
 import yaml
 
 from imgclf.config import repo_root
+from imgclf.errors import ParamsError
 from imgclf.fileio import read_csv, read_json, sha256_file
 from imgclf.layout import Layout
+from imgclf.params import DataParams, TrackParams
 from imgclf.registry import MODELS, get_model, input_precision, model_names, pipeline_models
 
 HEADS = tuple(MODELS)  # the registered models; a result's child runs: pipeline_models(params)
@@ -397,11 +399,18 @@ def dataset_name(source: str) -> str:
     return name or "images"
 
 
-def registered_model_names(track: Mapping[str, Any], source: str) -> dict[str, str]:
+def registered_model_names(registered_models: Mapping[str, str], source: str) -> dict[str, str]:
     """track.registered_models with `{dataset}` filled in from data.source; a servable model
     it does not name is registered as `{dataset}-<model>`."""
+    if unknown := [name for name in registered_models if name not in MODEL_HEADS]:
+        raise ParamsError(
+            f"track.registered_models.{unknown[0]}",
+            expected="a servable model of imgclf/registry.py: " + ", ".join(MODEL_HEADS),
+            found=f"{len(unknown)} unknown model(s): " + ", ".join(unknown),
+            todo="Check the spelling.",
+        )
     templates = {head: f"{{dataset}}-{head}" for head in MODEL_HEADS}
-    templates.update(track.get("registered_models") or {})
+    templates.update(registered_models)
     return {head: str(t).format(dataset=dataset_name(source)) for head, t in templates.items()}
 
 
@@ -553,9 +562,11 @@ def track_pipeline(
     from mlflow import MlflowClient
 
     workdir = Path(workdir).resolve()
-    track = params.get("track", {})
+    track = TrackParams.from_params(params)
+    source = DataParams.from_params(params).source
+    registered_models = registered_model_names(track.registered_models, source)
     if log_models is None:
-        log_models = bool(track.get("log_models", True))
+        log_models = track.log_models
     files = ResultFiles.from_params(params, workdir)
     heads = pipeline_models(params)
     evaluations = {
@@ -569,11 +580,10 @@ def track_pipeline(
         )
     # Only now touch the store: a missing result must not leave an empty database behind.
     store = configure_store(root, tracking_uri)
-    experiment_id = get_or_create_experiment(track.get("experiment", "tf-or-keras"), store)
+    experiment_id = get_or_create_experiment(track.experiment, store)
     client = MlflowClient(store.tracking_uri, store.registry_uri)
     flat_params = flatten(params)
     tags = provenance_tags(params, workdir)
-    source = str(params.get("data", {}).get("source", ""))
     data_name = dataset_name(source)
     split_manifest = workdir / params["paths"]["split"] / "manifest.csv"
     datasets = (
@@ -588,7 +598,7 @@ def track_pipeline(
         files,
         precision="float32",  # every model of `heads` has its own, just below
         precisions={head: input_precision(head, params) for head in heads},
-        registered_models=registered_model_names(track, source),
+        registered_models=registered_models,
         min_accuracy=float(params.get("evaluate", {}).get("min_accuracy", 0.0)),
         data_description=_data_description(source, datasets, tags),
     )

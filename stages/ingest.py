@@ -9,6 +9,7 @@ from pathlib import Path
 
 from imgclf.config import load_params
 from imgclf.ingest import IngestOptions, run_ingest
+from imgclf.params import DataParams
 from imgclf.sources import resolve_source
 from imgclf.stage import stage_main
 
@@ -17,13 +18,11 @@ from imgclf.stage import stage_main
 def main() -> None:
     params = load_params()
     paths = params["paths"]
-    ingest = params.get("ingest") or {}
-    options = IngestOptions.from_params(ingest)
-    download = ingest.get("download") or {}
+    options = IngestOptions.from_params(params)
     source = resolve_source(
-        params["data"]["source"],
-        timeout_s=float(download.get("timeout_s", 60)),
-        retries=int(download.get("retries", 2)),
+        DataParams.from_params(params).source,
+        timeout_s=options.download_timeout_s,
+        retries=options.download_retries,
         limits=options.archive_limits,
     )
     run_ingest(

@@ -9,19 +9,22 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 from imgclf.archives import ArchiveLimits
 from imgclf.config import load_params
 from imgclf.fileio import write_json
+from imgclf.params import DataParams, IngestParams
 from imgclf.sources import fingerprint_source, resolve_source
 from imgclf.stage import stage_main
 
 
 def write_source_info(
-    source: str, out: Path, *, base_dir: Path | None = None, limits: ArchiveLimits | None = None
+    source: str, out: Path, *, base_dir: Path | None = None, **resolve: Any
 ) -> dict:
-    """Resolve and fingerprint `source`, write the stage output, and return what was written."""
-    resolved = resolve_source(source, base_dir=base_dir, limits=limits)
+    """Resolve and fingerprint `source` (`resolve`: resolve_source's options), write the stage
+    output, and return what was written."""
+    resolved = resolve_source(source, base_dir=base_dir, **resolve)
     fingerprint = fingerprint_source(resolved)
     info = {"source": resolved.source, "kind": resolved.kind, "fingerprint": fingerprint}
     write_json(out, info)
@@ -36,9 +39,14 @@ def write_source_info(
 @stage_main
 def main() -> None:
     params = load_params()
-    limits = ArchiveLimits.from_params(params.get("ingest") or {})
+    # The archive a URL names is downloaded here, once; ingest then finds it in the cache.
+    ingest = IngestParams.from_params(params)
     write_source_info(
-        str(params["data"]["source"]), Path(params["paths"]["source_info"]), limits=limits
+        DataParams.from_params(params).source,
+        Path(params["paths"]["source_info"]),
+        timeout_s=ingest.download.timeout_s,
+        retries=ingest.download.retries,
+        limits=ArchiveLimits(ingest.max_extracted_bytes, ingest.max_expansion_ratio),
     )
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from imgclf.config import load_params
 from imgclf.fileio import read_csv, write_csv, write_metrics
+from imgclf.params import SplitParams
 from imgclf.splitting import (
     SplitError,
     assign_subsets,
@@ -19,23 +20,23 @@ from imgclf.stage import stage_main
 @stage_main
 def main() -> None:
     params = load_params()
-    paths, cfg = params["paths"], params["split"]
+    paths, cfg = params["paths"], SplitParams.from_params(params)
     rows = read_csv(paths["manifest"])
     if not rows:
         raise SplitError(f"{paths['manifest']} lists no images; run the ingest stage first.")
-    subsets = given_subsets(rows, min_per_class=cfg["min_per_class"])
+    subsets = given_subsets(rows, min_per_class=cfg.min_per_class)
     given = subsets is not None
     if subsets is None:
         subsets = assign_subsets(
             rows,
-            test_fraction=cfg["test_fraction"],
-            seed=cfg["seed"],
-            min_per_class=cfg["min_per_class"],
+            test_fraction=cfg.test_fraction,
+            seed=cfg.seed,
+            min_per_class=cfg.min_per_class,
         )
     split_dir = Path(paths["split"])
     split_rows = write_split_trees(rows, subsets, Path(paths["images"]), split_dir)
     write_csv(split_dir / "manifest.csv", [*rows[0].keys(), "subset"], split_rows)
-    summary = split_summary(split_rows, cfg["test_fraction"], given=given)
+    summary = split_summary(split_rows, cfg.test_fraction, given=given)
     write_metrics(Path(paths["metrics"]) / "split.json", summary)
     how = ""
     if given:

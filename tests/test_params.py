@@ -15,6 +15,10 @@ from imgclf.errors import ParamsError, UserError
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
 BLOCKS = [
+    P.DataParams,
+    P.IngestParams,
+    P.SplitParams,
+    P.TrackParams,
     P.BackboneParams,
     P.BottlenecksParams,
     P.RayParams,
@@ -80,6 +84,18 @@ def test_the_repository_params_parse_completely(block):
         (P.RayParams, "address", "ray://head:port", "found 'ray://head:port'."),
         (P.RayParams, "actors", 0, "ray.actors: expected a positive integer, found 0."),
         (P.RayParams, "cpus_per_actor", 0, "ray.cpus_per_actor: expected a positive number"),
+        (P.DataParams, "source", " ", "data.source: expected a non-empty string, found ' '."),
+        (P.SplitParams, "seed", -1, "split.seed: expected an integer >= 0, found -1."),
+        (P.SplitParams, "test_fraction", 0, "between 0 and 1 (exclusive), found 0."),
+        (P.IngestParams, "presplit", "merge", "expected one of keep, pool, found 'merge'."),
+        (P.IngestParams, "max_image_pixels", "1e12.5", "expected a positive integer"),
+        (P.TrackParams, "log_models", "flase", "expected true or false, found 'flase'."),
+        (
+            P.TrackParams,
+            "registered_models",
+            {"tf": "{datset}-tf"},
+            "expected a mapping of model names to names, {dataset} their only placeholder",
+        ),
     ],
 )
 def test_bad_values_name_the_key(block, key, value, message):
@@ -107,6 +123,54 @@ def test_missing_and_unknown_keys_are_errors():
         P.TrainTfParams.from_params(with_value("train_tf", "learning_rat", 0.1))
     with pytest.raises(ParamsError, match=r"params\.yaml: evaluate: expected a block of"):
         P.EvaluateParams.from_params({"paths": {}})
+
+
+def test_a_block_inside_a_block_is_as_strict_and_named_in_full():
+    params = copy.deepcopy(PARAMS)
+    params["ingest"]["download"]["workers"] = 0
+    with pytest.raises(ParamsError, match=r"ingest\.download\.workers: expected a positive int"):
+        P.IngestParams.from_params(params)
+    params["ingest"]["download"] = {**PARAMS["ingest"]["download"], "timout_s": 5}
+    with pytest.raises(ParamsError, match=r"ingest\.download\.timout_s: .*timout_s\. Check"):
+        P.IngestParams.from_params(params)
+    del params["ingest"]["download"]
+    with pytest.raises(ParamsError, match=r"ingest\.download: expected a block of workers, "):
+        P.IngestParams.from_params(params)
+    parsed = P.IngestParams.from_params(PARAMS)
+    assert parsed.download.timeout_s == PARAMS["ingest"]["download"]["timeout_s"]
+
+
+def test_registered_models_name_servable_models_only():
+    from imgclf.tracking import registered_model_names
+
+    # The block checks the templates; tracking checks the names against the registry (params
+    # imports no registry, so the stages that read params do not depend on every model).
+    typo = P.TrackParams.from_params(
+        with_value("track", "registered_models", {"finetune_kerass": "{dataset}-ft"})
+    )
+    with pytest.raises(ParamsError) as info:
+        registered_model_names(typo.registered_models, "flowers.tgz")
+    assert str(info.value).startswith(
+        "params.yaml: track.registered_models.finetune_kerass: expected a servable model of "
+        "imgclf/registry.py: tf, keras, finetune_tf, finetune_keras"
+    )
+    # The scikit-learn baseline has no end-to-end model to register.
+    with pytest.raises(ParamsError, match=r"registered_models\.sklearn"):
+        registered_model_names({"sklearn": "s"}, "flowers.tgz")
+    partial = P.TrackParams.from_params(with_value("track", "registered_models", {"tf": "mine"}))
+    assert registered_model_names(partial.registered_models, "flowers.tgz")["tf"] == "mine"
+
+
+def test_ingest_options_come_from_the_typed_block():
+    from imgclf.ingest import IngestOptions
+
+    options = IngestOptions.from_params(PARAMS)
+    block = PARAMS["ingest"]
+    assert options.download_timeout_s == block["download"]["timeout_s"]
+    assert options.max_expansion_ratio == block["max_expansion_ratio"]
+    assert options.presplit == block["presplit"]
+    with pytest.raises(ParamsError, match=r"ingest\.min_images_per_class: .*found 'abc'"):
+        IngestOptions.from_params(with_value("ingest", "min_images_per_class", "abc"))
 
 
 @pytest.mark.parametrize("address", ["local", "auto", "ray://10.0.0.5:10001", "head:6379"])

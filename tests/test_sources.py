@@ -14,6 +14,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import yaml
 
 from imgclf.config import cache_dir
 from imgclf.fileio import sha256_file
@@ -295,9 +296,9 @@ def test_real_flower_photos_resolve_as_a_tree(shared_datasets):
 # -- the stage ------------------------------------------------------------------------------
 def _run_stage(repo: Path, source: str, env_extra: dict | None = None):
     repo.mkdir(parents=True, exist_ok=True)
-    (repo / "params.yaml").write_text(
-        f"data:\n  source: {json.dumps(source)}\npaths:\n  source_info: data/source.json\n"
-    )
+    params = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
+    params["data"]["source"] = source
+    (repo / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
     env = {**os.environ, "PYTHONPATH": str(ROOT), **(env_extra or {})}
     return subprocess.run(
         [sys.executable, "-m", "stages.source"],

@@ -61,17 +61,37 @@ def test_missing_params_file_is_a_user_error(tmp_path):
     assert "Traceback" not in done.stderr
 
 
-def test_bad_param_names_its_key(tmp_path):
+# A misspelt key was a KeyError traceback in split, and silently ignored in ingest and track,
+# whose blocks were read with a default for whatever key was missing.
+BAD_PARAMS = [
+    ("evaluate", "evaluate", "min_accuracy", "high", "expected a number >= 0, found 'high'."),
+    ("split", "split", "test_fracton", 0.3, "expected one of the keys test_fraction, seed, "
+     "min_per_class, found 1 unknown key(s): test_fracton. Check the spelling."),
+    ("split", "split", "test_fraction", "0,3", "expected a number between 0 and 1 (exclusive), "
+     "found '0,3'."),
+    ("source", "ingest", "max_expansion_ratio", "lots", "expected a positive number, found "
+     "'lots'."),
+    ("ingest", "ingest", "on_multiple_label", "first", "expected one of the keys "
+     "on_multiple_labels"),
+    ("track", "track", "log_models", "flase", "expected true or false, found 'flase'."),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("stage", "block", "key", "value", "message"),
+    BAD_PARAMS,
+    ids=[f"{stage}-{block}.{key}" for stage, block, key, *_ in BAD_PARAMS],
+)
+def test_bad_param_names_its_key(tmp_path, stage, block, key, value, message):
     write_project(tmp_path, "file,class,sha256\n")
     params = yaml.safe_load((tmp_path / "params.yaml").read_text())
-    params["evaluate"]["min_accuracy"] = "high"
+    params[block][key] = value
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    done = run_stage("evaluate", tmp_path)
+    done = run_stage(stage, tmp_path)
     assert done.returncode == 1
     assert "Traceback" not in done.stderr
-    assert done.stderr.strip().splitlines()[-1] == (
-        "evaluate: error: params.yaml: evaluate.min_accuracy: expected a number >= 0, found 'high'."
-    )
+    last_line = done.stderr.strip().splitlines()[-1]
+    assert last_line.startswith(f"{stage}: error: params.yaml: {block}.{key}: {message}"), last_line
 
 
 def test_bug_keeps_its_traceback(tmp_path):

@@ -684,9 +684,9 @@ def test_dataset_and_registered_model_names_come_from_the_source():
     assert dataset_name("../shared/datasets/hymenoptera_data/") == "hymenoptera_data"
     assert dataset_name("exports/ants bees.json") == "ants-bees"
     assert dataset_name("") == "images"
-    track = {"registered_models": {"tf": "{dataset}-tf", "keras": "my-keras"}}
+    templates = {"tf": "{dataset}-tf", "keras": "my-keras"}
     # A servable model the block does not name gets {dataset}-<model>.
-    assert registered_model_names(track, "data/ants.zip") == {
+    assert registered_model_names(templates, "data/ants.zip") == {
         "tf": "ants-tf",
         "keras": "my-keras",
         "finetune_tf": "ants-finetune_tf",
