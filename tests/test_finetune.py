@@ -659,7 +659,7 @@ def test_tf_regularizers_for_the_recipe_search_change_training_and_stay_determin
     # dropout, mixup and L2-SP (weight_decay) are the search tool's knobs
     # (tools/finetune_search.py): each must really act, and the same way on every run. (Off,
     # they leave the stage's training as it was: the fresh-process determinism test and the
-    # README's rerun of the default recipe, 95.6% at epoch 2 as before, cover that.)
+    # rerun of the default recipe in docs/finetuning-levers.md, 95.6% at epoch 2, cover that.)
     from imgclf.finetune.finetune_tf import train_finetune_tf
     from imgclf.heads.tf_head import load_tf_head
 

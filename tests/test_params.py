@@ -165,6 +165,7 @@ def test_ingest_options_come_from_the_typed_block():
     from imgclf.ingest import IngestOptions
 
     options = IngestOptions.from_params(PARAMS)
+    assert options == IngestOptions()  # the defaults of direct calls are params.yaml's
     block = PARAMS["ingest"]
     assert options.download_timeout_s == block["download"]["timeout_s"]
     assert options.max_expansion_ratio == block["max_expansion_ratio"]

@@ -13,10 +13,10 @@ or `train_keras`); nothing in DIR is written. Prints the validation accuracy of 
 and appends one JSON line per variant to `--out`.
 
 DIR is a pipeline workspace that has run `dvc repro activations train@tf train@keras` (this
-checkout by default; a clone with `data.source` set to the full flowers for the README's
-search). Leave the code of the checkout that runs the search alone until it ends: TensorFlow's
-autograph reads a `tf.function`'s source file again when it traces, so an edit made meanwhile
-can break a variant that starts later.
+checkout by default; a clone with `data.source` set to the full flowers for the search in
+docs/finetuning-levers.md). Leave the code of the checkout that runs the search alone until it
+ends: TensorFlow's autograph reads a `tf.function`'s source file again when it traces, so an
+edit made meanwhile can break a variant that starts later.
 """
 
 from __future__ import annotations
