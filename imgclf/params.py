@@ -258,8 +258,8 @@ class DataParams(Block):
     source: str = text()  # a folder, an archive (path or URL) or a Dataturks export
 
 
-# The modes of imgclf/ingest.py; kept here so that reading params imports neither Pillow nor
-# urllib3 (a test checks they agree).
+# The modes ingest offers; imgclf/ingest.py takes them from here, so that reading params
+# imports neither Pillow nor urllib3.
 MULTIPLE_LABEL_MODES = ("error", "first", "skip")
 CROSS_CLASS_MODES = ("drop", "keep")
 PRESPLIT_MODES = ("keep", "pool")
@@ -268,7 +268,8 @@ BAD_LINE_MODES = ("skip", "error")
 
 @dataclass(frozen=True)
 class DownloadParams(Block):
-    """How ingest fetches what a source names by URL (a Dataturks export's images, an archive)."""
+    """How ingest fetches what a source names by URL (a Dataturks export's images, an archive).
+    Parsed inside IngestParams: `section` is its key path there."""
 
     section: ClassVar[str] = "ingest.download"
     workers: int = integer(1)

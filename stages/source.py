@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
 
 from imgclf.archives import ArchiveLimits
 from imgclf.config import load_params
@@ -20,11 +19,19 @@ from imgclf.stage import stage_main
 
 
 def write_source_info(
-    source: str, out: Path, *, base_dir: Path | None = None, **resolve: Any
+    source: str,
+    out: Path,
+    *,
+    base_dir: Path | None = None,
+    timeout_s: float = 60,
+    retries: int = 2,
+    limits: ArchiveLimits | None = None,
 ) -> dict:
-    """Resolve and fingerprint `source` (`resolve`: resolve_source's options), write the stage
-    output, and return what was written."""
-    resolved = resolve_source(source, base_dir=base_dir, **resolve)
+    """Resolve and fingerprint `source`, write the stage output, and return what was written.
+    `timeout_s`, `retries` and `limits` are resolve_source's (params.yaml `ingest:`)."""
+    resolved = resolve_source(
+        source, base_dir=base_dir, timeout_s=timeout_s, retries=retries, limits=limits
+    )
     fingerprint = fingerprint_source(resolved)
     info = {"source": resolved.source, "kind": resolved.kind, "fingerprint": fingerprint}
     write_json(out, info)
