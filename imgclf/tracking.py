@@ -53,7 +53,7 @@ from imgclf.config import repo_root
 from imgclf.errors import ParamsError
 from imgclf.fileio import read_csv, read_json, sha256_file
 from imgclf.layout import Layout
-from imgclf.params import DataParams, TrackParams
+from imgclf.params import DataParams, EvaluateParams, TrackParams
 from imgclf.registry import MODELS, get_model, input_precision, model_names, pipeline_models
 
 HEADS = tuple(MODELS)  # the registered models; a result's child runs: pipeline_models(params)
@@ -599,7 +599,7 @@ def track_pipeline(
         precision="float32",  # every model of `heads` has its own, just below
         precisions={head: input_precision(head, params) for head in heads},
         registered_models=registered_models,
-        min_accuracy=float(params.get("evaluate", {}).get("min_accuracy", 0.0)),
+        min_accuracy=EvaluateParams.from_params(params).min_accuracy,
         data_description=_data_description(source, datasets, tags),
     )
 
