@@ -53,10 +53,11 @@ TARGET_MINUTES = 8.0
 TARGET_RSS_GIB = 6.0
 # Training images of the full 3,670-photo set (3,666 kept, 80/20 split), as the issue counts.
 FULL_TRAIN_IMAGES = 2645
-# The peak RSS is projected as the sample's plus one float16 copy of each extra training row:
-# the pages of the memory map that every epoch reads (both stages read batches from it:
-# TrainingOrder). Until Keras did too, fit on the whole array held it several times over, and
-# the projection (two copies for Keras) said 3.2 GiB where the full set's run peaked at 8.05.
+# The peak RSS is projected as the sample's plus one float16 copy of each extra validation row
+# (held in memory). Training rows are read a batch at a time with plain reads (NpyRows), so
+# they add nothing: through a memory map, every row an epoch touched counted in the RSS, and
+# ten views' 4.8 GB train.npy took finetune_tf to 6.13 GiB, 4.69 of it the map's pages. Before
+# that, Keras' fit on the whole array held it several times over (8.05 GiB on the full set).
 # The heads only have to exist (the fine-tunes start from them): short trainings, the same code.
 HEAD_OVERRIDES = {"train_tf": {"steps": 300, "eval_every": 100}, "train_keras": {"epochs": 10}}
 RUNS = (("tf", "float32"), ("keras", "float32"), ("keras", "bfloat16"), ("tf", "bfloat16"))
@@ -167,6 +168,11 @@ class CpuClock:
         return [float(c) for c in np.interp(walls, wall, cpu)]
 
 
+def rows_an_epoch(images: int, views: int, view_sampling: str) -> int:
+    """Training rows an epoch: every view of every image, or one view of each."""
+    return images if view_sampling == "one_per_image" else images * views
+
+
 def run_finetune(workdir: Path, model: str, precision: str) -> dict:
     import yaml
 
@@ -190,7 +196,11 @@ def run_finetune(workdir: Path, model: str, precision: str) -> dict:
     walls = epoch_wall_times(layout.tensorboard_dir(name))
     cpus = clock.cpu_at(walls)
     return {
-        "rows": metrics["n_train"],
+        "rows": rows_an_epoch(
+            metrics["n_train_images"], metrics["n_train_views"], params[name]["view_sampling"]
+        ),
+        "val_rows": metrics["n_val"],
+        "train_images": metrics["n_train_images"],
         "epochs": metrics["epochs"],
         "train_seconds": metrics["train_seconds"],
         "epoch_seconds": [b - a for a, b in itertools.pairwise(walls)],
@@ -254,18 +264,20 @@ def speed(run: dict, clock: str = "wall") -> tuple[float, float]:
     return run["rows"] / steady, max(sum(epochs[:warm]) - warm * steady, 0.0)
 
 
-def projection(run: dict, full_rows: int, epochs: int) -> tuple[float, float, float]:
-    """(projected minutes of the full-set stage at this run's wall speed; the same from its CPU
-    time spread over every core, i.e. on an idle machine with perfect scaling; projected peak
-    RSS in GiB)."""
+def projection(
+    run: dict, full_rows: int, full_images: int, epochs: int
+) -> tuple[float, float, float]:
+    """(projected minutes of the full-set stage, `full_rows` training rows an epoch, at this
+    run's wall speed; the same from its CPU time spread over every core, i.e. on an idle
+    machine with perfect scaling; projected peak RSS in GiB, `full_images` training images)."""
     minutes = {}
     for clock, total in (("wall", run["wall_s"]), ("cpu", run["cpu_s"])):
         rate, warm_up = speed(run, clock)
         per_epoch = run["epoch_seconds" if clock == "wall" else "epoch_cpu_seconds"]
         fixed = total - sum(per_epoch)  # start-up, loading, saving
         minutes[clock] = (fixed + warm_up + epochs * full_rows / rate) / 60
-    extra_rows = max(full_rows - run["rows"], 0)
-    rss = run["peak_rss_gib"] + extra_rows * run["row_bytes"] / 2**30
+    full_val = full_images * run["val_rows"] / run["train_images"]  # the same fraction
+    rss = run["peak_rss_gib"] + max(full_val - run["val_rows"], 0) * run["row_bytes"] / 2**30
     return minutes["wall"], minutes["cpu"] / (os.cpu_count() or 1), rss
 
 
@@ -308,7 +320,10 @@ def main() -> None:
     params = bench_params(args.epochs)
     views = params["activations"]["train_views"]
     full_epochs = {m: int(_repo_recipe(m)["epochs"]) for m in ("tf", "keras")}
-    full_rows = args.full_images * len(views)
+    full_rows = {
+        m: rows_an_epoch(args.full_images, len(views), _repo_recipe(m)["view_sampling"])
+        for m in ("tf", "keras")
+    }
 
     runs: dict[tuple[str, str], dict] = {}
     with tempfile.TemporaryDirectory(prefix="bench-finetune-") as tmp:
@@ -335,7 +350,9 @@ def main() -> None:
         recipe = _repo_recipe(model)
         print(
             f"projected recipe finetune_{model} (params.yaml): {args.full_images} train images x "
-            f"{len(views)} views x {recipe['epochs']} epochs, batch {recipe['batch_size']}, "
+            f"{len(views)} views, view_sampling {recipe['view_sampling']} "
+            f"({full_rows[model]} rows an epoch) x {recipe['epochs']} epochs, "
+            f"batch {recipe['batch_size']}, "
             f"lr {recipe['learning_rate']}, momentum {recipe['momentum']}, "
             f"schedule {recipe['schedule']}"
         )
@@ -344,7 +361,9 @@ def main() -> None:
     rates = {key: speed(run)[0] for key, run in runs.items()}
     cpu_rates = {key: speed(run, "cpu")[0] for key, run in runs.items()}
     for (model, precision), run in runs.items():
-        minutes, idle_minutes, rss = projection(run, full_rows, full_epochs[model])
+        minutes, idle_minutes, rss = projection(
+            run, full_rows[model], args.full_images, full_epochs[model]
+        )
         label = f"finetune_{model}, {precision}"
         base = (model, "float32") if precision == "bfloat16" else ("keras", "float32")
         if (model, precision) == ("tf", "float32"):

@@ -10,7 +10,7 @@ view; a new split computes nothing.
 Outputs, per subset (`train`, `test`), in the stage's folder:
 
 - `<subset>.npy`: float16 [n_views * n_images, h, w, c], view-major (all images of the first
-  view, then all of the second...), memory-mappable;
+  view, then all of the second...), read a batch of rows at a time (NpyRows);
 - `<subset>_index.npz`: `ids`, `labels`, `view` (an index into `views`), `views` (names), one
   row per row of the .npy.
 """
@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import functools
 import io
+import os
 import resource
 import time
-from collections.abc import Callable, Mapping, Sequence
+import weakref
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,7 +45,7 @@ from imgclf.features import (
     ImageItem,
     View,
     cache_key,
-    gather_features,
+    cached_rows,
     split_items,
 )
 from imgclf.fileio import atomic_write_bytes
@@ -239,15 +241,26 @@ def fill_views(
 # Outputs and the loader for the fine-tune stages
 
 
-def _write_npy(path: Path, shape: tuple[int, ...], fill: Callable[[np.ndarray], None]) -> None:
-    """An .npy written through a memory map under a temporary name, then renamed."""
+def _write_npy(path: Path, shape: tuple[int, ...], rows: Iterable[np.ndarray]) -> None:
+    """An .npy written row by row under a temporary name, then renamed.
+
+    Plain writes, not a memory map: the pages of a map count in the stage's RSS, and ten
+    views' train.npy is 4.8 GB. The bytes are those `np.save` writes.
+    """
     tmp = path.with_name(f".{path.name}.tmp")
-    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=STORAGE_DTYPE, shape=shape)
-    try:
-        fill(out)
-        out.flush()
-    finally:
-        del out
+    dtype = np.dtype(STORAGE_DTYPE)
+    header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape}
+    row_shape, written = shape[1:], 0
+    with open(tmp, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, header)
+        for row in rows:
+            if row.shape != row_shape or row.dtype != dtype:
+                raise ValueError(f"row of {row.shape} {row.dtype}, expected {row_shape} {dtype}")
+            f.write(np.ascontiguousarray(row).data)
+            written += 1
+    if written != shape[0]:
+        tmp.unlink()
+        raise RuntimeError(f"{path}: {written} rows written, its header says {shape[0]}")
     tmp.replace(path)
 
 
@@ -262,13 +275,10 @@ def write_subset(
     out_dir.mkdir(parents=True, exist_ok=True)
     shape = caches[views[0]].shape
     n = len(items)
-
-    def fill(out: np.ndarray) -> None:
-        for v, view in enumerate(views):
-            gather_features(items, caches[view], out=out[v * n : (v + 1) * n])
-
+    # Straight from each cache entry to the file, no array of them in between.
+    rows = (row for view in views for row in cached_rows(items, caches[view]))
     npy = out_dir / f"{subset}.npy"
-    _write_npy(npy, (len(views) * n, *shape), fill)
+    _write_npy(npy, (len(views) * n, *shape), rows)
     buf = io.BytesIO()
     np.savez(
         buf,
@@ -282,9 +292,86 @@ def write_subset(
     return npy.stat().st_size + index.stat().st_size
 
 
+class NpyRows:
+    """The rows of an .npy file, read when indexed (`x[rows]` is an in-memory array) with
+    plain reads, not through a memory map.
+
+    A map's pages count in the reader's RSS once touched, and the fine-tunes touch every row
+    of ten views' 4.8 GB train.npy over their epochs. Read this way the file stays in the page
+    cache, which the kernel can drop, and the process holds only the batch it asked for.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        with open(self.path, "rb") as f:
+            major, _ = np.lib.format.read_magic(f)
+            read_header = (
+                np.lib.format.read_array_header_1_0
+                if major == 1
+                else np.lib.format.read_array_header_2_0
+            )
+            shape, fortran_order, dtype = read_header(f)
+            self.offset = f.tell()
+        if fortran_order or dtype.hasobject:
+            raise ValueError(f"{self.path}: expected a C-ordered numeric array, found {dtype}")
+        self.shape: tuple[int, ...] = tuple(shape)
+        self.dtype = dtype
+        self.row_bytes = dtype.itemsize * int(np.prod(shape[1:]))
+        size, expected = self.path.stat().st_size, self.offset + shape[0] * self.row_bytes
+        if size != expected:
+            raise ValueError(
+                f"{self.path} has {size} bytes but its header describes {expected}: it was cut "
+                "short or is still being written; rerun the activations stage "
+                "(dvc repro -f activations)"
+            )
+        self._fd = os.open(self.path, os.O_RDONLY)
+        weakref.finalize(self, os.close, self._fd)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.shape[0] * self.row_bytes
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        rows = np.arange(len(self))[key]
+        if rows.ndim == 0:
+            return self._read(rows.reshape(1))[0]
+        return self._read(rows)
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        return np.asarray(self[:], dtype=dtype)
+
+    def _read(self, rows: np.ndarray) -> np.ndarray:
+        out = np.empty((len(rows), *self.shape[1:]), dtype=self.dtype)
+        if out.size == 0:
+            return out
+        buf, size = memoryview(out).cast("B"), self.row_bytes
+        first = 0
+        while first < len(rows):  # each run of consecutive rows in one read
+            end = first + 1
+            while end < len(rows) and rows[end] == rows[end - 1] + 1:
+                end += 1
+            self._pread(buf[first * size : end * size], self.offset + int(rows[first]) * size)
+            first = end
+        return out
+
+    def _pread(self, view: memoryview, offset: int) -> None:
+        while view.nbytes:  # a read may return less than asked (Linux: at most ~2 GiB)
+            n = os.preadv(self._fd, [view], offset)
+            if n == 0:
+                raise EOFError(f"{self.path} ended at byte {offset}, before the rows asked for")
+            view, offset = view[n:], offset + n
+
+
 @dataclass(frozen=True)
 class Activations:
-    x: np.ndarray  # float16 [rows, h, w, c], memory-mapped unless mmap=False
+    x: np.ndarray | NpyRows  # float16 [rows, h, w, c], read when indexed unless in memory
     ids: np.ndarray  # str [rows]: the split manifest's `file`
     labels: np.ndarray  # int64 [rows]
     view: np.ndarray  # int64 [rows]: index into `views`
@@ -297,8 +384,9 @@ class Activations:
         return np.flatnonzero(self.view == self.views.index(name))
 
 
-def load_activations(out_dir: str | Path, subset: str, mmap: bool = True) -> Activations:
-    """The activations stage's output for `subset` (train | test), memory-mapped by default."""
+def load_activations(out_dir: str | Path, subset: str, in_memory: bool = False) -> Activations:
+    """The activations stage's output for `subset` (train | test); its rows are read when
+    indexed (NpyRows) unless `in_memory`."""
     out_dir = Path(out_dir)
     if subset not in SUBSETS:
         raise ValueError(f"subset must be one of {SUBSETS}, not {subset!r}")
@@ -309,7 +397,7 @@ def load_activations(out_dir: str | Path, subset: str, mmap: bool = True) -> Act
                 f"{path} not found: the activations stage writes it (dvc repro activations; "
                 "it is not in DVC's cache, being rebuilt in seconds from the activation cache)"
             )
-    x = np.load(npy, mmap_mode="r" if mmap else None)
+    x = np.load(npy) if in_memory else NpyRows(npy)
     with np.load(index) as z:
         ids, labels, view, views = z["ids"], z["labels"], z["view"], tuple(z["views"].tolist())
     if not len(x) == len(ids) == len(labels) == len(view):

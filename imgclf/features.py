@@ -13,7 +13,10 @@ import hashlib
 import io
 import math
 import os
-from collections.abc import Callable, Iterator, Sequence
+import threading
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -99,6 +102,7 @@ class FeatureCache:
         self._salt = key.encode() + b"\0" if bind_key else b""
         self.dir.mkdir(parents=True, exist_ok=True)
         self.bad = 0  # entries found bad (and deleted) by `get`
+        self._bad_lock = threading.Lock()  # `get` runs on threads (get_many)
 
     def path(self, sha256: str) -> Path:
         return self.dir / sha256[:2] / f"{sha256}{self.suffix}"
@@ -111,7 +115,8 @@ class FeatureCache:
         body, digest = blob[:-_DIGEST], blob[-_DIGEST:]
         if len(body) != self.nbytes or _entry_digest(sha256, body, self._salt) != digest:
             self.path(sha256).unlink(missing_ok=True)
-            self.bad += 1
+            with self._bad_lock:
+                self.bad += 1
             return None
         return np.frombuffer(body, dtype=self.dtype).reshape(self.shape)
 
@@ -128,8 +133,24 @@ class FeatureCache:
         # checksum is for.
         os.replace(tmp, path)
 
+    def get_each(self, shas: Iterable[str], ahead: int = 256) -> Iterator[np.ndarray | None]:
+        """`get` of each, in order, read and checked on a thread per core up to `ahead`
+        entries before the one yielded (reading a file and sha256 release the GIL; a cached
+        rerun of ten views checks 4.8 GB of entries, twice), so at most `ahead` are held."""
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+            pending: deque[Future[np.ndarray | None]] = deque()
+            for sha in shas:
+                pending.append(pool.submit(self.get, sha))
+                if len(pending) > ahead:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+
     def missing(self, shas: Sequence[str]) -> list[str]:
-        return [sha for sha in shas if self.get(sha) is None]
+        """The entries of `shas` absent or bad (the bad ones deleted), checked on threads."""
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+            absent = list(pool.map(lambda sha: self.get(sha) is None, shas))
+        return [sha for sha, gone in zip(shas, absent, strict=True) if gone]
 
     def disk_bytes(self) -> int:
         """Bytes of every entry in this cache folder (all images, not only this split's)."""
@@ -232,24 +253,18 @@ class FeatureExtractor:
             yield self.runtime.predict(batch)[:n]
 
 
-def gather_features(
-    items: Sequence[ImageItem], cache: FeatureCache, out: np.ndarray | None = None
-) -> np.ndarray:
-    """Stack the cached features of `items` in order (they must all be cached).
-
-    Into `out` when given (e.g. a slice of a memory-mapped .npy, so that arrays larger than
-    memory can be written), else into a new array of the cache's shape and dtype.
-    """
-    shape = (len(items), *cache.shape)
-    if out is None:
-        out = np.empty(shape, dtype=cache.dtype.newbyteorder("="))
-    elif out.shape != shape:
-        raise ValueError(f"out has shape {out.shape}, expected {shape}")
-    features = out
-    for row, item in enumerate(items):
-        vector = cache.get(item.sha256)
+def cached_rows(items: Sequence[ImageItem], cache: FeatureCache) -> Iterator[np.ndarray]:
+    """The cached features of `items`, one array each, in order (they must all be cached)."""
+    for item, vector in zip(items, cache.get_each(it.sha256 for it in items), strict=True):
         if vector is None:
             raise RuntimeError(f"no cached feature for {item.id} ({item.sha256}); rerun the stage")
+        yield vector
+
+
+def gather_features(items: Sequence[ImageItem], cache: FeatureCache) -> np.ndarray:
+    """Stack the cached features of `items` in order (they must all be cached)."""
+    features = np.empty((len(items), *cache.shape), dtype=cache.dtype.newbyteorder("="))
+    for row, vector in enumerate(cached_rows(items, cache)):
         features[row] = vector
     return features
 

@@ -6,6 +6,7 @@ stage itself run on the real backbone and a few real flower photos (skipped with
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -23,12 +24,13 @@ import yaml
 from imgclf.activations import (
     VIEWS,
     ActivationsOptions,
+    NpyRows,
     activation_cache,
     fill_views,
     load_activations,
     write_subset,
 )
-from imgclf.features import FeatureCache, ImageItem
+from imgclf.features import FeatureCache, ImageItem, gather_features
 from imgclf.fileio import sha256_file
 from imgclf.images import load_rgb
 from tests.helpers import make_image
@@ -261,13 +263,17 @@ def test_kill_9_mid_run_then_rerun_computes_only_what_is_left(tmp_path):
 
 
 @pytest.mark.slow
-def test_outputs_are_view_major_memory_mapped_and_indexed(tmp_path):
+def test_outputs_are_view_major_read_by_row_and_indexed(tmp_path):
     items = make_items(tmp_path / "img", 5)
     _, caches = fill(items, ["orig", "flip"], tmp_path / "cache")
     out = tmp_path / "out"
     size = write_subset(out, "train", items, ["orig", "flip"], caches)
+    whole = np.concatenate([gather_features(items, caches[v]) for v in ("orig", "flip")])
+    buf = io.BytesIO()
+    np.save(buf, whole)
+    assert (out / "train.npy").read_bytes() == buf.getvalue()  # np.save's bytes, header too
     acts = load_activations(out, "train")
-    assert isinstance(acts.x, np.memmap) and acts.x.dtype == np.float16
+    assert isinstance(acts.x, NpyRows) and acts.x.dtype == np.float16
     assert acts.x.shape == (10, *TINY_SHAPE) and size > acts.x.nbytes
     assert acts.views == ("orig", "flip")
     assert list(acts.ids) == [it.id for it in items] * 2
@@ -278,6 +284,28 @@ def test_outputs_are_view_major_memory_mapped_and_indexed(tmp_path):
     assert not list(out.glob(".*"))  # no temporary file left behind
     with pytest.raises(ValueError, match=r"'crop80_c' was not computed.*\['orig', 'flip'\]"):
         acts.of_view("crop80_c")
+
+
+def test_rows_are_read_as_numpy_indexes_them_without_mapping_the_file(tmp_path):
+    x = np.arange(7 * 2 * 3, dtype=np.float16).reshape(7, 2, 3)
+    np.save(tmp_path / "x.npy", x)
+    rows = NpyRows(tmp_path / "x.npy")
+    assert (len(rows), rows.shape, rows.dtype, rows.nbytes) == (7, (7, 2, 3), x.dtype, x.nbytes)
+    for key in (3, -1, slice(None), slice(5, 1, -2), [6, 0, 1, 2, 4], np.array([], int),
+                x[:, 0, 0] > 20):  # fmt: skip
+        np.testing.assert_array_equal(rows[key], x[key])
+    np.testing.assert_array_equal(np.asarray(rows, np.float32), x.astype(np.float32))
+    # Not mapped: a map's pages would count in the process's RSS (the point of the class).
+    assert str(tmp_path / "x.npy") not in Path("/proc/self/maps").read_text()
+
+
+def test_a_cut_short_npy_is_refused_with_what_to_run(tmp_path):
+    np.save(tmp_path / "x.npy", np.zeros((4, 8), np.float16))
+    with open(tmp_path / "x.npy", "r+b") as f:
+        f.truncate(f.seek(0, 2) - 16)  # one row short, as a killed writer would leave it
+    with pytest.raises(ValueError, match=r"x\.npy has \d+ bytes but its header describes "
+                       r"\d+.*dvc repro -f activations"):  # fmt: skip
+        NpyRows(tmp_path / "x.npy")
 
 
 def test_loading_missing_outputs_says_which_file_and_what_to_run(tmp_path):

@@ -40,8 +40,9 @@ HEAD_BLOCK = "head"
 
 
 class SelectedRows:
-    """Some rows of a (memory-mapped) array, read only when indexed: `x[positions]` is an
-    in-memory array of those rows, so ten cached views of every image need not fit in memory."""
+    """Some rows of an array on disk (NpyRows) or in memory, read only when indexed:
+    `x[positions]` is an in-memory array of those rows, so ten cached views of every image
+    need not fit in memory."""
 
     def __init__(self, source: np.ndarray, rows: np.ndarray) -> None:
         self.source, self.rows = source, np.asarray(rows)
@@ -126,7 +127,7 @@ class TrainingOrder:
 
     def next_epoch(self) -> list[np.ndarray]:
         """The next epoch's batches: positions of training rows, each batch sorted (sequential
-        reads of the memory map)."""
+        reads of the file)."""
         order = epoch_order(self.rng, self.images, self.view_sampling)
         size = self.batch_size
         return [np.sort(order[i : i + size]) for i in range(0, len(order), size)]
@@ -176,7 +177,7 @@ def load_finetune_data(
     acts: Activations, fraction: float, seed: int, exclude: Sequence[str] = ()
 ) -> FinetuneData:
     """The rows of `finetune_rows`: the validation rows in memory, the training rows left in
-    the memory map until a batch reads them."""
+    the file until a batch reads them."""
     train_rows, val_rows = finetune_rows(acts, fraction, seed, exclude)
     _, train_images = np.unique(acts.ids[train_rows], return_inverse=True)
     return FinetuneData(
@@ -237,7 +238,7 @@ def block_of(variable_path: str) -> str:
 
 def pooled_features(top: Any, x: Any, batch_size: int = 128, progress: bool = True) -> np.ndarray:
     """The frozen top's pooled features (pool_3: 2048 a row) of the activation rows `x`,
-    float32, read batch by batch (`x` may be rows of a memory map)."""
+    float32, read batch by batch (`x` may be rows on disk)."""
     from tqdm import tqdm
 
     bar = tqdm(range(0, len(x), batch_size), desc="refit_head: pooled features", unit="batch",

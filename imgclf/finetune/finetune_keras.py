@@ -154,7 +154,7 @@ def training_batches(
     x: Any, y: np.ndarray, order: TrainingOrder, epochs: int
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Every epoch's training batches, one after another: `TrainingOrder`'s, the ones
-    finetune_tf trains on, the rows read from the activations' memory map batch by batch and
+    finetune_tf trains on, the rows read from the activations' file batch by batch and
     made float32 there. fit reads it straight through (given `steps_per_epoch`), so no batch
     depends on when Keras calls a hook: a PyDataset's next epoch is fetched ahead, before its
     `on_epoch_end`, and its batches are shuffled by fit. Given the whole array instead, fit's
