@@ -107,13 +107,17 @@ class FeatureCache:
     def path(self, sha256: str) -> Path:
         return self.dir / sha256[:2] / f"{sha256}{self.suffix}"
 
-    def get(self, sha256: str) -> np.ndarray | None:
+    def get(self, sha256: str, check: bool = True) -> np.ndarray | None:
+        """The entry's array, or None when absent or bad. `check=False` checks its length
+        only, not its checksum: for an entry checked moments ago in this run."""
         try:
             blob = self.path(sha256).read_bytes()
         except FileNotFoundError:
             return None
         body, digest = blob[:-_DIGEST], blob[-_DIGEST:]
-        if len(body) != self.nbytes or _entry_digest(sha256, body, self._salt) != digest:
+        if len(body) != self.nbytes or (
+            check and _entry_digest(sha256, body, self._salt) != digest
+        ):
             self.path(sha256).unlink(missing_ok=True)
             with self._bad_lock:
                 self.bad += 1
@@ -133,14 +137,16 @@ class FeatureCache:
         # checksum is for.
         os.replace(tmp, path)
 
-    def get_each(self, shas: Iterable[str], ahead: int = 256) -> Iterator[np.ndarray | None]:
+    def get_each(
+        self, shas: Iterable[str], ahead: int = 256, check: bool = True
+    ) -> Iterator[np.ndarray | None]:
         """`get` of each, in order, read and checked on a thread per core up to `ahead`
         entries before the one yielded (reading a file and sha256 release the GIL; a cached
         rerun of ten views checks 4.8 GB of entries, twice), so at most `ahead` are held."""
         with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
             pending: deque[Future[np.ndarray | None]] = deque()
             for sha in shas:
-                pending.append(pool.submit(self.get, sha))
+                pending.append(pool.submit(self.get, sha, check))
                 if len(pending) > ahead:
                     yield pending.popleft().result()
             while pending:
@@ -253,9 +259,13 @@ class FeatureExtractor:
             yield self.runtime.predict(batch)[:n]
 
 
-def cached_rows(items: Sequence[ImageItem], cache: FeatureCache) -> Iterator[np.ndarray]:
-    """The cached features of `items`, one array each, in order (they must all be cached)."""
-    for item, vector in zip(items, cache.get_each(it.sha256 for it in items), strict=True):
+def cached_rows(
+    items: Sequence[ImageItem], cache: FeatureCache, check: bool = True
+) -> Iterator[np.ndarray]:
+    """The cached features of `items`, one array each, in order (they must all be cached);
+    `check` as in `FeatureCache.get`."""
+    shas = (it.sha256 for it in items)
+    for item, vector in zip(items, cache.get_each(shas, check=check), strict=True):
         if vector is None:
             raise RuntimeError(f"no cached feature for {item.id} ({item.sha256}); rerun the stage")
         yield vector

@@ -116,6 +116,20 @@ def test_a_corrupt_entry_is_detected_and_recomputed(tmp_path, damage):
     np.testing.assert_array_equal(gather_features(items, cache), good)
 
 
+def test_an_unchecked_read_checks_the_length_only(tmp_path):
+    """What write_subset reads after the fill has checked every entry in the same run."""
+    items = make_items(tmp_path / "img", 2)
+    cache = FeatureCache(tmp_path / "cache", "k", dim=8)
+    fill(items, cache)
+    flipped, short = (cache.path(it.sha256) for it in items)
+    blob = flipped.read_bytes()
+    flipped.write_bytes(bytes([blob[0] ^ 0xFF]) + blob[1:])
+    short.write_bytes(short.read_bytes()[:-5])
+    assert cache.get(items[0].sha256, check=False) is not None  # the checksum is not taken
+    assert cache.get(items[1].sha256, check=False) is None and cache.bad == 1
+    assert cache.get(items[0].sha256) is None and cache.bad == 2  # a checked read finds it
+
+
 @pytest.mark.parametrize("how", ["copied", "renamed"])
 def test_an_entry_moved_over_another_images_entry_is_detected_and_recomputed(tmp_path, how):
     items = make_items(tmp_path / "img", 3)
