@@ -3,9 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 
 from imgclf.layout import Layout
-from tools.split_seeds import mcnemar_table, summary_table, validation_scores, validation_table
+from tools.split_seeds import (
+    mcnemar_table,
+    summary_table,
+    validation_scores,
+    validation_table,
+    with_git_identity,
+)
 
 
 def test_mcnemar_cells_name_the_counts_and_never_print_p_zero():
@@ -80,3 +88,22 @@ def test_validation_is_read_at_the_kept_step_and_pooled_over_seeds(tmp_path):
         "| 0.9750 (195/200) |" in table
     )
     assert "scikit-learn" not in table
+
+
+def test_a_repo_without_a_git_identity_gets_gits_fallback_and_a_configured_one_wins(tmp_path):
+    """dvc exp run commits: without an identity it stopped with DVC's "Git user name and
+    email must be configured" when split_seeds ran outside make."""
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    bare = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "GIT_CONFIG_GLOBAL": "/dev/null",
+            "GIT_CONFIG_NOSYSTEM": "1"}  # fmt: skip
+    env = with_git_identity(bare, tmp_path)
+    assert env["GIT_AUTHOR_NAME"] == env["GIT_COMMITTER_NAME"] != ""
+    assert "@" in env["GIT_AUTHOR_EMAIL"] and env["GIT_AUTHOR_EMAIL"] == env["GIT_COMMITTER_EMAIL"]
+    commit = ["git", "commit", "-q", "--allow-empty", "-m", "x"]
+    subprocess.run(commit, cwd=tmp_path, env=env, check=True)  # what dvc exp run needs
+    # A variable the caller set, and an identity the repository has, are kept.
+    assert with_git_identity({**bare, "GIT_AUTHOR_NAME": "me"}, tmp_path)["GIT_AUTHOR_NAME"] == "me"
+    subprocess.run(["git", "config", "user.name", "Ann"], cwd=tmp_path, check=True)
+    subprocess.run(["git", "config", "user.email", "ann@example.org"], cwd=tmp_path, check=True)
+    assert "GIT_AUTHOR_NAME" not in with_git_identity(bare, tmp_path)
+    assert "GIT_AUTHOR_EMAIL" not in with_git_identity(bare, tmp_path)

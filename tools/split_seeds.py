@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import argparse
 import csv
+import getpass
 import json
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -39,13 +41,37 @@ from imgclf.registry import MODELS  # noqa: E402
 HEADS = {name: spec.display_name for name, spec in MODELS.items()}
 
 
+def with_git_identity(env: dict[str, str], repo: Path) -> dict[str, str]:
+    """`env` with git's own fallback identity, user@host, where `repo` has none configured:
+    `dvc exp run` commits, and stops on a machine without an identity (a CI runner, a fresh
+    container). The Makefile gives its targets the same; a configured identity or GIT_*
+    variables win."""
+
+    def configured(key: str) -> bool:
+        found = subprocess.run(["git", "config", key], cwd=repo, env=env, capture_output=True)
+        return bool(found.stdout.strip())
+
+    user = getpass.getuser()
+    out = dict(env)
+    if not configured("user.name"):
+        for var in ("GIT_AUTHOR_NAME", "GIT_COMMITTER_NAME"):
+            out.setdefault(var, user)
+    if not configured("user.email"):
+        for var in ("GIT_AUTHOR_EMAIL", "GIT_COMMITTER_EMAIL"):
+            out.setdefault(var, f"{user}@{socket.gethostname()}")
+    return out
+
+
 def dvc(*args: str) -> None:
     """`dvc <args>` in the repository, its stages run by this interpreter: their `python` is
     the first on PATH, so this one's folder goes first (as an activated venv does)."""
-    env = {
-        **os.environ,
-        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
-    }
+    env = with_git_identity(
+        {
+            **os.environ,
+            "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+        },
+        ROOT,
+    )
     print("$ dvc", " ".join(args), flush=True)
     subprocess.run([sys.executable, "-m", "dvc", *args], cwd=ROOT, env=env, check=True)
 
