@@ -243,10 +243,9 @@ def conv_compute_dtype(model_dir: Path, model: str) -> str:
 
 
 def _row_bytes(activations_dir: Path) -> int:
-    import numpy as np
+    from imgclf.activations import NpyRows
 
-    x = np.load(activations_dir / "train.npy", mmap_mode="r")
-    return int(x[0].nbytes)
+    return NpyRows(activations_dir / "train.npy").row_bytes
 
 
 # ---- the table ----------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from imgclf.activations import Activations
+from imgclf.activations import Activations, NpyRows
 from imgclf.backbone_info import IMAGE_SIZE
 from imgclf.errors import MissingInput, UserError
 from imgclf.fileio import atomic_write_bytes, read_json
@@ -44,7 +44,7 @@ class SelectedRows:
     `x[positions]` is an in-memory array of those rows, so ten cached views of every image
     need not fit in memory."""
 
-    def __init__(self, source: np.ndarray, rows: np.ndarray) -> None:
+    def __init__(self, source: np.ndarray | NpyRows, rows: np.ndarray) -> None:
         self.source, self.rows = source, np.asarray(rows)
 
     def __len__(self) -> int:
