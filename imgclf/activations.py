@@ -20,7 +20,6 @@ from __future__ import annotations
 import functools
 import io
 import os
-import resource
 import time
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -52,6 +51,7 @@ from imgclf.fileio import atomic_write_bytes
 from imgclf.params import check_runtime
 from imgclf.runtime_setup import RuntimeSetup, recorded
 from imgclf.splitting import SUBSETS
+from imgclf.stage import peak_rss_bytes
 
 STORAGE_DTYPE = "float16"
 
@@ -413,10 +413,6 @@ def load_activations(out_dir: str | Path, subset: str, in_memory: bool = False) 
 
 # --------------------------------------------------------------------------------------------
 # The stage's work
-
-
-def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
 def run_activations(

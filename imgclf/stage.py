@@ -11,6 +11,7 @@ exception is a bug: its traceback is printed, then the same one-line summary, ex
 from __future__ import annotations
 
 import functools
+import resource
 import sys
 import traceback
 from collections.abc import Callable
@@ -53,3 +54,9 @@ def stage_main(main: Callable[..., R]) -> Callable[..., R]:
             ) from None
 
     return wrapped
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory so far, for a stage's metrics (the issue's memory
+    targets are per stage, and a stage is one process under `dvc repro`)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux

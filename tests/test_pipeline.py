@@ -320,6 +320,7 @@ def test_the_fine_tuned_models_are_evaluated_and_registered(project):
         assert 0.0 <= trained["val_accuracy_with_flips"] <= 1
         assert trained["refit_head"] == int(name == "finetune_keras")
         assert (trained["refit_head_seconds"] > 0) == (name == "finetune_keras")
+        assert 2**26 < trained["peak_rss_bytes"] < 6 * 2**30  # TensorFlow alone is > 64 MiB
     tracked = read(project, "metrics/mlflow_run.json")
     for name in ("finetune_tf", "finetune_keras"):
         assert tracked["heads"][name]["registered_model"].endswith(f"-{name}")

@@ -67,11 +67,11 @@ def train_whole(workdir: Path, learning_rate: float | None, epochs: int | None,
     import functools
 
     import imgclf.quiet_tf  # noqa: F401  (first: TensorFlow without its notices)
-    from imgclf.activations import peak_rss_bytes
     from imgclf.features import split_items
     from imgclf.finetune.common import split_recipe
     from imgclf.inception import PREPROCESSORS, build_top, load_backbone
     from imgclf.registry import get_model, model_params
+    from imgclf.stage import peak_rss_bytes
 
     ws = probe_runs.load_workspace(workdir)
     params, layout, heads, acts, test, data = (ws.params, ws.layout, ws.heads, ws.acts, ws.test,

@@ -527,6 +527,7 @@ def train_and_save_finetune(
     from imgclf.heads.common import read_labels, stopwatch, write_training_metrics
     from imgclf.inception import build_top, load_backbone
     from imgclf.registry import get_model
+    from imgclf.stage import peak_rss_bytes
 
     spec = get_model(name)
     assert spec.base is not None, f"{name} is registered without a base head"
@@ -594,6 +595,7 @@ def train_and_save_finetune(
     with_flips = accuracy_with_flips(spec.function("predictor")(layout.model_dir(name)), acts, data)
     if with_flips is not None:
         result.summary["val_accuracy_with_flips"] = with_flips
+    result.summary["peak_rss_bytes"] = peak_rss_bytes()  # the issue's < 6 GiB, per stage
     return write_training_metrics(
         layout.metrics,
         name,
@@ -616,5 +618,6 @@ def report(name: str, metrics: Mapping[str, Any]) -> str:
         f"{metrics['best_val_accuracy']:.4f} (kept epoch {metrics['model_step']} of "
         f"{metrics['epochs']}"
         + ("" if flips is None else f"; {flips:.4f} with test-time flips")
-        + f"), {metrics['train_seconds']:.1f} s"
+        + f"), {metrics['train_seconds']:.1f} s, peak RSS "
+        f"{metrics['peak_rss_bytes'] / 2**30:.2f} GiB"
     )

@@ -164,8 +164,8 @@ def write_training_metrics(
     Called by the train stage (`has_curve` given), the curve file is always written, header only
     for a model without a curve, as dvc.yaml declares the same outs for every model; a direct
     call writes it only when there are rows. Every float is rounded to 6 significant digits; only
-    train_seconds varies between reruns. The names and flags (head, optimizer, converged...) go
-    to `train/<head>.info.json`. Returns all of it.
+    the seconds and the fine-tunes' peak_rss_bytes vary between reruns. The names and flags
+    (head, optimizer, converged...) go to `train/<head>.info.json`. Returns all of it.
     """
     layout = Layout.of(metrics=metrics_dir)
     metrics: dict[str, Any] = {
