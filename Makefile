@@ -99,10 +99,12 @@ bench-litert: setup
 	$(BIN)/python bench/litert.py $(LITERT_ARGS)
 
 # MLflow 3 opens an experiment in its GenAI view; the printed link opens the runs, model-training view.
+# Without MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false the UI also starts seven huey consumers for its
+# GenAI jobs, which this project has none of, and they outlive a SIGTERM of the UI.
 UI_PORT ?= 5000
 ui: setup
 	@echo "MLflow UI: open $$($(BIN)/python -m imgclf.tracking ui-url http://127.0.0.1:$(UI_PORT))"
-	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --default-artifact-root ./mlartifacts \
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --default-artifact-root ./mlartifacts \
 		--host 127.0.0.1 --port $(UI_PORT)
 
 # A registered end-to-end model over HTTP (README, "MLflow"): make serve MODEL=models:/<name>@champion.
