@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -438,6 +439,8 @@ def test_split_seeds_runs_from_a_fresh_shell_and_restores_params(project, tmp_pa
     assert "| TF vs Keras |" in done.stdout  # McNemar of each pair, per seed
     # The validation table comes first: the numbers a recipe is chosen by.
     assert done.stdout.index("| Validation accuracy") < done.stdout.index("| Head | Test")
+    # The fine-tunes' cost on each seed, from their stages' own metrics.
+    assert re.search(r"\| TF fine-tuned \| \d+ \| \d+\.\d\d \|", done.stdout)
     assert (project / "params.yaml").read_bytes() == before
     assert set(json.loads(run([*DVC, "status", "--json"], project))) <= {"source"}
     # A pass for its tables alone skips the closing repro (and still restores params.yaml).

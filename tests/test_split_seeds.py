@@ -8,7 +8,9 @@ import subprocess
 
 from imgclf.layout import Layout
 from tools.split_seeds import (
+    cost_table,
     mcnemar_table,
+    stage_costs,
     summary_table,
     validation_scores,
     validation_table,
@@ -107,3 +109,26 @@ def test_a_repo_without_a_git_identity_gets_gits_fallback_and_a_configured_one_w
     subprocess.run(["git", "config", "user.email", "ann@example.org"], cwd=tmp_path, check=True)
     assert "GIT_AUTHOR_NAME" not in with_git_identity(bare, tmp_path)
     assert "GIT_AUTHOR_EMAIL" not in with_git_identity(bare, tmp_path)
+
+
+def test_costs_are_the_fine_tunes_seconds_and_peak_rss_per_seed(tmp_path):
+    layout = Layout.of(metrics=tmp_path)
+    layout.train_metrics("tf").parent.mkdir(parents=True)
+    layout.train_metrics("tf").write_text(json.dumps({"train_seconds": 3.0}))
+    layout.train_metrics("finetune_tf").write_text(
+        json.dumps({"train_seconds": 250.4, "peak_rss_bytes": 2.5 * 2**30})
+    )
+    # Written before the stages recorded their peak RSS.
+    layout.train_metrics("finetune_keras").write_text(json.dumps({"train_seconds": 275.0}))
+    costs = stage_costs(layout)
+    assert costs == {  # the frozen heads have no cost target of their own
+        "finetune_tf": {"seconds": 250.4, "peak_rss_bytes": 2.5 * 2**30},
+        "finetune_keras": {"seconds": 275.0},
+    }
+    other = {"finetune_tf": {"seconds": 260.0, "peak_rss_bytes": 2**31}}
+    table = cost_table({0: costs, 1: other})
+    assert "| TF fine-tuned | 250 / 260 | 2.50 / 2.00 |" in table
+    assert "Keras" not in table  # not on every seed
+    assert cost_table({0: {"finetune_keras": costs["finetune_keras"]}}).endswith(
+        "| Keras fine-tuned | 275 | – |"
+    )

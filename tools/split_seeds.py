@@ -117,6 +117,42 @@ def validation_scores(layout: Layout) -> dict[str, dict[str, Any]]:
     return scores
 
 
+def stage_costs(layout: Layout) -> dict[str, dict[str, float]]:
+    """Each fine-tuned model's training seconds and its stage's peak RSS (bytes; absent from
+    metrics written before the stages recorded it): the issue's cost targets, per seed."""
+    costs = {}
+    for head in HEADS:
+        path = layout.train_metrics(head)
+        if MODELS[head].fine_tuned and path.is_file():
+            metrics = json.loads(path.read_text())
+            costs[head] = {"seconds": metrics["train_seconds"]}
+            if "peak_rss_bytes" in metrics:
+                costs[head]["peak_rss_bytes"] = metrics["peak_rss_bytes"]
+    return costs
+
+
+def cost_table(costs: dict[int, dict[str, dict[str, float]]]) -> str:
+    """One row per fine-tuned model: its training seconds and peak RSS on each seed."""
+    seeds = sorted(costs)
+    heads = [h for h in HEADS if all(h in costs[s] for s in seeds)]
+    if not heads:
+        return ""
+    lines = [
+        "| Model | training seconds, seeds "
+        + " / ".join(map(str, seeds))
+        + " | peak RSS GiB, the same seeds |",
+        "|---|---|---|",
+    ]
+    for head in heads:
+        rows = [costs[s][head] for s in seeds]
+        seconds = " / ".join(f"{r['seconds']:.0f}" for r in rows)
+        rss = " / ".join(
+            f"{r['peak_rss_bytes'] / 2**30:.2f}" if "peak_rss_bytes" in r else "–" for r in rows
+        )
+        lines.append(f"| {HEADS[head]} | {seconds} | {rss} |")
+    return "\n".join(lines)
+
+
 def paired_tests(layout: Layout) -> dict[str, dict]:
     """comparison.json: "<a>_vs_<b>" -> McNemar's b, c, n_discordant, p_value, mid_p."""
     path = layout.comparison_json
@@ -227,11 +263,12 @@ def main() -> None:
     params_file = ROOT / "params.yaml"
     saved = params_file.read_bytes()
     layout = Layout.from_params(yaml.safe_load(saved), ROOT)
-    results, tests, validation = {}, {}, {}
+    results, tests, validation, costs = {}, {}, {}, {}
     try:
         for seed in args.seeds:
             exp_run([f"split.seed={seed}", *args.set_param], args.through)
             validation[seed] = validation_scores(layout)
+            costs[seed] = stage_costs(layout)
             results[seed] = test_accuracies(layout)
             tests[seed] = paired_tests(layout)
     finally:
@@ -247,6 +284,8 @@ def main() -> None:
         dvc("repro")
     print(validation_table(validation))
     print()
+    if table := cost_table(costs):
+        print(table + "\n")
     print(summary_table(results))
     print()
     print(mcnemar_table(tests))
