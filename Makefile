@@ -104,8 +104,8 @@ bench-litert: setup
 UI_PORT ?= 5000
 ui: setup
 	@echo "MLflow UI: open $$($(BIN)/python -m imgclf.tracking ui-url http://127.0.0.1:$(UI_PORT))"
-	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --default-artifact-root ./mlartifacts \
-		--host 127.0.0.1 --port $(UI_PORT)
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db \
+		--default-artifact-root ./mlartifacts --host 127.0.0.1 --port $(UI_PORT)
 
 # A registered end-to-end model over HTTP (README, "MLflow"): make serve MODEL=models:/<name>@champion.
 # `mlflow models serve` starts uvicorn by name, so the venv must be on PATH (make's PATH has it;
