@@ -117,6 +117,12 @@ def validation_scores(layout: Layout) -> dict[str, dict[str, Any]]:
     return scores
 
 
+def on_every_seed(per_seed: dict[int, dict[str, Any]]) -> list[str]:
+    """The models (in registry order) that every seed's results hold: a table compares only
+    those."""
+    return [h for h in HEADS if all(h in results for results in per_seed.values())]
+
+
 def stage_costs(layout: Layout) -> dict[str, dict[str, float]]:
     """Each fine-tuned model's training seconds and its stage's peak RSS (bytes; absent from
     metrics written before the stages recorded it): the issue's cost targets, per seed."""
@@ -134,7 +140,7 @@ def stage_costs(layout: Layout) -> dict[str, dict[str, float]]:
 def cost_table(costs: dict[int, dict[str, dict[str, float]]]) -> str:
     """One row per fine-tuned model: its training seconds and peak RSS on each seed."""
     seeds = sorted(costs)
-    heads = [h for h in HEADS if all(h in costs[s] for s in seeds)]
+    heads = on_every_seed(costs)
     if not heads:
         return ""
     lines = [
@@ -200,7 +206,7 @@ def validation_table(scores: dict[int, dict[str, dict[str, Any]]]) -> str:
         "| validation loss, mean | by epoch, pooled | with test-time flips, pooled |",
         "|---|---|---|---|---|---|",
     ]
-    heads = [h for h in HEADS if all(h in per_seed for per_seed in scores.values())]
+    heads = on_every_seed(scores)
     for head in heads:
         rows = [scores[seed][head] for seed in sorted(scores)]
         right = pooled_right([r["accuracy"] for r in rows], rows)
@@ -227,7 +233,7 @@ def summary_table(results: dict[int, dict[str, float]]) -> str:
         f"| Head | Test accuracy, mean ± sd over {len(results)} split seeds | min – max |",
         "|---|---|---|",
     ]
-    heads = {h: n for h, n in HEADS.items() if all(h in r for r in results.values())}
+    heads = {h: HEADS[h] for h in on_every_seed(results)}
     for head, name in heads.items():
         values = [results[seed][head] for seed in sorted(results)]
         sd = statistics.stdev(values) if len(values) > 1 else 0.0
