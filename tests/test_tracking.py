@@ -61,6 +61,9 @@ def tiny_params() -> dict:
     params["finetune_tf"].update(epochs=1, batch_size=8)
     params["finetune_keras"].update(epochs=1, batch_size=8, test_time_flip=True)
     params["activations"]["test_views"] = ["orig", "flip"]
+    # Three train views, not params.yaml's ten: a crop keeps the crop path and one_per_image's
+    # draw among more than two views in play, at a third of the ten views' backbone passes.
+    params["activations"]["train_views"] = ["orig", "flip", "crop80_tl"]
     # Not the backbone's 299: the fine-tuned models' end-to-end versions (registered, served,
     # label-image) must resize to the side their activations were computed at (9x9 maps).
     params["activations"]["image_size"] = 331
