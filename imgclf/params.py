@@ -34,6 +34,9 @@ RUNTIME_PRECISIONS: dict[str, tuple[str, ...]] = {
     "openvino": ("float32", "bfloat16", "int8"),
 }
 ALL_PRECISIONS = ("float32", "bfloat16", "int8")
+# What a fine-tune's blocks compute in: "auto" is bfloat16 where the CPU has bfloat16 arithmetic,
+# float32 elsewhere (imgclf.runtimes.resolved_precision).
+FINETUNE_PRECISIONS = ("auto", *PRECISIONS)
 # What a LiteRT (.tflite) export is stored and computed at (imgclf/litert.py).
 LITERT_PRECISIONS = ("float32", "float16", "int8")
 
@@ -417,7 +420,8 @@ class FinetuneParams(Block):
     """A fine-tune recipe (finetune_tf, finetune_keras): SGD with momentum on the blocks after
     activations.cut and the head; `test_time_flip` averages with the flipped view when scoring;
     `precision`: what the blocks' convolutions compute in, in training and in the saved model
-    (bfloat16: weights kept float32, Keras' mixed policy)."""
+    (bfloat16: weights kept float32, Keras' mixed policy; auto: bfloat16 on a CPU with
+    bfloat16 arithmetic, float32 on any other)."""
 
     section: ClassVar[str] = "finetune"
     epochs: int = integer(1)
@@ -428,7 +432,7 @@ class FinetuneParams(Block):
     schedule: str = choice(("constant", "cosine"))  # finetune_common.SCHEDULES
     view_sampling: str = choice(("all", "one_per_image"))  # finetune_common.VIEW_SAMPLINGS
     test_time_flip: bool = boolean()
-    precision: str = choice(PRECISIONS)
+    precision: str = choice(FINETUNE_PRECISIONS)
     refit_head: bool = boolean()  # the base head trained anew on the fine-tune's pooled inputs
 
 

@@ -77,7 +77,7 @@ def test_the_repository_params_parse_completely(block):
             "fp16",
             "expected one of float32, bfloat16, int8, found 'fp16'.",
         ),
-        (P.FinetuneKerasParams, "precision", "int8", "expected one of float32, bfloat16, fou"),
+        (P.FinetuneKerasParams, "precision", "int8", "expected one of auto, float32, bfloat16, f"),
         (P.BackboneParams, "weights", "imagenet", "expected one of tf-2015, keras-imagenet"),
         (P.BottlenecksParams, "executor", "spark", "expected one of local, ray, found 'spark'."),
         (P.RayParams, "address", "localhost", "expected local, auto, ray://host:port or host:port"),

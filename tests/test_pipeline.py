@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from imgclf.runtimes import cpu_flags, resolved_precision
 from tests.test_dvc_deps import load_dvc_stages
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -322,6 +323,10 @@ def test_the_fine_tuned_models_are_evaluated_and_registered(project):
         assert trained["refit_head"] == int(name == "finetune_keras")
         assert (trained["refit_head_seconds"] > 0) == (name == "finetune_keras")
         assert 2**26 < trained["peak_rss_bytes"] < 6 * 2**30  # TensorFlow alone is > 64 MiB
+        # params.yaml's precision: auto, as this CPU resolves it (bfloat16 models, where it
+        # does, are then what track registers and serves below).
+        info = read(project, f"metrics/train/{name}.info.json")
+        assert info["precision"] == resolved_precision("auto", cpu_flags())
     tracked = read(project, "metrics/mlflow_run.json")
     for name in ("finetune_tf", "finetune_keras"):
         assert tracked["heads"][name]["registered_model"].endswith(f"-{name}")

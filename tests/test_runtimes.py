@@ -9,7 +9,9 @@ cached, and OpenVINO's converted model must be cached and rebuilt when damaged.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -140,6 +142,46 @@ def test_bfloat16_on_a_cpu_without_it_is_named_and_an_alternative_given(tmp_path
     assert bfloat16_warning("openvino", "int8", "bottlenecks", flags) == ""
     assert cpu_flags(tmp_path / "absent") is None
     assert bfloat16_warning("tensorflow", "bfloat16", "bottlenecks", None) == ""
+    # A fine-tune's advice is its own values, not the feature stages' int8.
+    advice = bfloat16_warning("tensorflow", "bfloat16", "finetune_tf", flags, instead="auto")
+    assert advice.endswith("Use finetune_tf.precision=auto.")
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        ({"avx2", "avx512f", "avx512_bf16"}, "bfloat16"),  # Zen 4, Zen 5, Cooper Lake
+        ({"avx2", "avx512f", "amx_bf16", "amx_tile"}, "bfloat16"),  # Sapphire Rapids and later
+        ({"avx2", "avx512f", "avx512_vnni"}, "float32"),  # AVX-512 without bfloat16
+        ({"avx2"}, "float32"),  # an AVX2-only EPYC, where bfloat16 was 3.4x slower
+        (None, "float32"),  # flags that cannot be read: never guess the slow one
+    ],
+)
+def test_auto_precision_is_bfloat16_only_where_the_cpu_computes_it(flags, expected):
+    from imgclf.runtimes import resolved_precision
+
+    assert resolved_precision("auto", flags) == expected
+    # An explicit precision is the user's, whatever the CPU.
+    assert resolved_precision("float32", flags) == "float32"
+    assert resolved_precision("bfloat16", flags) == "bfloat16"
+
+
+def test_a_fine_tune_recipe_resolves_auto_for_this_cpu():
+    """Every reader of a finetune_* block (the stages and the tools) gets the precision the
+    blocks are built at, never "auto", and that is what this machine's flags say."""
+    from imgclf.config import load_params
+    from imgclf.finetune.common import split_recipe
+    from imgclf.params import FinetuneTfParams
+    from imgclf.runtimes import cpu_flags, resolved_precision
+
+    params = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
+    recipe = dataclasses.asdict(FinetuneTfParams.from_params(params))
+    assert recipe["precision"] == "auto"  # params.yaml's default
+    _, settings = split_recipe(recipe)
+    assert settings.precision == resolved_precision("auto", cpu_flags())
+    assert settings.precision in ("float32", "bfloat16")
+    _, forced = split_recipe({**recipe, "precision": "float32"})
+    assert forced.precision == "float32"
 
 
 # ---------------------------------------------------------------------------- real model

@@ -139,17 +139,20 @@ class StageSettings:
 
     test_time_flip: bool  # a scoring choice, judged apart from training
     # How the blocks are built: Keras' layers carry it as their dtype policy, and finetune_tf's
-    # module reads it off them.
+    # module reads it off them. Never "auto": split_recipe resolves it for this CPU.
     precision: str
     refit_head: bool  # which head the blocks start from
 
 
 def split_recipe(recipe: Mapping[str, Any]) -> tuple[dict[str, Any], StageSettings]:
-    """(the trainer's keyword arguments, the stage's own settings) of a finetune_* block."""
+    """(the trainer's keyword arguments, the stage's own settings) of a finetune_* block, its
+    `precision: auto` resolved for this machine's CPU."""
+    from imgclf.runtimes import cpu_flags, resolved_precision
+
     kwargs = dict(recipe)
     settings = StageSettings(
         test_time_flip=bool(kwargs.pop("test_time_flip")),
-        precision=str(kwargs.pop("precision")),
+        precision=resolved_precision(str(kwargs.pop("precision")), cpu_flags()),
         refit_head=bool(kwargs.pop("refit_head")),
     )
     return kwargs, settings
@@ -527,12 +530,17 @@ def train_and_save_finetune(
     from imgclf.heads.common import read_labels, stopwatch, write_training_metrics
     from imgclf.inception import build_top, load_backbone
     from imgclf.registry import get_model
+    from imgclf.runtimes import bfloat16_warning, cpu_flags
     from imgclf.stage import peak_rss_bytes
 
     spec = get_model(name)
     assert spec.base is not None, f"{name} is registered without a base head"
     layout = Layout.from_params({"paths": paths})
     recipe, settings = split_recipe(recipe)
+    flags_warning = bfloat16_warning("tensorflow", settings.precision, name, cpu_flags(),
+                                     instead="auto (float32 on this CPU)")  # fmt: skip
+    if flags_warning:
+        print(flags_warning, file=sys.stderr)
     acts = load_activations(layout.activations, "train")
     head_dir = layout.model_dir(spec.base)
     classes = read_labels(head_dir)

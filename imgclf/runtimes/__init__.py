@@ -97,11 +97,28 @@ def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> set[str] | None:
     return None
 
 
-def bfloat16_warning(runtime: str, precision: str, section: str, flags: set[str] | None) -> str:
+def resolved_precision(precision: str, flags: set[str] | None) -> str:
+    """`precision`, with "auto" made concrete: bfloat16 where the CPU's `flags` (cpu_flags())
+    have bfloat16 arithmetic, float32 where they have not or cannot be read. bfloat16 halves a
+    fine-tune on such a CPU and is several times slower than float32 on any other (README,
+    "bfloat16 on the full set")."""
+    if precision != "auto":
+        return precision
+    return "bfloat16" if flags and flags & set(BF16_CPU_FLAGS) else "float32"
+
+
+def bfloat16_warning(
+    runtime: str,
+    precision: str,
+    section: str,
+    flags: set[str] | None,
+    instead: str = "float32 here (or int8 with openvino)",
+) -> str:
     """What to tell a user who asked for bfloat16 on a CPU without bfloat16 arithmetic ("" if
     nothing): neither runtime fails there, but neither gains. Seen on an AVX2-only AMD EPYC:
     TensorFlow emulated it at 0.75x its float32 speed; OpenVINO's CPU plugin ran float32
-    (features identical to float32's, at float32's speed) under the bfloat16 cache key."""
+    (features identical to float32's, at float32's speed) under the bfloat16 cache key.
+    `instead`: the values of `{section}.precision` to advise."""
     if precision != "bfloat16" or flags is None or flags & set(BF16_CPU_FLAGS):
         return ""
     what = {
@@ -110,8 +127,7 @@ def bfloat16_warning(runtime: str, precision: str, section: str, flags: set[str]
     }.get(runtime, "it gains nothing")
     return (
         f"{section}: warning: {section}.precision=bfloat16, but this CPU has none of "
-        f"{', '.join(BF16_CPU_FLAGS)}: {what}. Use {section}.precision=float32 here "
-        "(or int8 with openvino)."
+        f"{', '.join(BF16_CPU_FLAGS)}: {what}. Use {section}.precision={instead}."
     )
 
 
