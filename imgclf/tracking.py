@@ -51,7 +51,7 @@ import yaml
 
 from imgclf.config import repo_root
 from imgclf.errors import ParamsError
-from imgclf.fileio import read_csv, read_json, sha256_file
+from imgclf.fileio import read_csv, read_json, read_metrics, sha256_file
 from imgclf.layout import Layout
 from imgclf.params import DataParams, EvaluateParams, TrackParams
 from imgclf.registry import MODELS, get_model, input_precision, model_names, pipeline_models
@@ -358,9 +358,14 @@ TRAIN_SETTINGS = frozenset(
 
 
 def split_train_summary(summary: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, float]]:
-    """(params, metrics) of metrics/train/<head>.json: the settings as `train.<key>` params,
-    the results as `train.<key>` metrics, the wall time as `training_seconds`."""
-    params = {f"train.{k}": v for k, v in summary.items() if k in TRAIN_SETTINGS}
+    """(params, metrics) of metrics/train/<head>.json with its .info.json part (read_metrics):
+    the settings and the names and flags (optimizer, precision, converged) as `train.<key>`
+    params, the other numbers as `train.<key>` metrics, the wall time as `training_seconds`."""
+    params = {
+        f"train.{k}": v
+        for k, v in summary.items()
+        if k in TRAIN_SETTINGS or isinstance(v, str | bool)
+    }
     metrics = {}
     for key, value in numeric_leaves(summary).items():
         if key in TRAIN_SETTINGS:
@@ -761,7 +766,9 @@ def _track_head(
             ).items()
         ]
         train_json = files.layout.train_metrics(head)
-        train = read_json(train_json) if train_json.is_file() else {}
+        # The names and flags are in the .info.json part, the precision a fine-tune ran at too
+        # (its param may say auto).
+        train = read_metrics(train_json) if train_json.is_file() else {}
         train_params, train_metrics = split_train_summary(train)
         run_params.update(train_params)
         metrics += [(k, v, 0) for k, v in train_metrics.items()]

@@ -410,6 +410,13 @@ def test_one_parent_run_a_child_per_model_with_params_metrics_curves_tags(tracke
         assert "train.n_train" not in run.data.metrics
         assert "train.best_val_accuracy" in run.data.metrics
     assert by_name["tf"].data.params["train.batch_size"] == "8"
+    # Names and flags, which metrics/train/<head>.info.json holds, are params too: what a
+    # fine-tune's precision: auto resolved to on the machine that trained it, among them.
+    assert by_name["tf"].data.params["train.optimizer"] == "sgd"
+    assert by_name["sklearn"].data.params["train.converged"] in ("true", "false")
+    for name in ("finetune_tf", "finetune_keras"):
+        info = read_json(workdir / f"metrics/train/{name}.info.json")
+        assert by_name[name].data.params["train.precision"] == info["precision"] == "float32"
     assert by_name["keras"].data.params["train.learning_rate"] == "0.01"
     assert not [k for c in children for k in c.data.metrics if k.split(".")[-1] in (
         "batch_size", "learning_rate", "hidden_units", "dropout")]  # fmt: skip
