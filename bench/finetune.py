@@ -345,6 +345,8 @@ def main() -> None:
         f"{args.epochs} epoch(s) timed per run, in fresh processes"
     )
     print(f"machine: {load_before} before the runs, {load_after} after (shared with other jobs)")
+    from imgclf.runtimes import cpu_flags, resolved_precision
+
     for model in ("tf", "keras"):
         recipe = _repo_recipe(model)
         print(
@@ -353,7 +355,8 @@ def main() -> None:
             f"({full_rows[model]} rows an epoch) x {recipe['epochs']} epochs, "
             f"batch {recipe['batch_size']}, "
             f"lr {recipe['learning_rate']}, momentum {recipe['momentum']}, "
-            f"schedule {recipe['schedule']}"
+            f"schedule {recipe['schedule']}, precision {recipe['precision']} "
+            f"({resolved_precision(recipe['precision'], cpu_flags())} on this CPU: its rows below)"
         )
 
     rows = []
