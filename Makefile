@@ -76,8 +76,10 @@ plots: setup
 # Two worker processes, one test file each at a time (--dist loadfile keeps a module's fixtures,
 # such as test_pipeline's project, in one process): the suite waits on single-threaded work
 # (Python and TensorFlow start-up, DVC, git) as much as on the model, so a second process
-# fills the gaps of the first. TEST_ARGS='-n 0' runs it serially.
-TEST_ARGS ?= -n 2 --dist loadfile --durations=15
+# fills the gaps of the first. --no-loadscope-reorder: files start in tests/conftest.py's order
+# (the longest first), not in pytest-xdist's default (most tests first), which leaves the
+# whole-pipeline file (few tests, minutes long) to the end. TEST_ARGS='-n 0' runs it serially.
+TEST_ARGS ?= -n 2 --dist loadfile --no-loadscope-reorder --durations=15
 test: setup $(RAY_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/pytest $(TEST_ARGS)

@@ -27,10 +27,21 @@ def shared_datasets() -> Path:
     return SHARED
 
 
-# The files that take minutes, longest first. Under `pytest -n 2 --dist loadfile` (make test)
-# each file goes whole to the next free worker, in collection order: started last, the
-# whole-pipeline file would run alone at the end while the other worker idles.
-LONGEST_FIRST = ("test_pipeline.py", "test_tracking.py", "test_ray_executor.py", "test_finetune.py")
+# The files that take minutes, longest first (by their time in `make test`). Under
+# `pytest -n 2 --dist loadfile --no-loadscope-reorder` (make test) each file goes whole to the
+# next free worker, in collection order: started last, the whole-pipeline file would run alone
+# at the end while the other worker idles.
+LONGEST_FIRST = (
+    "test_pipeline.py",
+    "test_finetune_search.py",
+    "test_finetune.py",
+    "test_tracking.py",
+    "test_litert.py",
+    "test_runtimes.py",
+    "test_activations.py",
+    "test_ray_executor.py",
+    "test_backbone.py",
+)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -23,3 +23,19 @@ def test_make_installs_the_openvino_extra_the_fidelity_tests_need():
     assert {re.match(r"[\w-]+", r).group(0) for r in extra} == {"openvino", "nncf"}
     # `make test` (and so CI) must run tests/test_runtimes.py rather than skip it.
     assert '-e ".[dev,openvino]"' in (ROOT / "Makefile").read_text()
+
+
+def test_make_test_starts_the_longest_files_first():
+    # pytest-xdist >= 3.8 reorders --dist loadfile's files by their number of tests unless told
+    # not to, which silently undid tests/conftest.py's order (the pipeline file, 10 tests and
+    # minutes long, then started near the end and ran alone).
+    from tests.conftest import LONGEST_FIRST
+
+    make_args = re.search(r"^TEST_ARGS \?= (.*)$", (ROOT / "Makefile").read_text(), re.M)
+    args = make_args.group(1).split()
+    assert "loadfile" in args and "--no-loadscope-reorder" in args, args
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    (xdist,) = [r for r in meta["project"]["optional-dependencies"]["dev"] if "xdist" in r]
+    assert re.search(r">=\s*3\.([89]|\d\d)", xdist), xdist
+    missing = [name for name in LONGEST_FIRST if not (ROOT / "tests" / name).is_file()]
+    assert not missing, f"tests/conftest.py LONGEST_FIRST names files that do not exist: {missing}"
