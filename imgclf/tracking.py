@@ -334,7 +334,8 @@ def curve_metrics(curve_csv: str | Path, n_train: int) -> list[tuple[str, float,
     return out
 
 
-# metrics/train/<head>.json keys that are settings of the training, not results: params.
+# metrics/train/<head>.json numbers that are settings of the training, not results: params,
+# not metrics. (Its .info.json names, such as the optimizer, are params anyway.)
 TRAIN_SETTINGS = frozenset(
     {
         "batch_size",
@@ -348,8 +349,6 @@ TRAIN_SETTINGS = frozenset(
         "n_train_views",
         "test_time_flip",
         "eval_every",
-        "optimizer",
-        "head",
         "n_train",
         "n_val",
         "n_classes",
