@@ -35,12 +35,12 @@ LONGEST_FIRST = (
     "test_pipeline.py",
     "test_finetune_search.py",
     "test_finetune.py",
+    "test_ray_executor.py",  # with the Ray extra, as make test installs it
     "test_tracking.py",
-    "test_litert.py",
     "test_runtimes.py",
     "test_activations.py",
-    "test_ray_executor.py",
     "test_backbone.py",
+    "test_litert.py",
 )
 
 
