@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from imgclf.errors import UserError
-from imgclf.labels import normalize_label
+from imgclf.labels import normalize_label, readable
 
 # Dataturks stored uploads as "<uuid or hex id>___<original file name>".
 _UPLOAD_PREFIX = re.compile(r"^[0-9A-Fa-f][0-9A-Fa-f-]{7,}___(?=.)")
@@ -126,6 +126,12 @@ def _parse_record(path: Path, number: int, record: Any) -> DataturksItem:
             number, str(content or ""), (), status, "bad_item", "no 'content' string"
         )
     content = content.strip()
+    if readable(content) != content:  # a lone surrogate ("\\ud83c"): no file or URL has one
+        return DataturksItem(
+            number, readable(content), (), status, "bad_item",
+            "the 'content' holds a lone surrogate escape (half of a character): not a path "
+            "or URL; fix the line's text",
+        )  # fmt: skip
     if status is not None and status.lower() == "skipped":
         return DataturksItem(number, content, (), status, "skipped", "skipped by the annotator")
     labels, problem = _labels(annotation)

@@ -46,7 +46,13 @@ from imgclf.downloads import download_many
 from imgclf.errors import UserError
 from imgclf.fileio import sha256_file, write_csv, write_metrics
 from imgclf.images import DEFAULT_MAX_PIXELS, FORMAT_EXTENSIONS, BadImage, inspect_image
-from imgclf.labels import ClassNameCollision, class_dirs, normalize_label, safe_file_name
+from imgclf.labels import (
+    ClassNameCollision,
+    class_dirs,
+    normalize_label,
+    readable,
+    safe_file_name,
+)
 from imgclf.params import (
     BAD_LINE_MODES,
     CROSS_CLASS_MODES,
@@ -158,6 +164,12 @@ class Skip:
     reason: str
     detail: str
 
+    def __post_init__(self) -> None:
+        # A name that is not UTF-8 reaches here raw, in a path or an error message (OSError,
+        # Pillow): the report must still be writable.
+        object.__setattr__(self, "origin", readable(self.origin))
+        object.__setattr__(self, "detail", readable(self.detail))
+
 
 @dataclass(frozen=True)
 class IngestedImage:
@@ -185,6 +197,7 @@ class Collected:
     multiple_labels: int = 0
     bad_lines: list[int] = field(default_factory=list)
     presplit: dict[str, Any] | None = None  # {"mode", "folders": {folder: subset}} if detected
+    not_utf8: list[str] = field(default_factory=list)  # files whose path is not UTF-8 (readable)
 
 
 @dataclass
@@ -264,7 +277,7 @@ def _collect_level(folder: Path, root: Path, inside: Path, out: Collected, subse
 def _collect_entry(
     path: Path, root: Path, inside: Path, out: Collected, subset: str, *, classes: bool
 ) -> None:
-    rel = path.relative_to(root).as_posix()
+    rel = _readable_rel(path, root, out)
     if ignored_name(path.name):
         out.skipped.append(_ignored(path, root))
     elif link_outside(path, inside):
@@ -283,7 +296,7 @@ def _collect_entry(
         label = normalize_label(path.name)
         out.labels.add(label)
         for file, reason in walk_source(path, inside):
-            file_rel = file.relative_to(root).as_posix()
+            file_rel = _readable_rel(file, root, out)
             if reason == IGNORED:
                 out.skipped.append(_ignored(file, root))
             elif reason is not None:
@@ -301,6 +314,16 @@ def _collect_entry(
         )
     elif path.is_symlink():
         out.skipped.append(_link_skip(path, rel, BROKEN_LINK))
+
+
+def _readable_rel(path: Path, root: Path, out: Collected) -> str:
+    """`path` relative to `root`, as text every report can hold (`labels.readable`); a file
+    whose path needed escapes is counted."""
+    raw = path.relative_to(root).as_posix()
+    rel = readable(raw)
+    if rel != raw and not path.is_dir():
+        out.not_utf8.append(rel)
+    return rel
 
 
 def _linked_class(path: Path) -> str | None:
@@ -466,6 +489,7 @@ def build_image_set(
             "items": collected.multiple_labels,
         },
         "renamed": renamed,
+        "not_utf8": {"files": len(collected.not_utf8), "examples": collected.not_utf8[:3]},
         "formats": dict(sorted(Counter(im.format for im in images).items())),
     }
     if collected.bad_lines or kind == "dataturks":
@@ -852,6 +876,13 @@ def _notes(result: IngestResult) -> list[str]:
     if stats["links_refused"]:
         lines.append(
             f"  symbolic links to outside the source tree, not read: {stats['links_refused']}"
+        )
+    not_utf8 = stats["not_utf8"]
+    if not_utf8["files"]:
+        lines.append(
+            f"  file paths that are not UTF-8, read with each such byte as \\xNN: "
+            f"{not_utf8['files']} (e.g. {', '.join(not_utf8['examples'])}); rename them to "
+            "choose how their classes and files are named"
         )
     bad = stats.get("bad_lines")
     if bad and bad["lines"]:

@@ -9,7 +9,9 @@ Rules (`class_dir_name`, `safe_file_name`):
   nor characters Windows refuses (<>:"|?*): each becomes "_"; runs of other whitespace become
   one space; no leading dots or spaces (no hidden folders, no "." or ".."), no trailing dots
   or spaces (Windows drops them);
-- at most 150 UTF-8 bytes (a hash of the original keeps truncated names distinct).
+- at most 150 UTF-8 bytes (a hash of the original keeps truncated names distinct);
+- a name that is not UTF-8 (Latin-1 from an old file share, the raw names of a tar archive)
+  keeps each undecodable byte as the text \\xNN (`readable`): "caf\\xe9", never a crash.
 - Case is kept, but two different labels whose folder names differ only in case (or become
   equal after the rules above) are an ERROR, not a silent merge: on macOS and Windows they
   would land in the same folder, and whether "Cat" and "cat" are one class is the user's
@@ -35,9 +37,22 @@ class ClassNameCollision(UserError, ValueError):
     """Different labels that would share one class folder."""
 
 
+def readable(text: str) -> str:
+    """`text` with every byte that was not UTF-8 written as \\xNN; valid text unchanged.
+
+    Python hands out a file name that is not UTF-8 with each such byte as a lone surrogate
+    (U+DC80-U+DCFF), which no UTF-8 file, CSV or terminal can hold. JSON may hold other lone
+    surrogates ("\\ud83c", half an emoji): those are written as \\uXXXX."""
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return raw.decode("utf-8", "backslashreplace")
+
+
 def normalize_label(label: str) -> str:
-    """The label as recorded in the manifest: NFC, surrounding whitespace removed."""
-    return unicodedata.normalize("NFC", label).strip()
+    """The label as recorded in the manifest: NFC, surrounding whitespace removed, readable."""
+    return unicodedata.normalize("NFC", readable(label)).strip()
 
 
 def _clean(name: str) -> str:
@@ -59,6 +74,7 @@ def _shorten(stem: str, suffix: str, original: str) -> str:
 
 def class_dir_name(label: str) -> str:
     """The folder name for `label`; "" when nothing usable is left (e.g. "..", "   ")."""
+    label = readable(label)
     cleaned = _clean(label)
     return _shorten(cleaned, "", label) if cleaned else ""
 
@@ -69,7 +85,7 @@ def safe_file_name(name: str, default_suffix: str = "") -> str:
     `default_suffix` (e.g. ".jpg") is appended when the name has no extension, and the name
     is "image" + suffix when nothing usable is left.
     """
-    base = re.split(r"[/\\]", name)[-1]
+    base = readable(re.split(r"[/\\]", name)[-1])  # split first: readable writes backslashes
     cleaned = _clean(base) or "image"
     stem, dot, ext = cleaned.rpartition(".")
     if not dot or not stem:

@@ -411,5 +411,6 @@ def fingerprint_source(resolved: ResolvedSource) -> dict:
     for (rel, path), digest in zip(files, digests, strict=True):
         size = path.stat().st_size
         total += size
-        outer.update(f"{rel}\0{size}\0{digest}\n".encode())
+        # surrogateescape: a name that is not UTF-8 hashes as its own bytes.
+        outer.update(f"{rel}\0{size}\0{digest}\n".encode("utf-8", "surrogateescape"))
     return {"sha256": outer.hexdigest(), "files": len(files), "bytes": total}

@@ -762,3 +762,50 @@ def test_an_empty_class_folder_is_reported_not_a_class(tmp_path):
     (src / "dogs").rename(tmp_path / "gone")
     with pytest.raises(IngestError, match=r"1 class\(es\) with images \(cats; without any usable"):
         ingest(tree_source(src), tmp_path / "out2", options(min_images_per_class=3))
+
+
+def test_names_that_are_not_utf8_are_read_with_escapes_not_a_crash(tmp_path):
+    # Latin-1 names, as copied from an old Windows share or extracted from an old tar: Python
+    # hands them out with a lone surrogate per undecodable byte, which no UTF-8 file can hold.
+    src = make_class_tree(tmp_path / "src", {"daisy": 3})
+    latin1 = os.fsdecode(b"caf\xe9s")
+    make_class_tree(src, {latin1: 3}, seed=1)
+    make_image(src / "daisy" / os.fsdecode(b"\xe9t\xe9.jpg"), seed=90)
+    (src / "daisy" / os.fsdecode(b"cass\xe9.jpg")).write_bytes(b"not an image")
+    (src / os.fsdecode(b"lis\xe9z-moi.txt")).write_text("a note beside the classes")
+    before = fingerprint_source(tree_source(src))
+    out = tmp_path / "out"
+    result = ingest(tree_source(src), out)
+
+    assert result.class_counts == {"caf_xe9s": 3, "daisy": 4}
+    assert result.labels["caf_xe9s"] == "caf\\xe9s"  # the manifest's label, escaped, readable
+    rows = manifest(out)
+    assert rows["daisy/_xe9t_xe9.jpg"]["origin"] == "daisy/\\xe9t\\xe9.jpg"
+    assert {r["label"] for r in rows.values()} == {"caf\\xe9s", "daisy"}
+    # Reported, not a crash.
+    assert skipped(out) == {"daisy/cass\\xe9.jpg": "not_an_image",
+                            "lis\\xe9z-moi.txt": "not_an_image"}  # fmt: skip
+    metrics = read_metrics(out / "metrics" / "ingest.json")
+    assert metrics["not_utf8"]["files"] == 6  # 3 in the class folder, 2 in daisy/, 1 beside
+    summary = format_summary(result)
+    assert "file paths that are not UTF-8, read with each such byte as \\xNN: 6 (e.g. " in summary
+    # The source's fingerprint hashes the names' own bytes: another undecodable byte is
+    # another source.
+    daisy = src / "daisy"
+    os.rename(daisy / os.fsdecode(b"\xe9t\xe9.jpg"), daisy / os.fsdecode(b"\xe8t\xe9.jpg"))
+    assert fingerprint_source(tree_source(src))["sha256"] != before["sha256"]
+
+
+def test_lone_surrogates_in_an_export_are_escaped_labels_or_bad_items(tmp_path):
+    # JSON can spell half of a character ("\ud83c"): in a label it is kept escaped, in a path
+    # or URL it names nothing (no request is made), and neither stops the run.
+    folder = tmp_path / "export"
+    make_class_tree(folder / "pics", {"x": 6}, seed=3)
+    records = [item(f"pics/x/img_000{i}.jpg", ["a" if i < 3 else "b\ud83c"]) for i in range(6)]
+    records += [item("pics/x/\ud83c.jpg", ["a"]), item("http://127.0.0.1:9/\ud83c.jpg", ["a"])]
+    out = tmp_path / "out"
+    result = ingest(export_source(write_export(folder / "export.json", records)), out)
+    assert result.labels == {"a": "a", "b_ud83c": "b\\ud83c"}
+    assert skipped(out) == {"pics/x/\\ud83c.jpg": "bad_item",
+                            "http://127.0.0.1:9/\\ud83c.jpg": "bad_item"}  # fmt: skip
+    assert read_metrics(out / "metrics" / "ingest.json")["downloads"]["requested"] == 0
