@@ -275,3 +275,43 @@ def test_the_committed_lock_names_only_the_pipelines_stages():
         f"dvc.lock has entries for stages dvc.yaml no longer has: {stale}; delete them, or "
         "refresh the lock (`dvc commit -f` in a workspace where the whole pipeline has run)"
     )
+
+
+def test_a_models_params_rerun_only_its_stages_then_evaluate_and_track():
+    # The rule, asked of DVC's own stage graph: changing a model's params block reruns
+    # the stages that read it, then only the stages downstream of those (each fine-tune stage
+    # also reads its base head's block, for refit_head). `tests/test_pipeline.py` runs one such
+    # `make exp` for real.
+    import networkx as nx
+    from dvc.repo import Repo
+
+    from imgclf.registry import MODELS
+
+    params = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
+    exports = {f"export@{m}" for m in params["litert"]["models"]}
+    with Repo(str(ROOT)) as repo:
+        graph = repo.index.graph
+        by_name = {stage.addressing: stage for stage in graph}
+
+        def readers(block: str) -> set[str]:
+            return {
+                name
+                for name, stage in by_name.items()
+                for dep in stage.params
+                for key in dep.params
+                if key == block or key.startswith(f"{block}.")
+            }
+
+        def rerun(block: str) -> set[str]:
+            direct = readers(block)
+            return direct | {s.addressing for n in direct for s in nx.ancestors(graph, by_name[n])}
+
+        for name in [*params["models"], *params["finetune_models"]]:
+            spec = MODELS[name]
+            own = name if spec.inputs == "activations" else f"train@{name}"
+            block = spec.section
+            finetunes = {f for f in params["finetune_models"] if MODELS[f].base == name}
+            expected = {own, *finetunes, "evaluate", "track"} | (
+                exports & {f"export@{m}" for m in (name, *finetunes)}
+            )
+            assert rerun(block) == expected, (block, sorted(rerun(block)))

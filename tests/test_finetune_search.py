@@ -25,45 +25,54 @@ def digest(folder: Path) -> str:
 
 
 def test_variants_are_scored_on_validation_and_the_workspace_is_untouched(tmp_path_factory):
+    # The default model (finetune_tf) on every view its stage trained on, named with --views:
+    # a variant that changes nothing is then the stage's own training, twice in one process
+    # (the same validation loss as its metrics, written to 6 digits).
     workdir, params = tiny_result(tmp_path_factory)
+    views = params["activations"]["train_views"]
     before = {name: digest(workdir / name) for name in ("data", "models", "metrics")}
     out = tmp_path_factory.mktemp("search") / "search.jsonl"
     proc = subprocess.run(
         [sys.executable, str(ROOT / "tools" / "finetune_search.py"), "--workdir", str(workdir),
-         "--views", "orig", "--out", str(out),
+         "--views", ",".join(views), "--out", str(out),
          "--variant", "base={}", "--variant", 'mixup={"mixup": 0.4, "epochs": 2}',
-         "--variant", 'refit={"refit_head": true}'],
+         "--variant", 'refit={"refit_head": true}', "--variant", "again={}"],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [r["variant"] for r in rows] == ["base", "mixup", "refit"]
+    assert [r["variant"] for r in rows] == ["base", "mixup", "refit", "again"]
     assert len(rows[0]["val_accuracy"]) == params["finetune_tf"]["epochs"] == 1
     assert len(rows[1]["val_accuracy"]) == 2 and rows[1]["changes"] == {"mixup": 0.4, "epochs": 2}
-    assert all(r["views"] == ["orig"] and 0 <= r["best_val_accuracy"] <= 1 for r in rows)
+    assert all(r["model"] == "finetune_tf" and r["views"] == views for r in rows)
+    assert all(0 <= r["best_val_accuracy"] <= 1 for r in rows)
     assert "| mixup " in proc.stdout and "validation" in proc.stdout
     assert {name: digest(workdir / name) for name in before} == before
+    assert_reproduces_the_stage(workdir, "finetune_tf", [rows[0], rows[3]])
 
 
-@pytest.mark.parametrize("model", ["finetune_tf", "finetune_keras"])
-def test_the_search_reproduces_each_stage_from_its_own_recipe(tmp_path_factory, model):
-    # A variant that changes nothing, on the views the stage trained on, is the stage's own
-    # training: the same validation loss as its metrics (written to 6 digits), in both
-    # frameworks (Keras trains its top and head in place, so each variant needs fresh ones).
-    workdir, _ = tiny_result(tmp_path_factory)
-    out = tmp_path_factory.mktemp("search") / f"{model}.jsonl"
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "finetune_search.py"), "--workdir", str(workdir),
-         "--model", model, "--out", str(out), "--variant", "base={}", "--variant", "again={}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def assert_reproduces_the_stage(workdir: Path, model: str, rows: list[dict]) -> None:
     stage = json.loads((workdir / "metrics" / "train" / f"{model}.json").read_text())
-    rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [r["model"] for r in rows] == [model, model]
     for row in rows:
         assert row["val_loss"][-1] == pytest.approx(stage["final_val_loss"], rel=2e-5)
         assert row["best_val_accuracy"] == pytest.approx(stage["best_val_accuracy"], abs=1e-5)
+
+
+def test_the_search_reproduces_the_keras_stage_from_its_own_recipe(tmp_path_factory):
+    # As finetune_tf above, in the other framework: Keras trains its top and head in place, so
+    # each variant needs fresh ones.
+    workdir, _ = tiny_result(tmp_path_factory)
+    out = tmp_path_factory.mktemp("search") / "finetune_keras.jsonl"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "finetune_search.py"), "--workdir", str(workdir),
+         "--model", "finetune_keras", "--out", str(out), "--variant", "base={}",
+         "--variant", "again={}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["model"] for r in rows] == ["finetune_keras"] * 2
+    assert_reproduces_the_stage(workdir, "finetune_keras", rows)
 
 
 def test_a_mistyped_key_or_view_stops_before_any_training(tmp_path_factory):
