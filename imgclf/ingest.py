@@ -8,9 +8,10 @@ metrics/ingest_skipped.csv with a reason code:
   - from images.inspect_image: not_an_image, unsupported_format, corrupt, truncated,
     empty_file, too_large (decompression bomb), unreadable;
   - from the source: ignored (hidden files and OS litter), link_outside (a symbolic link out
-    of the source tree: never opened), broken_link, linked_class (a class folder linking to
-    another class folder), missing_file, download_failed, unlabelled, skipped (by the
-    annotator), bad_item, bad_label, bad_line (a malformed export line), multiple_labels;
+    of the source tree: never opened), broken_link, special_file (a FIFO, socket or device:
+    never opened), linked_class (a class folder linking to another class folder),
+    missing_file, download_failed, unlabelled, skipped (by the annotator), bad_item,
+    bad_label, bad_line (a malformed export line), multiple_labels;
   - duplicate: same bytes twice in one class; the copy with the smallest name is kept;
   - cross_class_duplicate: same bytes under several classes; dropped from all of them unless
     ingest.cross_class_duplicates is "keep" (then kept once in each).
@@ -64,6 +65,7 @@ from imgclf.sources import (
     BROKEN_LINK,
     IGNORED,
     LINK_OUTSIDE,
+    SPECIAL_FILE,
     ResolvedSource,
     ignored_name,
     link_outside,
@@ -299,6 +301,8 @@ def _collect_entry(
             file_rel = _readable_rel(file, root, out)
             if reason == IGNORED:
                 out.skipped.append(_ignored(file, root))
+            elif reason == SPECIAL_FILE:
+                out.skipped.append(_special(file_rel))
             elif reason is not None:
                 out.skipped.append(_link_skip(file, file_rel, reason))
             else:
@@ -312,8 +316,14 @@ def _collect_entry(
         out.skipped.append(
             Skip(rel + "/", "ignored", "not a subset folder of the pre-split tree: not read")
         )
+    elif path.exists():
+        out.skipped.append(_special(rel))
     elif path.is_symlink():
         out.skipped.append(_link_skip(path, rel, BROKEN_LINK))
+
+
+def _special(rel: str) -> Skip:
+    return Skip(rel, SPECIAL_FILE, "a FIFO, socket or device, not a regular file: not read")
 
 
 def _readable_rel(path: Path, root: Path, out: Collected) -> str:

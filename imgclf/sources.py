@@ -320,6 +320,7 @@ def resolve_source(
 IGNORED = "ignored"  # hidden file or OS litter (`ignored_name`)
 LINK_OUTSIDE = "link_outside"  # a symbolic link whose target is outside the source tree
 BROKEN_LINK = "broken_link"  # a symbolic link to nothing
+SPECIAL_FILE = "special_file"  # a FIFO, socket or device: reading one can block forever
 
 
 def link_outside(path: Path, within: Path) -> bool:
@@ -334,7 +335,8 @@ def link_outside(path: Path, within: Path) -> bool:
 
 def walk_source(root: Path, within: Path | None = None) -> Iterator[tuple[Path, str | None]]:
     """Every file under `root` in sorted order as (path, None), and what is not data as
-    (path, reason): hidden or system files and folders (IGNORED, not entered), and, when
+    (path, reason): hidden or system files and folders (IGNORED, not entered), FIFOs, sockets
+    and devices (SPECIAL_FILE, never opened), and, when
     `within` is given, links whose target leaves `within` (LINK_OUTSIDE: neither opened
     nor entered) and broken links (BROKEN_LINK).
 
@@ -366,6 +368,8 @@ def walk_source(root: Path, within: Path | None = None) -> Iterator[tuple[Path, 
                 yield path, LINK_OUTSIDE
             elif path.is_file():
                 yield path, None
+            elif path.exists():
+                yield path, SPECIAL_FILE
             elif inside is not None and path.is_symlink():
                 yield path, BROKEN_LINK
 

@@ -809,3 +809,17 @@ def test_lone_surrogates_in_an_export_are_escaped_labels_or_bad_items(tmp_path):
     assert skipped(out) == {"pics/x/\\ud83c.jpg": "bad_item",
                             "http://127.0.0.1:9/\\ud83c.jpg": "bad_item"}  # fmt: skip
     assert read_metrics(out / "metrics" / "ingest.json")["downloads"]["requested"] == 0
+
+
+def test_a_fifo_in_the_tree_is_reported_never_opened(tmp_path):
+    # Opening a FIFO blocks until something writes to it: ingest and the fingerprint must not.
+    src = make_class_tree(tmp_path / "src", {"cats": 3, "dogs": 3})
+    os.mkfifo(src / "cats" / "pipe.jpg")
+    os.mkfifo(src / "pipe-beside.jpg")
+    before = fingerprint_source(tree_source(src))
+    out = tmp_path / "out"
+    result = ingest(tree_source(src), out)
+    assert result.class_counts == {"cats": 3, "dogs": 3}
+    assert skipped(out) == {"cats/pipe.jpg": "special_file", "pipe-beside.jpg": "special_file"}
+    assert read_metrics(out / "metrics" / "ingest.json")["items"] == 8
+    assert before["files"] == 6  # not data: the fingerprint leaves them out, as links
