@@ -85,6 +85,17 @@ class DownloadResult:
         return self.path is not None
 
 
+@dataclass(frozen=True)
+class ByteLimit:
+    """The most one download may write, and why (said in the failure)."""
+
+    bytes: int
+    why: str
+
+    def refusal(self, found: str) -> str:
+        return f"{found}: over the limit of {self.bytes:,} bytes ({self.why}); nothing kept"
+
+
 # -- cache layout ---------------------------------------------------------------------------
 def _suffix(url: str) -> str:
     """Keep the URL's extension on the cache file: archives are recognisable by name."""
@@ -273,10 +284,12 @@ def _fetch(
     pool: PoolManager,
     on_start: Callable[[int | None], None] | None = None,
     on_bytes: Callable[[int], None] | None = None,
+    limit: ByteLimit | None = None,
 ) -> None:
     """Download into `dest` (whole or not at all). urllib3 retries what fails before the
     body (connection, timeouts, 5xx/408/429, Retry-After); a body that breaks off is
-    charged to the same Retry budget and backoff here. Raises _Failure."""
+    charged to the same Retry budget and backoff here. A body over `limit` is cut off and
+    not retried. Raises _Failure."""
     scheme = urllib.parse.urlsplit(url).scheme.lower()
     if scheme not in _HTTP_SCHEMES:
         raise _Failure(f"unsupported URL scheme {scheme!r} (http, https or file)")
@@ -306,9 +319,13 @@ def _fetch(
             response.release_conn()
             raise _Failure(_with_attempts(f"HTTP {response.status}", _attempts(used) + 1))
         try:
-            _write_body(response, dest, on_start, on_bytes)
+            _write_body(response, dest, on_start, on_bytes, limit)
             response.release_conn()
             return
+        except _Failure:
+            response.close()  # the rest of the body is never read
+            response.release_conn()
+            raise
         except (_Incomplete, ProtocolError, ReadTimeoutError, SSLError) as e:
             # A broken connection must not go back to the pool.
             response.close()
@@ -328,9 +345,12 @@ def _write_body(
     dest: Path,
     on_start: Callable[[int | None], None] | None,
     on_bytes: Callable[[int], None] | None,
+    limit: ByteLimit | None = None,
 ) -> None:
     length = response.headers.get("Content-Length")
     expected = int(length) if length is not None and length.isdigit() else None
+    if limit is not None and expected is not None and expected > limit.bytes:
+        raise _Failure(limit.refusal(f"Content-Length {expected:,}"))
     if on_start is not None:
         on_start(expected)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -345,8 +365,10 @@ def _write_body(
                 # counting the bytes gives the message its figures.
                 # read1: whatever has arrived, so the progress bar moves with the bytes.
                 while chunk := response.read1(_CHUNK, decode_content=False):
-                    f.write(chunk)
                     got += len(chunk)
+                    if limit is not None and got > limit.bytes:
+                        raise _Failure(limit.refusal("the body went on, cut off"))
+                    f.write(chunk)
                     if on_bytes is not None:
                         on_bytes(len(chunk))
             except ProtocolError:
@@ -372,10 +394,12 @@ def download_many(
     retries: int = 2,
     cache: Path | None = None,
     desc: str = "download",
+    limit: ByteLimit | None = None,
 ) -> dict[str, DownloadResult]:
     """Fetch many URLs concurrently into the cache; one result per distinct URL, in input
     order. Failures are returned (`path=None`, `error` set), never raised. Cached URLs are
-    not requested again. file:// URLs and plain paths are checked on disk, not copied."""
+    not requested again. file:// URLs and plain paths are checked on disk, not copied. A
+    response over `limit` (say, a video, or a server that never stops) fails, nothing kept."""
     cache = _ready_cache(cache)
     unique = list(dict.fromkeys(urls))
     results: dict[str, DownloadResult] = {}
@@ -406,7 +430,7 @@ def download_many(
             return DownloadResult(url, None, no_host[host])
         dest = cached_path(url, cache)
         try:
-            _fetch(url, dest, timeout_s=timeout_s, retries=retries, pool=pool)
+            _fetch(url, dest, timeout_s=timeout_s, retries=retries, pool=pool, limit=limit)
         except _Failure as failure:
             if failure.no_host:
                 no_host.setdefault(host, failure.message)

@@ -43,7 +43,7 @@ from tqdm import tqdm
 
 from imgclf import dataturks
 from imgclf.archives import ArchiveLimits
-from imgclf.downloads import download_many
+from imgclf.downloads import ByteLimit, download_many
 from imgclf.errors import UserError
 from imgclf.fileio import sha256_file, write_csv, write_metrics
 from imgclf.images import DEFAULT_MAX_PIXELS, FORMAT_EXTENSIONS, BadImage, inspect_image
@@ -419,6 +419,7 @@ def collect_dataturks(export: Path, options: IngestOptions) -> Collected:
             timeout_s=options.download_timeout_s,
             retries=options.download_retries,
             desc="ingest: download",
+            limit=image_byte_limit(options.max_image_pixels),
         )
     out.downloads_requested = len(urls)
     out.downloads_failed = sum(1 for url in urls if results[url].path is None)
@@ -440,6 +441,16 @@ def collect_dataturks(export: Path, options: IngestOptions) -> Collected:
                 continue
         out.candidates.append(Candidate(label, path, item.content, name, item.line))
     return out
+
+
+def image_byte_limit(max_image_pixels: int) -> ByteLimit:
+    """The largest download that can still be an image within `max_image_pixels`: 8 bytes a
+    pixel (16-bit RGBA, uncompressed) and 1 MiB of headers and metadata. Anything larger is
+    no photo (a video, a server that never stops sending) and would only fill the disk."""
+    return ByteLimit(
+        8 * max_image_pixels + 2**20,
+        f"8 bytes a pixel of ingest.max_image_pixels={max_image_pixels:,}",
+    )
 
 
 # --------------------------------------------------------------------------- build

@@ -1,5 +1,6 @@
 """A real HTTP server on 127.0.0.1 for tests: files from a folder or a dict, with
-per-path delays, status codes, truncated or stalled bodies, and a request count per path.
+per-path delays, status codes, truncated, stalled or endless bodies, and a request count per
+path.
 
     with LoopbackServer({"a.jpg": data}, statuses={"gone.jpg": 404}, delays={"slow.jpg": 2}) as srv:
         results = download_many([srv.url("a.jpg"), srv.url("gone.jpg")])
@@ -46,6 +47,7 @@ class LoopbackServer:
         truncate: Mapping[str, int] | None = None,
         stall: Mapping[str, int] | None = None,
         headers: Mapping[str, Mapping[str, str]] | None = None,
+        endless: Sequence[str] = (),
         port: int = 0,
     ) -> None:
         self.root = Path(files) if isinstance(files, str | Path) else None
@@ -57,6 +59,9 @@ class LoopbackServer:
         # Send this many bytes, then go silent until the server stops (a hung transfer).
         self.stall = {_key(k): v for k, v in (stall or {}).items()}
         self.headers = {_key(k): dict(v) for k, v in (headers or {}).items()}
+        # No Content-Length, and bytes until the client hangs up (a stream, a broken server).
+        self.endless = {_key(k) for k in endless}
+        self.endless_sent: Counter[str] = Counter()  # bytes written to each endless path
         self.port = port  # 0: any free port; pass an old server's port to keep its URLs
         self.counts: Counter[str] = Counter()
         self._lock = threading.Lock()
@@ -116,6 +121,21 @@ class LoopbackServer:
             def log_message(self, *args) -> None:  # keep pytest output clean
                 pass
 
+            def _endless(self, key: str) -> None:
+                self.send_response(200)
+                self.send_header("Content-Type", "image/jpeg")
+                self.send_header("Connection", "close")
+                self.end_headers()
+                self.close_connection = True
+                chunk = b"\xff" * 65536
+                try:
+                    while not server._stop.is_set():
+                        self.wfile.write(chunk)
+                        with server._lock:
+                            server.endless_sent[key] += len(chunk)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client stopped reading: what a size limit does
+
             def do_HEAD(self) -> None:
                 self._respond(body=False)
 
@@ -130,6 +150,9 @@ class LoopbackServer:
                 delay = _nth(server.delays.get(key), n)
                 # An Event wait, not time.sleep, so leaving the `with` block is not held up.
                 if delay and server._stop.wait(delay):
+                    return
+                if key in server.endless:
+                    self._endless(key)
                     return
                 content = server._content(key)
                 status = _nth(server.statuses.get(key), n) or (200 if content is not None else 404)

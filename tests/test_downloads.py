@@ -115,6 +115,29 @@ def test_truncated_body_is_never_cached(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_body_over_the_limit_is_cut_off_once_and_never_cached(tmp_path):
+    # A video under an image's URL (its Content-Length says so: nothing is read), and a server
+    # that never stops sending (no Content-Length: cut off at the limit, not retried).
+    limit = downloads.ByteLimit(200_000, "the test's limit")
+    files = {"ok.jpg": b"x" * 1000, "video.jpg": b"v" * 300_000}
+    with LoopbackServer(files, endless=["stream.jpg"]) as srv:
+        urls = [srv.url(n) for n in ("ok.jpg", "video.jpg", "stream.jpg")]
+        results = download_many(urls, retries=2, cache=tmp_path, limit=limit)
+        assert results[urls[0]].ok
+        assert results[urls[1]].error == (
+            "Content-Length 300,000: over the limit of 200,000 bytes (the test's limit); "
+            "nothing kept"
+        )
+        assert results[urls[2]].error == (
+            "the body went on, cut off: over the limit of 200,000 bytes (the test's limit); "
+            "nothing kept"
+        )
+        assert srv.count("video.jpg") == srv.count("stream.jpg") == 1
+        # Stopped near the limit (the socket's buffers hold a few chunks more), not at the end.
+        assert srv.endless_sent["/stream.jpg"] < 200_000 + 8 * 2**20
+    assert [p.name for p in tmp_path.iterdir()] == [cached_path(urls[0], tmp_path).name]
+
+
 def test_partial_tmp_left_by_a_killed_run_is_no_hit_and_is_cleaned(tmp_path):
     data = b"whole file" * 100
     with LoopbackServer({"a.jpg": data}) as srv:

@@ -324,7 +324,9 @@ def test_dataturks_over_http(tmp_path):
     files["slow.jpg"] = make_image(served / "slow.jpg", seed=203).read_bytes()
     files["fine.png"] = make_image(served / "fine.png", seed=204, fmt="PNG").read_bytes()
 
-    with LoopbackServer(files, delays={"slow.jpg": 5}, statuses={"gone.jpg": 404}) as srv:
+    with LoopbackServer(
+        files, delays={"slow.jpg": 5}, statuses={"gone.jpg": 404}, endless=["live.jpg"]
+    ) as srv:
         records = [
             item(srv.url(f"{'cat' if i % 2 else 'dog'}/{i}.jpg"), ["cat" if i % 2 else "dog"])
             for i in range(8)
@@ -336,18 +338,20 @@ def test_dataturks_over_http(tmp_path):
             item(srv.url("slow.jpg"), ["dog"]),
             item(srv.url("fine.png"), "dog"),  # a single string
             item(srv.url("cat/1.jpg"), ["cat"]),  # the same URL twice: one download
+            item(srv.url("live.jpg"), ["dog"]),  # never ends: cut off at the images' limit
         ]
         export = write_export(tmp_path / "export.json", records)
         out = tmp_path / "out"
         start = time.monotonic()
-        result = ingest(export_source(export), out, options(download_timeout_s=0.5))
+        opts = options(download_timeout_s=0.5, max_image_pixels=100_000)
+        result = ingest(export_source(export), out, opts)
         elapsed = time.monotonic() - start
         assert srv.count("cat/1.jpg") == 1
         url_of_dog_0 = srv.url("dog/0.jpg")
         # A re-run gives identical bytes, from the download cache.
         first = snapshot(out)
         srv.reset_counts()
-        ingest(export_source(export), out, options(download_timeout_s=0.5))
+        ingest(export_source(export), out, opts)
         assert snapshot(out) == first
         assert srv.count("dog/0.jpg") == 0
 
@@ -363,10 +367,16 @@ def test_dataturks_over_http(tmp_path):
     assert reasons == {
         ("gone.jpg", "download_failed"),
         ("slow.jpg", "download_failed"),
+        ("live.jpg", "download_failed"),
         ("1.jpg", "duplicate"),
     }
-    assert any("404" in r["detail"] for r in rows if r["origin"].endswith("gone.jpg"))
-    assert result.stats["downloads"] == {"requested": 13, "failed": 2}
+    detail = {r["origin"].rsplit("/", 1)[-1]: r["detail"] for r in rows}
+    assert "404" in detail["gone.jpg"]
+    assert detail["live.jpg"].endswith(
+        "the body went on, cut off: over the limit of 1,848,576 bytes (8 bytes a pixel of "
+        "ingest.max_image_pixels=100,000); nothing kept"
+    )
+    assert result.stats["downloads"] == {"requested": 14, "failed": 3}
     assert read_metrics(out / "metrics" / "ingest.json")["per_class"] == {"cat": 6, "dog": 5}
 
 
