@@ -251,16 +251,22 @@ def _write_npy(path: Path, shape: tuple[int, ...], rows: Iterable[np.ndarray]) -
     dtype = np.dtype(STORAGE_DTYPE)
     header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape}
     row_shape, written = shape[1:], 0
-    with open(tmp, "wb") as f:
-        np.lib.format.write_array_header_1_0(f, header)
-        for row in rows:
-            if row.shape != row_shape or row.dtype != dtype:
-                raise ValueError(f"row of {row.shape} {row.dtype}, expected {row_shape} {dtype}")
-            f.write(np.ascontiguousarray(row).data)
-            written += 1
-    if written != shape[0]:
-        tmp.unlink()
-        raise RuntimeError(f"{path}: {written} rows written, its header says {shape[0]}")
+    try:
+        with open(tmp, "wb") as f:
+            np.lib.format.write_array_header_1_0(f, header)
+            for row in rows:
+                if row.shape != row_shape or row.dtype != dtype:
+                    raise ValueError(
+                        f"row of {row.shape} {row.dtype}, expected {row_shape} {dtype}"
+                    )
+                f.write(np.ascontiguousarray(row).data)
+                written += 1
+        if written != shape[0]:
+            raise RuntimeError(f"{path}: {written} rows written, its header says {shape[0]}")
+    except BaseException:
+        # A full disk must not stay full of a hidden, half-written 4.8 GB file.
+        tmp.unlink(missing_ok=True)
+        raise
     tmp.replace(path)
 
 

@@ -129,3 +129,48 @@ def test_message_says_found_expected_and_what_to_do():
 )
 def test_every_input_error_is_a_user_error(cls):
     assert issubclass(cls, UserError)
+
+
+def test_a_full_disk_is_one_line_with_what_to_do_not_a_bug(tmp_path):
+    # A real ENOSPC from the kernel (/dev/full), raised under a library's own error, as
+    # numpy's, h5py's or TensorFlow's writers wrap it: the machine's state, not a bug.
+    (tmp_path / "fill.py").write_text(
+        "from imgclf.stage import stage_main\n"
+        "@stage_main\n"
+        "def main():\n"
+        "    try:\n"
+        "        with open('/dev/full', 'wb') as f:\n"
+        "            f.write(b'x' * 100_000)\n"
+        "    except OSError as e:\n"
+        "        raise RuntimeError('could not save the model') from e\n"
+        "main()\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(tmp_path)]),
+           "IMGCLF_CACHE_DIR": str(tmp_path / "cache")}  # fmt: skip
+    done = subprocess.run([sys.executable, "-m", "fill"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    message = done.stderr.strip()
+    assert message.startswith("fill: error: the disk is full (No space left on device); ")
+    assert f"MiB free in the repository ({tmp_path})" in message
+    assert f"MiB free in the cache ({tmp_path / 'cache'})" in message
+    assert message.endswith("can move to a larger disk with IMGCLF_CACHE_DIR.")
+
+
+def test_a_half_written_activations_file_is_removed_when_the_disk_fills(tmp_path):
+    # The stage's 4.8 GB train.npy is written under a hidden name first: on a full disk it
+    # must go, or it keeps the disk full after the stage has failed.
+    import errno
+
+    import numpy as np
+
+    from imgclf.activations import _write_npy
+
+    out = tmp_path / "train.npy"
+    hidden = tmp_path / ".train.npy.tmp"
+    hidden.symlink_to("/dev/full")  # its writes fail as on a full disk
+    rows = (np.zeros((8, 8, 16), np.float16) for _ in range(100))
+    with pytest.raises(OSError) as raised:
+        _write_npy(out, (100, 8, 8, 16), rows)
+    assert raised.value.errno == errno.ENOSPC
+    assert not hidden.exists() and not hidden.is_symlink() and not out.exists()
