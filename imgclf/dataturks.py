@@ -126,9 +126,10 @@ def _parse_record(path: Path, number: int, record: Any) -> DataturksItem:
             number, str(content or ""), (), status, "bad_item", "no 'content' string"
         )
     content = content.strip()
-    if readable(content) != content:  # a lone surrogate ("\\ud83c"): no file or URL has one
+    shown = readable(content)
+    if shown != content:  # a lone surrogate ("\\ud83c"): no file or URL has one
         return DataturksItem(
-            number, readable(content), (), status, "bad_item",
+            number, shown, (), status, "bad_item",
             "the 'content' holds a lone surrogate escape (half of a character): not a path "
             "or URL; fix the line's text",
         )  # fmt: skip

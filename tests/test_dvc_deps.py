@@ -314,4 +314,5 @@ def test_a_models_params_rerun_only_its_stages_then_evaluate_and_track():
             expected = {own, *finetunes, "evaluate", "track"} | (
                 exports & {f"export@{m}" for m in (name, *finetunes)}
             )
-            assert rerun(block) == expected, (block, sorted(rerun(block)))
+            reruns = rerun(block)
+            assert reruns == expected, (block, sorted(reruns))

@@ -27,10 +27,14 @@ from imgclf.errors import MissingInput, ParamsError, UserError
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_stage(name: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"}
+def run_stage(
+    name: str, cwd: Path, *, module: str | None = None, path: Path | None = None, **env: str
+) -> subprocess.CompletedProcess[str]:
+    """`python -m stages.<name>` (or `module`, found on `path` too) in `cwd`, as DVC runs it."""
+    pythonpath = os.pathsep.join(str(p) for p in (ROOT, path) if p is not None)
+    env = {**os.environ, "PYTHONPATH": pythonpath, "TF_CPP_MIN_LOG_LEVEL": "2", **env}
     return subprocess.run(
-        [sys.executable, "-m", f"stages.{name}"],
+        [sys.executable, "-m", module or f"stages.{name}"],
         cwd=cwd,
         env=env,
         capture_output=True,
@@ -145,10 +149,8 @@ def test_a_full_disk_is_one_line_with_what_to_do_not_a_bug(tmp_path):
         "        raise RuntimeError('could not save the model') from e\n"
         "main()\n"
     )
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(tmp_path)]),
-           "IMGCLF_CACHE_DIR": str(tmp_path / "cache")}  # fmt: skip
-    done = subprocess.run([sys.executable, "-m", "fill"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    done = run_stage("fill", tmp_path, module="fill", path=tmp_path,
+                     IMGCLF_CACHE_DIR=str(tmp_path / "cache"))  # fmt: skip
     assert done.returncode == 1 and "Traceback" not in done.stderr
     message = done.stderr.strip()
     assert message.startswith("fill: error: the disk is full (No space left on device); ")
