@@ -465,10 +465,16 @@ def download_many(
 
 
 def download_file(
-    url: str, *, timeout_s: float = 60, retries: int = 2, cache: Path | None = None
+    url: str,
+    *,
+    timeout_s: float = 60,
+    retries: int = 2,
+    cache: Path | None = None,
+    limit: ByteLimit | None = None,
 ) -> Path:
     """Fetch one (big) file into the cache with a byte progress bar and return its path;
-    a cached copy is returned without any request. Raises DownloadError."""
+    a cached copy is returned without any request. A response over `limit` fails, nothing
+    kept. Raises DownloadError."""
     local = _local_path(url)
     if local is not None:
         if local.is_file():
@@ -512,6 +518,7 @@ def download_file(
             pool=_pool(1),
             on_start=on_start,
             on_bytes=on_bytes,
+            limit=limit,
         )
     except _Failure as failure:
         raise DownloadError(url, failure.message, network=failure.network) from None

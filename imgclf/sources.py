@@ -30,7 +30,7 @@ from pathlib import Path
 
 from imgclf.archives import ArchiveLimits, ArchiveTooLarge, archive_format, extract_archive
 from imgclf.config import cache_dir, repo_root
-from imgclf.downloads import DownloadError, download_file, url_file_name
+from imgclf.downloads import ByteLimit, DownloadError, download_file, url_file_name
 from imgclf.errors import UserError
 from imgclf.fileio import sha256_file
 
@@ -278,8 +278,17 @@ def _resolve_url(
         cached = keras_cached_flowers(source, limits)
         if cached is not None:
             return cached
+    # An archive larger than what it may write cannot be extracted, and a Dataturks export is
+    # far smaller: the extraction cap bounds the download too (a wrong URL that streams a
+    # video, or never stops, is cut off there instead of filling the disk).
+    max_bytes = (limits or ArchiveLimits()).max_bytes
+    limit = ByteLimit(
+        max_bytes,
+        "ingest.max_extracted_bytes, what one source may write; if the file is genuine, "
+        "raise it with dvc exp run -S ingest.max_extracted_bytes=N",
+    )
     try:
-        file = download_file(url, timeout_s=timeout_s, retries=retries)
+        file = download_file(url, timeout_s=timeout_s, retries=retries, limit=limit)
     except DownloadError as e:
         raise SourceUnavailable(offline_message(url, e.reason, e.network)) from None
     return _resolve_file(source, file, url, name, limits)

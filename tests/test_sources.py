@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from imgclf.archives import ArchiveLimits
 from imgclf.config import cache_dir
 from imgclf.fileio import sha256_file
 from imgclf.sources import (
@@ -163,6 +164,25 @@ def test_http_404_is_one_paragraph(tmp_path):
         resolve_source(srv.url("gone/flowers.tgz"), timeout_s=5)
     msg = str(e.value)
     assert "HTTP 404" in msg and "check the URL" in msg and "\n" not in msg
+
+
+def test_a_download_over_the_extraction_cap_is_refused(tmp_path, flowers):
+    # A source URL that names a video, or a server that never stops: cut off at
+    # ingest.max_extracted_bytes (what the archive could write anyway), nothing kept.
+    tgz = _tgz(tmp_path / "flowers.tgz", flowers).read_bytes()
+    limits = ArchiveLimits(max_bytes=len(tgz) - 1)
+    with LoopbackServer({"big/flowers.tgz": tgz}, endless=["live/flowers.tgz"]) as srv:
+        for path, found in [
+            ("big/flowers.tgz", f"Content-Length {len(tgz):,}"),
+            ("live/flowers.tgz", "the body went on, cut off"),
+        ]:
+            with pytest.raises(SourceUnavailable) as e:
+                resolve_source(srv.url(path), timeout_s=5, limits=limits)
+            msg = str(e.value)
+            assert f"{found}: over the limit of {len(tgz) - 1:,} bytes" in msg, msg
+            assert "dvc exp run -S ingest.max_extracted_bytes=N" in msg and "\n" not in msg
+            assert srv.count(path) == 1  # not retried
+        assert not any(cache_dir("downloads").iterdir())
 
 
 # -- Dataturks exports ----------------------------------------------------------------------
