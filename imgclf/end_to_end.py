@@ -14,11 +14,14 @@ Two layers:
   pixels (the `flip` view) and the two averaged.
 - `ImageClassifier`, the MLflow pyfunc model that is logged, registered and served: it takes
   encoded image files (JPEG, PNG... bytes; base64 strings in JSON, as MLflow's own image
-  example), decodes each with `load_rgb` (the same Pillow code as ingest, the bottlenecks and
-  `label-image`), runs the SavedModel of the graph above and answers one row per image:
-  `label`, `probability` and `probabilities` ({label: probability}). The probabilities are
-  bit for bit those `label-image` prints for the same file. Decoding in TensorFlow instead
-  would give other pixels (its JPEG decoder is not Pillow's) than the heads were trained on.
+  example), decodes each with `images.decode_image` (`load_rgb`, the same Pillow code as
+  ingest, the bottlenecks and `label-image`), runs the SavedModel of the graph above and
+  answers one row per image: `label`, `probability`, `probabilities` ({label: probability})
+  and `error`. The probabilities are bit for bit those `label-image` prints for the same file.
+  Decoding in TensorFlow instead would give other pixels (its JPEG decoder is not Pillow's)
+  than the heads were trained on. A row that is not a readable image is answered with nulls
+  and its `error` (`not_an_image: ...`, `truncated: ...`, `too_large: ...`, as ingest's
+  report); the other rows of the request are classified all the same.
 
     curl -s http://127.0.0.1:5001/invocations -H 'Content-Type: application/json' \
       -d '{"dataframe_split": {"columns": ["image"], "data": [["<base64 of a JPEG>"]]}}'
@@ -52,8 +55,10 @@ INPUT_COLUMN = "image"
 INPUT_DOC = (
     "column `image`: encoded image files (JPEG, PNG, ... bytes; base64 in JSON), decoded with "
     "Pillow as imgclf.images.load_rgb; output per image: label, probability, probabilities "
-    "({label: probability}, in `labels` order)"
+    "({label: probability}, in `labels` order), and error (null, or why the image was not "
+    "classified: not_an_image, truncated, too_large...)"
 )
+OUTPUT_COLUMNS = ["label", "probability", "probabilities", "error"]
 SAVED_MODEL_ARTIFACT = "saved_model"
 LABELS_ARTIFACT = "labels"
 
@@ -262,6 +267,7 @@ def signature() -> Any:
                 ColSpec(DataType.string, "label"),
                 ColSpec(DataType.double, "probability"),
                 ColSpec(Map(DataType.double), "probabilities"),
+                ColSpec(DataType.string, "error", required=False),
             ]
         ),
     )
@@ -277,65 +283,75 @@ def pip_requirements() -> list[str]:
     ]
 
 
-def _encoded_images(model_input: Any) -> list[bytes]:
-    """The encoded files of a pyfunc input: a DataFrame with an `image` column (MLflow's
-    serving has already turned base64 into bytes), a dict or a list of bytes/base64 strings."""
-    import base64
-
+def _input_values(model_input: Any) -> list[Any]:
+    """The rows of a pyfunc input: a DataFrame with an `image` column (MLflow's serving has
+    already turned base64 into bytes), a dict or a list of bytes/base64 strings."""
     if isinstance(model_input, pd.DataFrame):
         if INPUT_COLUMN not in model_input.columns:
             raise ValueError(
                 f"expected a column {INPUT_COLUMN!r} of encoded image files, got columns "
                 f"{list(model_input.columns)}"
             )
-        values = list(model_input[INPUT_COLUMN])
-    elif isinstance(model_input, dict):
-        values = list(np.atleast_1d(model_input[INPUT_COLUMN]))
-    else:
-        values = list(model_input)
-    out = []
-    for i, value in enumerate(values):
-        if isinstance(value, str):
+        return list(model_input[INPUT_COLUMN])
+    if isinstance(model_input, dict):
+        return list(np.atleast_1d(model_input[INPUT_COLUMN]))
+    return list(model_input)
+
+
+def decode_row(value: Any) -> np.ndarray:
+    """One row's pixels (uint8 [H, W, 3]); a row that is not a readable image raises BadImage
+    with ingest's reason codes (not_an_image, truncated, too_large...)."""
+    import base64
+    import binascii
+
+    from imgclf.images import BadImage, decode_image
+
+    if isinstance(value, str):
+        try:
             value = base64.b64decode(value, validate=False)
-        if not isinstance(value, bytes | bytearray | memoryview):
-            raise ValueError(
-                f"image {i}: expected the bytes of an image file (or base64 text), got "
-                f"{type(value).__name__}"
-            )
-        out.append(bytes(value))
-    return out
+        except binascii.Error as e:
+            raise BadImage("not_base64", f"text that is not base64 ({e})") from None
+    if not isinstance(value, bytes | bytearray | memoryview):
+        raise BadImage(
+            "not_bytes",
+            f"expected the bytes of an image file (or base64 text), got {type(value).__name__}",
+        )
+    return decode_image(bytes(value))
 
 
 class ImageClassifier(PythonModel):
-    """The served model (see the module doc): encoded image files -> label + probabilities."""
+    """The served model (see the module doc): encoded image files -> label + probabilities.
+    One bad row does not fail the request: its `error` says why, and the other rows are
+    answered; `error` is null on every row that was classified."""
 
     def load_context(self, context: Any) -> None:
         self._model = tf.saved_model.load(context.artifacts[SAVED_MODEL_ARTIFACT])
         self.labels = read_labels(Path(context.artifacts[LABELS_ARTIFACT]).parent)
 
-    def probabilities(self, files: list[bytes]) -> np.ndarray:
-        """float32 [N, n_classes]: each file decoded with load_rgb, then the graph."""
-        from imgclf.images import load_rgb
+    def answer(self, value: Any) -> dict[str, Any]:
+        """One row of the answer: label, probability, probabilities, error."""
+        from imgclf.images import BadImage
 
-        rows = [self._model(tf.constant(load_rgb(f)[np.newaxis], tf.uint8)).numpy() for f in files]
-        return np.concatenate(rows) if rows else np.zeros((0, len(self.labels)), np.float32)
+        try:
+            pixels = decode_row(value)
+        except BadImage as e:
+            return {"label": None, "probability": None, "probabilities": None, "error": str(e)}
+        probs = self._model(tf.constant(pixels[np.newaxis], tf.uint8)).numpy()[0]
+        best = int(probs.argmax())
+        return {
+            "label": self.labels[best],
+            "probability": float(probs[best]),
+            "probabilities": {label: float(v) for label, v in zip(self.labels, probs, strict=True)},
+            "error": None,
+        }
 
     # DataFrame hints: MLflow warns about hints it cannot use (Any) and about missing ones.
     def predict(
         self, context: Any, model_input: pd.DataFrame, params: dict | None = None
     ) -> pd.DataFrame:
-        probs = self.probabilities(_encoded_images(model_input))
-        best = probs.argmax(axis=1) if len(probs) else np.zeros(0, np.int64)
-        return pd.DataFrame(
-            {
-                "label": [self.labels[i] for i in best],
-                "probability": [float(p[i]) for p, i in zip(probs, best, strict=True)],
-                "probabilities": [
-                    {label: float(v) for label, v in zip(self.labels, p, strict=True)}
-                    for p in probs
-                ],
-            }
-        )
+        rows = [self.answer(value) for value in _input_values(model_input)]
+        # object columns: a row without an answer stays null in JSON, not NaN.
+        return pd.DataFrame(rows, columns=OUTPUT_COLUMNS, dtype=object)
 
 
 def save_saved_model(model: EndToEndModel, path: str | Path) -> Path:
@@ -428,6 +444,9 @@ def mlflow_predictor(model_uri: str) -> Predictor:
 
     def predict_files(files: list[bytes]) -> np.ndarray:
         out = model.predict(pd.DataFrame({INPUT_COLUMN: files}))
+        errors = [e for e in out.get("error", []) if e is not None]
+        if errors:
+            raise ValueError(errors[0])
         return np.array([[row[label] for label in labels] for row in out["probabilities"]])
 
     return Predictor(None, labels, model_uri, predict_files=predict_files)

@@ -6,6 +6,8 @@ Two entry points:
   orientation) and format, or raises `BadImage(reason, detail)` with a short reason code
   (`empty_file`, `not_an_image`, `unsupported_format`, `corrupt`, `truncated`, `too_large`,
   `unreadable`). Ingest uses it to turn every bad file into a reported skip.
+- `decode_image(bytes, max_pixels)`: `load_rgb` for files from outside (a served request), its
+  failures as `BadImage` with the same reason codes.
 - `load_rgb(path_or_bytes)` returns the pixels the models see, as uint8 [H, W, 3]:
   - EXIF orientation is applied (the image is turned the way a viewer shows it);
   - animated GIF/WebP/APNG and multi-page TIFF: the first frame;
@@ -20,6 +22,7 @@ from __future__ import annotations
 import io
 import re
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,20 +113,26 @@ def _inspect(path: Path, max_pixels: int) -> ImageInfo:
                 img.load()
         except BadImage:
             raise
-        except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
-            raise BadImage("too_large", _bomb_detail(e, max_pixels)) from None
-        except UnidentifiedImageError:
-            kind = _magic_format(path)
-            if kind:  # an image whose header is damaged, not a stray text file
-                raise BadImage("corrupt", f"starts like a {kind} file but cannot be read") from None
-            raise BadImage("not_an_image", "not an image file Pillow can identify") from None
-        except MemoryError:
-            raise BadImage("too_large", "out of memory while decoding") from None
         except Exception as e:  # Pillow's plugins raise OSError, SyntaxError, ValueError...
-            raise BadImage(_decode_failure_reason(e), f"{type(e).__name__}: {e}") from None
+            raise _decode_failure(e, lambda: _head(path), max_pixels) from None
     if orientation in _TRANSPOSED_ORIENTATIONS:
         width, height = height, width
     return ImageInfo(width=width, height=height, format=fmt)
+
+
+def _decode_failure(error: Exception, head: Callable[[], bytes], max_pixels: int) -> BadImage:
+    """What a failure to open or decode an image file means, as a BadImage; `head` gives the
+    file's first bytes (read only when Pillow could not identify it)."""
+    if isinstance(error, Image.DecompressionBombWarning | Image.DecompressionBombError):
+        return BadImage("too_large", _bomb_detail(error, max_pixels))
+    if isinstance(error, UnidentifiedImageError):
+        kind = _magic_format(head())
+        if kind:  # an image whose header is damaged, not a stray text file
+            return BadImage("corrupt", f"starts like a {kind} file but cannot be read")
+        return BadImage("not_an_image", "not an image file Pillow can identify")
+    if isinstance(error, MemoryError):
+        return BadImage("too_large", "out of memory while decoding")
+    return BadImage(_decode_failure_reason(error), f"{type(error).__name__}: {error}")
 
 
 def _check_pixels(width: int, height: int, max_pixels: int) -> None:
@@ -156,9 +165,12 @@ _MAGIC = (
 )
 
 
-def _magic_format(path: Path) -> str | None:
+def _head(path: Path) -> bytes:
     with open(path, "rb") as f:
-        head = f.read(16)
+        return f.read(16)
+
+
+def _magic_format(head: bytes) -> str | None:
     if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
         return "WEBP"
     return next((name for magic, name in _MAGIC if head.startswith(magic)), None)
@@ -183,6 +195,25 @@ def load_rgb(source: str | Path | bytes | bytearray | memoryview) -> np.ndarray:
         # exif_transpose returns a new, loaded image (or a copy when there is nothing to do).
         upright = ImageOps.exif_transpose(img)
     return to_rgb_array(upright)
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """`load_rgb` for a file that comes from outside the pipeline (a served request): any
+    failure is a `BadImage` with ingest's reason codes, and an image above `max_pixels` is
+    refused from its header, before a pixel is decoded. Pillow's global limit is left alone,
+    so it is thread-safe."""
+    if not data:
+        raise BadImage("empty_file", "the file has 0 bytes")
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            _check_pixels(*img.size, max_pixels)
+            img.seek(0)
+            upright = ImageOps.exif_transpose(img)
+        return to_rgb_array(upright)
+    except BadImage:
+        raise
+    except Exception as e:
+        raise _decode_failure(e, lambda: data[:16], max_pixels) from None
 
 
 def to_rgb_array(img: Image.Image) -> np.ndarray:

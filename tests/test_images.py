@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imgclf.images import BadImage, ImageInfo, inspect_image, load_rgb
+from imgclf.images import BadImage, ImageInfo, decode_image, inspect_image, load_rgb
 from tests.helpers import make_image
 
 
@@ -143,6 +143,17 @@ def test_bad_files(tmp_path):
     assert bad_reason(tmp_path / "icon.ico") == "unsupported_format"
     assert bad_reason(tmp_path / "missing.jpg") == "unreadable"
 
+    # The served model's decoder says the same of the same bytes; it decodes any format
+    # Pillow reads, as label-image does (ingest keeps to the formats other tools read).
+    for name in ("empty.jpg", "LICENSE.txt", "half.jpg", "half.png", "crc.png", "header.jpg"):
+        with pytest.raises(BadImage) as info:
+            decode_image((tmp_path / name).read_bytes())
+        assert info.value.reason == bad_reason(tmp_path / name), name
+    np.testing.assert_array_equal(
+        decode_image((tmp_path / "icon.ico").read_bytes()), load_rgb(tmp_path / "icon.ico")
+    )
+    np.testing.assert_array_equal(decode_image(jpeg), load_rgb(tmp_path / "ok.jpg"))
+
 
 def test_decompression_bombs(tmp_path):
     # A header claiming 100,000 x 100,000: refused before a single pixel is allocated.
@@ -154,6 +165,11 @@ def test_decompression_bombs(tmp_path):
     assert bad_reason(solid, max_pixels=9_000) == "too_large"
     assert bad_reason(solid, max_pixels=1_000) == "too_large"
     assert inspect_image(solid, max_pixels=10_000) == ImageInfo(100, 100, "PNG")
+    # The served model's decoder refuses the same from the header, leaving Pillow's limit alone.
+    for data, max_pixels in ((bomb.read_bytes(), 89_478_485), (solid.read_bytes(), 9_000)):
+        with pytest.raises(BadImage, match=f"pixels > ingest.max_image_pixels={max_pixels}"):
+            decode_image(data, max_pixels)
+    assert decode_image(solid.read_bytes(), max_pixels=10_000).shape == (100, 100, 3)
 
 
 @pytest.mark.parametrize("max_pixels", [89_478_485, 9_000, 1_000])

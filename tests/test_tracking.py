@@ -772,18 +772,25 @@ def test_served_model_answers_like_label_image(tracked, tmp_path, monkeypatch, c
                 log = server.stdout.read().decode(errors="replace") if server.poll() else ""
                 pytest.fail(f"mlflow models serve did not come up (exit {server.poll()}):\n{log}")
             time.sleep(0.5)
-        encoded = base64.b64encode(image.read_bytes()).decode("ascii")
-        body = json.dumps({"dataframe_split": {"columns": ["image"], "data": [[encoded]]}}).encode()
+        # One request, three files: one bad row must not sink the others.
+        files = [image.read_bytes(), b"CC-BY 2.0\n", image.read_bytes()[:300]]
+        rows = [[base64.b64encode(f).decode("ascii")] for f in files]
+        body = json.dumps({"dataframe_split": {"columns": ["image"], "data": rows}}).encode()
         request = urllib.request.Request(
             f"http://127.0.0.1:{port}/invocations",
             data=body,
             headers={"Content-Type": "application/json"},
         )
         with urllib.request.urlopen(request, timeout=60) as r:
-            served = json.loads(r.read())["predictions"][0]
+            served, text, cut = json.loads(r.read())["predictions"]
     finally:
         os.killpg(server.pid, 15)
         server.wait(timeout=30)
+    assert served["error"] is None
+    nothing = {"label": None, "probability": None, "probabilities": None}
+    assert text == {**nothing, "error": "not_an_image: not an image file Pillow can identify"}
+    assert cut == {**nothing, "error": cut["error"]}
+    assert cut["error"].startswith(("truncated: ", "corrupt: ")), cut["error"]
     served_probs = served["probabilities"]
     assert list(served_probs) == sorted(CLASSES)
     assert served["label"] == max(served_probs, key=served_probs.get)
