@@ -132,6 +132,9 @@ def _decode_failure(error: Exception, head: Callable[[], bytes], max_pixels: int
         return BadImage("not_an_image", "not an image file Pillow can identify")
     if isinstance(error, MemoryError):
         return BadImage("too_large", "out of memory while decoding")
+    if isinstance(error, OSError) and error.errno is not None:
+        # The system's (permission denied, an I/O error); Pillow's own OSErrors carry none.
+        return BadImage("unreadable", f"{type(error).__name__}: {error}")
     return BadImage(_decode_failure_reason(error), f"{type(error).__name__}: {error}")
 
 

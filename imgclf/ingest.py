@@ -9,7 +9,8 @@ metrics/ingest_skipped.csv with a reason code:
     empty_file, too_large (decompression bomb), unreadable;
   - from the source: ignored (hidden files and OS litter), link_outside (a symbolic link out
     of the source tree: never opened), broken_link, special_file (a FIFO, socket or device:
-    never opened), linked_class (a class folder linking to another class folder),
+    never opened), unreadable (a file or folder this user cannot read: one row per folder),
+    linked_class (a class folder linking to another class folder),
     missing_file, download_failed, unlabelled, skipped (by the annotator), bad_item,
     bad_label, bad_line (a malformed export line), multiple_labels;
   - duplicate: same bytes twice in one class; the copy with the smallest name is kept;
@@ -66,6 +67,8 @@ from imgclf.sources import (
     IGNORED,
     LINK_OUTSIDE,
     SPECIAL_FILE,
+    UNREADABLE,
+    UNREADABLE_FOLDER,
     ResolvedSource,
     ignored_name,
     link_outside,
@@ -272,7 +275,12 @@ def collect_tree(root: Path, presplit: str = "keep") -> Collected:
 
 def _collect_level(folder: Path, root: Path, inside: Path, out: Collected, subset: str) -> None:
     """The class folders (and stray files) directly in `folder`."""
-    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+    try:
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except OSError:  # a subset folder of a pre-split tree that this user cannot list
+        out.skipped.append(_unreadable(_readable_rel(folder, root, out), UNREADABLE_FOLDER))
+        return
+    for entry in entries:
         _collect_entry(Path(entry.path), root, inside, out, subset, classes=True)
 
 
@@ -280,6 +288,11 @@ def _collect_entry(
     path: Path, root: Path, inside: Path, out: Collected, subset: str, *, classes: bool
 ) -> None:
     rel = _readable_rel(path, root, out)
+    try:
+        path.lstat()
+    except OSError:  # listed, but `root` cannot be entered by this user
+        out.skipped.append(_unreadable(rel, UNREADABLE))
+        return
     if ignored_name(path.name):
         out.skipped.append(_ignored(path, root))
     elif link_outside(path, inside):
@@ -303,6 +316,8 @@ def _collect_entry(
                 out.skipped.append(_ignored(file, root))
             elif reason == SPECIAL_FILE:
                 out.skipped.append(_special(file_rel))
+            elif reason in (UNREADABLE, UNREADABLE_FOLDER):
+                out.skipped.append(_unreadable(file_rel, reason))
             elif reason is not None:
                 out.skipped.append(_link_skip(file, file_rel, reason))
             else:
@@ -324,6 +339,16 @@ def _collect_entry(
 
 def _special(rel: str) -> Skip:
     return Skip(rel, SPECIAL_FILE, "a FIFO, socket or device, not a regular file: not read")
+
+
+def _unreadable(rel: str, reason: str) -> Skip:
+    """The report row of an entry this user cannot read (`sources.walk_source`'s reasons);
+    the skip reason is `unreadable`, as for a file whose bytes cannot be read."""
+    if reason == UNREADABLE_FOLDER:
+        what = "a folder this user cannot list or enter: none of its files were read"
+        return Skip(rel + "/", "unreadable", f"{what}; fix its permissions and rerun")
+    what = "listed, but this user cannot open it (its folder lacks execute permission)"
+    return Skip(rel, "unreadable", f"{what}; fix the permissions and rerun")
 
 
 def _readable_rel(path: Path, root: Path, out: Collected) -> str:

@@ -213,9 +213,25 @@ def _resolve_local(
             f"data.source {source!r} points to {path}{where}, which does not exist. Expected "
             f"{_EXPECTED}. Fix data.source in params.yaml, or {_HOW}."
         )
-    if path.is_dir():
+    is_dir = path.is_dir()
+    if not os.access(path, os.R_OK | (os.X_OK if is_dir else 0)):
+        what = "folder cannot be listed" if is_dir else "file cannot be read"
+        raise SourceUnavailable(
+            f"data.source {source!r}: the {what} by this user ({_user()}): {path}. Fix its "
+            "permissions, or point data.source at a readable copy."
+        )
+    if is_dir:
         return _tree(source, path, str(path))
     return _resolve_file(source, path, str(path), path.name, limits)
+
+
+def _user() -> str:
+    import pwd
+
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return f"uid {os.geteuid()}"
 
 
 # -- URLs -----------------------------------------------------------------------------------
@@ -330,6 +346,8 @@ IGNORED = "ignored"  # hidden file or OS litter (`ignored_name`)
 LINK_OUTSIDE = "link_outside"  # a symbolic link whose target is outside the source tree
 BROKEN_LINK = "broken_link"  # a symbolic link to nothing
 SPECIAL_FILE = "special_file"  # a FIFO, socket or device: reading one can block forever
+UNREADABLE = "unreadable"  # an entry this user cannot stat (its folder lacks execute permission)
+UNREADABLE_FOLDER = "unreadable_folder"  # a folder this user cannot list or enter
 
 
 def link_outside(path: Path, within: Path) -> bool:
@@ -345,15 +363,20 @@ def link_outside(path: Path, within: Path) -> bool:
 def walk_source(root: Path, within: Path | None = None) -> Iterator[tuple[Path, str | None]]:
     """Every file under `root` in sorted order as (path, None), and what is not data as
     (path, reason): hidden or system files and folders (IGNORED, not entered), FIFOs, sockets
-    and devices (SPECIAL_FILE, never opened), and, when
-    `within` is given, links whose target leaves `within` (LINK_OUTSIDE: neither opened
-    nor entered) and broken links (BROKEN_LINK).
+    and devices (SPECIAL_FILE, never opened), folders this user cannot list
+    (UNREADABLE_FOLDER) and entries it cannot stat (UNREADABLE), broken links (BROKEN_LINK),
+    and, when `within` is given, links whose target leaves `within` (LINK_OUTSIDE: neither
+    opened nor entered).
 
     Symlinked folders inside `within` are followed; loops are cut.
     """
     inside = Path(os.path.realpath(within)) if within is not None else None
     seen: set[tuple[int, int]] = set()
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+    # os.walk passes a folder it cannot list to onerror and goes on without it: kept here and
+    # yielded, so that nothing in the tree is left out without a word.
+    unlisted: list[OSError] = []
+    for dirpath, dirnames, filenames in os.walk(root, onerror=unlisted.append, followlinks=True):
+        yield from _unlisted(unlisted)
         st = os.stat(dirpath)
         if (st.st_dev, st.st_ino) in seen:
             dirnames[:] = []
@@ -362,25 +385,50 @@ def walk_source(root: Path, within: Path | None = None) -> Iterator[tuple[Path, 
         base = Path(dirpath)
         kept_dirs = []
         for name in sorted(dirnames):
-            if ignored_name(name):
-                yield base / name, IGNORED
-            elif inside is not None and link_outside(base / name, inside):
-                yield base / name, LINK_OUTSIDE
-            else:
+            reason = _folder_reason(base / name, inside)
+            if reason is None:
                 kept_dirs.append(name)
+            else:
+                yield base / name, reason
         dirnames[:] = kept_dirs
         for name in sorted(filenames):
-            path = base / name
-            if ignored_name(name):
-                yield path, IGNORED
-            elif inside is not None and link_outside(path, inside):
-                yield path, LINK_OUTSIDE
-            elif path.is_file():
-                yield path, None
-            elif path.exists():
-                yield path, SPECIAL_FILE
-            elif inside is not None and path.is_symlink():
-                yield path, BROKEN_LINK
+            yield base / name, _file_reason(base / name, inside)
+    yield from _unlisted(unlisted)
+
+
+def _folder_reason(path: Path, inside: Path | None) -> str | None:
+    """None for a folder walk_source enters, else why it does not."""
+    if ignored_name(path.name):
+        return IGNORED
+    try:
+        if inside is not None and link_outside(path, inside):
+            return LINK_OUTSIDE
+    except OSError:  # lstat refused: its parent may be listed but not entered
+        return UNREADABLE_FOLDER
+    return None
+
+
+def _file_reason(path: Path, inside: Path | None) -> str | None:
+    """None for a data file, else why it is not one (see walk_source)."""
+    if ignored_name(path.name):
+        return IGNORED
+    try:
+        if inside is not None and link_outside(path, inside):
+            return LINK_OUTSIDE
+        if path.is_file():
+            return None
+        if path.exists():
+            return SPECIAL_FILE
+        if path.is_symlink():
+            return BROKEN_LINK
+    except OSError:  # stat refused (pathlib lets EACCES through): the folder cannot be entered
+        return UNREADABLE
+    return UNREADABLE  # listed a moment ago, gone now
+
+
+def _unlisted(errors: list[OSError]) -> Iterator[tuple[Path, str]]:
+    while errors:
+        yield Path(errors.pop(0).filename), UNREADABLE_FOLDER
 
 
 def walk_tree(root: Path, within: Path | None = None) -> Iterator[tuple[Path, bool]]:
@@ -397,33 +445,53 @@ def walk_tree(root: Path, within: Path | None = None) -> Iterator[tuple[Path, bo
         yield path, reason is not None
 
 
-def _tree_files(root: Path) -> list[tuple[str, Path]]:
-    """(relative POSIX path, file) for every data file under root, sorted by path."""
+def _tree_entries(root: Path) -> list[tuple[str, Path, str | None]]:
+    """(relative POSIX path, path, None) for every data file under root, and (..., reason)
+    for every entry this user cannot read, sorted by path."""
     # NFC: macOS spells accented names decomposed; the same data must hash the same.
     return sorted(
-        (unicodedata.normalize("NFC", path.relative_to(root).as_posix()), path)
+        (unicodedata.normalize("NFC", path.relative_to(root).as_posix()), path, reason)
         for path, reason in walk_source(root, root)
-        if reason is None
+        if reason in (None, UNREADABLE, UNREADABLE_FOLDER)
     )
+
+
+def _digest(path: Path) -> str | None:
+    try:
+        return sha256_file(path)
+    except OSError:  # listed but not readable by this user: ingest reports it
+        return None
 
 
 def fingerprint_source(resolved: ResolvedSource) -> dict:
     """{"sha256", "files", "bytes"} of the content only: the same data gives the same
-    fingerprint wherever it lives (a folder, its archive, Keras' cache, another machine)."""
+    fingerprint wherever it lives (a folder, its archive, Keras' cache, another machine).
+    Files and folders this user cannot read are counted in "unreadable" (only when there are
+    any) and hashed by name: ingest reports each, and making one readable changes the data."""
     if resolved.kind == "dataturks":
         path = resolved.path
         return {"sha256": sha256_file(path), "files": 1, "bytes": path.stat().st_size}
     if resolved.kind != "tree":
         raise ValueError(f"unknown source kind {resolved.kind!r}")
-    files = _tree_files(resolved.path)
+    entries = _tree_entries(resolved.path)
     # hashlib releases the GIL on large buffers: a few threads overlap disk reads and hashing.
     with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
-        digests = list(pool.map(lambda item: sha256_file(item[1]), files))
+        digests = list(pool.map(lambda e: _digest(e[1]) if e[2] is None else None, entries))
     outer = hashlib.sha256()
-    total = 0
-    for (rel, path), digest in zip(files, digests, strict=True):
-        size = path.stat().st_size
-        total += size
+    files = total = unreadable = 0
+    for (rel, path, reason), digest in zip(entries, digests, strict=True):
+        if digest is None:
+            # In the hash by name, so that the data changes when it becomes readable.
+            unreadable += 1
+            line = f"{rel}\0{reason or UNREADABLE}\n"
+        else:
+            size = path.stat().st_size
+            files += 1
+            total += size
+            line = f"{rel}\0{size}\0{digest}\n"
         # surrogateescape: a name that is not UTF-8 hashes as its own bytes.
-        outer.update(f"{rel}\0{size}\0{digest}\n".encode("utf-8", "surrogateescape"))
-    return {"sha256": outer.hexdigest(), "files": len(files), "bytes": total}
+        outer.update(line.encode("utf-8", "surrogateescape"))
+    fingerprint = {"sha256": outer.hexdigest(), "files": files, "bytes": total}
+    if unreadable:
+        fingerprint["unreadable"] = unreadable
+    return fingerprint

@@ -40,6 +40,12 @@ def write_source_info(
         f"{fingerprint['bytes'] / 1e6:.1f} MB, sha256 {fingerprint['sha256'][:12]}",
         file=sys.stderr,
     )
+    if fingerprint.get("unreadable"):
+        print(
+            f"source: warning: {fingerprint['unreadable']} files or folders this user cannot "
+            "read; ingest names each in its skip report",
+            file=sys.stderr,
+        )
     return info
 
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -18,6 +21,17 @@ SHARED = ROOT.parent / "shared" / "datasets"
 def _private_cache(tmp_path_factory, monkeypatch):
     """Every test gets its own user cache, so tests never see each other's downloads."""
     monkeypatch.setenv("IMGCLF_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+
+
+@pytest.fixture
+def world_tmp():
+    """A folder every user can reach, for a test whose unprivileged child
+    (`helpers.as_unprivileged`) reads or writes there: pytest's own are private to their owner."""
+    path = Path(tempfile.mkdtemp(prefix="imgclf-world-"))
+    path.chmod(0o777)
+    yield path
+    subprocess.run(["chmod", "-R", "u+rwX", str(path)], check=False)
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture

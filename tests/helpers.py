@@ -1,10 +1,17 @@
-"""Generators for test fixtures: small real image files and class-folder trees."""
+"""Generators for test fixtures: small real image files and class-folder trees; a child
+process that file permissions apply to."""
 
 from __future__ import annotations
 
+import os
+import pickle
+import traceback
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
+import pytest
 from PIL import Image
 
 
@@ -31,3 +38,39 @@ def make_class_tree(root: Path, classes: dict[str, int], size=(64, 48), seed: in
             k += 1
             make_image(root / name / f"img_{i:04d}.jpg", size=size, seed=k)
     return root
+
+
+T = TypeVar("T")
+NOBODY = 65534
+
+
+def as_unprivileged(fn: Callable[[], T]) -> T:
+    """fn() in a forked child that file permissions apply to: as root (CI, containers), the
+    child drops to nobody first, since root reads any file whatever its mode. The result comes
+    back pickled; an exception in the child fails the caller with its traceback. The files fn
+    touches must be reachable by nobody (see `world_tmp`)."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        os.close(read)
+        try:
+            if os.geteuid() == 0:
+                os.setgroups([])
+                os.setgid(NOBODY)
+                os.setuid(NOBODY)
+            answer = ("ok", fn())
+        except BaseException:
+            answer = ("error", traceback.format_exc())
+        with os.fdopen(write, "wb") as f:
+            pickle.dump(answer, f)
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as f:
+        data = f.read()
+    os.waitpid(pid, 0)
+    if not data:
+        pytest.fail("the unprivileged child died without an answer")
+    status, value = pickle.loads(data)
+    if status == "error":
+        pytest.fail(f"in the unprivileged child:\n{value}")
+    return value

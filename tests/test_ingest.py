@@ -20,7 +20,7 @@ from imgclf.fileio import read_csv, read_metrics, sha256_file
 from imgclf.ingest import MANIFEST_FIELDS, IngestError, IngestOptions, format_summary, run_ingest
 from imgclf.labels import ClassNameCollision, class_dir_name, class_dirs, safe_file_name
 from imgclf.sources import ResolvedSource, fingerprint_source
-from tests.helpers import make_class_tree, make_image
+from tests.helpers import as_unprivileged, make_class_tree, make_image
 from tests.http_server import LoopbackServer
 from tests.test_dataturks import write_export
 from tests.test_images import exif_rotated_jpeg, png_header_only
@@ -819,6 +819,48 @@ def test_lone_surrogates_in_an_export_are_escaped_labels_or_bad_items(tmp_path):
     assert skipped(out) == {"pics/x/\\ud83c.jpg": "bad_item",
                             "http://127.0.0.1:9/\\ud83c.jpg": "bad_item"}  # fmt: skip
     assert read_metrics(out / "metrics" / "ingest.json")["downloads"]["requested"] == 0
+
+
+def test_what_this_user_cannot_read_is_reported_not_dropped(world_tmp):
+    # Photos copied from another account: a folder nobody may list, one it may list but not
+    # enter, a file it may not open. Each is a skip row; the rest ingests; the fingerprint
+    # counts them and changes once they are readable. (Root reads anything, so the run drops
+    # to nobody: as_unprivileged.)
+    src = make_class_tree(world_tmp / "src", {"cats": 4, "dogs": 3, "owls": 3, "bats": 2})
+    make_image(src / "cats" / "more" / "deep.jpg", seed=99)
+    (src / "cats" / "more").chmod(0o000)  # not listable
+    (src / "owls").chmod(0o744)  # others may list it, not enter it
+    (src / "dogs" / "img_0001.jpg").chmod(0o000)  # not readable
+    (src / "bats").chmod(0o000)  # a whole class
+    out = world_tmp / "out"
+    out.mkdir(mode=0o777)
+    out.chmod(0o777)
+
+    def run() -> tuple[dict, dict]:
+        return fingerprint_source(tree_source(src)), ingest(tree_source(src), out).class_counts
+
+    fingerprint, counts = as_unprivileged(run)
+    assert counts == {"cats": 4, "dogs": 2}
+    assert skipped(out) == {
+        "bats/": "unreadable",
+        "cats/more/": "unreadable",
+        "dogs/img_0001.jpg": "unreadable",
+        **{f"owls/img_{i:04d}.jpg": "unreadable" for i in range(3)},
+    }
+    rows = {r["origin"]: r["detail"] for r in read_csv(out / "metrics/ingest_skipped.csv")}
+    assert rows["cats/more/"].startswith("a folder this user cannot list or enter")
+    assert rows["owls/img_0000.jpg"].startswith("listed, but this user cannot open it")
+    assert rows["dogs/img_0001.jpg"].startswith("PermissionError: [Errno 13]")
+    assert read_metrics(out / "metrics" / "ingest.json")["items"] == 12
+    assert "bats" in read_metrics(out / "metrics" / "ingest.json")["empty_classes"]
+    # 4 + 2 readable files; bats/, cats/more/, owls' three and dogs' one by name only.
+    assert (fingerprint["files"], fingerprint["unreadable"]) == (6, 6)
+    for folder in ("cats/more", "owls", "bats"):
+        (src / folder).chmod(0o755)
+    (src / "dogs" / "img_0001.jpg").chmod(0o644)
+    readable = fingerprint_source(tree_source(src))
+    assert readable["files"] == 13 and "unreadable" not in readable
+    assert readable["sha256"] != fingerprint["sha256"]
 
 
 def test_a_fifo_in_the_tree_is_reported_never_opened(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import shutil
 import socket
 import subprocess
@@ -27,7 +28,7 @@ from imgclf.sources import (
     fingerprint_source,
     resolve_source,
 )
-from tests.helpers import make_class_tree
+from tests.helpers import NOBODY, as_unprivileged, make_class_tree
 from tests.http_server import LoopbackServer, closed_port_url
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -164,6 +165,29 @@ def test_http_404_is_one_paragraph(tmp_path):
         resolve_source(srv.url("gone/flowers.tgz"), timeout_s=5)
     msg = str(e.value)
     assert "HTTP 404" in msg and "check the URL" in msg and "\n" not in msg
+
+
+def test_a_source_this_user_cannot_read_is_one_clear_error(world_tmp, flowers):
+    root = world_tmp / "flowers"
+    shutil.copytree(flowers, root)
+    export = _export(world_tmp / "export.json")
+    root.chmod(0o700)
+    export.chmod(0o600)
+
+    def errors() -> list[str]:
+        out = []
+        for path in (root, export):
+            try:
+                resolve_source(str(path))
+            except SourceUnavailable as e:
+                out.append(str(e))
+        return out
+
+    folder, file = as_unprivileged(errors)
+    user = pwd.getpwuid(NOBODY if os.geteuid() == 0 else os.geteuid()).pw_name
+    assert f"the folder cannot be listed by this user ({user}): {root}." in folder
+    assert f"the file cannot be read by this user ({user}): {export}." in file
+    assert "Fix its permissions" in file and "\n" not in folder + file
 
 
 def test_a_download_over_the_extraction_cap_is_refused(tmp_path, flowers):
