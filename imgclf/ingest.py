@@ -461,7 +461,13 @@ def collect_dataturks(export: Path, options: IngestOptions) -> Collected:
             path = Path(result.path)
         else:
             path = dataturks.local_path(item.content, export.parent)
-            if not path.is_file():
+            try:
+                found = path.is_file()
+            except OSError as e:  # pathlib lets EACCES through: a folder this user cannot enter
+                detail = f"{where}: {type(e).__name__}: {e}"
+                out.skipped.append(Skip(item.content, "unreadable", detail))
+                continue
+            if not found:
                 out.skipped.append(Skip(item.content, "missing_file", f"{where}: no file {path}"))
                 continue
         out.candidates.append(Candidate(label, path, item.content, name, item.line))

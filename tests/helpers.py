@@ -3,6 +3,7 @@ process that file permissions apply to."""
 
 from __future__ import annotations
 
+import codecs
 import os
 import pickle
 import traceback
@@ -49,6 +50,9 @@ def as_unprivileged(fn: Callable[[], T]) -> T:
     child drops to nobody first, since root reads any file whatever its mode. The result comes
     back pickled; an exception in the child fails the caller with its traceback. The files fn
     touches must be reachable by nobody (see `world_tmp`)."""
+    # The child cannot import what nobody may not read (this interpreter may live under
+    # /root): what the code under test loads lazily is loaded here first.
+    codecs.lookup("utf-8-sig")
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: never returns into pytest

@@ -863,6 +863,26 @@ def test_what_this_user_cannot_read_is_reported_not_dropped(world_tmp):
     assert readable["sha256"] != fingerprint["sha256"]
 
 
+def test_export_items_this_user_cannot_read_are_reported(world_tmp):
+    folder = world_tmp / "export"
+    make_class_tree(folder / "pics", {"x": 4, "y": 3, "z": 2}, seed=5)
+    (folder / "pics" / "y").chmod(0o744)  # listed, not entered
+    (folder / "pics" / "x" / "img_0003.jpg").chmod(0o000)
+    lines = [item(f"pics/x/img_000{i}.jpg", ["a"]) for i in range(4)]
+    lines += [item(f"pics/y/img_000{i}.jpg", ["b"]) for i in range(3)]
+    lines += [item(f"pics/z/img_000{i}.jpg", ["c"]) for i in range(2)]
+    export = write_export(folder / "export.json", lines)
+    out = world_tmp / "out"
+    out.mkdir(mode=0o777)
+    out.chmod(0o777)
+    counts = as_unprivileged(lambda: ingest(export_source(export), out).class_counts)
+    assert counts == {"a": 3, "c": 2}
+    assert skipped(out) == {
+        "pics/x/img_0003.jpg": "unreadable",
+        **{f"pics/y/img_000{i}.jpg": "unreadable" for i in range(3)},
+    }
+
+
 def test_a_fifo_in_the_tree_is_reported_never_opened(tmp_path):
     # Opening a FIFO blocks until something writes to it: ingest and the fingerprint must not.
     src = make_class_tree(tmp_path / "src", {"cats": 3, "dogs": 3})
