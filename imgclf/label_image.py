@@ -54,28 +54,36 @@ def error(message: str) -> None:
 
 def expand_inputs(args: Sequence[str]) -> tuple[list[Path], list[tuple[str, str]]]:
     """Files to label (folders expanded to their image files, recursively, sorted, hidden and
-    system files left out as ingest does) and the (input, problem) pairs of arguments that name
-    nothing usable."""
-    from imgclf.sources import walk_tree
+    system files left out as ingest does) and the (input, problem) pairs of arguments, or
+    files and folders inside them, that name nothing usable."""
+    from imgclf.sources import UNREADABLE, UNREADABLE_FOLDER, walk_source
 
     files: list[Path] = []
     problems: list[tuple[str, str]] = []
     for arg in args:
         path = Path(arg)
-        if path.is_dir():
-            found = sorted(
-                p
-                for p, ignored in walk_tree(path)
-                if not ignored and p.suffix.lower() in IMAGE_SUFFIXES
-            )
+        try:
+            is_dir, is_file, exists = path.is_dir(), path.is_file(), path.exists()
+        except OSError as e:  # pathlib lets EACCES through: a folder this user cannot enter
+            problems.append((arg, f"cannot be read ({e.strerror})"))
+            continue
+        if is_dir:
+            found = []
+            for p, reason in walk_source(path):
+                if reason is None and p.suffix.lower() in IMAGE_SUFFIXES:
+                    found.append(p)
+                elif reason == UNREADABLE_FOLDER:
+                    problems.append((str(p), "a folder this user cannot list: not labelled"))
+                elif reason == UNREADABLE:
+                    problems.append((str(p), "this user cannot read it: not labelled"))
             if not found:
                 problems.append(
                     (arg, f"folder has no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
                 )
-            files.extend(found)
-        elif path.is_file():
+            files.extend(sorted(found))
+        elif is_file:
             files.append(path)
-        elif path.exists():
+        elif exists:
             problems.append((arg, "not a regular file"))
         else:
             problems.append((arg, "no such file or folder"))

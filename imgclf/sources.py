@@ -431,20 +431,6 @@ def _unlisted(errors: list[OSError]) -> Iterator[tuple[Path, str]]:
         yield Path(errors.pop(0).filename), UNREADABLE_FOLDER
 
 
-def walk_tree(root: Path, within: Path | None = None) -> Iterator[tuple[Path, bool]]:
-    """Every file under `root` in sorted order as (path, False), and every hidden or system
-    file or folder (`ignored_name`) as (path, True); ignored folders are not entered. With
-    `within`, links leaving it are left out as well (see `walk_source`).
-
-    Symlinked folders are followed (users link big data in); loops are cut. Ingest and the
-    fingerprint both walk with `walk_source`, so they skip the same clutter and the same
-    links. (Ingest reads a class folder that is a link to another class folder once, as the
-    class it links to.)
-    """
-    for path, reason in walk_source(root, within):
-        yield path, reason is not None
-
-
 def _tree_entries(root: Path) -> list[tuple[str, Path, str | None]]:
     """(relative POSIX path, path, None) for every data file under root, and (..., reason)
     for every entry this user cannot read, sorted by path."""

@@ -18,7 +18,7 @@ from PIL import Image
 
 from imgclf import label_image
 from imgclf.images import load_rgb
-from tests.helpers import make_image
+from tests.helpers import as_unprivileged, make_image
 from tests.test_tracking import CLASSES, VENV_BIN, tiny_result
 
 
@@ -165,6 +165,27 @@ def test_only_bad_inputs_exit_1_without_loading_a_model(tmp_path, capsys):
     code, out, errors = run([str(tmp_path / "a.jpg"), str(tmp_path), "--json"], capsys)
     assert code == 1 and len(errors) == 2
     assert json.loads(out)["results"] == []
+
+
+def test_inputs_this_user_cannot_read_are_problems_not_a_crash(world_tmp):
+    # An image in a folder this user cannot enter, a folder it cannot list inside the folder
+    # given, and a folder it may list but not enter: each a problem line, the rest labelled.
+    make_image(world_tmp / "locked" / "a.jpg")
+    make_image(world_tmp / "pics" / "ok.jpg")
+    make_image(world_tmp / "pics" / "private" / "b.jpg")
+    make_image(world_tmp / "listed" / "c.jpg")
+    (world_tmp / "locked").chmod(0o700)
+    (world_tmp / "pics" / "private").chmod(0o700)
+    (world_tmp / "listed").chmod(0o744)
+    args = [str(world_tmp / "locked" / "a.jpg"), str(world_tmp / "pics"), str(world_tmp / "listed")]
+    files, problems = as_unprivileged(lambda: label_image.expand_inputs(args))
+    assert files == [world_tmp / "pics" / "ok.jpg"]
+    assert problems == [
+        (args[0], "cannot be read (Permission denied)"),
+        (str(world_tmp / "pics" / "private"), "a folder this user cannot list: not labelled"),
+        (str(world_tmp / "listed" / "c.jpg"), "this user cannot read it: not labelled"),
+        (args[2], "folder has no image files (.bmp, .gif, .jpeg, .jpg, .png, .tif, .tiff, .webp)"),
+    ]
 
 
 @pytest.mark.slow
