@@ -385,44 +385,32 @@ def walk_source(root: Path, within: Path | None = None) -> Iterator[tuple[Path, 
         base = Path(dirpath)
         kept_dirs = []
         for name in sorted(dirnames):
-            reason = _folder_reason(base / name, inside)
+            reason = _reason(base / name, inside, folder=True)
             if reason is None:
                 kept_dirs.append(name)
             else:
                 yield base / name, reason
         dirnames[:] = kept_dirs
         for name in sorted(filenames):
-            yield base / name, _file_reason(base / name, inside)
+            yield base / name, _reason(base / name, inside, folder=False)
     yield from _unlisted(unlisted)
 
 
-def _folder_reason(path: Path, inside: Path | None) -> str | None:
-    """None for a folder walk_source enters, else why it does not."""
+def _reason(path: Path, inside: Path | None, *, folder: bool) -> str | None:
+    """None for a folder walk_source enters or a data file, else why not (see walk_source)."""
     if ignored_name(path.name):
         return IGNORED
     try:
         if inside is not None and link_outside(path, inside):
             return LINK_OUTSIDE
-    except OSError:  # lstat refused: its parent may be listed but not entered
-        return UNREADABLE_FOLDER
-    return None
-
-
-def _file_reason(path: Path, inside: Path | None) -> str | None:
-    """None for a data file, else why it is not one (see walk_source)."""
-    if ignored_name(path.name):
-        return IGNORED
-    try:
-        if inside is not None and link_outside(path, inside):
-            return LINK_OUTSIDE
-        if path.is_file():
+        if folder or path.is_file():
             return None
         if path.exists():
             return SPECIAL_FILE
         if path.is_symlink():
             return BROKEN_LINK
     except OSError:  # stat refused (pathlib lets EACCES through): the folder cannot be entered
-        return UNREADABLE
+        return UNREADABLE_FOLDER if folder else UNREADABLE
     return UNREADABLE  # listed a moment ago, gone now
 
 
