@@ -214,6 +214,11 @@ def _resolve_local(
             f"{_EXPECTED}. Fix data.source in params.yaml, or {_HOW}."
         )
     is_dir = path.is_dir()
+    if not is_dir and not path.is_file():
+        raise SourceUnavailable(
+            f"data.source {source!r}: {path} is a FIFO, socket or device, not a file or a "
+            f"folder (it is not read: a FIFO would wait forever). Expected {_EXPECTED}."
+        )
     if not os.access(path, os.R_OK | (os.X_OK if is_dir else 0)):
         what = "folder cannot be listed" if is_dir else "file cannot be read"
         raise SourceUnavailable(

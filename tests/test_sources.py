@@ -190,6 +190,14 @@ def test_a_source_this_user_cannot_read_is_one_clear_error(world_tmp, flowers):
     assert "Fix its permissions" in file and "\n" not in folder + file
 
 
+def test_a_fifo_or_device_as_the_source_is_refused_unread(tmp_path):
+    fifo = tmp_path / "flowers.tgz"
+    os.mkfifo(fifo)  # opening it would wait for a writer forever
+    for path in (fifo, Path("/dev/null")):
+        with pytest.raises(SourceUnavailable, match="is a FIFO, socket or device"):
+            resolve_source(str(path))
+
+
 def test_a_download_over_the_extraction_cap_is_refused(tmp_path, flowers):
     # A source URL that names a video, or a server that never stops: cut off at
     # ingest.max_extracted_bytes (what the archive could write anyway), nothing kept.
