@@ -204,6 +204,7 @@ def _extract_zip(archive: Path, root: Path, bar: tqdm, budget: _Budget) -> None:
             checked.append((info, parts))
         if problems:
             raise UnsafeArchiveError(archive, problems)
+        _refuse_unreadable_zip(archive, infos)
         for info, parts in checked:
             if parts and not info.is_dir():
                 budget.take(info.filename, info.file_size)
@@ -218,6 +219,35 @@ def _extract_zip(archive: Path, root: Path, bar: tqdm, budget: _Budget) -> None:
                 with zf.open(info) as src:
                     _write(src, dest)
                 bar.update(1)
+
+
+# What Python's zipfile can decompress; a member in any other method (Deflate64 from Windows'
+# Explorer, zstd...) raises NotImplementedError on open.
+_ZIP_METHODS = {zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA}
+
+
+def _refuse_unreadable_zip(archive: Path, infos: list[zipfile.ZipInfo]) -> None:
+    """Before anything is written: members that are password-protected or compressed in a way
+    zipfile cannot read, named with what to do instead."""
+    files = [info for info in infos if not info.is_dir()]
+    encrypted = [info.filename for info in files if info.flag_bits & 0x1]
+    methods = sorted({info.compress_type for info in files} - _ZIP_METHODS)
+    if not encrypted and not methods:
+        return
+    if encrypted:
+        what = f"{len(encrypted)} of its {len(files)} files are password-protected"
+        example, how = encrypted[0], "with its password"
+    else:
+        unread = [info.filename for info in files if info.compress_type in methods]
+        what = (
+            f"{len(unread)} of its {len(files)} files use a compression method Python cannot "
+            f"read (zip method {', '.join(map(str, methods))})"
+        )
+        example, how = unread[0], "with a tool that reads it (7-Zip, unzip)"
+    raise ValueError(
+        f"cannot extract {archive}: {what}, e.g. {example!r}; nothing was extracted. Extract "
+        f"it yourself {how}, and point data.source at the folder"
+    )
 
 
 def _clean_stale(target: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -166,6 +167,37 @@ def test_zip_symlink_is_refused(tmp_path):
     with pytest.raises(UnsafeArchiveError, match="'flower_photos/evil_link' is a symbolic link"):
         extract_archive(archive, tmp_path / "out")
     _assert_nothing_written(tmp_path, tmp_path / "out")
+
+
+def _patched_zip(path: Path, flowers: Path, *, encrypt: bool = False, method: int = 0) -> Path:
+    """A zip of `flowers` whose headers then say "encrypted" or name another compression
+    method (zipfile writes neither): what WinZip or Windows' Explorer (Deflate64) hand out."""
+    with zipfile.ZipFile(path, "w") as zf:
+        for file in sorted(flowers.rglob("*.jpg")):
+            zf.write(file, file.relative_to(flowers.parent).as_posix())
+    data = bytearray(path.read_bytes())
+    for magic, flags_at in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):
+        at = data.find(magic)
+        while at >= 0:
+            if encrypt:
+                data[at + flags_at] |= 0x1
+            if method:
+                data[at + flags_at + 2 : at + flags_at + 4] = method.to_bytes(2, "little")
+            at = data.find(magic, at + 4)
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_a_zip_that_zipfile_cannot_read_is_refused_before_writing(tmp_path, flowers):
+    n = len(list(flowers.rglob("*.jpg")))
+    for name, patch, what in [
+        ("locked.zip", {"encrypt": True}, f"{n} of its {n} files are password-protected"),
+        ("deflate64.zip", {"method": 9}, f"{n} of its {n} files use a compression method"),
+    ]:
+        archive = _patched_zip(tmp_path / name, flowers, **patch)
+        with pytest.raises(ValueError, match=rf"cannot extract .*{name}: {re.escape(what)}"):
+            extract_archive(archive, tmp_path / "out")
+        _assert_nothing_written(tmp_path, tmp_path / "out")
 
 
 def test_not_an_archive_and_truncated_archive(tmp_path, flowers):
