@@ -298,7 +298,7 @@ def _input_values(model_input: Any) -> list[Any]:
     return list(model_input)
 
 
-def decode_row(value: Any) -> np.ndarray:
+def _decode_row(value: Any) -> np.ndarray:
     """One row's pixels (uint8 [H, W, 3]); a row that is not a readable image raises BadImage
     with ingest's reason codes (not_an_image, truncated, too_large...)."""
     import base64
@@ -333,7 +333,7 @@ class ImageClassifier(PythonModel):
         from imgclf.images import BadImage
 
         try:
-            pixels = decode_row(value)
+            pixels = _decode_row(value)
         except BadImage as e:
             return {"label": None, "probability": None, "probabilities": None, "error": str(e)}
         probs = self._model(tf.constant(pixels[np.newaxis], tf.uint8)).numpy()[0]
