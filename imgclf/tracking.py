@@ -998,8 +998,10 @@ def _describe_registered_model(client: Any, name: str, head: str, models: EndToE
 
 
 def _update_champion(client: Any, name: str, version: str, accuracy: float, passed: bool) -> str:
-    """Point @champion at `version` when it passes the gate and beats the champion's test
-    accuracy (a tie keeps the older one). Returns the champion's version ("" for none)."""
+    """Point @champion at `version` when it passes the gate and its test accuracy is at least
+    the champion's. A tie goes to the newer version: a version is only added for a new model,
+    and at the same accuracy the newer one is the newer build (the same weights with newer
+    serving code, say). Returns the champion's version ("" for none)."""
     from mlflow.exceptions import MlflowException
 
     try:
@@ -1009,7 +1011,7 @@ def _update_champion(client: Any, name: str, version: str, accuracy: float, pass
     if current is not None and str(current.version) == version:
         return version
     best = float((current.tags or {}).get("test.accuracy", "-1")) if current is not None else -1.0
-    if passed and accuracy > best:
+    if passed and accuracy >= best:
         client.set_registered_model_alias(name, CHAMPION, version)
         print(f"track: {name}@{CHAMPION} is now version {version}", file=sys.stderr)
         return version

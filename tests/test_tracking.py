@@ -654,7 +654,7 @@ def test_champion_is_the_best_version_that_passes_the_gate(tmp_path):
     uri = f"sqlite:///{tmp_path / 'registry.db'}"
     client = MlflowClient(uri, uri)
     client.create_registered_model("m")
-    for accuracy in (0.85, 0.80, 0.95, 0.90, 0.99):
+    for accuracy in (0.85, 0.80, 0.95, 0.90, 0.99, 0.95):
         v = client.create_model_version("m", str(tmp_path), run_id=None).version
         client.set_model_version_tag("m", v, "test.accuracy", str(accuracy))
     history = [
@@ -663,9 +663,10 @@ def test_champion_is_the_best_version_that_passes_the_gate(tmp_path):
         _update_champion(client, "m", "3", 0.95, passed=True),
         _update_champion(client, "m", "4", 0.90, passed=True),
         _update_champion(client, "m", "5", 0.99, passed=False),  # best, but below the gate
+        _update_champion(client, "m", "6", 0.95, passed=True),  # a tie: the newer build
     ]
-    assert history == ["1", "1", "3", "3", "3"]
-    assert str(client.get_model_version_by_alias("m", "champion").version) == "3"
+    assert history == ["1", "1", "3", "3", "3", "6"]
+    assert str(client.get_model_version_by_alias("m", "champion").version) == "6"
 
 
 def test_ui_url_opens_the_runs_in_model_training_mode(tmp_path, monkeypatch):
