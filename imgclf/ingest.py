@@ -337,8 +337,9 @@ def _collect_entry(
         out.skipped.append(_link_skip(path, rel, BROKEN_LINK))
 
 
-def _special(rel: str) -> Skip:
-    return Skip(rel, SPECIAL_FILE, "a FIFO, socket or device, not a regular file: not read")
+def _special(rel: str, where: str = "") -> Skip:
+    detail = "a FIFO, socket or device, not a regular file: not read"
+    return Skip(rel, SPECIAL_FILE, f"{where}: {detail}" if where else detail)
 
 
 def _unreadable(rel: str, reason: str) -> Skip:
@@ -466,6 +467,9 @@ def collect_dataturks(export: Path, options: IngestOptions) -> Collected:
             except OSError as e:  # pathlib lets EACCES through: a folder this user cannot enter
                 detail = f"{where}: {type(e).__name__}: {e}"
                 out.skipped.append(Skip(item.content, "unreadable", detail))
+                continue
+            if not found and path.exists():  # never opened: a FIFO would wait forever
+                out.skipped.append(_special(item.content, where))
                 continue
             if not found:
                 out.skipped.append(Skip(item.content, "missing_file", f"{where}: no file {path}"))

@@ -895,3 +895,8 @@ def test_a_fifo_in_the_tree_is_reported_never_opened(tmp_path):
     assert skipped(out) == {"cats/pipe.jpg": "special_file", "pipe-beside.jpg": "special_file"}
     assert read_metrics(out / "metrics" / "ingest.json")["items"] == 8
     assert before["files"] == 6  # not data: the fingerprint leaves them out, as links
+    # An export naming a FIFO: the same row, not a missing file, and never opened.
+    lines = [item(f"src/{c}/img_000{i}.jpg", [c]) for c in ("cats", "dogs") for i in range(3)]
+    export = write_export(tmp_path / "export.json", [*lines, item("src/cats/pipe.jpg", ["cats"])])
+    ingest(export_source(export), tmp_path / "out2")
+    assert skipped(tmp_path / "out2") == {"src/cats/pipe.jpg": "special_file"}
