@@ -27,6 +27,7 @@ import argparse
 import csv
 import json
 import os
+import stat
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -63,11 +64,14 @@ def expand_inputs(args: Sequence[str]) -> tuple[list[Path], list[tuple[str, str]
     for arg in args:
         path = Path(arg)
         try:
-            is_dir, is_file, exists = path.is_dir(), path.is_file(), path.exists()
-        except OSError as e:  # pathlib lets EACCES through: a folder this user cannot enter
+            mode = path.stat().st_mode
+        except FileNotFoundError:  # a broken link too
+            problems.append((arg, "no such file or folder"))
+            continue
+        except OSError as e:  # EACCES: a folder on the way that this user cannot enter
             problems.append((arg, f"cannot be read ({e.strerror})"))
             continue
-        if is_dir:
+        if stat.S_ISDIR(mode):
             found = []
             for p, reason in walk_source(path):
                 if reason is None and p.suffix.lower() in IMAGE_SUFFIXES:
@@ -81,12 +85,10 @@ def expand_inputs(args: Sequence[str]) -> tuple[list[Path], list[tuple[str, str]
                     (arg, f"folder has no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
                 )
             files.extend(sorted(found))
-        elif is_file:
+        elif stat.S_ISREG(mode):
             files.append(path)
-        elif exists:
-            problems.append((arg, "not a regular file"))
         else:
-            problems.append((arg, "no such file or folder"))
+            problems.append((arg, "not a regular file"))
     return files, problems
 
 

@@ -1011,7 +1011,10 @@ def _update_champion(client: Any, name: str, version: str, accuracy: float, pass
     if current is not None and str(current.version) == version:
         return version
     best = float((current.tags or {}).get("test.accuracy", "-1")) if current is not None else -1.0
-    if passed and accuracy >= best:
+    # An unchanged older model tracked again (its version already exists) must not take the
+    # alias back on a tie.
+    newer = current is None or int(version) > int(current.version)
+    if passed and (accuracy > best or (accuracy == best and newer)):
         client.set_registered_model_alias(name, CHAMPION, version)
         print(f"track: {name}@{CHAMPION} is now version {version}", file=sys.stderr)
         return version

@@ -667,6 +667,8 @@ def test_champion_is_the_best_version_that_passes_the_gate(tmp_path):
     ]
     assert history == ["1", "1", "3", "3", "3", "6"]
     assert str(client.get_model_version_by_alias("m", "champion").version) == "6"
+    # The older tied model tracked again (an unchanged result) does not take it back.
+    assert _update_champion(client, "m", "3", 0.95, passed=True) == "6"
 
 
 def test_ui_url_opens_the_runs_in_model_training_mode(tmp_path, monkeypatch):
