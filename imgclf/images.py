@@ -187,13 +187,19 @@ def _decode_failure_reason(error: Exception) -> str:
     return "corrupt"
 
 
-def load_rgb(source: str | Path | bytes | bytearray | memoryview) -> np.ndarray:
+def load_rgb(
+    source: str | Path | bytes | bytearray | memoryview, max_pixels: int | None = None
+) -> np.ndarray:
     """Decode an image file (path or encoded bytes) to uint8 RGB [H, W, 3]; see the module doc.
+    With `max_pixels`, a larger image is refused (`BadImage` too_large) from its header, before
+    a pixel is decoded; Pillow's global limit is left alone either way.
 
     Thread-safe (the bottleneck stage calls it from tf.data workers).
     """
     fp = io.BytesIO(bytes(source)) if isinstance(source, bytes | bytearray | memoryview) else source
     with Image.open(fp) as img:
+        if max_pixels is not None:
+            _check_pixels(*img.size, max_pixels)
         img.seek(0)
         # exif_transpose returns a new, loaded image (or a copy when there is nothing to do).
         upright = ImageOps.exif_transpose(img)
@@ -203,16 +209,11 @@ def load_rgb(source: str | Path | bytes | bytearray | memoryview) -> np.ndarray:
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """`load_rgb` for a file that comes from outside the pipeline (a served request): any
     failure is a `BadImage` with ingest's reason codes, and an image above `max_pixels` is
-    refused from its header, before a pixel is decoded. Pillow's global limit is left alone,
-    so it is thread-safe."""
+    refused from its header, before a pixel is decoded. Thread-safe, as load_rgb."""
     if not data:
         raise BadImage("empty_file", "the file has 0 bytes")
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            _check_pixels(*img.size, max_pixels)
-            img.seek(0)
-            upright = ImageOps.exif_transpose(img)
-        return to_rgb_array(upright)
+        return load_rgb(data, max_pixels)
     except BadImage:
         raise
     except Exception as e:
