@@ -44,6 +44,7 @@ import tensorflow as tf
 from mlflow.pyfunc import PythonModel
 
 from imgclf.heads.common import LABELS_FILE, read_labels, write_labels
+from imgclf.images import DEFAULT_MAX_PIXELS, BadImage, decode_image
 from imgclf.inception import IMAGE_SIZE, Backbone, backbone_to_cut, load_backbone
 from imgclf.layout import Layout
 from imgclf.registry import get_model, model_names
@@ -52,6 +53,7 @@ from imgclf.registry import get_model, model_names
 HEAD_KINDS = tuple(model_names(servable=True))
 INPUT_SPEC = tf.TensorSpec([None, None, None, 3], tf.uint8, name="images")
 INPUT_COLUMN = "image"
+MAX_PIXELS_CONFIG = "max_image_pixels"  # the model config key of the served pixel cap
 INPUT_DOC = (
     "column `image`: encoded image files (JPEG, PNG, ... bytes; base64 in JSON), decoded with "
     "Pillow as imgclf.images.load_rgb; output per image: label, probability, probabilities "
@@ -298,13 +300,11 @@ def _input_values(model_input: Any) -> list[Any]:
     return list(model_input)
 
 
-def _decode_row(value: Any) -> np.ndarray:
+def _decode_row(value: Any, max_pixels: int) -> np.ndarray:
     """One row's pixels (uint8 [H, W, 3]); a row that is not a readable image raises BadImage
-    with ingest's reason codes (not_an_image, truncated, too_large...)."""
+    with ingest's reason codes (not_an_image, truncated, too_large above `max_pixels`...)."""
     import base64
     import binascii
-
-    from imgclf.images import BadImage, decode_image
 
     if isinstance(value, str):
         try:
@@ -316,24 +316,27 @@ def _decode_row(value: Any) -> np.ndarray:
             "not_bytes",
             f"expected the bytes of an image file (or base64 text), got {type(value).__name__}",
         )
-    return decode_image(bytes(value))
+    return decode_image(bytes(value), max_pixels)
 
 
 class ImageClassifier(PythonModel):
     """The served model (see the module doc): encoded image files -> label + probabilities.
     One bad row does not fail the request: its `error` says why, and the other rows are
-    answered; `error` is null on every row that was classified."""
+    answered; `error` is null on every row that was classified. An image above the model
+    config's `max_image_pixels` (the tracked run's ingest.max_image_pixels) is `too_large`."""
+
+    max_image_pixels: int = DEFAULT_MAX_PIXELS
 
     def load_context(self, context: Any) -> None:
         self._model = tf.saved_model.load(context.artifacts[SAVED_MODEL_ARTIFACT])
         self.labels = read_labels(Path(context.artifacts[LABELS_ARTIFACT]).parent)
+        config = context.model_config or {}
+        self.max_image_pixels = int(config.get(MAX_PIXELS_CONFIG, DEFAULT_MAX_PIXELS))
 
     def answer(self, value: Any) -> dict[str, Any]:
         """One row of the answer: label, probability, probabilities, error."""
-        from imgclf.images import BadImage
-
         try:
-            pixels = _decode_row(value)
+            pixels = _decode_row(value, self.max_image_pixels)
         except BadImage as e:
             return {"label": None, "probability": None, "probabilities": None, "error": str(e)}
         probs = self._model(tf.constant(pixels[np.newaxis], tf.uint8)).numpy()[0]
@@ -365,11 +368,17 @@ def save_saved_model(model: EndToEndModel, path: str | Path) -> Path:
 
 
 def log_model(
-    model: EndToEndModel, *, registered_model_name: str | None = None, name: str = "model"
+    model: EndToEndModel,
+    *,
+    registered_model_name: str | None = None,
+    name: str = "model",
+    max_image_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> Any:
     """Log `model` in the active MLflow run as an `ImageClassifier` pyfunc (servable by
     `mlflow models serve`), with signature, input example, labels metadata and the imgclf
-    package (for the decoding code); register it as a new version of `registered_model_name`."""
+    package (for the decoding code); register it as a new version of `registered_model_name`.
+    `max_image_pixels` (the run's ingest.max_image_pixels) is the served model's pixel cap, in
+    its model config: `mlflow.pyfunc.load_model(uri, model_config={...})` can change it."""
     import tempfile
 
     import mlflow
@@ -391,6 +400,7 @@ def log_model(
             registered_model_name=registered_model_name,
             pip_requirements=pip_requirements(),
             metadata=model.metadata(),
+            model_config={MAX_PIXELS_CONFIG: int(max_image_pixels)},
         )
 
 

@@ -52,8 +52,9 @@ import yaml
 from imgclf.config import repo_root
 from imgclf.errors import ParamsError
 from imgclf.fileio import read_csv, read_json, read_metrics, sha256_file
+from imgclf.images import DEFAULT_MAX_PIXELS
 from imgclf.layout import Layout
-from imgclf.params import DataParams, EvaluateParams, TrackParams
+from imgclf.params import DataParams, EvaluateParams, IngestParams, TrackParams
 from imgclf.registry import MODELS, get_model, input_precision, model_names, pipeline_models
 
 HEADS = tuple(MODELS)  # the registered models; a result's child runs: pipeline_models(params)
@@ -605,6 +606,7 @@ def track_pipeline(
         registered_models=registered_models,
         min_accuracy=EvaluateParams.from_params(params).min_accuracy,
         data_description=_data_description(source, datasets, tags),
+        max_image_pixels=IngestParams.from_params(params).max_image_pixels,
     )
 
     summary: dict[str, Any] = {
@@ -815,6 +817,8 @@ class EndToEndModels:
     data_description: str = ""
     # Per model, when it differs from `precision`: activations.precision for a fine-tuned one.
     precisions: Mapping[str, str] | None = None
+    # ingest.max_image_pixels: the served model refuses what ingest would have refused.
+    max_image_pixels: int = DEFAULT_MAX_PIXELS
 
     def precision_of(self, head: str) -> str:
         return (self.precisions or {}).get(head, self.precision)
@@ -840,11 +844,14 @@ class EndToEndModels:
     def key(self, head: str) -> str:
         """What determines the end-to-end model of `head`: the backbone's files, the head's
         weights (their values, not the bytes of the files that hold them), labels and code,
-        the precision and the code that assembles them. The same key is the same model."""
+        the precision, the served pixel cap and the code that assembles them. The same key is
+        the same model."""
         from imgclf.heads import head_module
 
         head_dir = self.files.head_dir(head)
-        digest = hashlib.sha256(f"{head}:{self.precision_of(head)}".encode())
+        digest = hashlib.sha256(
+            f"{head}:{self.precision_of(head)}:{self.max_image_pixels}".encode()
+        )
         digest.update(self._shared_files)
         # finetune.json: a fine-tuned model's cut and test-time flip (absent for a head).
         digest.update(
@@ -911,7 +918,9 @@ def _log_end_to_end(
         else:
             model = models.build(head)
             print(f"track: logging the end-to-end {head} model as {name!r}...", file=sys.stderr)
-            info = end_to_end.log_model(model, registered_model_name=name)
+            info = end_to_end.log_model(
+                model, registered_model_name=name, max_image_pixels=models.max_image_pixels
+            )
             model_uri, version = info.model_uri, str(info.registered_model_version)
         client.set_model_version_tag(name, version, "imgclf.model_key", key)
         for tag in ("git.commit", "dvc.exp_name", "backbone.sha256", "data.manifest_sha256"):

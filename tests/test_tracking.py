@@ -348,12 +348,19 @@ def tracked(tmp_path_factory):
     }
 
 
+# The served models' pixel cap comes from the run's params: one that is not the default.
+SERVED_PIXEL_CAP = 40_000_000
+
+
 def track_result(params: dict, workdir: Path) -> dict:
     from imgclf.tracking import track_pipeline
 
-    return track_pipeline(
-        {**params, "track": {**params["track"], "log_models": True}}, workdir=workdir
-    )
+    tracked = {
+        **params,
+        "ingest": {**params["ingest"], "max_image_pixels": SERVED_PIXEL_CAP},
+        "track": {**params["track"], "log_models": True},
+    }
+    return track_pipeline(tracked, workdir=workdir)
 
 
 def _runs(client, experiment_id):
@@ -560,6 +567,16 @@ def test_registered_models_reproduce_the_evaluate_stage(tracked):
         np.testing.assert_allclose(probs, expected, atol=1e-4)
         accuracy = float(np.mean(probs.argmax(1) == test["labels"]))
         assert round(accuracy, 6) == ev["accuracy"]
+        # The served pixel cap is the run's ingest.max_image_pixels; a load may change it.
+        assert model.model_config == {"max_image_pixels": SERVED_PIXEL_CAP}
+        capped = mlflow.pyfunc.load_model(
+            f"models:/{name}@champion", model_config={"max_image_pixels": 100}
+        )
+        image = (workdir / "data/split" / test["ids"][0]).read_bytes()
+        row = capped.predict(pd.DataFrame({"image": [image, image]})).iloc[0]
+        assert row["label"] is None and row["probabilities"] is None
+        assert row["error"].startswith("too_large: "), row["error"]
+        assert "> ingest.max_image_pixels=100" in row["error"]
     assert [m.name for m in client.search_registered_models()] == [
         "generated-finetune_keras",
         "generated-finetune_tf",
