@@ -29,6 +29,7 @@ from urllib3 import BaseHTTPResponse, PoolManager, Timeout
 from urllib3.connectionpool import ConnectionPool
 from urllib3.exceptions import (
     ConnectTimeoutError,
+    DecodeError,
     MaxRetryError,
     NameResolutionError,
     NewConnectionError,
@@ -357,28 +358,42 @@ def _write_body(
     fd, tmp = tempfile.mkstemp(
         dir=dest.parent, prefix=f".{dest.name}.{os.getpid()}.", suffix=".tmp"
     )
-    got = 0
+    # A body sent with a Content-Encoding (gzip, deflate...: a server may compress, since no
+    # Accept-Encoding says otherwise) is stored decoded, as the file it stands for. The limit
+    # counts the decoded bytes written (a gzip bomb is cut off); Content-Length and the
+    # progress bar count the bytes on the wire, `response.tell()`.
+    written = on_wire = 0
     try:
         with os.fdopen(fd, "wb") as f:
             try:
                 # urllib3 refuses a body shorter than its Content-Length with ProtocolError;
                 # counting the bytes gives the message its figures.
                 # read1: whatever has arrived, so the progress bar moves with the bytes.
-                while chunk := response.read1(_CHUNK, decode_content=False):
-                    got += len(chunk)
-                    if limit is not None and got > limit.bytes:
+                while chunk := response.read1(_CHUNK, decode_content=True):
+                    written += len(chunk)
+                    if limit is not None and written > limit.bytes:
                         raise _Failure(limit.refusal("the body went on, cut off"))
                     f.write(chunk)
                     if on_bytes is not None:
-                        on_bytes(len(chunk))
+                        on_bytes(response.tell() - on_wire)
+                    on_wire = response.tell()
+            except DecodeError as e:
+                encoding = response.headers.get("Content-Encoding")
+                raise _Failure(
+                    f"the body is not the Content-Encoding {encoding!r} it was sent as "
+                    f"({_one_line(str(e))}); nothing kept"
+                ) from None
             except ProtocolError:
-                if expected is not None and got < expected:
-                    raise _Incomplete(f"incomplete download: {got} of {expected} bytes") from None
+                on_wire = response.tell()
+                if expected is not None and on_wire < expected:
+                    raise _Incomplete(
+                        f"incomplete download: {on_wire} of {expected} bytes"
+                    ) from None
                 raise
             f.flush()
             os.fsync(f.fileno())
-        if expected is not None and got < expected:
-            raise _Incomplete(f"incomplete download: {got} of {expected} bytes")
+        if expected is not None and on_wire < expected:
+            raise _Incomplete(f"incomplete download: {on_wire} of {expected} bytes")
         os.replace(tmp, dest)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import os
 import signal
 import subprocess
@@ -136,6 +137,39 @@ def test_a_body_over_the_limit_is_cut_off_once_and_never_cached(tmp_path):
         # Stopped near the limit (the socket's buffers hold a few chunks more), not at the end.
         assert srv.endless_sent["/stream.jpg"] < 200_000 + 8 * 2**20
     assert [p.name for p in tmp_path.iterdir()] == [cached_path(urls[0], tmp_path).name]
+
+
+def test_a_body_sent_with_a_content_encoding_is_stored_decoded(tmp_path):
+    # A server may compress any answer (urllib3 sends no Accept-Encoding), and an S3 object
+    # uploaded with Content-Encoding: gzip is always sent so: the file is the decoded body.
+    # The limit counts what is written (a gzip bomb is cut off), Content-Length the wire.
+    data = bytes(range(256)) * 400
+    files = {
+        "photo.jpg": gzip.compress(data),
+        "bomb.jpg": gzip.compress(bytes(2_000_000)),
+        "not_gzip.jpg": b"plain bytes, whatever the header says",
+        "cut.jpg": gzip.compress(data),
+    }
+    limit = downloads.ByteLimit(200_000, "the test's limit")
+    headers = {name: {"Content-Encoding": "gzip"} for name in files}
+    with LoopbackServer(files, headers=headers, truncate={"cut.jpg": 100}) as srv:
+        urls = {name: srv.url(name) for name in files}
+        results = download_many(list(urls.values()), retries=1, cache=tmp_path, limit=limit)
+        assert results[urls["photo.jpg"]].path.read_bytes() == data
+        assert results[urls["bomb.jpg"]].error == (
+            "the body went on, cut off: over the limit of 200,000 bytes (the test's limit); "
+            "nothing kept"
+        )
+        error = results[urls["not_gzip.jpg"]].error
+        assert error.startswith("the body is not the Content-Encoding 'gzip' it was sent as ("), (
+            error
+        )
+        assert error.endswith("); nothing kept")
+        assert srv.count("bomb.jpg") == srv.count("not_gzip.jpg") == 1
+        assert results[urls["cut.jpg"]].error == (
+            f"incomplete download: 100 of {len(files['cut.jpg'])} bytes (2 attempts)"
+        )
+    assert [p.name for p in tmp_path.iterdir()] == [cached_path(urls["photo.jpg"], tmp_path).name]
 
 
 def test_partial_tmp_left_by_a_killed_run_is_no_hit_and_is_cleaned(tmp_path):
