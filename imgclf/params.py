@@ -134,6 +134,19 @@ def boolean() -> Any:
     return field(metadata={"parse": parse, "expected": "true or false"})
 
 
+def boolean_or_names() -> Any:
+    """true, false, or a list of distinct names (track.log_models: which models; the caller
+    checks the names, e.g. against the model registry)."""
+
+    names = distinct_list().metadata["parse"]
+
+    def parse(value: Any) -> bool | list[str] | None:
+        return value if isinstance(value, bool) else names(value)
+
+    expected = "true, false or a non-empty list of model names"
+    return field(metadata={"parse": parse, "expected": expected})
+
+
 def choice(options: tuple[str, ...]) -> Any:
     def parse(value: Any) -> str | None:
         return value if isinstance(value, str) and value in options else None
@@ -306,13 +319,13 @@ class SplitParams(Block):
 class TrackParams(Block):
     """The track stage (imgclf/tracking.py): the MLflow experiment, the registered name of each
     servable model (a model it does not name gets `{dataset}-<model>`; tracking checks the
-    names against the registry, which this module does not import), and whether the
-    end-to-end models are logged at all."""
+    names against the registry, which this module does not import), and which end-to-end
+    models are logged: all the servable ones (true), none (false) or those listed."""
 
     section: ClassVar[str] = "track"
     experiment: str = text()
     registered_models: Mapping[str, str] = name_templates("dataset")
-    log_models: bool = boolean()
+    log_models: bool | Sequence[str] = boolean_or_names()
 
 
 @dataclass(frozen=True)

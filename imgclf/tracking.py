@@ -41,7 +41,7 @@ import os
 import subprocess
 import sys
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -419,6 +419,24 @@ def registered_model_names(registered_models: Mapping[str, str], source: str) ->
     return {head: str(t).format(dataset=dataset_name(source)) for head, t in templates.items()}
 
 
+def logged_models(log_models: bool | Sequence[str], heads: Sequence[str]) -> list[str]:
+    """The models of this pipeline (`heads`) whose end-to-end model track logs and registers:
+    track.log_models true (every servable one), false (none) or a list, each of which must
+    be a servable model of the pipeline."""
+    servable = [head for head in heads if head in MODEL_HEADS]
+    if isinstance(log_models, bool):
+        return servable if log_models else []
+    if unknown := [name for name in log_models if name not in servable]:
+        raise ParamsError(
+            "track.log_models",
+            expected="true, false or a list of the pipeline's servable models: "
+            + ", ".join(servable),
+            found=f"{len(unknown)} other model(s): " + ", ".join(unknown),
+            todo="Check the spelling, or add the model to `models:`/`finetune_models:`.",
+        )
+    return list(log_models)
+
+
 def subset_dataset(split_manifest: str | Path, subset: str, source: str, name: str) -> Any:
     """The `subset` (train/test) rows of the split manifest as an MLflow dataset: digest = the
     sha256 of those rows (16 hex digits), source = data.source, targets = class."""
@@ -556,7 +574,7 @@ def track_pipeline(
     workdir: str | Path = ".",
     tracking_uri: str | None = None,
     root: str | Path | None = None,
-    log_models: bool | None = None,
+    log_models: bool | Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Record the pipeline result in `workdir` as one parent run + one child run per head.
 
@@ -570,10 +588,9 @@ def track_pipeline(
     track = TrackParams.from_params(params)
     source = DataParams.from_params(params).source
     registered_models = registered_model_names(track.registered_models, source)
-    if log_models is None:
-        log_models = track.log_models
     files = ResultFiles.from_params(params, workdir)
     heads = pipeline_models(params)
+    logged = logged_models(track.log_models if log_models is None else log_models, heads)
     evaluations = {
         head: read_json(p) for head in heads if (p := files.layout.evaluation(head)).is_file()
     }
@@ -644,7 +661,7 @@ def track_pipeline(
             if path.is_file():
                 client.log_artifact(parent_id, str(path))
         _log_litert(client, parent_id, files.layout, params.get("litert", {}).get("models", []),
-                    log_models=log_models)  # fmt: skip
+                    logged=logged)  # fmt: skip
         layout = files.layout
         for path in (layout.label_issues(), layout.label_issues(".png"), layout.audit_metrics):
             if path.is_file():
@@ -660,7 +677,7 @@ def track_pipeline(
                 datasets=datasets,
                 experiment_id=experiment_id,
                 client=client,
-                models=models if log_models and head in MODEL_HEADS else None,
+                models=models if head in logged else None,
             )
         curve_runs = [summary["heads"][h]["run_id"] for h in CURVE_HEADS if h in summary["heads"]]
         summary["curves_links"] = {
@@ -681,13 +698,14 @@ def track_pipeline(
 
 
 def _log_litert(
-    client: Any, run_id: str, layout: Layout, models: Iterable[str], *, log_models: bool
+    client: Any, run_id: str, layout: Layout, models: Iterable[str], *, logged: Collection[str]
 ) -> None:
     """The export@<model> stages' results for `models` (litert.models), when they ran: each
     metrics/litert/<model>.json as `litert.<file>.<key>` metrics, and with its .md under
-    `litert/`; the .tflite files (+ labels, sidecars) there too unless track.log_models is false
-    (they are models: ~150 MB for one model's three files). A model no longer in the list may
-    have left its files behind (DVC keeps the outputs of a stage that is gone): not logged."""
+    `litert/`; the .tflite files (+ labels, sidecars) there too for the models in `logged`
+    (track.log_models: they are models, ~150 MB for one model's three files). A model no
+    longer in the list may have left its files behind (DVC keeps the outputs of a stage that is
+    gone): not logged."""
     for model in models:
         report = layout.litert_metrics(model)
         if not report.is_file():
@@ -699,7 +717,7 @@ def _log_litert(
         client.log_artifact(run_id, str(report), "litert")
         if layout.litert_md(model).is_file():
             client.log_artifact(run_id, str(layout.litert_md(model)), "litert")
-        if log_models and layout.litert_dir(model).is_dir():
+        if model in logged and layout.litert_dir(model).is_dir():
             client.log_artifacts(run_id, str(layout.litert_dir(model)), "litert")
 
 

@@ -331,7 +331,8 @@ def test_track_logs_the_export_to_the_parent_run(tiny, images, tmp_path, monkeyp
     # finetune_tf: in litert.models, not exported (yet): skipped. keras: exported once, no
     # longer in litert.models: its stale report is not logged.
     write_json(layout.litert_metrics("keras"), {"files": {"keras-float32": {"size_mb": 1.0}}})
-    _log_litert(client, run.info.run_id, layout, ["tf", "finetune_tf"], log_models=log_models)
+    logged_models = ["finetune_tf", "tf"] if log_models else ["finetune_tf"]  # track.log_models
+    _log_litert(client, run.info.run_id, layout, ["tf", "finetune_tf"], logged=logged_models)
     logged = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "litert")}
     files = {"tf-float32.tflite", "tf-float32.labels.txt", "tf-float32.json"}
     assert {"tf.json", "tf.md"} <= logged and "keras.json" not in logged

@@ -89,7 +89,8 @@ def test_the_repository_params_parse_completely(block):
         (P.SplitParams, "test_fraction", 0, "between 0 and 1 (exclusive), found 0."),
         (P.IngestParams, "presplit", "merge", "expected one of keep, pool, found 'merge'."),
         (P.IngestParams, "max_image_pixels", "1e12.5", "expected a positive integer"),
-        (P.TrackParams, "log_models", "flase", "expected true or false, found 'flase'."),
+        (P.TrackParams, "log_models", "flase", "expected true, false or a non-empty list of"),
+        (P.TrackParams, "log_models", ["tf", "tf"], "model names, found ['tf', 'tf']."),
         (
             P.TrackParams,
             "registered_models",

@@ -77,7 +77,8 @@ BAD_PARAMS = [
      "'lots'."),
     ("ingest", "ingest", "on_multiple_label", "first", "expected one of the keys "
      "on_multiple_labels"),
-    ("track", "track", "log_models", "flase", "expected true or false, found 'flase'."),
+    ("track", "track", "log_models", "flase", "expected true, false or a non-empty list of "
+     "model names, found 'flase'."),
 ]  # fmt: skip
 
 

@@ -726,6 +726,24 @@ def test_dataset_and_registered_model_names_come_from_the_source():
     }
 
 
+def test_log_models_names_the_models_whose_end_to_end_model_is_registered():
+    from imgclf.errors import ParamsError
+    from imgclf.tracking import logged_models
+
+    heads = ["tf", "keras", "sklearn", "finetune_tf", "finetune_keras"]
+    assert logged_models(True, heads) == ["tf", "keras", "finetune_tf", "finetune_keras"]
+    assert logged_models(False, heads) == []
+    assert logged_models(["finetune_keras"], heads) == ["finetune_keras"]
+    # sklearn has no end-to-end model; ncm is not in this pipeline.
+    with pytest.raises(ParamsError) as error:
+        logged_models(["finetune_keras", "sklearn", "ncm"], heads)
+    assert str(error.value).startswith(
+        "params.yaml: track.log_models: expected true, false or a list of the pipeline's "
+        "servable models: tf, keras, finetune_tf, finetune_keras, found 2 other model(s): "
+        "sklearn, ncm."
+    )
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
