@@ -62,7 +62,7 @@ def read_export(path: str | Path, on_bad_line: str = "skip") -> list[DataturksIt
     text = path.read_text(encoding="utf-8-sig")
     if text.lstrip().startswith("["):
         try:
-            records = json.loads(text)
+            records = _json(text)
         except json.JSONDecodeError as e:
             raise DataturksError(
                 f"{path}:{e.lineno}: invalid JSON ({e.msg}, column {e.colno}). Dataturks "
@@ -75,7 +75,7 @@ def read_export(path: str | Path, on_bad_line: str = "skip") -> list[DataturksIt
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                record = _json(line)
             except json.JSONDecodeError as e:
                 if on_bad_line == "error":
                     raise DataturksError(
@@ -95,6 +95,15 @@ def read_export(path: str | Path, on_bad_line: str = "skip") -> list[DataturksIt
     if not items:
         raise DataturksError(f"{path}: the export has no items (an empty file?)")
     return items
+
+
+def _json(text: str) -> Any:
+    """json.loads; JSON nested deeper than Python's reader can follow (its RecursionError) is
+    malformed JSON like any other, so that one such line is a bad line, not a crash."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise json.JSONDecodeError("nested too deeply to read", text, 0) from None
 
 
 def _bad_line(number: int, what: str, line: str) -> DataturksItem:

@@ -152,7 +152,7 @@ def _is_export_line(line: str | None) -> bool:
         return False
     try:
         item = json.loads(line)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):  # nested too deeply: malformed all the same
         return False
     return isinstance(item, dict) and "content" in item
 

@@ -440,6 +440,8 @@ def test_a_malformed_line_is_skipped_with_its_number_and_the_rest_ingested(tmp_p
     ]
     lines.insert(3, '{"content": "pics/cat/x.jpg", "annot')  # a line cut short
     lines.append("42")  # valid JSON, not an object
+    # Nested deeper than Python's JSON reader follows: its RecursionError is one bad line too.
+    lines.append('{"content": ' + "[" * 100_000 + "]" * 100_000 + "}")
     export = folder / "bad.json"
     export.write_text("\n".join(lines) + "\n", encoding="utf-8")
     out = tmp_path / "out"
@@ -457,12 +459,14 @@ def test_a_malformed_line_is_skipped_with_its_number_and_the_rest_ingested(tmp_p
     assert [(r["origin"], r["reason"]) for r in rows] == [
         ("bad.json:4", "bad_line"),
         ("bad.json:8", "bad_line"),
+        ("bad.json:9", "bad_line"),
     ]
     assert rows[0]["detail"].startswith("invalid JSON (")
+    assert rows[2]["detail"].startswith("invalid JSON (nested too deeply to read, column 1): ")
     metrics = read_metrics(out / "metrics" / "ingest.json")
-    assert metrics["bad_lines"] == {"mode": "skip", "lines": [4, 8]}
-    assert metrics["items"] == metrics["images"] + metrics["skipped_total"] == 8
-    assert "malformed export lines skipped: 2 (line 4, 8;" in messages[0]
+    assert metrics["bad_lines"] == {"mode": "skip", "lines": [4, 8, 9]}
+    assert metrics["items"] == metrics["images"] + metrics["skipped_total"] == 9
+    assert "malformed export lines skipped: 3 (line 4, 8, 9;" in messages[0]
 
     with pytest.raises(IngestError, match=r"bad\.json:4: invalid JSON"):
         ingest(export_source(export), tmp_path / "strict", options(on_bad_line="error"))

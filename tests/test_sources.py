@@ -236,6 +236,11 @@ def test_dataturks_export_is_detected_by_content(tmp_path):
     array.write_text(json.dumps([EXPORT_LINE]))
     with pytest.raises(SourceUnavailable, match="JSON array"):
         resolve_source(str(array))
+    # A first line nested deeper than Python's JSON reader follows is not an export either.
+    deep = tmp_path / "deep.json"
+    deep.write_text('{"content": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
+    with pytest.raises(SourceUnavailable, match='"content" key'):
+        resolve_source(str(deep))
 
 
 def test_real_dataturks_exports(shared_datasets):
