@@ -54,7 +54,8 @@ class ArchiveLimits:
 
 
 class UnsafeArchiveError(UserError, ValueError):
-    """Archive members would write outside the target, or are links or device files."""
+    """Archive members would write outside the target, are links or device files, or would
+    be a file and a folder of one path."""
 
     def __init__(self, archive: Path, problems: list[tuple[str, str]]) -> None:
         self.archive = archive
@@ -135,6 +136,28 @@ def _name_problem(name: str) -> tuple[list[str], str | None]:
     return parts, None
 
 
+class _Tree:
+    """The paths the members checked so far take: a member that would be a file where another
+    is a folder (or the reverse) cannot be extracted to one tree. The same file twice is
+    fine (in a tar, the later one wins, as tar itself does)."""
+
+    def __init__(self) -> None:
+        self.files: set[tuple[str, ...]] = set()
+        self.folders: set[tuple[str, ...]] = set()
+
+    def problem(self, parts: list[str], is_dir: bool) -> str | None:
+        path = tuple(parts)
+        parents = [path[:i] for i in range(1, len(path))]
+        if clash := next((parent for parent in parents if parent in self.files), None):
+            return f"is inside {'/'.join(clash)!r}, which the archive also holds as a file"
+        if path in (self.files if is_dir else self.folders):
+            this, other = ("folder", "file") if is_dir else ("file", "folder")
+            return f"is a {this} where the archive also holds a {other} of that name"
+        self.folders.update(parents)
+        (self.folders if is_dir else self.files).add(path)
+        return None
+
+
 def _tar_problem(member: tarfile.TarInfo) -> str | None:
     if member.issym() or member.islnk():
         kind = "a symbolic link" if member.issym() else "a hard link"
@@ -157,10 +180,13 @@ def _extract_tar(archive: Path, root: Path, bar: tqdm, budget: _Budget) -> None:
     # After the first unsafe member nothing more is written, but the rest is still read so
     # that the refusal names every unsafe member; the temporary tree is then discarded.
     problems: list[tuple[str, str]] = []
+    tree = _Tree()
     with tarfile.open(archive, "r|*") as tar:
         for member in tar:
             parts, why = _name_problem(member.name)
             why = why or _tar_problem(member)
+            if not why and parts:
+                why = tree.problem(parts, member.isdir())
             if why:
                 problems.append((member.name, why))
             if problems or not parts:
@@ -185,6 +211,7 @@ def _extract_zip(archive: Path, root: Path, bar: tqdm, budget: _Budget) -> None:
         # A zip has a table of contents: check every member (names, types, declared sizes)
         # before writing any. ZipExtFile never returns more than the declared file_size.
         checked, problems = [], []
+        tree = _Tree()
         for info in infos:
             parts, why = _name_problem(info.filename)
             mode = info.external_attr >> 16  # Unix mode bits, when made on Unix
@@ -199,6 +226,8 @@ def _extract_zip(archive: Path, root: Path, bar: tqdm, budget: _Budget) -> None:
                 or stat.S_ISSOCK(mode)
             ):
                 why = "is a device or FIFO"
+            elif parts:
+                why = tree.problem(parts, info.is_dir())
             if why:
                 problems.append((info.filename, why))
             checked.append((info, parts))

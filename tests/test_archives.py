@@ -169,6 +169,33 @@ def test_zip_symlink_is_refused(tmp_path):
     _assert_nothing_written(tmp_path, tmp_path / "out")
 
 
+def test_a_file_and_a_folder_of_one_name_are_refused_not_a_crash(tmp_path):
+    # Either order, in a tar (checked as it streams) and a zip (checked before writing).
+    for order, member, why in [
+        (["daisy", "daisy/1.jpg", "roses/2.jpg"], "flower_photos/daisy/1.jpg",
+         "is inside 'flower_photos/daisy', which the archive also holds as a file"),
+        (["daisy/1.jpg", "roses/2.jpg", "daisy"], "flower_photos/daisy",
+         "is a file where the archive also holds a folder of that name"),
+    ]:  # fmt: skip
+        names = [f"flower_photos/{name}" for name in order]
+        zipped = tmp_path / "clash.zip"
+        with zipfile.ZipFile(zipped, "w") as zf:
+            for name in names:
+                zf.writestr(name, b"data")
+        for archive in (_tar(tmp_path / "clash.tgz", [_file(name) for name in names]), zipped):
+            with pytest.raises(UnsafeArchiveError) as e:
+                extract_archive(archive, tmp_path / "out")
+            assert e.value.members == [member]
+            assert f"member {member!r} {why}; nothing was extracted" in str(e.value)
+            _assert_nothing_written(tmp_path, tmp_path / "out")
+
+
+def test_the_same_tar_member_twice_is_no_clash_the_later_wins(tmp_path):
+    members = [_file("flower_photos/daisy/1.jpg", b"first"), _file("flower_photos/daisy/1.jpg")]
+    root = extract_archive(_tar(tmp_path / "twice.tgz", members), tmp_path / "out")
+    assert (root / "flower_photos" / "daisy" / "1.jpg").read_bytes() == b"data"
+
+
 def _patched_zip(path: Path, flowers: Path, *, encrypt: bool = False, method: int = 0) -> Path:
     """A zip of `flowers` whose headers then say "encrypted" or name another compression
     method (zipfile writes neither): what WinZip or Windows' Explorer (Deflate64) hand out."""
