@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from imgclf.downloads import pid_alive
 from imgclf.errors import UserError
+from imgclf.labels import NAME_MAX, fit_name
 
 _CHUNK = 1 << 20
 MAX_NAMED = 10  # unsafe members named in a refusal; the rest are counted
@@ -137,25 +138,41 @@ def _name_problem(name: str) -> tuple[list[str], str | None]:
 
 
 class _Tree:
-    """The paths the members checked so far take: a member that would be a file where another
-    is a folder (or the reverse) cannot be extracted to one tree. The same file twice is
-    fine (in a tar, the later one wins, as tar itself does)."""
+    """Where the members checked so far go. A name longer than a file system holds (NAME_MAX
+    bytes: a macOS name of 100 CJK characters is 300) is shortened, its extension and a hash of
+    it kept, rather than the photo lost. A member that would be a file where another is a
+    folder (or the reverse) cannot be extracted to one tree. The same file twice is fine (in a
+    tar the later one wins, as tar itself does)."""
 
     def __init__(self) -> None:
         self.files: set[tuple[str, ...]] = set()
         self.folders: set[tuple[str, ...]] = set()
+        self.shortened: list[str] = []  # members whose path was shortened
 
-    def problem(self, parts: list[str], is_dir: bool) -> str | None:
-        path = tuple(parts)
+    def place(self, member: str, parts: list[str], is_dir: bool) -> tuple[list[str], str | None]:
+        """The path components `member` is written at, and why it cannot be (None: it can)."""
+        fitted = [fit_name(part) for part in parts]
+        path = tuple(fitted)
         parents = [path[:i] for i in range(1, len(path))]
         if clash := next((parent for parent in parents if parent in self.files), None):
-            return f"is inside {'/'.join(clash)!r}, which the archive also holds as a file"
+            return [], f"is inside {'/'.join(clash)!r}, which the archive also holds as a file"
         if path in (self.files if is_dir else self.folders):
             this, other = ("folder", "file") if is_dir else ("file", "folder")
-            return f"is a {this} where the archive also holds a {other} of that name"
+            return [], f"is a {this} where the archive also holds a {other} of that name"
         self.folders.update(parents)
         (self.folders if is_dir else self.files).add(path)
-        return None
+        if fitted != parts:
+            self.shortened.append(member)
+        return fitted, None
+
+    def report(self, archive: Path) -> None:
+        if self.shortened:
+            print(
+                f"extract {archive.name}: {len(self.shortened)} member name(s) longer than "
+                f"{NAME_MAX} bytes, too long for a file name, were shortened (extension and a "
+                f"hash of the name kept), e.g. {self.shortened[0]!r}",
+                file=sys.stderr,
+            )
 
 
 def _tar_problem(member: tarfile.TarInfo) -> str | None:
@@ -175,7 +192,7 @@ def _write(src: BinaryIO, dest: Path) -> None:
         shutil.copyfileobj(src, out, _CHUNK)
 
 
-def _extract_tar(archive: Path, root: Path, bar: tqdm, budget: _Budget) -> None:
+def _extract_tar(archive: Path, root: Path, bar: tqdm, budget: _Budget) -> _Tree:
     # Streaming mode ("r|*"): one pass over a compressed archive, members checked one by one.
     # After the first unsafe member nothing more is written, but the rest is still read so
     # that the refusal names every unsafe member; the temporary tree is then discarded.
@@ -186,7 +203,7 @@ def _extract_tar(archive: Path, root: Path, bar: tqdm, budget: _Budget) -> None:
             parts, why = _name_problem(member.name)
             why = why or _tar_problem(member)
             if not why and parts:
-                why = tree.problem(parts, member.isdir())
+                parts, why = tree.place(member.name, parts, member.isdir())
             if why:
                 problems.append((member.name, why))
             if problems or not parts:
@@ -203,9 +220,10 @@ def _extract_tar(archive: Path, root: Path, bar: tqdm, budget: _Budget) -> None:
                 bar.update(1)
     if problems:
         raise UnsafeArchiveError(archive, problems)
+    return tree
 
 
-def _extract_zip(archive: Path, root: Path, bar: tqdm, budget: _Budget) -> None:
+def _extract_zip(archive: Path, root: Path, bar: tqdm, budget: _Budget) -> _Tree:
     with zipfile.ZipFile(archive) as zf:
         infos = zf.infolist()
         # A zip has a table of contents: check every member (names, types, declared sizes)
@@ -227,7 +245,7 @@ def _extract_zip(archive: Path, root: Path, bar: tqdm, budget: _Budget) -> None:
             ):
                 why = "is a device or FIFO"
             elif parts:
-                why = tree.problem(parts, info.is_dir())
+                parts, why = tree.place(info.filename, parts, info.is_dir())
             if why:
                 problems.append((info.filename, why))
             checked.append((info, parts))
@@ -248,6 +266,7 @@ def _extract_zip(archive: Path, root: Path, bar: tqdm, budget: _Budget) -> None:
                 with zf.open(info) as src:
                     _write(src, dest)
                 bar.update(1)
+    return tree
 
 
 # What Python's zipfile can decompress; a member in any other method (Deflate64 from Windows'
@@ -322,12 +341,13 @@ def extract_archive(archive: Path, target: Path, limits: ArchiveLimits | None = 
             try:
                 budget = _Budget(archive, limits or ArchiveLimits())
                 if fmt == "zip":
-                    _extract_zip(archive, tmp, bar, budget)
+                    tree = _extract_zip(archive, tmp, bar, budget)
                 else:
-                    _extract_tar(archive, tmp, bar, budget)
+                    tree = _extract_tar(archive, tmp, bar, budget)
             except (tarfile.TarError, zipfile.BadZipFile, zlib.error, EOFError) as e:
                 raise ValueError(f"{archive} is damaged or truncated: {e}") from e
         os.rename(tmp, target)
+        tree.report(archive)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

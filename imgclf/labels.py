@@ -31,6 +31,8 @@ from imgclf.errors import UserError
 _FORBIDDEN = re.compile(r'[/\\<>:"|?*]')
 _WHITESPACE = re.compile(r"\s+")
 _MAX_BYTES = 150
+_MAX_SUFFIX_BYTES = 16  # ".jpeg" is 5: anything much longer after the last dot is no extension
+NAME_MAX = 255  # bytes in one file name on Linux (ext4, xfs, btrfs) and macOS
 
 
 class ClassNameCollision(UserError, ValueError):
@@ -63,13 +65,24 @@ def _clean(name: str) -> str:
     return name.lstrip(". ").rstrip(". ")
 
 
-def _shorten(stem: str, suffix: str, original: str) -> str:
-    if len((stem + suffix).encode("utf-8")) <= _MAX_BYTES:
+def _shorten(stem: str, suffix: str, original: str, max_bytes: int = _MAX_BYTES) -> str:
+    if len((stem + suffix).encode("utf-8")) <= max_bytes:
         return stem + suffix
     tag = "_" + hashlib.sha256(original.encode("utf-8")).hexdigest()[:8]
-    budget = _MAX_BYTES - len((tag + suffix).encode("utf-8"))
+    if len(suffix.encode("utf-8")) > _MAX_SUFFIX_BYTES:  # no extension: part of the name
+        stem, suffix = stem + suffix, ""
+    budget = max_bytes - len((tag + suffix).encode("utf-8"))
     short = stem.encode("utf-8")[:budget].decode("utf-8", errors="ignore").rstrip(". ")
     return short + tag + suffix
+
+
+def fit_name(name: str, max_bytes: int = NAME_MAX) -> str:
+    """`name` unchanged when it fits in `max_bytes` of UTF-8, else shortened as safe_file_name
+    shortens (its extension kept, a hash of the whole name keeping it apart from others)."""
+    stem, dot, ext = name.rpartition(".")
+    if not dot or not stem:
+        stem, ext = name, ""
+    return _shorten(stem, "." + ext if ext else "", name, max_bytes)
 
 
 def class_dir_name(label: str) -> str:

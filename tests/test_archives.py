@@ -190,6 +190,33 @@ def test_a_file_and_a_folder_of_one_name_are_refused_not_a_crash(tmp_path):
             _assert_nothing_written(tmp_path, tmp_path / "out")
 
 
+def test_names_too_long_for_a_file_system_are_shortened_not_a_crash(tmp_path, capsys):
+    # 100 CJK characters: 300 bytes of UTF-8, a fine name on macOS, too long for Linux.
+    long_stem = "花" * 100
+    names = [f"flower_photos/daisy/{long_stem}.jpg", f"flower_photos/daisy/{long_stem}x.jpg",
+             f"flower_photos/{long_stem}/1.jpg", "flower_photos/daisy/short.jpg"]  # fmt: skip
+    zipped = tmp_path / "long.zip"
+    with zipfile.ZipFile(zipped, "w") as zf:
+        for name in names:
+            zf.writestr(name, name.encode())
+    trees = []
+    for archive in (_tar(tmp_path / "long.tgz", [_file(n, n.encode()) for n in names]), zipped):
+        root = extract_archive(archive, tmp_path / f"{archive.name}.out")
+        files = {p.relative_to(root).as_posix(): p.read_bytes().decode() for p in _files(root)}
+        assert sorted(files.values()) == sorted(names)  # every photo kept, two apart
+        assert all(len(part.encode()) <= 255 for f in files for part in f.split("/"))
+        assert files["flower_photos/daisy/short.jpg"] == names[3]
+        assert all(f.endswith(".jpg") for f in files)
+        trees.append(files)
+        err = capsys.readouterr().err
+        assert f"extract {archive.name}: 3 member name(s) longer than 255 bytes" in err
+    assert trees[0] == trees[1]  # the same names from a tar and a zip
+
+
+def _files(root: Path) -> list[Path]:
+    return [p for p in root.rglob("*") if p.is_file()]
+
+
 def test_the_same_tar_member_twice_is_no_clash_the_later_wins(tmp_path):
     members = [_file("flower_photos/daisy/1.jpg", b"first"), _file("flower_photos/daisy/1.jpg")]
     root = extract_archive(_tar(tmp_path / "twice.tgz", members), tmp_path / "out")

@@ -260,6 +260,8 @@ def test_safe_file_name():
     long = safe_file_name("x" * 300 + ".jpg")
     assert long.endswith(".jpg") and len(long.encode()) <= 150
     assert safe_file_name("y" * 300 + ".jpg") != safe_file_name("y" * 299 + "z.jpg")
+    # Text after the last dot that is too long for an extension is part of the name.
+    assert len(safe_file_name("a." + "x" * 300).encode()) == 150
 
 
 def test_labels_that_collapse_to_one_folder_are_an_error():
