@@ -21,6 +21,7 @@ parse, and exports of another Dataturks task type (bounding boxes, polygons, NER
 
 from __future__ import annotations
 
+import codecs
 import json
 import re
 import urllib.parse
@@ -50,6 +51,39 @@ class DataturksItem:
     detail: str = ""
 
 
+# A byte-order mark names the encoding (Windows PowerShell's `>` writes UTF-16 with one); UTF-32
+# little-endian's begins with UTF-16's, so it is looked for first.
+_BOMS = (
+    (codecs.BOM_UTF32_LE, "utf-32"),
+    (codecs.BOM_UTF32_BE, "utf-32"),
+    (codecs.BOM_UTF16_LE, "utf-16"),
+    (codecs.BOM_UTF16_BE, "utf-16"),
+)
+_NEWLINE = re.compile(r"\r\n|\r|\n")
+
+
+def export_lines(raw: bytes) -> list[str | UnicodeDecodeError]:
+    """The lines of an export's bytes, each decoded on its own: UTF-8 (a BOM allowed), or UTF-16
+    or UTF-32 when a BOM says so. A line that is not UTF-8 is its UnicodeDecodeError, so that
+    it alone is a bad line. Only \\n, \\r and \\r\\n end a line: a JSON string may hold
+    U+2028 or U+0085, at which str.splitlines would cut it."""
+    for bom, codec in _BOMS:
+        if raw.startswith(bom):
+            return list(_NEWLINE.split(raw.decode(codec, errors="replace")))
+    lines: list[str | UnicodeDecodeError] = []
+    for line in raw.removeprefix(codecs.BOM_UTF8).splitlines():
+        try:
+            lines.append(line.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            lines.append(e)
+    return lines
+
+
+def not_utf8(error: UnicodeDecodeError) -> str:
+    """What is wrong with a line that is not UTF-8, for a skip row or an error."""
+    return f"not UTF-8 text (byte 0x{error.object[error.start]:02x} at column {error.start + 1})"
+
+
 def read_export(path: str | Path, on_bad_line: str = "skip") -> list[DataturksItem]:
     """Every item of the export at `path`, or `DataturksError` for a file that cannot be one.
 
@@ -59,8 +93,15 @@ def read_export(path: str | Path, on_bad_line: str = "skip") -> list[DataturksIt
     if on_bad_line not in ("skip", "error"):
         raise ValueError(f"on_bad_line must be 'skip' or 'error', not {on_bad_line!r}")
     bad: list[DataturksItem] = []
-    text = path.read_text(encoding="utf-8-sig")
-    if text.lstrip().startswith("["):
+    lines = export_lines(path.read_bytes())
+    first = next((line for line in lines if not isinstance(line, str) or line.strip()), "")
+    if isinstance(first, str) and first.lstrip().startswith("["):
+        if undecoded := [n for n, line in enumerate(lines, 1) if not isinstance(line, str)]:
+            raise DataturksError(
+                f"{path}:{undecoded[0]}: {not_utf8(lines[undecoded[0] - 1])}. Dataturks exports "
+                "are UTF-8 JSON Lines: re-export the data set, or re-save the file as UTF-8."
+            )
+        text = "\n".join(line for line in lines if isinstance(line, str))
         try:
             records = _json(text)
         except json.JSONDecodeError as e:
@@ -71,7 +112,17 @@ def read_export(path: str | Path, on_bad_line: str = "skip") -> list[DataturksIt
         numbered = list(enumerate(records, start=1))
     else:
         numbered = []
-        for number, line in enumerate(text.splitlines(), start=1):
+        for number, line in enumerate(lines, start=1):
+            if isinstance(line, UnicodeDecodeError):
+                if on_bad_line == "error":
+                    raise DataturksError(
+                        f"{path}:{number}: {not_utf8(line)}. Dataturks exports are UTF-8: "
+                        "re-save the file as UTF-8, fix or delete that line, or set "
+                        "ingest.on_bad_line=skip."
+                    )
+                text = line.object.decode("utf-8", "backslashreplace")
+                bad.append(_bad_line(number, not_utf8(line), text))
+                continue
             if not line.strip():
                 continue
             try:

@@ -30,6 +30,7 @@ from pathlib import Path
 
 from imgclf.archives import ArchiveLimits, ArchiveTooLarge, archive_format, extract_archive
 from imgclf.config import cache_dir, repo_root
+from imgclf.dataturks import export_lines, not_utf8
 from imgclf.downloads import ByteLimit, DownloadError, download_file, url_file_name
 from imgclf.errors import UserError
 from imgclf.fileio import sha256_file
@@ -130,24 +131,28 @@ def _tree(source: str, path: Path, origin: str) -> ResolvedSource:
 
 
 # -- Dataturks exports ----------------------------------------------------------------------
-def _first_line(path: Path) -> str | None:
-    """The first non-empty line (up to 4 MiB of it), or None if the file is not text."""
+def _first_line(path: Path) -> str | UnicodeDecodeError | None:
+    """The first non-empty line of the file's first 4 MiB, decoded as read_export decodes it
+    (its UnicodeDecodeError when it is not text), or None when there is none."""
     try:
-        with open(path, encoding="utf-8-sig") as f:
-            for _ in range(1000):
-                line = f.readline(1 << 22)
-                if not line:
-                    return None
-                if line.strip():
-                    return line.strip()
-    except (UnicodeDecodeError, OSError):
+        with open(path, "rb") as f:
+            head = f.read(1 << 22)
+    except OSError:
         return None
+    for line in export_lines(head):
+        if not isinstance(line, str):
+            return line
+        if line.strip():
+            return line.strip()
     return None
 
 
-def _is_export_line(line: str | None) -> bool:
+def _is_export_line(line: str | UnicodeDecodeError | None) -> bool:
     """A Dataturks export is JSON Lines whose first non-empty line (`_first_line`) is an
-    object with a "content" key."""
+    object with a "content" key. A first line that is not UTF-8 but is such an object
+    otherwise is a bad line of an export (read_export skips it), not a refusal."""
+    if isinstance(line, UnicodeDecodeError):
+        line = line.object.decode("utf-8", "replace").strip()
     if line is None or not line.startswith("{"):
         return False
     try:
@@ -191,7 +196,18 @@ def _resolve_file(
     line = _first_line(file)
     if _is_export_line(line):
         return ResolvedSource(source, "dataturks", file, origin)
-    if name.lower().endswith(EXPORT_SUFFIXES) and line is not None:
+    if file.stat().st_size == 0:
+        raise SourceUnavailable(
+            f"data.source {source!r}: {origin} is an empty file (0 bytes). Expected {_EXPECTED}."
+        )
+    if name.lower().endswith(EXPORT_SUFFIXES) and isinstance(line, UnicodeDecodeError):
+        raise SourceUnavailable(
+            f"data.source {source!r}: {origin} is not a Dataturks image-classification export: "
+            f"its first line is {not_utf8(line)}. Exports are UTF-8 (or UTF-16 with a "
+            "byte-order mark): re-save it as UTF-8, or re-export the data set. "
+            f"Expected {_EXPECTED}."
+        )
+    if name.lower().endswith(EXPORT_SUFFIXES) and isinstance(line, str):
         hint = " (a JSON array: export as JSON Lines, one item per line)" if line[:1] == "[" else ""
         raise SourceUnavailable(
             f"data.source {source!r}: {origin} is not a Dataturks image-classification export: "

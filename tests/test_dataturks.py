@@ -56,6 +56,44 @@ def test_label_variants(tmp_path):
     assert items[0].status == "done" and items[3].status is None
 
 
+@pytest.mark.parametrize("encoding", ["utf-8", "utf-8-sig", "utf-16", "utf-32"])
+def test_utf8_or_a_byte_order_mark_and_only_newlines_end_a_line(tmp_path, encoding):
+    # Windows PowerShell's `>` writes UTF-16 with a BOM; a JSON string may hold U+2028 and
+    # U+0085 unescaped, which are no line ends of JSON Lines.
+    records = [
+        record("a.jpg", {"labels": ["cat\u2028dog"]}),
+        record("b\u0085.jpg", {"labels": ["x"]}),
+    ]
+    text = "\r\n".join(json.dumps(r, ensure_ascii=False) for r in records) + "\r\n"
+    export = tmp_path / "e.json"
+    export.write_bytes(text.encode(encoding))  # Python's utf-16 and utf-32 write a BOM
+    items = read_export(export)
+    assert [(i.line, i.content, i.labels, i.problem) for i in items] == [
+        (1, "a.jpg", ("cat\u2028dog",), None),
+        (2, "b\u0085.jpg", ("x",), None),
+    ]
+
+
+def test_a_line_that_is_not_utf8_is_one_bad_line(tmp_path):
+    good, latin1 = record("a.jpg", {"labels": ["cat"]}), record("café.jpg", {"labels": ["cat"]})
+    export = tmp_path / "e.json"
+    export.write_bytes(
+        (json.dumps(good) + "\n").encode()
+        + json.dumps(latin1, ensure_ascii=False).encode("latin-1")
+    )
+    items = read_export(export)
+    assert [(i.line, i.content, i.problem) for i in items] == [
+        (1, "a.jpg", None),
+        (2, "", "bad_line"),
+    ]
+    assert items[1].detail.startswith("not UTF-8 text (byte 0xe9 at column 17): ")
+    assert "caf\\\\xe9.jpg" in items[1].detail  # the byte shown escaped, in the line's repr
+    with pytest.raises(
+        DataturksError, match=r"e\.json:2: not UTF-8 text \(byte 0xe9 at column 17\)"
+    ):
+        read_export(export, on_bad_line="error")
+
+
 def test_unusable_items_are_reported_not_fatal(tmp_path):
     export = write_export(
         tmp_path / "e.json",

@@ -236,6 +236,23 @@ def test_dataturks_export_is_detected_by_content(tmp_path):
     array.write_text(json.dumps([EXPORT_LINE]))
     with pytest.raises(SourceUnavailable, match="JSON array"):
         resolve_source(str(array))
+    # UTF-16 with a BOM (Windows PowerShell's `>`) is an export; so is one whose first line
+    # is not UTF-8 but an export's line otherwise (ingest skips that line as a bad line).
+    utf16 = tmp_path / "utf16.json"
+    utf16.write_bytes(_export(tmp_path / "plain.json").read_text().encode("utf-16"))
+    latin1 = tmp_path / "latin1.json"
+    latin1.write_bytes(json.dumps({**EXPORT_LINE, "content": "café.jpg"}, ensure_ascii=False)
+                       .encode("latin-1"))  # fmt: skip
+    for export in (utf16, latin1):
+        assert resolve_source(str(export)).kind == "dataturks"
+    not_text = tmp_path / "photo.json"
+    not_text.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\x01\x00")
+    with pytest.raises(SourceUnavailable, match=r"first line is not UTF-8 text \(byte 0x89 at "):
+        resolve_source(str(not_text))
+    empty = tmp_path / "empty.json"
+    empty.touch()
+    with pytest.raises(SourceUnavailable, match=r"empty\.json is an empty file \(0 bytes\)"):
+        resolve_source(str(empty))
     # A first line nested deeper than Python's JSON reader follows is not an export either.
     deep = tmp_path / "deep.json"
     deep.write_text('{"content": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
