@@ -103,7 +103,7 @@ def read_export(path: str | Path, on_bad_line: str = "skip") -> list[DataturksIt
             )
         text = "\n".join(line for line in lines if isinstance(line, str))
         try:
-            records = _json(text)
+            records = parse_json(text)
         except json.JSONDecodeError as e:
             raise DataturksError(
                 f"{path}:{e.lineno}: invalid JSON ({e.msg}, column {e.colno}). Dataturks "
@@ -126,7 +126,7 @@ def read_export(path: str | Path, on_bad_line: str = "skip") -> list[DataturksIt
             if not line.strip():
                 continue
             try:
-                record = _json(line)
+                record = parse_json(line)
             except json.JSONDecodeError as e:
                 if on_bad_line == "error":
                     raise DataturksError(
@@ -148,7 +148,7 @@ def read_export(path: str | Path, on_bad_line: str = "skip") -> list[DataturksIt
     return items
 
 
-def _json(text: str) -> Any:
+def parse_json(text: str) -> Any:
     """json.loads; JSON nested deeper than Python's reader can follow (its RecursionError) is
     malformed JSON like any other, so that one such line is a bad line, not a crash."""
     try:

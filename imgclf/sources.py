@@ -30,7 +30,7 @@ from pathlib import Path
 
 from imgclf.archives import ArchiveLimits, ArchiveTooLarge, archive_format, extract_archive
 from imgclf.config import cache_dir, repo_root
-from imgclf.dataturks import export_lines, not_utf8
+from imgclf.dataturks import export_lines, not_utf8, parse_json
 from imgclf.downloads import ByteLimit, DownloadError, download_file, url_file_name
 from imgclf.errors import UserError
 from imgclf.fileio import sha256_file
@@ -156,8 +156,8 @@ def _is_export_line(line: str | UnicodeDecodeError | None) -> bool:
     if line is None or not line.startswith("{"):
         return False
     try:
-        item = json.loads(line)
-    except (json.JSONDecodeError, RecursionError):  # nested too deeply: malformed all the same
+        item = parse_json(line)
+    except json.JSONDecodeError:
         return False
     return isinstance(item, dict) and "content" in item
 
