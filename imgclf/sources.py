@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 import unicodedata
@@ -328,7 +329,34 @@ def _resolve_url(
         file = download_file(url, timeout_s=timeout_s, retries=retries, limit=limit)
     except DownloadError as e:
         raise SourceUnavailable(offline_message(url, e.reason, e.network)) from None
-    return _resolve_file(source, file, url, name, limits)
+    try:
+        return _resolve_file(source, file, url, name, limits)
+    except SourceUnavailable as e:
+        if archive_format(file) is not None:
+            raise  # an archive, kept: what is wrong is inside it, not the download
+        # Not what the URL should give (often a sharing or login page): not kept, so that the
+        # next run fetches the URL again instead of reading this from the download cache.
+        page = _web_page(file)
+        file.unlink(missing_ok=True)
+        hint = (
+            f" The URL answered with a web page{page}, not the file: a sharing link (Google "
+            "Drive, Dropbox) or a login leads to one; give the file's direct download link."
+            if page is not None
+            else ""
+        )
+        raise SourceUnavailable(
+            f"{e}{hint} The download was not kept: the next run fetches the URL again."
+        ) from None
+
+
+def _web_page(file: Path) -> str | None:
+    """None unless `file` starts as an HTML page; then " (titled '...')", or "" untitled."""
+    with open(file, "rb") as f:
+        head = f.read(1 << 16).decode("utf-8", "replace")
+    if not re.match(r"\s*(<!doctype html|<html)", head, re.IGNORECASE):
+        return None
+    title = re.search(r"<title[^>]*>(.*?)</title>", head, re.IGNORECASE | re.DOTALL)
+    return f" (titled {' '.join(title.group(1).split())[:80]!r})" if title else ""
 
 
 # -- public API -----------------------------------------------------------------------------

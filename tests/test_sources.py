@@ -166,6 +166,24 @@ def test_archives_served_over_http(tmp_path, flowers):
         assert srv.total == 0
 
 
+def test_a_web_page_instead_of_the_file_is_named_and_not_kept(tmp_path, flowers):
+    # A sharing link answers 200 with a sign-in page; once the link is fixed, the same URL
+    # gives the archive, and the next run must fetch it instead of reusing the page.
+    page = b"\n<!DOCTYPE html><html><head><title>Sign in -\n Accounts</title></head></html>"
+    with LoopbackServer({"dl/flowers.tgz": page}) as srv:
+        url, port = srv.url("dl/flowers.tgz"), srv.port
+        with pytest.raises(SourceUnavailable) as e:
+            resolve_source(url, timeout_s=5)
+    message = str(e.value)
+    assert "is neither a folder, an archive nor a Dataturks export" in message
+    assert "answered with a web page (titled 'Sign in - Accounts'), not the file" in message
+    assert message.endswith("The download was not kept: the next run fetches the URL again.")
+    tgz = _tgz(tmp_path / "flowers.tgz", flowers).read_bytes()
+    with LoopbackServer({"dl/flowers.tgz": tgz}, port=port) as srv:
+        assert resolve_source(url, timeout_s=5).kind == "tree"
+        assert srv.count("dl/flowers.tgz") == 1
+
+
 def test_http_404_is_one_paragraph(tmp_path):
     with LoopbackServer({}) as srv, pytest.raises(SourceUnavailable) as e:
         resolve_source(srv.url("gone/flowers.tgz"), timeout_s=5)
