@@ -211,17 +211,28 @@ def label_one(
         height=int(pixels.shape[0]),
     )
     if names is not None:
-        names.out_dir.mkdir(parents=True, exist_ok=True)
         stem = names.stem(path)
         image = Image.fromarray(pixels, "RGB")
         best, confidence = result.top[0]
         annotated = annotate(image, f"{best} {confidence:.1%}")
         result.annotated = str(names.out_dir / f"{stem}.labelled.png")
-        annotated.save(result.annotated)
+        _save(annotated, result.annotated)
         if chart:
             result.chart = str(names.out_dir / f"{stem}.chart.png")
-            probability_chart(annotated, labels, probs).save(result.chart)
+            _save(probability_chart(annotated, labels, probs), result.chart)
     return result
+
+
+class OutputError(Exception):
+    """An output file could not be written: the output's fault, not the image's."""
+
+
+def _save(image: Image.Image, path: str) -> None:
+    try:
+        image.save(path)
+    except OSError as e:
+        Path(path).unlink(missing_ok=True)  # no half-written PNG left behind
+        raise OutputError(f"cannot write {path} ({e.strerror or e})") from None
 
 
 # --------------------------------------------------------------------------- output
@@ -385,6 +396,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
+    if not args.no_annotate:
+        try:
+            Path(args.out_dir).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            error(
+                f"--out-dir {args.out_dir}: cannot make that folder ({e.strerror or e}); give "
+                "another with -o, or --no-annotate"
+            )
+            return EXIT_MODEL
     files, problems = expand_inputs(args.images)
     failures = [{"image": item, "error": why} for item, why in problems]
     for item, why in problems:
@@ -430,6 +450,8 @@ def _image_error(e: Exception) -> str:
 
     if isinstance(e, UnidentifiedImageError):
         return "not an image (Pillow cannot identify the file)"
+    if isinstance(e, OutputError):
+        return str(e)
     if isinstance(e, OSError) and not isinstance(e, FileNotFoundError):
         return f"unreadable or damaged image ({e})"
     return _first_line(e)

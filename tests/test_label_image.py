@@ -161,6 +161,37 @@ def test_missing_models_dir_is_one_line(tmp_path, capsys):
     assert "nope/backbone" in errors[0] and "dvc repro" in errors[0]
 
 
+def test_an_out_dir_that_cannot_be_made_is_one_line_before_any_model(tmp_path, capsys):
+    image = make_image(tmp_path / "a.jpg", seed=2)
+    taken = tmp_path / "taken"
+    taken.write_text("a file where the folder should go\n")
+    # A models dir that does not exist: the out-dir check comes first, and alone.
+    code, out, errors = run([str(image), "-o", str(taken), "--models-dir", "nope"], capsys)
+    assert code == 2 and out == ""
+    assert errors == [
+        f"label-image: error: --out-dir {taken}: cannot make that folder (File exists); give "
+        "another with -o, or --no-annotate"
+    ]
+
+
+@pytest.mark.slow
+def test_an_annotated_copy_that_cannot_be_written_is_the_outputs_fault(
+    models_dir, tmp_path, capsys
+):
+    image = make_image(tmp_path / "a.jpg", seed=2)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    (out_dir / "a.labelled.png").symlink_to("/dev/full")  # a full disk, for real
+    argv = [str(image), "--models-dir", str(models_dir), "--head", "tf", "-o", str(out_dir)]
+    code, _, errors = run([*argv, "--json"], capsys)
+    assert code == 1
+    assert errors == [
+        f"label-image: error: {image}: cannot write {out_dir / 'a.labelled.png'} (No space left "
+        "on device)"
+    ]
+    assert not (out_dir / "a.labelled.png").exists()  # nothing half-written left
+
+
 def test_only_bad_inputs_exit_1_without_loading_a_model(tmp_path, capsys):
     code, out, errors = run([str(tmp_path / "a.jpg"), str(tmp_path), "--json"], capsys)
     assert code == 1 and len(errors) == 2
