@@ -396,6 +396,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
+    files, problems = expand_inputs(args.images)
+    failures = [{"image": item, "error": why} for item, why in problems]
+    for item, why in problems:
+        error(f"{item}: {why}")
+    if not files:
+        if args.json:
+            print_json([], failures, args.model or "")
+        return EXIT_SOME_FAILED
+    # Before the model loads, and only when there is something to label (no empty ./labelled).
     if not args.no_annotate:
         try:
             Path(args.out_dir).mkdir(parents=True, exist_ok=True)
@@ -405,14 +414,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "another with -o, or --no-annotate"
             )
             return EXIT_MODEL
-    files, problems = expand_inputs(args.images)
-    failures = [{"image": item, "error": why} for item, why in problems]
-    for item, why in problems:
-        error(f"{item}: {why}")
-    if not files:
-        if args.json:
-            print_json([], failures, args.model or "")
-        return EXIT_SOME_FAILED
 
     try:
         predictor = load_model(args.model, args.head, args.models_dir)
