@@ -119,6 +119,17 @@ def cached_path(url: str, cache: Path | None = None) -> Path:
     return cache / (hashlib.sha256(url.encode("utf-8")).hexdigest() + _suffix(url))
 
 
+def web_page(file: Path) -> str | None:
+    """None unless `file` starts as an HTML page; then " (titled '...')", or "" untitled. What
+    a URL gives instead of the file behind a sharing link, a login or a dead image host."""
+    with open(file, "rb") as f:
+        head = f.read(1 << 16).decode("utf-8", "replace")
+    if not re.match(r"\s*(<!doctype html|<html)", head, re.IGNORECASE):
+        return None
+    title = re.search(r"<title[^>]*>(.*?)</title>", head, re.IGNORECASE | re.DOTALL)
+    return f" (titled {' '.join(title.group(1).split())[:80]!r})" if title else ""
+
+
 def pid_alive(pid: int) -> bool:
     """Whether process `pid` still runs (the owner of a temporary file or folder)."""
     try:

@@ -44,7 +44,7 @@ from tqdm import tqdm
 
 from imgclf import dataturks
 from imgclf.archives import ArchiveLimits
-from imgclf.downloads import ByteLimit, download_many
+from imgclf.downloads import ByteLimit, download_many, web_page
 from imgclf.errors import UserError
 from imgclf.fileio import sha256_file, write_csv, write_metrics
 from imgclf.images import DEFAULT_MAX_PIXELS, FORMAT_EXTENSIONS, BadImage, inspect_image
@@ -587,7 +587,31 @@ def _hash_and_inspect(
             except BadImage as e:
                 infos[sha] = e
         hashed.append((cand, sha, infos[sha]))
-    return hashed
+    return _forget_bad_downloads(hashed)
+
+
+def _forget_bad_downloads(hashed: list[Checked]) -> list[Checked]:
+    """A download that is no usable image (often a dead host's "not found" page, sent with
+    200) is deleted from the download cache, so that the next run fetches the URL again
+    instead of reading the same page. Too large an image is kept: it will not change."""
+    forgotten: dict[Path, BadImage] = {}
+    out: list[Checked] = []
+    for cand, sha, info in hashed:
+        downloaded = dataturks.is_url(cand.origin)  # its path is then in the download cache
+        if downloaded and isinstance(info, BadImage) and info.reason != "too_large":
+            if cand.path not in forgotten:
+                page = web_page(cand.path)
+                hint = f": the URL answered with a web page{page}" if page is not None else ""
+                forgotten[cand.path] = BadImage(
+                    info.reason,
+                    f"{info.detail}{hint}. The download was not kept: the next run fetches "
+                    "the URL again",
+                )
+            info = forgotten[cand.path]
+        out.append((cand, sha, info))
+    for path in forgotten:  # after the loop: the same URL twice is one cached file
+        path.unlink(missing_ok=True)
+    return out
 
 
 def _into_classes(

@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shutil
 import sys
 import unicodedata
@@ -32,7 +31,7 @@ from pathlib import Path
 from imgclf.archives import ArchiveLimits, ArchiveTooLarge, archive_format, extract_archive
 from imgclf.config import cache_dir, repo_root
 from imgclf.dataturks import export_lines, not_utf8, parse_json
-from imgclf.downloads import ByteLimit, DownloadError, download_file, url_file_name
+from imgclf.downloads import ByteLimit, DownloadError, download_file, url_file_name, web_page
 from imgclf.errors import UserError
 from imgclf.fileio import sha256_file
 
@@ -336,7 +335,7 @@ def _resolve_url(
             raise  # an archive, kept: what is wrong is inside it, not the download
         # Not what the URL should give (often a sharing or login page): not kept, so that the
         # next run fetches the URL again instead of reading this from the download cache.
-        page = _web_page(file)
+        page = web_page(file)
         file.unlink(missing_ok=True)
         hint = (
             f" The URL answered with a web page{page}, not the file: a sharing link (Google "
@@ -347,16 +346,6 @@ def _resolve_url(
         raise SourceUnavailable(
             f"{e}{hint} The download was not kept: the next run fetches the URL again."
         ) from None
-
-
-def _web_page(file: Path) -> str | None:
-    """None unless `file` starts as an HTML page; then " (titled '...')", or "" untitled."""
-    with open(file, "rb") as f:
-        head = f.read(1 << 16).decode("utf-8", "replace")
-    if not re.match(r"\s*(<!doctype html|<html)", head, re.IGNORECASE):
-        return None
-    title = re.search(r"<title[^>]*>(.*?)</title>", head, re.IGNORECASE | re.DOTALL)
-    return f" (titled {' '.join(title.group(1).split())[:80]!r})" if title else ""
 
 
 # -- public API -----------------------------------------------------------------------------

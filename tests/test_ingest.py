@@ -382,6 +382,48 @@ def test_dataturks_over_http(tmp_path):
     assert read_metrics(out / "metrics" / "ingest.json")["per_class"] == {"cat": 6, "dog": 5}
 
 
+def test_a_url_that_answers_with_a_web_page_is_skipped_and_fetched_again_next_run(tmp_path):
+    # A dead image host often answers 200 with its "not found" page. Kept in the download
+    # cache, that page would be every later run's answer, even once the host is back.
+    page = b"<!DOCTYPE html><html><head><title>Image\n not found</title></head></html>"
+    files = {f"{i}.jpg": make_image(tmp_path / f"{i}.jpg", seed=i).read_bytes() for i in range(4)}
+    files |= {"moved.jpg": page, "gone.jpg": page, "broken.jpg": b"\xff\xd8\xff not a JPEG"}
+    with LoopbackServer(files) as srv:
+        records = [item(srv.url(f"{i}.jpg"), ["cat" if i % 2 else "dog"]) for i in range(4)]
+        records += [item(srv.url(name), ["cat"]) for name in ("moved.jpg", "gone.jpg")]
+        records += [item(srv.url("moved.jpg"), ["cat"]), item(srv.url("broken.jpg"), ["dog"])]
+        export = write_export(tmp_path / "export.json", records)
+        ingest(export_source(export), tmp_path / "out")
+        rows = {
+            r["origin"].rsplit("/", 1)[-1]: r
+            for r in read_csv(tmp_path / "out" / "metrics" / "ingest_skipped.csv")
+        }
+        assert {name: row["reason"] for name, row in rows.items()} == {
+            "moved.jpg": "not_an_image",
+            "gone.jpg": "not_an_image",
+            "broken.jpg": "corrupt",
+        }
+        assert rows["gone.jpg"]["detail"].endswith(
+            "not an image file Pillow can identify: the URL answered with a web page (titled "
+            "'Image not found'). The download was not kept: the next run fetches the URL again"
+        )
+        assert "web page" not in rows["broken.jpg"]["detail"]
+        assert "the next run fetches the URL again" in rows["broken.jpg"]["detail"]
+
+        # The host is back: the next run fetches those URLs, and only those.
+        srv.files["/moved.jpg"] = make_image(tmp_path / "moved.jpg", seed=9).read_bytes()
+        srv.reset_counts()
+        ingest(export_source(export), tmp_path / "out")
+        assert srv.count("moved.jpg") == 1 and srv.count("gone.jpg") == 1
+        assert srv.count("0.jpg") == 0  # a good image stays in the cache
+    assert skipped(tmp_path / "out") == {
+        srv.url("gone.jpg"): "not_an_image",
+        srv.url("broken.jpg"): "corrupt",
+        srv.url("moved.jpg"): "duplicate",  # listed twice: now one image, kept once
+    }
+    assert manifest(tmp_path / "out")["cat/moved.jpg"]["origin"] == srv.url("moved.jpg")
+
+
 @pytest.fixture
 def multi_label_export(tmp_path) -> Path:
     make_class_tree(tmp_path / "pics", {"p": 9}, seed=4)
