@@ -118,7 +118,8 @@ def number(low: float, high: float, *, open_low: bool = False, open_high: bool =
 
     def parse(value: Any) -> float | None:
         x = _number(value)
-        if x is None or math.isnan(x):
+        # float() reads "inf" and YAML reads .inf: no learning rate, timeout or C is infinite.
+        if x is None or not math.isfinite(x):
             return None
         above = x > low if open_low else x >= low
         below = x < high if open_high else x <= high

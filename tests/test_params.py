@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import math
 from pathlib import Path
 
 import pytest
@@ -68,6 +69,8 @@ def test_the_repository_params_parse_completely(block):
             "train_keras.epochs: expected a positive integer, found True.",
         ),
         (P.TrainKerasParams, "learning_rate", -1, "expected a positive number, found -1."),
+        (P.TrainKerasParams, "learning_rate", "inf", "expected a positive number, found 'inf'."),
+        (P.FinetuneTfParams, "learning_rate", math.inf, "expected a positive number, found inf."),
         (P.TrainSklearnParams, "standardize", "yes", "expected true or false, found 'yes'."),
         (P.HeadsParams, "validation_fraction", 1, "between 0 and 1 (exclusive), found 1."),
         (P.EvaluateParams, "min_accuracy", "nan", "expected a number >= 0, found 'nan'."),
