@@ -175,6 +175,22 @@ def _local_path(url: str) -> Path | None:
     return None
 
 
+def unreachable(url: str, *, timeout_s: float = 10, retries: int = 2) -> str | None:
+    """Why the server at `url` cannot be reached (DNS, refused, timed out, TLS), with the same
+    retries as a download; None once it answers anything, an error status included."""
+    try:
+        response = _pool(1).request(
+            "GET", url, retries=_policy(retries), timeout=Timeout(connect=timeout_s, read=timeout_s)
+        )
+    except MaxRetryError as e:
+        reason, _ = _reason(e, url, timeout_s)
+        return _with_attempts(reason, getattr(e, "attempts", 1))
+    except Exception as e:  # what urllib3 raises outside its Retry (a broken TLS stream, say)
+        return _one_line(_reason(e, url, timeout_s)[0])
+    response.drain_conn()
+    return None
+
+
 # -- one download ---------------------------------------------------------------------------
 class _Retry(Retry):
     """urllib3's policy, plus what the pipeline needs from it: a DNS answer "no such host"

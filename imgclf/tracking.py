@@ -40,6 +40,7 @@ import json
 import os
 import subprocess
 import sys
+import urllib.parse
 import warnings
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -50,7 +51,8 @@ from typing import Any
 import yaml
 
 from imgclf.config import repo_root
-from imgclf.errors import ParamsError
+from imgclf.downloads import unreachable
+from imgclf.errors import ParamsError, UserError
 from imgclf.fileio import read_csv, read_json, read_metrics, sha256_file
 from imgclf.images import DEFAULT_MAX_PIXELS
 from imgclf.layout import Layout
@@ -91,14 +93,36 @@ def resolve_store(root: str | Path | None = None, tracking_uri: str | None = Non
     return Store(uri, uri, (base / ARTIFACTS_DIR).as_uri(), is_default=True)
 
 
+class TrackingStoreError(UserError):
+    """The MLflow store cannot be used as it is: a damaged or outdated database, a server that
+    does not answer, a deleted experiment."""
+
+
 def configure_store(root: str | Path | None = None, tracking_uri: str | None = None) -> Store:
-    """Point the `mlflow` module at the store (see `resolve_store`) and return it."""
+    """Point the `mlflow` module at the store (see `resolve_store`) and return it; raises
+    TrackingStoreError when the store cannot be used."""
 
     store = resolve_store(root, tracking_uri)
     if store.is_default:
         _init_sqlite_store(store)
+    else:
+        _check_server(store.tracking_uri)
     use_store(store)
     return store
+
+
+def _check_server(uri: str) -> None:
+    # MLflow's own client retries a server that is not there for about four minutes, without
+    # a word, then fails with a traceback: one request first says it in seconds.
+    if urllib.parse.urlsplit(uri).scheme.lower() not in ("http", "https"):
+        return
+    why = unreachable(uri.rstrip("/") + "/health")
+    if why is not None:
+        raise TrackingStoreError(
+            f"the MLflow tracking server {uri} (MLFLOW_TRACKING_URI) does not answer: {why}. "
+            "Start it, or unset MLFLOW_TRACKING_URI to log to the project's own store "
+            "(mlflow.db, which make ui shows)."
+        )
 
 
 def use_store(store: Store) -> None:
@@ -118,9 +142,22 @@ def _init_sqlite_store(store: Store) -> None:
     # The first client to open a new database creates the "Default" experiment with an artifact
     # root of ./mlruns relative to the CURRENT directory (a temp exp copy, say). Creating the
     # store here first gives it <root>/mlartifacts, the folder `make ui` serves.
+    from mlflow.exceptions import MlflowException
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+    from sqlalchemy.exc import SQLAlchemyError
 
-    SqlAlchemyStore(store.tracking_uri, store.artifact_root)
+    db = store.tracking_uri.removeprefix("sqlite:///")
+    try:
+        SqlAlchemyStore(store.tracking_uri, store.artifact_root)
+    except MlflowException as e:  # an outdated schema: MLflow's message says how to upgrade
+        raise TrackingStoreError(f"{db}: {' '.join(e.message.split())}") from None
+    except SQLAlchemyError as e:
+        cause = " ".join(str(getattr(e, "orig", None) or e).split())
+        raise TrackingStoreError(
+            f"{db}: MLflow cannot open this store ({cause}). The file holds the project's runs "
+            "and registered models: restore it from a backup, or move it aside (mv "
+            f"{db} {db}.damaged) and the next run of the track stage starts a new one."
+        ) from None
 
 
 def get_or_create_experiment(name: str, store: Store) -> str:
@@ -135,7 +172,7 @@ def get_or_create_experiment(name: str, store: Store) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         if exp.lifecycle_stage == "deleted":
-            raise RuntimeError(
+            raise TrackingStoreError(
                 f"MLflow experiment {name!r} is deleted (in the trash) in {store.tracking_uri}: "
                 f"restore it (mlflow experiments restore --experiment-id {exp.experiment_id}) "
                 "or set track.experiment to another name."

@@ -21,6 +21,7 @@ from imgclf import (
     sources,
     splitting,
     torchscript,
+    tracking,
 )
 from imgclf.errors import MissingInput, ParamsError, UserError
 
@@ -130,6 +131,7 @@ def test_message_says_found_expected_and_what_to_do():
         sources.SourceUnavailable,
         splitting.SplitError,
         torchscript.UnsafePickleError,
+        tracking.TrackingStoreError,
     ],
 )
 def test_every_input_error_is_a_user_error(cls):

@@ -26,6 +26,7 @@ import pytest
 import yaml
 
 from imgclf.fileio import sha256_file, write_csv, write_json
+from tests.http_server import LoopbackServer
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -255,6 +256,58 @@ def test_configuring_a_store_leaves_no_registry_behind(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_REGISTRY_URI", "sqlite:///user.db")
     configure_store(tmp_path / "c")
     assert os.environ["MLFLOW_REGISTRY_URI"] == "sqlite:///user.db"  # the user's own is kept
+
+
+def test_a_damaged_store_is_named_and_left_as_it_is(tmp_path, monkeypatch):
+    from imgclf.tracking import TrackingStoreError, configure_store
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    db = tmp_path / "mlflow.db"
+    db.write_bytes(b"<<<<<<< HEAD\n" + bytes(range(256)) * 8)  # a merge gone wrong
+    before = db.read_bytes()
+    with pytest.raises(TrackingStoreError) as info:
+        configure_store(tmp_path)
+    assert str(info.value) == (
+        f"{db}: MLflow cannot open this store (file is not a database). The file holds the "
+        "project's runs and registered models: restore it from a backup, or move it aside (mv "
+        f"{db} {db}.damaged) and the next run of the track stage starts a new one."
+    )
+    assert db.read_bytes() == before
+
+
+def test_a_tracking_server_that_does_not_answer_is_named_in_seconds(tmp_path, monkeypatch):
+    from imgclf.tracking import TrackingStoreError, configure_store
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    start = time.monotonic()
+    with pytest.raises(TrackingStoreError) as info:
+        configure_store(tmp_path)
+    # MLflow's client alone retries for about four minutes, then fails with a traceback.
+    assert time.monotonic() - start < 20
+    assert str(info.value).startswith(
+        f"the MLflow tracking server http://127.0.0.1:{port} (MLFLOW_TRACKING_URI) does not "
+        f"answer: connection refused by 127.0.0.1 (3 attempts). Start it, or unset"
+    )
+    with LoopbackServer({}, statuses={"health": 404}) as srv:  # any answer will do
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", srv.base_url.rstrip("/"))
+        assert configure_store(tmp_path).tracking_uri == srv.base_url.rstrip("/")
+        assert srv.count("health") == 1
+
+
+def test_a_deleted_experiment_is_a_user_error_with_what_to_do(tmp_path, monkeypatch):
+    from mlflow import MlflowClient
+
+    from imgclf.tracking import TrackingStoreError, configure_store, get_or_create_experiment
+
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID"):
+        monkeypatch.delenv(name, raising=False)
+    store = configure_store(tmp_path)
+    MlflowClient(store.tracking_uri).delete_experiment(get_or_create_experiment("x", store))
+    with pytest.raises(TrackingStoreError, match=r"'x' is deleted .*mlflow experiments restore"):
+        get_or_create_experiment("x", store)
 
 
 def test_flatten_and_numeric_leaves():
