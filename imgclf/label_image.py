@@ -318,9 +318,10 @@ def load_model(model: str | None, head: str, models_dir: Path | None) -> Any:
             f"{model!r} is neither an MLflow model URI (models:/<name>/<version>, "
             "runs:/<run id>/model, ...) nor a folder with an MLmodel file"
         )
-    from imgclf.tracking import resolve_store, use_store
+    from imgclf.tracking import check_server, resolve_store, use_store
 
     store = resolve_store()
+    check_server(store.tracking_uri)
     if store.is_default and model.startswith(("models:/", "runs:/")):
         db = Path(store.tracking_uri.removeprefix("sqlite:///"))
         if not db.is_file():

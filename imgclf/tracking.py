@@ -106,14 +106,15 @@ def configure_store(root: str | Path | None = None, tracking_uri: str | None = N
     if store.is_default:
         _init_sqlite_store(store)
     else:
-        _check_server(store.tracking_uri)
+        check_server(store.tracking_uri)
     use_store(store)
     return store
 
 
-def _check_server(uri: str) -> None:
-    # MLflow's own client retries a server that is not there for about four minutes, without
-    # a word, then fails with a traceback: one request first says it in seconds.
+def check_server(uri: str) -> None:
+    """Raise TrackingStoreError unless the tracking server at an http(s) `uri` answers.
+    MLflow's own client retries a server that is not there for about four minutes, without a
+    word, then fails with a traceback: one request first says it in seconds."""
     if urllib.parse.urlsplit(uri).scheme.lower() not in ("http", "https"):
         return
     why = unreachable(uri.rstrip("/") + "/health")

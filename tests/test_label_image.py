@@ -9,7 +9,9 @@ from __future__ import annotations
 import csv
 import io
 import json
+import socket
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -152,6 +154,24 @@ def test_unreadable_model_uri_is_one_line_and_exit_2(tmp_path, monkeypatch, caps
         assert code == 2, model
         assert len(errors) == 1 and "cannot load model" in errors[0] and model in errors[0]
         assert out == ""
+
+
+def test_a_tracking_server_that_does_not_answer_is_one_line_in_seconds(
+    tmp_path, monkeypatch, capsys
+):
+    image = make_image(tmp_path / "a.jpg", seed=2)
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    start = time.monotonic()
+    code, out, errors = run([str(image), "--model", "models:/m@champion", "--no-annotate"], capsys)
+    assert time.monotonic() - start < 20  # not MLflow's four minutes of silent retries
+    assert (code, out, len(errors)) == (2, "", 1)
+    assert (
+        f"the MLflow tracking server http://127.0.0.1:{port} (MLFLOW_TRACKING_URI) does "
+        in (errors[0])
+    )
 
 
 def test_missing_models_dir_is_one_line(tmp_path, capsys):
