@@ -66,7 +66,12 @@ def expand_inputs(args: Sequence[str]) -> tuple[list[Path], list[tuple[str, str]
         try:
             mode = path.stat().st_mode
         except FileNotFoundError:  # a broken link too
-            problems.append((arg, "no such file or folder"))
+            url = arg.lower().startswith(("http://", "https://"))
+            problems.append(
+                (arg, "a URL: label-image reads files; download it first (curl -O <url>)")
+                if url
+                else (arg, "no such file or folder")
+            )
             continue
         except OSError as e:  # EACCES: a folder on the way that this user cannot enter
             problems.append((arg, f"cannot be read ({e.strerror})"))

@@ -213,9 +213,13 @@ def test_an_annotated_copy_that_cannot_be_written_is_the_outputs_fault(
 
 
 def test_only_bad_inputs_exit_1_without_loading_a_model(tmp_path, capsys):
-    code, out, errors = run([str(tmp_path / "a.jpg"), str(tmp_path), "--json"], capsys)
-    assert code == 1 and len(errors) == 2
+    url = "https://example.com/rose.jpg"  # read as a file name, it names nothing
+    code, out, errors = run([str(tmp_path / "a.jpg"), str(tmp_path), url, "--json"], capsys)
+    assert code == 1 and len(errors) == 3
     assert json.loads(out)["results"] == []
+    assert (
+        f"{url}: a URL: label-image reads files; download it first (curl -O <url>)" in (errors[2])
+    )
 
 
 def test_inputs_this_user_cannot_read_are_problems_not_a_crash(world_tmp):
