@@ -105,7 +105,8 @@ bench-litert: setup
 # GenAI jobs, which this project has none of, and they outlive a SIGTERM of the UI.
 UI_PORT ?= 5000
 ui: setup
-	@echo "MLflow UI: open $$($(BIN)/python -m imgclf.tracking ui-url http://127.0.0.1:$(UI_PORT))"
+	@url="$$($(BIN)/python -m imgclf.tracking ui-url http://127.0.0.1:$(UI_PORT))" && \
+		echo "MLflow UI: open $$url"
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db \
 		--default-artifact-root ./mlartifacts --host 127.0.0.1 --port $(UI_PORT)
 

@@ -1112,6 +1112,11 @@ def ui_url(
     if db is None or db.is_file():
         from mlflow import MlflowClient
 
+        if db is None:
+            check_server(store.tracking_uri)
+        else:
+            _init_sqlite_store(store)  # a damaged mlflow.db: TrackingStoreError, named
+
         exp = MlflowClient(store.tracking_uri).get_experiment_by_name(experiment)
         experiment_id = exp.experiment_id if exp is not None else None
     if experiment_id is None:
@@ -1133,7 +1138,10 @@ def main(argv: list[str] | None = None) -> None:
         experiment = load_params()["track"]["experiment"]
     except (FileNotFoundError, KeyError, TypeError):
         experiment = "tf-or-keras"
-    print(ui_url(args.base_url, experiment))
+    try:
+        print(ui_url(args.base_url, experiment))
+    except TrackingStoreError as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":

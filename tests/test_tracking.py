@@ -275,6 +275,21 @@ def test_a_damaged_store_is_named_and_left_as_it_is(tmp_path, monkeypatch):
     assert db.read_bytes() == before
 
 
+def test_make_ui_on_a_damaged_store_stops_with_the_message(tmp_path):
+    # Before: a traceback in the middle of make's "MLflow UI: open" line, then a UI over it.
+    shutil.copy(ROOT / "Makefile", tmp_path)
+    shutil.copy(ROOT / "params.yaml", tmp_path)
+    (tmp_path / ".venv").symlink_to(sys.prefix, target_is_directory=True)
+    (tmp_path / "mlflow.db").write_bytes(b"not a database\n" * 100)
+    done = subprocess.run(
+        ["make", "-o", ".venv/bin/activate", "-o", ".dvc/plots/offline.html", "ui"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode != 0
+    assert f"error: {tmp_path / 'mlflow.db'}: MLflow cannot open this store" in done.stderr
+    assert "Traceback" not in done.stderr and "MLflow UI: open" not in done.stdout
+
+
 def test_a_tracking_server_that_does_not_answer_is_named_in_seconds(tmp_path, monkeypatch):
     from imgclf.tracking import TrackingStoreError, configure_store
 
