@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from imgclf.errors import MissingInput
+from imgclf.errors import MissingInput, ParamsError, UserError
 
 PARAMS_FILE = Path("params.yaml")
 # DVC puts the repository copy of a --temp/--queue experiment here.
@@ -23,8 +23,58 @@ def load_params(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
         raise MissingInput(
             f"{path} not found: run stages from the repository root (dvc repro does)."
         )
-    with path.open(encoding="utf-8") as f:
-        return yaml.safe_load(f) or {}
+    try:
+        # Bytes, so that PyYAML reads the encoding (UTF-8, or UTF-16 with a BOM) and reports
+        # bytes that are neither as a YAMLError, with the rest.
+        params = yaml.safe_load(path.read_bytes())
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: not valid YAML ({_yaml_problem(e)}). {_FIX_PARAMS}") from None
+    if params is None:
+        return Params()
+    if not isinstance(params, dict):
+        raise UserError(
+            f"{path}: expected a mapping of sections (data:, split:, train_tf: ...), found a "
+            f"{type(params).__name__}. {_FIX_PARAMS}"
+        )
+    return Params(params)
+
+
+class MissingSection(ParamsError, KeyError):
+    """A top-level section that params.yaml lacks; a KeyError too, for `except KeyError`."""
+
+
+class Params(dict):
+    """params.yaml's sections; one that is missing is a user error naming it, not a KeyError
+    traceback from wherever the stage first read it."""
+
+    def __missing__(self, key: str) -> Any:
+        raise MissingSection(
+            str(key),
+            expected="a section of params.yaml",
+            found="none",
+            todo=f"Put it back (the repository's params.yaml has it); {_FIX_PARAMS}",
+        )
+
+
+_FIX_PARAMS = "`git diff params.yaml` shows what changed since the last commit."
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """Where and what, as one line: "line 2, column 1: found character '\\t' that cannot
+    start any token"; a tab gets the reminder that YAML indents with spaces."""
+    if isinstance(error, yaml.reader.ReaderError):
+        return f"byte {error.position + 1} is not UTF-8 text ({error.reason}); save it as UTF-8"
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None)
+    if mark is None or problem is None:
+        return " ".join(str(error).split())
+    text = f"line {mark.line + 1}, column {mark.column + 1}: {' '.join(problem.split())}"
+    context, start = getattr(error, "context", None), getattr(error, "context_mark", None)
+    if context and start is not None and start.line != mark.line:
+        text += f" ({' '.join(context.split())} that starts at line {start.line + 1})"
+    if "'\\t'" in problem:
+        text += "; YAML indents with spaces, never tabs"
+    return text
 
 
 def cache_dir(*parts: str) -> Path:

@@ -66,6 +66,35 @@ def test_missing_params_file_is_a_user_error(tmp_path):
     assert "Traceback" not in done.stderr
 
 
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        # A tab where YAML wants spaces: the commonest slip of an edit by hand.
+        ("split:\n\tseed: 0\n", "params.yaml: not valid YAML (line 2, column 1: found character "
+         "'\\t' that cannot start any token; YAML indents with spaces, never tabs)."),
+        ("split:\n  seed: [0\n", "(line 3, column 1: expected ',' or ']', but got '<stream "
+         "end>' (while parsing a flow sequence that starts at line 2))."),
+        ("data:\n  source: caf\xe9\n".encode("latin-1"), "params.yaml: not valid YAML (byte 20 "
+         "is not UTF-8 text (invalid continuation byte); save it as UTF-8)."),
+        ("- split\n", "params.yaml: expected a mapping of sections (data:, split:, train_tf: ...), "
+         "found a list."),
+        ("split:\n  seed: 0\n", "params.yaml: paths: expected a section of params.yaml, found "
+         "none. Put it back (the repository's params.yaml has it);"),
+    ],
+)  # fmt: skip
+def test_a_params_file_that_cannot_be_read_is_named_with_where(tmp_path, text, message):
+    # Each was a YAML or KeyError traceback called a bug.
+    write_project(tmp_path, "file,class,sha256\n")
+    params = tmp_path / "params.yaml"
+    params.write_bytes(text if isinstance(text, bytes) else text.encode())
+    done = run_stage("split", tmp_path)
+    assert done.returncode == 1
+    assert done.stderr.startswith("split: error: params.yaml: "), done.stderr
+    assert message in done.stderr and "Traceback" not in done.stderr
+    assert done.stderr.rstrip().endswith("`git diff params.yaml` shows what changed since the "
+                                         "last commit.")  # fmt: skip
+
+
 # A misspelt key was a KeyError traceback in split, and silently ignored in ingest and track,
 # whose blocks were read with a default for whatever key was missing.
 BAD_PARAMS = [
