@@ -12,7 +12,8 @@ metrics/ingest_skipped.csv with a reason code:
     never opened), unreadable (a file or folder this user cannot read: one row per folder),
     linked_class (a class folder linking to another class folder),
     missing_file, download_failed, unlabelled, skipped (by the annotator), bad_item,
-    bad_label, bad_line (a malformed export line), multiple_labels;
+    bad_label, bad_line (a malformed export line), multiple_labels, local_file_refused (a
+    file of this machine named by an export that was downloaded);
   - duplicate: same bytes twice in one class; the copy with the smallest name is kept;
   - cross_class_duplicate: same bytes under several classes; dropped from all of them unless
     ingest.cross_class_duplicates is "keep" (then kept once in each).
@@ -32,8 +33,10 @@ so that the outputs are identical on every machine and in `dvc exp run --temp` c
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
+import urllib.parse
 from collections import Counter, defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -394,8 +397,14 @@ def _ignored(path: Path, root: Path) -> Skip:
     return Skip(rel, "ignored", "hidden or system file: not data")
 
 
-def collect_dataturks(export: Path, options: IngestOptions) -> Collected:
+def collect_dataturks(
+    export: Path, options: IngestOptions, *, export_url: str | None = None
+) -> Collected:
     """Items of a Dataturks export with their files (downloaded when they are URLs).
+
+    An export downloaded from `export_url` names its images by URL, or by a path relative to
+    that URL (resolved as a browser resolves a link); it may not name a file of this machine
+    (file:, or a path with any other scheme), which is skipped as `local_file_refused`.
 
     Everything that makes the whole export unusable (wrong task type, a malformed line with
     on_bad_line=error, several labels with on_multiple_labels=error) is raised before anything
@@ -403,6 +412,8 @@ def collect_dataturks(export: Path, options: IngestOptions) -> Collected:
     `<export file name>:<line>`.
     """
     items = dataturks.read_export(export, options.on_bad_line)
+    if export_url is not None:
+        items = [_relative_to(export_url, item) for item in items]
     out = Collected(items=len(items))
     chosen: list[tuple[dataturks.DataturksItem, str]] = []
     multi = [item for item in items if len(item.labels) > 1]
@@ -476,6 +487,21 @@ def collect_dataturks(export: Path, options: IngestOptions) -> Collected:
                 continue
         out.candidates.append(Candidate(label, path, item.content, name, item.line))
     return out
+
+
+def _relative_to(export_url: str, item: dataturks.DataturksItem) -> dataturks.DataturksItem:
+    """`item` of an export downloaded from `export_url`, its content made an absolute URL."""
+    if item.problem:
+        return item
+    url = urllib.parse.urljoin(export_url, item.content)
+    if dataturks.is_url(url):
+        return dataclasses.replace(item, content=url)
+    return dataclasses.replace(
+        item,
+        problem="local_file_refused",
+        detail=f"an export downloaded from {export_url} names images by URL, or by a path "
+        "relative to its own URL, never a file of this machine: not read",
+    )
 
 
 def image_byte_limit(max_image_pixels: int) -> ByteLimit:
@@ -875,7 +901,9 @@ def run_ingest(
         collected = collect_tree(Path(source.path), options.presplit)
     elif source.kind == "dataturks":
         try:
-            collected = collect_dataturks(Path(source.path), options)
+            # An export that came from a URL: its relative paths are relative to that URL.
+            url = source.origin if dataturks.is_url(source.origin) else None
+            collected = collect_dataturks(Path(source.path), options, export_url=url)
         except dataturks.DataturksError as e:
             raise IngestError(str(e)) from None
         for cand in collected.candidates:

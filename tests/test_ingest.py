@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import unicodedata
+import urllib.parse
 from collections import Counter
 from pathlib import Path
 
@@ -422,6 +423,42 @@ def test_a_url_that_answers_with_a_web_page_is_skipped_and_fetched_again_next_ru
         srv.url("moved.jpg"): "duplicate",  # listed twice: now one image, kept once
     }
     assert manifest(tmp_path / "out")["cat/moved.jpg"]["origin"] == srv.url("moved.jpg")
+
+
+def test_an_export_from_a_url_names_images_relative_to_it_and_never_a_local_file(tmp_path):
+    # Before, its relative paths were looked for in the download cache, and its absolute paths
+    # and file:// URLs were read from this machine: a downloaded export could copy the user's
+    # own photos into the data set (and from there into MLflow).
+    from imgclf.sources import resolve_source
+
+    private = [make_image(tmp_path / "private" / f"p{i}.jpg", seed=i) for i in range(2)]
+    files = {f"exports/pics/{i}.jpg": make_image(tmp_path / f"{i}.jpg", seed=10 + i).read_bytes()
+             for i in range(2)}  # fmt: skip
+    files |= {f"other/{i}.jpg": make_image(tmp_path / f"o{i}.jpg", seed=20 + i).read_bytes()
+              for i in range(2)}  # fmt: skip
+    records = [item(str(private[0]), ["cat"]), item(private[1].as_uri(), ["cat"])]
+    records += [item(f"pics/{i}.jpg", ["dog"]) for i in range(2)]  # beside the export
+    records += [item(f"/other/{i}.jpg", ["cat"]) for i in range(2)]  # the same host's root
+    files["exports/x.json"] = write_export(tmp_path / "x.json", records).read_bytes()
+    with LoopbackServer(files) as srv:
+        source = resolve_source(srv.url("exports/x.json"))
+        ingest(source, tmp_path / "out", options(min_images_per_class=2))
+    origins = {row["origin"] for row in manifest(tmp_path / "out").values()}
+    assert origins == {srv.url(f"exports/pics/{i}.jpg") for i in range(2)} | {
+        srv.url(f"other/{i}.jpg") for i in range(2)
+    }
+    rows = read_csv(tmp_path / "out" / "metrics" / "ingest_skipped.csv")
+    # An absolute path is one on the export's host, as a browser reads a link: a 404 there.
+    on_host = urllib.parse.urljoin(srv.url("exports/x.json"), str(private[0]))
+    assert [(r["origin"], r["reason"]) for r in rows] == [
+        (private[1].as_uri(), "local_file_refused"),
+        (on_host, "download_failed"),
+    ]
+    assert "HTTP 404" in rows[1]["detail"]
+    assert rows[0]["detail"].endswith(
+        f"an export downloaded from {srv.url('exports/x.json')} names images by URL, or by a "
+        "path relative to its own URL, never a file of this machine: not read"
+    )
 
 
 @pytest.fixture
