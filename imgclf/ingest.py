@@ -479,6 +479,10 @@ def collect_dataturks(
                 detail = f"{where}: {type(e).__name__}: {e}"
                 out.skipped.append(Skip(item.content, "unreadable", detail))
                 continue
+            if not found and path.is_dir():
+                detail = f"{where}: {path} is a folder; an item names one image file"
+                out.skipped.append(Skip(item.content, "missing_file", detail))
+                continue
             if not found and path.exists():  # never opened: a FIFO would wait forever
                 out.skipped.append(_special(item.content, where))
                 continue

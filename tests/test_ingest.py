@@ -982,6 +982,15 @@ def test_a_fifo_in_the_tree_is_reported_never_opened(tmp_path):
     assert before["files"] == 6  # not data: the fingerprint leaves them out, as links
     # An export naming a FIFO: the same row, not a missing file, and never opened.
     lines = [item(f"src/{c}/img_000{i}.jpg", [c]) for c in ("cats", "dogs") for i in range(3)]
-    export = write_export(tmp_path / "export.json", [*lines, item("src/cats/pipe.jpg", ["cats"])])
+    # A folder is not one either (it was called "a FIFO, socket or device").
+    lines += [item("src/cats/pipe.jpg", ["cats"]), item("src/dogs", ["dogs"])]
+    export = write_export(tmp_path / "export.json", lines)
     ingest(export_source(export), tmp_path / "out2")
-    assert skipped(tmp_path / "out2") == {"src/cats/pipe.jpg": "special_file"}
+    assert skipped(tmp_path / "out2") == {
+        "src/cats/pipe.jpg": "special_file",
+        "src/dogs": "missing_file",
+    }
+    rows = read_csv(tmp_path / "out2" / "metrics" / "ingest_skipped.csv")
+    assert rows[1]["detail"] == (
+        f"line 8: {src / 'dogs'} is a folder; an item names one image file"
+    )
