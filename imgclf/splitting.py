@@ -50,8 +50,9 @@ def assign_subsets(
 ) -> list[str]:
     """Return "train" or "test" for every row (each row has `class`, `file`, `sha256`).
 
-    - Stratified: each class gets round(n * test_fraction) test images (within one image
-      of the target when identical content forces a side, see below).
+    - Stratified: each class gets round(n * test_fraction) test images, but at least one and
+      at most n - 1 (within one image of the target when identical content forces a side,
+      see below).
     - Identical content never lands on both sides: within a class, copies move together;
       content filed under several classes has its side fixed by its score alone.
     """
@@ -74,7 +75,10 @@ def assign_subsets(
 
     subsets = [""] * len(rows)
     for indices in by_class.values():
-        target = round(len(indices) * test_fraction)
+        # At least one image on each side of a class of two or more: round() alone gives a
+        # class of 5 no training image at test_fraction 0.95 (nothing to learn it from) and
+        # no test image at 0.05 (nothing to score it on).
+        target = min(max(round(len(indices) * test_fraction), 1), len(indices) - 1)
         # A unit is all the rows with the same content: they always share a side.
         units: dict[str, list[int]] = defaultdict(list)
         for i in indices:

@@ -37,6 +37,17 @@ def test_each_class_test_share_is_within_one_image_of_target():
         assert abs(tests[name] - 0.2 * n) <= 1, (name, tests[name], n)
 
 
+@pytest.mark.parametrize("fraction", [0.05, 0.95])
+def test_every_class_keeps_an_image_on_each_side_at_extreme_fractions(fraction):
+    # round(5 * 0.95) = 5: the class had nothing to learn from; round(5 * 0.05) = 0: nothing
+    # to be scored on.
+    rows = fake_rows({"a": 5, "b": 6, "c": 400})
+    subsets = assign_subsets(rows, test_fraction=fraction, seed=0, min_per_class=5)
+    sides = Counter((r["class"], s) for r, s in zip(rows, subsets, strict=True))
+    assert all(sides[c, side] >= 1 for c in "abc" for side in ("train", "test")), sides
+    assert sides["c", "test"] == round(400 * fraction)  # a large class: round() as before
+
+
 def test_same_input_and_params_give_the_same_split_and_seed_changes_it():
     rows = fake_rows({"a": 50, "b": 60})
     first = assign_subsets(rows, test_fraction=0.2, seed=1, min_per_class=5)
