@@ -173,17 +173,18 @@ class Labelled:
 
 @dataclass
 class OutputNames:
-    """Unique output names in --out-dir (two inputs called photo.jpg do not overwrite)."""
+    """Unique output names in --out-dir (two inputs called photo.jpg do not overwrite). Names
+    are compared case-folded: Photo.jpg and photo.jpg are one file on macOS and Windows."""
 
     out_dir: Path
     used: set[str] = field(default_factory=set)
 
     def stem(self, path: Path) -> str:
         stem, n = path.stem, 1
-        while stem in self.used:
+        while stem.casefold() in self.used:
             n += 1
             stem = f"{path.stem}-{n}"
-        self.used.add(stem)
+        self.used.add(stem.casefold())
         return stem
 
 

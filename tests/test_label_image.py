@@ -174,6 +174,14 @@ def test_a_tracking_server_that_does_not_answer_is_one_line_in_seconds(
     )
 
 
+def test_output_names_never_collide_even_where_case_does_not_count(tmp_path):
+    names = label_image.OutputNames(tmp_path)
+    inputs = ["a/photo.jpg", "b/photo.jpg", "photo-2.png", "c/Photo.JPG", "PHOTO.png"]
+    stems = [names.stem(Path(p)) for p in inputs]
+    assert stems == ["photo", "photo-2", "photo-2-2", "Photo-3", "PHOTO-4"]
+    assert len({s.casefold() for s in stems}) == len(stems)  # one file each on macOS too
+
+
 def test_missing_models_dir_is_one_line(tmp_path, capsys):
     image = make_image(tmp_path / "a.jpg", seed=2)
     code, _, errors = run([str(image), "--models-dir", str(tmp_path / "nope")], capsys)
