@@ -113,11 +113,15 @@ ui: setup
 # A registered end-to-end model over HTTP (README, "MLflow"): make serve MODEL=models:/<name>@champion.
 # `mlflow models serve` starts uvicorn by name, so the venv must be on PATH (make's PATH has it;
 # a bare .venv/bin/mlflow in a shell where nothing is activated fails: "uvicorn: not found").
-MODEL ?= models:/flower_photos-finetune_keras@champion
+# The default MODEL is the @champion of this data set's finetune_keras (its registered name
+# follows data.source: flower_photos-finetune_keras for the flowers); a models:/ URI that names
+# nothing stops here with what is registered, before MLflow starts a server.
+MODEL ?=
 SERVE_PORT ?= 5001
 serve: setup
+	@uri="$$($(BIN)/python -m imgclf.tracking serve-uri '$(MODEL)')" && echo "serving $$uri" && \
 	MLFLOW_TRACKING_URI="$${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db}" $(BIN)/mlflow models serve \
-		-m '$(MODEL)' --env-manager local -h 127.0.0.1 -p $(SERVE_PORT)
+		-m "$$uri" --env-manager local -h 127.0.0.1 -p $(SERVE_PORT)
 
 # The fine-tune stages' event files: curves on the epoch axis, weight and gradient histograms,
 # gradient norms per block (paths.tensorboard in params.yaml).

@@ -1124,23 +1124,82 @@ def ui_url(
     return f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
 
 
+SERVED_BY_DEFAULT = "finetune_keras"
+
+
+def serve_uri(model: str = "", root: str | Path | None = None) -> str:
+    """The model URI `make serve` serves: `model`, or by default the @champion of this
+    project's registered finetune_keras (its name follows data.source). A models:/ URI is
+    checked against the registry first: one that names nothing raises TrackingStoreError
+    listing what is registered (MLflow's server would start, then fail with a traceback)."""
+    from imgclf.config import load_params
+
+    if not model:
+        params = load_params()
+        source = DataParams.from_params(params).source
+        names = registered_model_names(TrackParams.from_params(params).registered_models, source)
+        model = f"models:/{names[SERVED_BY_DEFAULT]}@{CHAMPION}"
+    if not model.startswith("models:/"):
+        return model
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    store = resolve_store(root)
+    db = Path(store.tracking_uri.removeprefix("sqlite:///")) if store.is_default else None
+    if db is not None and not db.is_file():
+        raise TrackingStoreError(f"no MLflow store at {db}: run the pipeline first (make run)")
+    if db is None:
+        check_server(store.tracking_uri)
+    else:
+        _init_sqlite_store(store)
+    client = MlflowClient(store.tracking_uri, store.registry_uri)
+    name, _, alias = model.removeprefix("models:/").partition("@")
+    name, _, version = name.partition("/")
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        what = f"registered model {name!r}"
+    else:
+        try:
+            if alias:
+                client.get_model_version_by_alias(name, alias)
+            elif version.isdigit():  # not /latest or a stage name: MLflow resolves those
+                client.get_model_version(name, version)
+            return model
+        except MlflowException:
+            what = f"alias @{alias} of {name!r}" if alias else f"version {version} of {name!r}"
+    registered = [
+        m.name + "".join(f" @{a}" for a in sorted(m.aliases or {}))
+        for m in client.search_registered_models()
+    ]
+    listing = "; ".join(sorted(registered)) or "none: run the pipeline first (make run)"
+    raise TrackingStoreError(
+        f"{model}: no {what} in {store.tracking_uri}. Registered: {listing}. Serve one with "
+        "make serve MODEL=models:/<name>@champion (or /<version>)."
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
-    """`python -m imgclf.tracking ui-url [BASE_URL]`: print `ui_url` for track.experiment."""
+    """`python -m imgclf.tracking ui-url [BASE_URL]`: print `ui_url` for track.experiment;
+    `python -m imgclf.tracking serve-uri [MODEL]`: print `serve_uri(MODEL)`."""
     import argparse
 
     from imgclf.config import load_params
 
     parser = argparse.ArgumentParser(prog="python -m imgclf.tracking")
-    parser.add_argument("command", choices=["ui-url"])
-    parser.add_argument("base_url", nargs="?", default="http://127.0.0.1:5000")
+    parser.add_argument("command", choices=["ui-url", "serve-uri"])
+    parser.add_argument("argument", nargs="?", default="")
     args = parser.parse_args(argv)
     try:
-        experiment = load_params()["track"]["experiment"]
-    except (FileNotFoundError, KeyError, TypeError):
-        experiment = "tf-or-keras"
-    try:
-        print(ui_url(args.base_url, experiment))
-    except TrackingStoreError as e:
+        if args.command == "serve-uri":
+            print(serve_uri(args.argument))
+            return
+        try:
+            experiment = load_params()["track"]["experiment"]
+        except (FileNotFoundError, KeyError, TypeError):
+            experiment = "tf-or-keras"
+        print(ui_url(args.argument or "http://127.0.0.1:5000", experiment))
+    except UserError as e:
         raise SystemExit(f"error: {e}") from None
 
 

@@ -756,6 +756,53 @@ def test_champion_is_the_best_version_that_passes_the_gate(tmp_path):
     assert _update_champion(client, "m", "3", 0.95, passed=True) == "6"
 
 
+def test_make_serve_checks_the_model_uri_before_mlflow_starts_a_server(tmp_path, monkeypatch):
+    # Before, a name that is not registered (another data set's default, a typo) started
+    # `mlflow models serve`, which then failed with a traceback.
+    from mlflow import MlflowClient
+
+    from imgclf.tracking import TrackingStoreError, configure_store, serve_uri
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    monkeypatch.chdir(tmp_path)
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["data"]["source"] = "../shared/datasets/flower_photos"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    with pytest.raises(TrackingStoreError, match=r"no MLflow store at .*run the pipeline first"):
+        serve_uri("", root=tmp_path)
+    store = configure_store(tmp_path)
+    client = MlflowClient(store.tracking_uri, store.registry_uri)
+    name = "flower_photos-finetune_keras"  # the default: this data set's fine-tuned Keras model
+    client.create_registered_model(name)
+    client.create_model_version(name, str(tmp_path), run_id=None)
+    client.set_registered_model_alias(name, "champion", "1")
+    assert serve_uri("", root=tmp_path) == f"models:/{name}@champion"
+    assert serve_uri(f"models:/{name}/1", root=tmp_path) == f"models:/{name}/1"
+    assert serve_uri("runs:/abc/model", root=tmp_path) == "runs:/abc/model"  # MLflow's to check
+    registered = f"Registered: {name} @champion. Serve one with make serve MODEL=models:/"
+    for uri, missing in [
+        ("models:/flower-tf@champion", "no registered model 'flower-tf'"),
+        (f"models:/{name}@best", f"no alias @best of '{name}'"),
+        (f"models:/{name}/2", f"no version 2 of '{name}'"),
+    ]:
+        with pytest.raises(TrackingStoreError) as info:
+            serve_uri(uri, root=tmp_path)
+        assert str(info.value).startswith(f"{uri}: {missing} in {store.tracking_uri}. "), uri
+        assert registered in str(info.value)
+    # Through make, as a user runs it: stopped with the message, no server started.
+    shutil.copy(ROOT / "Makefile", tmp_path)
+    (tmp_path / ".venv").symlink_to(sys.prefix, target_is_directory=True)
+    done = subprocess.run(
+        ["make", "-o", ".venv/bin/activate", "-o", ".dvc/plots/offline.html", "serve",
+         f"MODEL=models:/{name}@best"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode != 0
+    assert f"error: models:/{name}@best: no alias @best of '{name}'" in done.stderr
+    assert "Traceback" not in done.stderr and "serving" not in done.stdout
+
+
 def test_ui_url_opens_the_runs_in_model_training_mode(tmp_path, monkeypatch):
     from mlflow import MlflowClient
 
