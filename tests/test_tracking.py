@@ -275,6 +275,12 @@ def test_a_damaged_store_is_named_and_left_as_it_is(tmp_path, monkeypatch):
     assert db.read_bytes() == before
 
 
+def shell_env() -> dict[str, str]:
+    """This process's environment without MLFLOW_*: mlflow.set_tracking_uri, in any earlier
+    test of this worker, leaves MLFLOW_TRACKING_URI behind, which a user's shell has not."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+
+
 def test_make_ui_on_a_damaged_store_stops_with_the_message(tmp_path):
     # Before: a traceback in the middle of make's "MLflow UI: open" line, then a UI over it.
     shutil.copy(ROOT / "Makefile", tmp_path)
@@ -283,7 +289,7 @@ def test_make_ui_on_a_damaged_store_stops_with_the_message(tmp_path):
     (tmp_path / "mlflow.db").write_bytes(b"not a database\n" * 100)
     done = subprocess.run(
         ["make", "-o", ".venv/bin/activate", "-o", ".dvc/plots/offline.html", "ui"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        cwd=tmp_path, env=shell_env(), capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert done.returncode != 0
     assert f"error: {tmp_path / 'mlflow.db'}: MLflow cannot open this store" in done.stderr
@@ -796,7 +802,7 @@ def test_make_serve_checks_the_model_uri_before_mlflow_starts_a_server(tmp_path,
     done = subprocess.run(
         ["make", "-o", ".venv/bin/activate", "-o", ".dvc/plots/offline.html", "serve",
          f"MODEL=models:/{name}@best"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        cwd=tmp_path, env=shell_env(), capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert done.returncode != 0
     assert f"error: models:/{name}@best: no alias @best of '{name}'" in done.stderr
