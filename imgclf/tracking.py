@@ -103,12 +103,18 @@ def configure_store(root: str | Path | None = None, tracking_uri: str | None = N
     TrackingStoreError when the store cannot be used."""
 
     store = resolve_store(root, tracking_uri)
+    check_store(store)
+    use_store(store)
+    return store
+
+
+def check_store(store: Store) -> None:
+    """Raise TrackingStoreError unless `store` can be used: its tracking server answers, or
+    the project's SQLite file opens (it is created when there is none)."""
     if store.is_default:
         _init_sqlite_store(store)
     else:
         check_server(store.tracking_uri)
-    use_store(store)
-    return store
 
 
 def check_server(uri: str) -> None:
@@ -1112,11 +1118,7 @@ def ui_url(
     if db is None or db.is_file():
         from mlflow import MlflowClient
 
-        if db is None:
-            check_server(store.tracking_uri)
-        else:
-            _init_sqlite_store(store)  # a damaged mlflow.db: TrackingStoreError, named
-
+        check_store(store)  # a damaged mlflow.db, a server that does not answer: named
         exp = MlflowClient(store.tracking_uri).get_experiment_by_name(experiment)
         experiment_id = exp.experiment_id if exp is not None else None
     if experiment_id is None:
@@ -1148,10 +1150,7 @@ def serve_uri(model: str = "", root: str | Path | None = None) -> str:
     db = Path(store.tracking_uri.removeprefix("sqlite:///")) if store.is_default else None
     if db is not None and not db.is_file():
         raise TrackingStoreError(f"no MLflow store at {db}: run the pipeline first (make run)")
-    if db is None:
-        check_server(store.tracking_uri)
-    else:
-        _init_sqlite_store(store)
+    check_store(store)
     client = MlflowClient(store.tracking_uri, store.registry_uri)
     name, _, alias = model.removeprefix("models:/").partition("@")
     name, _, version = name.partition("/")
