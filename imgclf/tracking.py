@@ -23,7 +23,8 @@ What a run records (see `track_pipeline`):
   run also logs its end-to-end model (image file in, label and probabilities out;
   `imgclf.end_to_end`) in `track.registered_models.<model>`: a new version with a description
   only when the model is new (same weights, labels, backbone and code = the same version), and
-  the alias @champion on the best version that passes evaluate.min_accuracy.
+  the alias @champion on the version of the latest tracked result that passes
+  evaluate.min_accuracy.
 
 The store. Without MLFLOW_TRACKING_URI, runs go to `sqlite:///<root>/mlflow.db` with artifacts in
 `<root>/mlartifacts/`, where <root> is the ORIGINAL repository: `dvc exp run --temp/--queue` run
@@ -1001,7 +1002,7 @@ def _log_end_to_end(
             name, version, description=_version_description(head, evaluation, models, tags, run)
         )
     _describe_registered_model(client, name, head, models)
-    champion = _update_champion(client, name, version, accuracy, passed)
+    champion = _update_champion(client, name, version, passed)
     return {
         "model_uri": model_uri,
         "registered_model": name,
@@ -1062,34 +1063,32 @@ def _describe_registered_model(client: Any, name: str, head: str, models: EndToE
         f"trained by the tf-or-keras pipeline (imgclf). Input: image files (JPEG, PNG...; "
         f"base64 in JSON, column `image`); output per image: label, probability and the "
         f"probabilities of the {len(labels)} classes: {shown}. Data: {models.data_description}. "
-        f"Serve models:/{name}@{CHAMPION}: the version with the best test accuracy that passes "
+        f"Serve models:/{name}@{CHAMPION}: the model of the latest tracked result that passes "
         f"evaluate.min_accuracy."
     )
     client.update_registered_model(name, description=description)
 
 
-def _update_champion(client: Any, name: str, version: str, accuracy: float, passed: bool) -> str:
-    """Point @champion at `version` when it passes the gate and its test accuracy is at least
-    the champion's. A tie goes to the newer version: a version is only added for a new model,
-    and at the same accuracy the newer one is the newer build (the same weights with newer
-    serving code, say). Returns the champion's version ("" for none)."""
+def _update_champion(client: Any, name: str, version: str, passed: bool) -> str:
+    """Point @champion at `version`, the model of the result being tracked, when it passes the
+    gate; one that fails leaves the alias where it was. Returns the champion's version ("" for
+    none). Not the best test accuracy over the versions: that would choose the served model on
+    the test set, and versions from other split seeds or data were scored on other images."""
     from mlflow.exceptions import MlflowException
 
+    if passed:
+        try:
+            current = str(client.get_model_version_by_alias(name, CHAMPION).version)
+        except MlflowException:
+            current = ""
+        if current != version:
+            client.set_registered_model_alias(name, CHAMPION, version)
+            print(f"track: {name}@{CHAMPION} is now version {version}", file=sys.stderr)
+        return version
     try:
-        current = client.get_model_version_by_alias(name, CHAMPION)
+        return str(client.get_model_version_by_alias(name, CHAMPION).version)
     except MlflowException:
-        current = None
-    if current is not None and str(current.version) == version:
-        return version
-    best = float((current.tags or {}).get("test.accuracy", "-1")) if current is not None else -1.0
-    # An unchanged older model tracked again (its version already exists) must not take the
-    # alias back on a tie.
-    newer = current is None or int(version) > int(current.version)
-    if passed and (accuracy > best or (accuracy == best and newer)):
-        client.set_registered_model_alias(name, CHAMPION, version)
-        print(f"track: {name}@{CHAMPION} is now version {version}", file=sys.stderr)
-        return version
-    return str(current.version) if current is not None else ""
+        return ""
 
 
 def _logged_model_with_key(client: Any, experiment_id: str, key: str) -> str | None:

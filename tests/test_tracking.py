@@ -737,7 +737,10 @@ def test_an_identical_result_registers_no_new_version(tracked, tmp_path):
     assert len(list((tmp_path / "mlartifacts").rglob("saved_model.pb"))) == 2
 
 
-def test_champion_is_the_best_version_that_passes_the_gate(tmp_path):
+def test_champion_is_the_latest_tracked_model_that_passes_the_gate(tmp_path):
+    # Not the best test accuracy over the versions: that chose the served model on the test
+    # set (a float32 build 0.14 points "better" than the bfloat16 one that replaced it kept
+    # the alias, with its older serving code), across versions scored on other test images.
     from mlflow import MlflowClient
 
     from imgclf.tracking import _update_champion
@@ -745,21 +748,17 @@ def test_champion_is_the_best_version_that_passes_the_gate(tmp_path):
     uri = f"sqlite:///{tmp_path / 'registry.db'}"
     client = MlflowClient(uri, uri)
     client.create_registered_model("m")
-    for accuracy in (0.85, 0.80, 0.95, 0.90, 0.99, 0.95):
-        v = client.create_model_version("m", str(tmp_path), run_id=None).version
-        client.set_model_version_tag("m", v, "test.accuracy", str(accuracy))
+    for _ in range(4):
+        client.create_model_version("m", str(tmp_path), run_id=None)
     history = [
-        _update_champion(client, "m", "1", 0.85, passed=True),
-        _update_champion(client, "m", "2", 0.80, passed=True),  # worse: champion stays
-        _update_champion(client, "m", "3", 0.95, passed=True),
-        _update_champion(client, "m", "4", 0.90, passed=True),
-        _update_champion(client, "m", "5", 0.99, passed=False),  # best, but below the gate
-        _update_champion(client, "m", "6", 0.95, passed=True),  # a tie: the newer build
+        _update_champion(client, "m", "1", passed=True),
+        _update_champion(client, "m", "2", passed=True),
+        _update_champion(client, "m", "3", passed=False),  # below the gate: the alias stays
+        _update_champion(client, "m", "1", passed=True),  # an older result tracked again
+        _update_champion(client, "m", "4", passed=True),
     ]
-    assert history == ["1", "1", "3", "3", "3", "6"]
-    assert str(client.get_model_version_by_alias("m", "champion").version) == "6"
-    # The older tied model tracked again (an unchanged result) does not take it back.
-    assert _update_champion(client, "m", "3", 0.95, passed=True) == "6"
+    assert history == ["1", "2", "2", "1", "4"]
+    assert str(client.get_model_version_by_alias("m", "champion").version) == "4"
 
 
 def test_make_serve_checks_the_model_uri_before_mlflow_starts_a_server(tmp_path, monkeypatch):
