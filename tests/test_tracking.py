@@ -275,22 +275,25 @@ def test_a_damaged_store_is_named_and_left_as_it_is(tmp_path, monkeypatch):
     assert db.read_bytes() == before
 
 
-def shell_env() -> dict[str, str]:
-    """This process's environment without MLFLOW_*: mlflow.set_tracking_uri, in any earlier
-    test of this worker, leaves MLFLOW_TRACKING_URI behind, which a user's shell has not."""
-    return {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+def make_in(folder: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`make <args>` with the project's Makefile in `folder` (the venv this test runs in, taken
+    as set up), in this process's environment without MLFLOW_*: mlflow.set_tracking_uri, in any
+    earlier test of this worker, leaves MLFLOW_TRACKING_URI behind, which a user's shell has
+    not."""
+    shutil.copy(ROOT / "Makefile", folder)
+    (folder / ".venv").symlink_to(sys.prefix, target_is_directory=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    return subprocess.run(
+        ["make", "-o", ".venv/bin/activate", "-o", ".dvc/plots/offline.html", *args],
+        cwd=folder, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
 
 
 def test_make_ui_on_a_damaged_store_stops_with_the_message(tmp_path):
     # Before: a traceback in the middle of make's "MLflow UI: open" line, then a UI over it.
-    shutil.copy(ROOT / "Makefile", tmp_path)
     shutil.copy(ROOT / "params.yaml", tmp_path)
-    (tmp_path / ".venv").symlink_to(sys.prefix, target_is_directory=True)
     (tmp_path / "mlflow.db").write_bytes(b"not a database\n" * 100)
-    done = subprocess.run(
-        ["make", "-o", ".venv/bin/activate", "-o", ".dvc/plots/offline.html", "ui"],
-        cwd=tmp_path, env=shell_env(), capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    done = make_in(tmp_path, "ui")
     assert done.returncode != 0
     assert f"error: {tmp_path / 'mlflow.db'}: MLflow cannot open this store" in done.stderr
     assert "Traceback" not in done.stderr and "MLflow UI: open" not in done.stdout
@@ -796,13 +799,7 @@ def test_make_serve_checks_the_model_uri_before_mlflow_starts_a_server(tmp_path,
         assert str(info.value).startswith(f"{uri}: {missing} in {store.tracking_uri}. "), uri
         assert registered in str(info.value)
     # Through make, as a user runs it: stopped with the message, no server started.
-    shutil.copy(ROOT / "Makefile", tmp_path)
-    (tmp_path / ".venv").symlink_to(sys.prefix, target_is_directory=True)
-    done = subprocess.run(
-        ["make", "-o", ".venv/bin/activate", "-o", ".dvc/plots/offline.html", "serve",
-         f"MODEL=models:/{name}@best"],
-        cwd=tmp_path, env=shell_env(), capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    done = make_in(tmp_path, "serve", f"MODEL=models:/{name}@best")
     assert done.returncode != 0
     assert f"error: models:/{name}@best: no alias @best of '{name}'" in done.stderr
     assert "Traceback" not in done.stderr and "serving" not in done.stdout
