@@ -530,14 +530,16 @@ Named = tuple[Candidate, str, Any, str]
 def build_image_set(
     collected: Collected, options: IngestOptions, *, source: str = "", kind: str = ""
 ) -> IngestResult:
-    """Validate, de-duplicate and name the candidates; pure apart from reading the files.
-    Every candidate left out is one `Skip` in the result, with its reason."""
+    """Validate, de-duplicate and name the candidates; pure apart from reading the files and
+    deleting from the download cache the downloads that are no usable image. Every candidate
+    left out is one `Skip` in the result, with its reason."""
     skipped = list(collected.skipped)
     try:
         folders = class_dirs(collected.labels)
     except ClassNameCollision as e:
         raise IngestError(str(e)) from None
     hashed = _hash_and_inspect(collected.candidates, options.max_image_pixels, skipped)
+    hashed = _forget_bad_downloads(hashed)
     by_class = _into_classes(hashed, folders, skipped)
     kept, duplicates = _drop_duplicates(by_class, skipped)
     cross, cross_files = _cross_class_duplicates(kept, options.cross_class_duplicates, skipped)
@@ -617,7 +619,7 @@ def _hash_and_inspect(
             except BadImage as e:
                 infos[sha] = e
         hashed.append((cand, sha, infos[sha]))
-    return _forget_bad_downloads(hashed)
+    return hashed
 
 
 def _forget_bad_downloads(hashed: list[Checked]) -> list[Checked]:

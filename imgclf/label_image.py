@@ -328,8 +328,8 @@ def load_model(model: str | None, head: str, models_dir: Path | None) -> Any:
 
     store = resolve_store()
     check_server(store.tracking_uri)
-    if store.is_default and model.startswith(("models:/", "runs:/")):
-        db = Path(store.tracking_uri.removeprefix("sqlite:///"))
+    if store.db is not None and model.startswith(("models:/", "runs:/")):
+        db = store.db
         if not db.is_file():
             raise FileNotFoundError(
                 f"no MLflow store at {db}: run the pipeline first (dvc repro) or set "

@@ -81,6 +81,11 @@ class Store:
     artifact_root: str | None  # for new experiments; None = the server decides
     is_default: bool  # the embedded sqlite store at the repository root
 
+    @property
+    def db(self) -> Path | None:
+        """The default store's SQLite file (<root>/mlflow.db); None for any other store."""
+        return Path(self.tracking_uri.removeprefix("sqlite:///")) if self.is_default else None
+
 
 def resolve_store(root: str | Path | None = None, tracking_uri: str | None = None) -> Store:
     """Where runs go: `tracking_uri`, else MLFLOW_TRACKING_URI, else the embedded store at the
@@ -154,7 +159,7 @@ def _init_sqlite_store(store: Store) -> None:
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
     from sqlalchemy.exc import SQLAlchemyError
 
-    db = store.tracking_uri.removeprefix("sqlite:///")
+    db = store.db
     try:
         SqlAlchemyStore(store.tracking_uri, store.artifact_root)
     except MlflowException as e:  # an outdated schema: MLflow's message says how to upgrade
@@ -1112,7 +1117,7 @@ def ui_url(
     workflowType=machine_learning; no server setting changes that."""
     base = base_url.rstrip("/")
     store = resolve_store(root)
-    db = Path(store.tracking_uri.removeprefix("sqlite:///")) if store.is_default else None
+    db = store.db
     experiment_id = None
     if db is None or db.is_file():
         from mlflow import MlflowClient
@@ -1146,7 +1151,7 @@ def serve_uri(model: str = "", root: str | Path | None = None) -> str:
     from mlflow.exceptions import MlflowException
 
     store = resolve_store(root)
-    db = Path(store.tracking_uri.removeprefix("sqlite:///")) if store.is_default else None
+    db = store.db
     if db is not None and not db.is_file():
         raise TrackingStoreError(f"no MLflow store at {db}: run the pipeline first (make run)")
     check_store(store)
