@@ -57,6 +57,7 @@ def expand_inputs(args: Sequence[str]) -> tuple[list[Path], list[tuple[str, str]
     """Files to label (folders expanded to their image files, recursively, sorted, hidden and
     system files left out as ingest does) and the (input, problem) pairs of arguments, or
     files and folders inside them, that name nothing usable."""
+    from imgclf.dataturks import is_url
     from imgclf.sources import UNREADABLE, UNREADABLE_FOLDER, walk_source
 
     files: list[Path] = []
@@ -66,10 +67,9 @@ def expand_inputs(args: Sequence[str]) -> tuple[list[Path], list[tuple[str, str]
         try:
             mode = path.stat().st_mode
         except FileNotFoundError:  # a broken link too
-            url = arg.lower().startswith(("http://", "https://"))
             problems.append(
                 (arg, "a URL: label-image reads files; download it first (curl -O <url>)")
-                if url
+                if is_url(arg)
                 else (arg, "no such file or folder")
             )
             continue
@@ -324,17 +324,10 @@ def load_model(model: str | None, head: str, models_dir: Path | None) -> Any:
             f"{model!r} is neither an MLflow model URI (models:/<name>/<version>, "
             "runs:/<run id>/model, ...) nor a folder with an MLmodel file"
         )
-    from imgclf.tracking import check_server, resolve_store, use_store
+    from imgclf.tracking import open_existing_store, resolve_store, use_store
 
-    store = resolve_store()
-    check_server(store.tracking_uri)
-    if store.db is not None and model.startswith(("models:/", "runs:/")):
-        db = store.db
-        if not db.is_file():
-            raise FileNotFoundError(
-                f"no MLflow store at {db}: run the pipeline first (dvc repro) or set "
-                "MLFLOW_TRACKING_URI to the tracking server that has the model"
-            )
+    # A models:/ or runs:/ URI is read from the store; a folder with an MLmodel file is not.
+    store = open_existing_store() if model.startswith(("models:/", "runs:/")) else resolve_store()
     use_store(store)
     return end_to_end.mlflow_predictor(model)
 

@@ -123,6 +123,20 @@ def check_store(store: Store) -> None:
         check_server(store.tracking_uri)
 
 
+def open_existing_store(root: str | Path | None = None) -> Store:
+    """The store (see `resolve_store`), checked for reading what the pipeline registered: the
+    project's mlflow.db must exist (reading never creates one) and open, or the tracking
+    server must answer; raises TrackingStoreError."""
+    store = resolve_store(root)
+    if store.db is not None and not store.db.is_file():
+        raise TrackingStoreError(
+            f"no MLflow store at {store.db}: run the pipeline first (make run) or set "
+            "MLFLOW_TRACKING_URI to the tracking server that has the model"
+        )
+    check_store(store)
+    return store
+
+
 def check_server(uri: str) -> None:
     """Raise TrackingStoreError unless the tracking server at an http(s) `uri` answers.
     MLflow's own client retries a server that is not there for about four minutes, without a
@@ -1150,11 +1164,7 @@ def serve_uri(model: str = "", root: str | Path | None = None) -> str:
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    store = resolve_store(root)
-    db = store.db
-    if db is not None and not db.is_file():
-        raise TrackingStoreError(f"no MLflow store at {db}: run the pipeline first (make run)")
-    check_store(store)
+    store = open_existing_store(root)
     client = MlflowClient(store.tracking_uri, store.registry_uri)
     name, _, alias = model.removeprefix("models:/").partition("@")
     name, _, version = name.partition("/")
