@@ -26,7 +26,7 @@ import pytest
 import yaml
 
 from imgclf.fileio import sha256_file, write_csv, write_json
-from tests.http_server import LoopbackServer
+from tests.http_server import LoopbackServer, closed_port_url
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -302,18 +302,16 @@ def test_make_ui_on_a_damaged_store_stops_with_the_message(tmp_path):
 def test_a_tracking_server_that_does_not_answer_is_named_in_seconds(tmp_path, monkeypatch):
     from imgclf.tracking import TrackingStoreError, configure_store
 
-    with socket.socket() as s:  # a port nothing listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    server = closed_port_url("").rstrip("/")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server)
     start = time.monotonic()
     with pytest.raises(TrackingStoreError) as info:
         configure_store(tmp_path)
     # MLflow's client alone retries for about four minutes, then fails with a traceback.
     assert time.monotonic() - start < 20
     assert str(info.value).startswith(
-        f"the MLflow tracking server http://127.0.0.1:{port} (MLFLOW_TRACKING_URI) does not "
-        f"answer: connection refused by 127.0.0.1 (3 attempts). Start it, or unset"
+        f"the MLflow tracking server {server} (MLFLOW_TRACKING_URI) does not answer: "
+        "connection refused by 127.0.0.1 (3 attempts). Start it, or unset"
     )
     with LoopbackServer({}, statuses={"health": 404}) as srv:  # any answer will do
         monkeypatch.setenv("MLFLOW_TRACKING_URI", srv.base_url.rstrip("/"))
