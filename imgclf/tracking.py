@@ -137,11 +137,16 @@ def open_existing_store(root: str | Path | None = None) -> Store:
     return store
 
 
+def is_server(uri: str) -> bool:
+    """Whether a tracking URI names a tracking server (http or https), not a database."""
+    return urllib.parse.urlsplit(uri).scheme.lower() in ("http", "https")
+
+
 def check_server(uri: str) -> None:
     """Raise TrackingStoreError unless the tracking server at an http(s) `uri` answers.
     MLflow's own client retries a server that is not there for about four minutes, without a
     word, then fails with a traceback: one request first says it in seconds."""
-    if urllib.parse.urlsplit(uri).scheme.lower() not in ("http", "https"):
+    if not is_server(uri):
         return
     why = unreachable(uri.rstrip("/") + "/health")
     if why is not None:
@@ -1126,11 +1131,12 @@ def ui_url(
     experiment: str = "tf-or-keras",
     root: str | Path | None = None,
 ) -> str:
-    """The link that opens the experiment's runs in the UI's model-training view. MLflow 3's UI
-    opens an experiment in its GenAI view (traces) unless the URL asks for
+    """The link that opens the experiment's runs in the UI's model-training view, on
+    `base_url`, or on the tracking server's own UI when MLFLOW_TRACKING_URI names one. MLflow
+    3's UI opens an experiment in its GenAI view (traces) unless the URL asks for
     workflowType=machine_learning; no server setting changes that."""
-    base = base_url.rstrip("/")
     store = resolve_store(root)
+    base = (store.tracking_uri if is_server(store.tracking_uri) else base_url).rstrip("/")
     db = store.db
     experiment_id = None
     if db is None or db.is_file():
@@ -1142,6 +1148,13 @@ def ui_url(
     if experiment_id is None:
         return f"{base}/#/experiments?workflowType=machine_learning"
     return f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+
+
+def ui_backend(root: str | Path | None = None) -> str:
+    """The store `make ui` serves: the project's mlflow.db, or the database that
+    MLFLOW_TRACKING_URI names; "" for a tracking server, which serves its own UI."""
+    uri = resolve_store(root).tracking_uri
+    return "" if is_server(uri) else uri
 
 
 SERVED_BY_DEFAULT = "finetune_keras"
@@ -1194,18 +1207,21 @@ def serve_uri(model: str = "", root: str | Path | None = None) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     """`python -m imgclf.tracking ui-url [BASE_URL]`: print `ui_url` for track.experiment;
-    `python -m imgclf.tracking serve-uri [MODEL]`: print `serve_uri(MODEL)`."""
+    `ui-backend`: print `ui_backend()`; `serve-uri [MODEL]`: print `serve_uri(MODEL)`."""
     import argparse
 
     from imgclf.config import load_params
 
     parser = argparse.ArgumentParser(prog="python -m imgclf.tracking")
-    parser.add_argument("command", choices=["ui-url", "serve-uri"])
+    parser.add_argument("command", choices=["ui-url", "ui-backend", "serve-uri"])
     parser.add_argument("argument", nargs="?", default="")
     args = parser.parse_args(argv)
     try:
         if args.command == "serve-uri":
             print(serve_uri(args.argument))
+            return
+        if args.command == "ui-backend":
+            print(ui_backend())
             return
         try:
             experiment = load_params()["track"]["experiment"]

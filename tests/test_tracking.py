@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -275,18 +276,22 @@ def test_a_damaged_store_is_named_and_left_as_it_is(tmp_path, monkeypatch):
     assert db.read_bytes() == before
 
 
-def make_in(folder: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    """`make <args>` with the project's Makefile in `folder` (the venv this test runs in, taken
-    as set up), in this process's environment without MLFLOW_*: mlflow.set_tracking_uri, in any
-    earlier test of this worker, leaves MLFLOW_TRACKING_URI behind, which a user's shell has
-    not."""
+def make_command(folder: Path, *args: str, **environ: str) -> tuple[list[str], dict[str, str]]:
+    """The argv and environment of `make <args>` with the project's Makefile in `folder` (the
+    venv this test runs in, taken as set up): this process's environment without MLFLOW_*
+    (mlflow.set_tracking_uri, in any earlier test of this worker, leaves MLFLOW_TRACKING_URI
+    behind, which a user's shell has not), plus `environ`."""
     shutil.copy(ROOT / "Makefile", folder)
-    (folder / ".venv").symlink_to(sys.prefix, target_is_directory=True)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    return subprocess.run(
-        ["make", "-o", ".venv/bin/activate", "-o", ".dvc/plots/offline.html", *args],
-        cwd=folder, env=env, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    if not (folder / ".venv").exists():
+        (folder / ".venv").symlink_to(sys.prefix, target_is_directory=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")} | environ
+    return ["make", "-o", ".venv/bin/activate", "-o", ".dvc/plots/offline.html", *args], env
+
+
+def make_in(folder: Path, *args: str, **environ: str) -> subprocess.CompletedProcess[str]:
+    """Run `make_command` to the end."""
+    argv, env = make_command(folder, *args, **environ)
+    return subprocess.run(argv, cwd=folder, env=env, capture_output=True, text=True, timeout=120)
 
 
 def test_make_ui_on_a_damaged_store_stops_with_the_message(tmp_path):
@@ -297,6 +302,56 @@ def test_make_ui_on_a_damaged_store_stops_with_the_message(tmp_path):
     assert done.returncode != 0
     assert f"error: {tmp_path / 'mlflow.db'}: MLflow cannot open this store" in done.stderr
     assert "Traceback" not in done.stderr and "MLflow UI: open" not in done.stdout
+
+
+def _get_json(url: str, timeout: float = 60.0) -> dict:
+    """GET `url` as JSON, retrying until a server that is starting answers."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                return json.loads(response.read())
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def test_make_ui_shows_the_store_that_track_logs_to(tmp_path, monkeypatch):
+    # Before: the link came from MLFLOW_TRACKING_URI's store, and the UI served ./mlflow.db,
+    # where that experiment id is another experiment or none.
+    from mlflow import MlflowClient
+
+    from imgclf.tracking import get_or_create_experiment, resolve_store
+
+    monkeypatch.chdir(tmp_path)  # a new store's Default experiment makes ./mlruns
+    shutil.copy(ROOT / "params.yaml", tmp_path)
+    other = f"sqlite:///{tmp_path / 'team.db'}"
+    MlflowClient(other).create_experiment("someone-else")  # tf-or-keras is not the first
+    exp_id = get_or_create_experiment("tf-or-keras", resolve_store(tracking_uri=other))
+    port = int(closed_port_url("").rstrip("/").rsplit(":", 1)[1])
+    argv, env = make_command(tmp_path, "ui", f"UI_PORT={port}", MLFLOW_TRACKING_URI=other)
+    ui = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=subprocess.PIPE, text=True,
+                          start_new_session=True)  # fmt: skip
+    try:
+        base = f"http://127.0.0.1:{port}"
+        link = ui.stdout.readline().strip()
+        assert link == (
+            f"MLflow UI: open {base}/#/experiments/{exp_id}/runs?workflowType=machine_learning"
+        )
+        shown = _get_json(f"{base}/api/2.0/mlflow/experiments/get?experiment_id={exp_id}")
+        assert shown["experiment"]["name"] == "tf-or-keras"
+        assert not (tmp_path / "mlflow.db").exists()
+        # A tracking server has its own UI: its link, and nothing started here.
+        done = make_in(tmp_path, "ui", "UI_PORT=1", MLFLOW_TRACKING_URI=base)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.splitlines() == [
+            f"MLflow UI: open {base}/#/experiments/{exp_id}/runs?workflowType=machine_learning",
+            "(the tracking server's own UI: MLFLOW_TRACKING_URI)",
+        ]
+    finally:
+        os.killpg(ui.pid, signal.SIGTERM)
+        ui.wait(timeout=30)
 
 
 def test_a_tracking_server_that_does_not_answer_is_named_in_seconds(tmp_path, monkeypatch):
