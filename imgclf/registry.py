@@ -253,6 +253,18 @@ def pipeline_models(params: Mapping[str, Any]) -> list[str]:
                     found=repr(name) + (" twice" if name in names else ""),
                 )
             names.append(name)
+    for name in names:
+        # Without its head in the result, a fine-tune would start from whatever models/heads/
+        # held from an earlier run (another split's, which may have trained on this test set).
+        base = MODELS[name].base
+        if base is not None and base not in names:
+            raise ParamsError(
+                "finetune_models",
+                expected=f"fine-tuned models whose head `models:` lists ({name} starts from "
+                f"the {base} head)",
+                found=f"{name!r} without {base!r} in models {params.get('models')!r}",
+                todo=f"Add {base} to models, or take {name} out of finetune_models.",
+            )
     return names
 
 

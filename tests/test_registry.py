@@ -105,6 +105,18 @@ def test_pipeline_models_are_checked_against_the_registry():
         assert "finetune_tf, finetune_keras" in str(e.value)
     with pytest.raises(ParamsError, match=r"models.*a list"):
         pipeline_models({**PARAMS, "models": "tf"})
+    # A fine-tune needs its head in the result: else it starts from a stale models/heads/<head>.
+    assert pipeline_models({**PARAMS, "models": ["tf"], "finetune_models": ["finetune_tf"]}) == [
+        "tf", "finetune_tf"
+    ]  # fmt: skip
+    with pytest.raises(ParamsError) as e:
+        pipeline_models({**PARAMS, "models": ["tf", "sklearn"]})
+    assert str(e.value) == (
+        "params.yaml: finetune_models: expected fine-tuned models whose head `models:` lists "
+        "(finetune_keras starts from the keras head), found 'finetune_keras' without 'keras' "
+        "in models ['tf', 'sklearn']. Add keras to models, or take finetune_keras out of "
+        "finetune_models."
+    )
 
 
 def test_consumers_derive_from_the_registry():
