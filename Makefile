@@ -100,20 +100,12 @@ LITERT_ARGS ?=
 bench-litert: setup
 	$(BIN)/python bench/litert.py $(LITERT_ARGS)
 
-# MLflow 3 opens an experiment in its GenAI view; the printed link opens the runs, model-training view.
-# Without MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false the UI also starts seven huey consumers for its
-# GenAI jobs, which this project has none of, and they outlive a SIGTERM of the UI.
-# The UI shows the store track logs to: mlflow.db, or MLFLOW_TRACKING_URI's database; a tracking
-# server has a UI of its own, so for one the link is printed and nothing is started.
+# MLflow 3 opens an experiment in its GenAI view; the printed link opens the runs, model-training
+# view. The UI shows the store track logs to: mlflow.db, or the database MLFLOW_TRACKING_URI
+# names; a tracking server has a UI of its own, so for one only its link is printed.
 UI_PORT ?= 5000
 ui: setup
-	@url="$$($(BIN)/python -m imgclf.tracking ui-url http://127.0.0.1:$(UI_PORT))" && \
-	store="$$($(BIN)/python -m imgclf.tracking ui-backend)" && \
-	echo "MLflow UI: open $$url" && \
-	if [ -z "$$store" ]; then echo "(the tracking server's own UI: MLFLOW_TRACKING_URI)"; else \
-	echo "(store: $$store)" && \
-	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow ui --backend-store-uri "$$store" \
-		--default-artifact-root ./mlartifacts --host 127.0.0.1 --port $(UI_PORT); fi
+	@$(BIN)/python -m imgclf.tracking ui --port $(UI_PORT)
 
 # A registered end-to-end model over HTTP (README, "MLflow"): make serve MODEL=models:/<name>@champion.
 # `mlflow models serve` starts uvicorn by name, so the venv must be on PATH (make's PATH has it;
@@ -124,7 +116,8 @@ ui: setup
 MODEL ?=
 SERVE_PORT ?= 5001
 serve: setup
-	@uri="$$($(BIN)/python -m imgclf.tracking serve-uri '$(MODEL)')" && echo "serving $$uri" && \
+	@uri="$$($(BIN)/python -m imgclf.tracking serve-uri '$(MODEL)' --port $(SERVE_PORT))" && \
+	echo "serving $$uri" && \
 	MLFLOW_TRACKING_URI="$${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db}" $(BIN)/mlflow models serve \
 		-m "$$uri" --env-manager local -h 127.0.0.1 -p $(SERVE_PORT)
 

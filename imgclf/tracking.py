@@ -36,9 +36,11 @@ a team tracking server is used unchanged.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import socket
 import subprocess
 import sys
 import urllib.parse
@@ -1150,11 +1152,41 @@ def ui_url(
     return f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
 
 
-def ui_backend(root: str | Path | None = None) -> str:
-    """The store `make ui` serves: the project's mlflow.db, or the database that
-    MLFLOW_TRACKING_URI names; "" for a tracking server, which serves its own UI."""
-    uri = resolve_store(root).tracking_uri
-    return "" if is_server(uri) else uri
+def check_port_free(port: int, instead: str) -> None:
+    """Raise UserError when something already listens on 127.0.0.1:`port` (an earlier
+    `make ui` or `make serve`, say): MLflow would print the link, then fail to bind."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError as e:
+            if e.errno != errno.EADDRINUSE:
+                raise
+            raise UserError(
+                f"port {port} of 127.0.0.1 is in use (an earlier make ui or make serve?): stop "
+                f"what listens there, or use another port: {instead}"
+            ) from None
+
+
+def run_ui(port: int, experiment: str, root: str | Path | None = None) -> None:
+    """`make ui`: the UI of the store track logs to (mlflow.db, or the database
+    MLFLOW_TRACKING_URI names) on 127.0.0.1:`port`, after printing the link that opens the
+    experiment's runs. A tracking server has a UI of its own: only its link is printed."""
+    store = resolve_store(root)
+    if is_server(store.tracking_uri):
+        print(f"MLflow UI: open {ui_url(store.tracking_uri, experiment, root)}")
+        print("(the tracking server's own UI: MLFLOW_TRACKING_URI)")
+        return
+    check_port_free(port, f"make ui UI_PORT={port + 1}")
+    print(f"MLflow UI: open {ui_url(f'http://127.0.0.1:{port}', experiment, root)}")
+    print(f"(store: {store.tracking_uri})", flush=True)
+    mlflow = Path(sys.executable).with_name("mlflow")
+    argv = [str(mlflow), "ui", "--backend-store-uri", store.tracking_uri,
+            "--default-artifact-root", store.artifact_root or "./mlartifacts",
+            "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
+    # MLflow 3's UI starts seven huey consumers for its GenAI jobs unless told not to; this
+    # project has none, and they outlive a SIGTERM of the UI.
+    os.execve(mlflow, argv, {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
 
 
 SERVED_BY_DEFAULT = "finetune_keras"
@@ -1206,28 +1238,28 @@ def serve_uri(model: str = "", root: str | Path | None = None) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m imgclf.tracking ui-url [BASE_URL]`: print `ui_url` for track.experiment;
-    `ui-backend`: print `ui_backend()`; `serve-uri [MODEL]`: print `serve_uri(MODEL)`."""
+    """`python -m imgclf.tracking ui --port P`: `run_ui` for track.experiment;
+    `serve-uri [MODEL] --port P`: print `serve_uri(MODEL)`, once the port is free."""
     import argparse
 
     from imgclf.config import load_params
 
     parser = argparse.ArgumentParser(prog="python -m imgclf.tracking")
-    parser.add_argument("command", choices=["ui-url", "ui-backend", "serve-uri"])
-    parser.add_argument("argument", nargs="?", default="")
+    parser.add_argument("command", choices=["ui", "serve-uri"])
+    parser.add_argument("model", nargs="?", default="")
+    parser.add_argument("--port", type=int, default=5000)
     args = parser.parse_args(argv)
     try:
         if args.command == "serve-uri":
-            print(serve_uri(args.argument))
-            return
-        if args.command == "ui-backend":
-            print(ui_backend())
+            uri = serve_uri(args.model)
+            check_port_free(args.port, f"make serve SERVE_PORT={args.port + 1}")
+            print(uri)
             return
         try:
             experiment = load_params()["track"]["experiment"]
         except (FileNotFoundError, KeyError, TypeError):
             experiment = "tf-or-keras"
-        print(ui_url(args.argument or "http://127.0.0.1:5000", experiment))
+        run_ui(args.port, experiment)
     except UserError as e:
         raise SystemExit(f"error: {e}") from None
 

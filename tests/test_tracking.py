@@ -342,6 +342,14 @@ def test_make_ui_shows_the_store_that_track_logs_to(tmp_path, monkeypatch):
         shown = _get_json(f"{base}/api/2.0/mlflow/experiments/get?experiment_id={exp_id}")
         assert shown["experiment"]["name"] == "tf-or-keras"
         assert not (tmp_path / "mlflow.db").exists()
+        # The port taken (by this UI): said before any link, for make ui and make serve.
+        for target, instead in (("ui", "UI_PORT"), ("serve", "SERVE_PORT")):
+            done = make_in(tmp_path, target, f"{instead}={port}", "MODEL=runs:/0/model")
+            assert done.returncode != 0 and done.stdout == "", done.stdout
+            assert done.stderr.startswith(
+                f"error: port {port} of 127.0.0.1 is in use (an earlier make ui or make serve?): "
+                f"stop what listens there, or use another port: make {target} {instead}={port + 1}"
+            ), done.stderr
         # A tracking server has its own UI: its link, and nothing started here.
         done = make_in(tmp_path, "ui", "UI_PORT=1", MLFLOW_TRACKING_URI=base)
         assert done.returncode == 0, done.stderr
