@@ -409,6 +409,23 @@ def test_make_exp_in_a_fresh_shell_reruns_only_that_head(project, tmp_path):
     assert "train_sklearn.C" in done.stdout and "sha256" not in done.stdout
 
 
+def test_an_experiment_in_a_temp_copy_reruns_only_what_it_changes(project, tmp_path):
+    # `dvc exp run --temp` (and --queue) run in a copy holding what git and DVC's cache hold.
+    # The fine-tunes' TensorBoard events were cache: false outs outside git: absent there, they
+    # made both fine-tunes run again in every such experiment. data/activations still is one:
+    # its stage rebuilds it from the activation cache. (The project's result is committed.)
+    before = run(["git", "status", "--porcelain"], project)
+    c = yaml.safe_load((project / "params.yaml").read_text())["train_sklearn"]["C"]
+    out = make(
+        project, "exp", f"SET=train_sklearn.C={c * 5} track.log_models=false",
+        "EXP_ARGS=--temp -n c-temp", env=fresh_shell(tmp_path),
+    )  # fmt: skip
+    ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
+    assert ran == {"source", "activations", "train@sklearn", "evaluate", "track"}, ran
+    assert run(["git", "status", "--porcelain"], project) == before  # the workspace untouched
+    assert "c-temp" in run([*DVC, "exp", "ls"], project)
+
+
 def test_metrics_files_hold_only_numbers_and_diff_cleanly(project):
     # Every `metrics:` file of dvc.yaml, as DVC reads it for show/diff/exp show.
     shown = json.loads(run([*DVC, "metrics", "show", "--json"], project))
