@@ -381,7 +381,7 @@ def test_forced_rerun_gives_identical_metrics(project):
     assert after == before
 
 
-def test_make_exp_in_a_fresh_shell_reruns_only_that_head(project, tmp_path):
+def test_make_exp_in_a_fresh_shell_and_a_temp_copy_reruns_only_what_it_changes(project, tmp_path):
     # As a user pastes the README's line into a new terminal: make finds the venv's python
     # for the stages and supplies a git identity for DVC's experiment commit. The scikit-learn
     # head, the one no fine-tune starts from: a Keras param would rerun finetune_keras too
@@ -390,40 +390,30 @@ def test_make_exp_in_a_fresh_shell_reruns_only_that_head(project, tmp_path):
     new_c = c * 3
     env = fresh_shell(tmp_path)
     assert run_in(["git", "config", "user.name"], project, env, ok=False).stdout == ""
+    before = run(["git", "status", "--porcelain"], project)
+    # --temp, as --queue: a copy holding what git and DVC's cache hold (the project's result
+    # is committed). The fine-tunes' TensorBoard events were cache: false outs outside git:
+    # absent there, they made both fine-tunes run again in every such experiment.
+    # data/activations still is one: its stage rebuilds it from the activation cache.
     # track.log_models=false: the rerun's MLflow runs without re-exporting two end-to-end
     # models (~45 s), which the project's build and tests/test_tracking.py cover.
     out = make(
         project, "exp", f"SET=train_sklearn.C={new_c} track.log_models=false",
-        "EXP_ARGS=-n c-x3", env=env,
+        "EXP_ARGS=--temp -n c-x3", env=env,
     )  # fmt: skip
     ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
     # source is always_changed: it only hashes the data, which ingest finds unchanged.
-    assert ran == {"source", "train@sklearn", "evaluate", "track"}, ran
-    diff = run([*DVC, "params", "diff"], project)
-    assert "train_sklearn.C" in diff and str(new_c) in diff
-    metrics = run([*DVC, "metrics", "diff", "--all"], project)
-    assert "metrics/evaluate/sklearn.json" in metrics
+    assert ran == {"source", "activations", "train@sklearn", "evaluate", "track"}, ran
+    assert run(["git", "status", "--porcelain"], project) == before  # the workspace untouched
     # The README's comparison of two results: changed params and numbers, nothing else.
     done = run_in([*DVC, "exp", "diff", "HEAD", "c-x3"], project, os.environ.copy())
     assert "failed to load" not in done.stdout + done.stderr
     assert "train_sklearn.C" in done.stdout and "sha256" not in done.stdout
-
-
-def test_an_experiment_in_a_temp_copy_reruns_only_what_it_changes(project, tmp_path):
-    # `dvc exp run --temp` (and --queue) run in a copy holding what git and DVC's cache hold.
-    # The fine-tunes' TensorBoard events were cache: false outs outside git: absent there, they
-    # made both fine-tunes run again in every such experiment. data/activations still is one:
-    # its stage rebuilds it from the activation cache. (The project's result is committed.)
-    before = run(["git", "status", "--porcelain"], project)
-    c = yaml.safe_load((project / "params.yaml").read_text())["train_sklearn"]["C"]
-    out = make(
-        project, "exp", f"SET=train_sklearn.C={c * 5} track.log_models=false",
-        "EXP_ARGS=--temp -n c-temp", env=fresh_shell(tmp_path),
-    )  # fmt: skip
-    ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
-    assert ran == {"source", "activations", "train@sklearn", "evaluate", "track"}, ran
-    assert run(["git", "status", "--porcelain"], project) == before  # the workspace untouched
-    assert "c-temp" in run([*DVC, "exp", "ls"], project)
+    run([*DVC, "exp", "apply", "c-x3"], project)  # the experiment's result, in the workspace
+    diff = run([*DVC, "params", "diff"], project)
+    assert "train_sklearn.C" in diff and str(new_c) in diff
+    metrics = run([*DVC, "metrics", "diff", "--all"], project)
+    assert "metrics/evaluate/sklearn.json" in metrics
 
 
 def test_metrics_files_hold_only_numbers_and_diff_cleanly(project):

@@ -278,13 +278,15 @@ def test_a_damaged_store_is_named_and_left_as_it_is(tmp_path, monkeypatch):
 
 def make_command(folder: Path, *args: str, **environ: str) -> tuple[list[str], dict[str, str]]:
     """The argv and environment of `make <args>` with the project's Makefile in `folder` (the
-    venv this test runs in, taken as set up): this process's environment without MLFLOW_*
-    (mlflow.set_tracking_uri, in any earlier test of this worker, leaves MLFLOW_TRACKING_URI
-    behind, which a user's shell has not), plus `environ`."""
+    venv this test runs in, taken as set up): this process's environment as a user's shell has
+    it, plus `environ`. So without MLFLOW_* (mlflow.set_tracking_uri, in any earlier test of
+    this worker, leaves MLFLOW_TRACKING_URI behind) and without MAKE* (under `make test`, the
+    inner make would print "Entering directory" lines first)."""
     shutil.copy(ROOT / "Makefile", folder)
     if not (folder / ".venv").exists():
         (folder / ".venv").symlink_to(sys.prefix, target_is_directory=True)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")} | environ
+    own = ("MLFLOW_", "MAKEFLAGS", "MAKELEVEL", "MFLAGS", "MAKEOVERRIDES")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(own)} | environ
     return ["make", "-o", ".venv/bin/activate", "-o", ".dvc/plots/offline.html", *args], env
 
 
