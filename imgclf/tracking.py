@@ -1173,12 +1173,13 @@ def run_ui(port: int, experiment: str, root: str | Path | None = None) -> None:
     MLFLOW_TRACKING_URI names) on 127.0.0.1:`port`, after printing the link that opens the
     experiment's runs. A tracking server has a UI of its own: only its link is printed."""
     store = resolve_store(root)
-    if is_server(store.tracking_uri):
-        print(f"MLflow UI: open {ui_url(store.tracking_uri, experiment, root)}")
+    served_here = not is_server(store.tracking_uri)
+    if served_here:
+        check_port_free(port, f"make ui UI_PORT={port + 1}")
+    print(f"MLflow UI: open {ui_url(f'http://127.0.0.1:{port}', experiment, root)}")
+    if not served_here:
         print("(the tracking server's own UI: MLFLOW_TRACKING_URI)")
         return
-    check_port_free(port, f"make ui UI_PORT={port + 1}")
-    print(f"MLflow UI: open {ui_url(f'http://127.0.0.1:{port}', experiment, root)}")
     print(f"(store: {store.tracking_uri})", flush=True)
     mlflow = Path(sys.executable).with_name("mlflow")
     argv = [str(mlflow), "ui", "--backend-store-uri", store.tracking_uri,

@@ -201,10 +201,14 @@ class LoopbackServer:
         self._thread.join(timeout=5)
 
 
-def closed_port_url(path: str = "x") -> str:
-    """A URL on 127.0.0.1 where nothing listens: a real 'connection refused'."""
+def free_port() -> int:
+    """A port of 127.0.0.1 where nothing listens. It was free a moment ago; nothing in a test
+    run re-binds it that fast."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    # The port was free a moment ago; nothing in a test run re-binds it that fast.
-    return f"http://127.0.0.1:{port}/{path.lstrip('/')}"
+        return s.getsockname()[1]
+
+
+def closed_port_url(path: str = "x") -> str:
+    """A URL on 127.0.0.1 where nothing listens: a real 'connection refused'."""
+    return f"http://127.0.0.1:{free_port()}/{path.lstrip('/')}"

@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,7 +26,7 @@ import pytest
 import yaml
 
 from imgclf.fileio import sha256_file, write_csv, write_json
-from tests.http_server import LoopbackServer, closed_port_url
+from tests.http_server import LoopbackServer, closed_port_url, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -306,17 +305,21 @@ def test_make_ui_on_a_damaged_store_stops_with_the_message(tmp_path):
     assert "Traceback" not in done.stderr and "MLflow UI: open" not in done.stdout
 
 
-def _get_json(url: str, timeout: float = 60.0) -> dict:
-    """GET `url` as JSON, retrying until a server that is starting answers."""
+def get_when_up(url: str, server: subprocess.Popen, timeout: float = 120.0) -> bytes:
+    """GET `url` once the `server` being started answers it; fails the test, with the server's
+    output, when it exits first or does not answer within `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while True:
         try:
             with urllib.request.urlopen(url, timeout=5) as response:
-                return json.loads(response.read())
+                return response.read()
         except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.5)
+            pass
+        if server.poll() is not None or time.monotonic() > deadline:
+            log = server.stdout.read() if server.poll() is not None else ""
+            log = log.decode(errors="replace") if isinstance(log, bytes) else log
+            pytest.fail(f"{url}: no answer from the server (exit {server.poll()}):\n{log}")
+        time.sleep(0.5)
 
 
 def test_make_ui_shows_the_store_that_track_logs_to(tmp_path, monkeypatch):
@@ -331,7 +334,7 @@ def test_make_ui_shows_the_store_that_track_logs_to(tmp_path, monkeypatch):
     other = f"sqlite:///{tmp_path / 'team.db'}"
     MlflowClient(other).create_experiment("someone-else")  # tf-or-keras is not the first
     exp_id = get_or_create_experiment("tf-or-keras", resolve_store(tracking_uri=other))
-    port = int(closed_port_url("").rstrip("/").rsplit(":", 1)[1])
+    port = free_port()
     argv, env = make_command(tmp_path, "ui", f"UI_PORT={port}", MLFLOW_TRACKING_URI=other)
     ui = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=subprocess.PIPE, text=True,
                           start_new_session=True)  # fmt: skip
@@ -341,7 +344,9 @@ def test_make_ui_shows_the_store_that_track_logs_to(tmp_path, monkeypatch):
         assert link == (
             f"MLflow UI: open {base}/#/experiments/{exp_id}/runs?workflowType=machine_learning"
         )
-        shown = _get_json(f"{base}/api/2.0/mlflow/experiments/get?experiment_id={exp_id}")
+        shown = json.loads(
+            get_when_up(f"{base}/api/2.0/mlflow/experiments/get?experiment_id={exp_id}", ui, 60)
+        )
         assert shown["experiment"]["name"] == "tf-or-keras"
         assert not (tmp_path / "mlflow.db").exists()
         # The port taken (by this UI): said before any link, for make ui and make serve.
@@ -924,12 +929,6 @@ def test_log_models_names_the_models_whose_end_to_end_model_is_registered():
     )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_served_model_answers_like_label_image(tracked, tmp_path, monkeypatch, capsys):
     """`make serve` of the registered Keras model (@champion), a real HTTP request on
@@ -941,7 +940,7 @@ def test_served_model_answers_like_label_image(tracked, tmp_path, monkeypatch, c
 
     workdir, summary = tracked["workdir"], tracked["summary"]
     image = workdir / "data/split/test/green/green_01.jpg"
-    port = _free_port()
+    port = free_port()
     # As the README serves it, from a shell where nothing is activated: no venv on PATH (the
     # server starts uvicorn by name, which `.venv/bin/mlflow models serve` alone cannot find).
     env = {
@@ -978,18 +977,7 @@ def test_served_model_answers_like_label_image(tracked, tmp_path, monkeypatch, c
             assert code == 0
             outputs[key] = json.loads(capsys.readouterr().out)["results"][0]["probabilities"]
 
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                log = server.stdout.read().decode(errors="replace") if server.poll() else ""
-                pytest.fail(f"mlflow models serve did not come up (exit {server.poll()}):\n{log}")
-            time.sleep(0.5)
+        get_when_up(f"http://127.0.0.1:{port}/ping", server)  # mlflow models serve is up
         # One request, three files: one bad row must not sink the others.
         files = [image.read_bytes(), b"CC-BY 2.0\n", image.read_bytes()[:300]]
         rows = [[base64.b64encode(f).decode("ascii")] for f in files]
