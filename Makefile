@@ -105,7 +105,7 @@ bench-litert: setup
 # names; a tracking server has a UI of its own, so for one only its link is printed.
 UI_PORT ?= 5000
 ui: setup
-	@$(BIN)/python -m imgclf.tracking ui --port $(UI_PORT)
+	@$(BIN)/python -m imgclf.tracking.servers ui --port $(UI_PORT)
 
 # A registered end-to-end model over HTTP (README, "MLflow"): make serve MODEL=models:/<name>@champion.
 # `mlflow models serve` starts uvicorn by name, so the venv must be on PATH (make's PATH has it;
@@ -116,7 +116,7 @@ ui: setup
 MODEL ?=
 SERVE_PORT ?= 5001
 serve: setup
-	@uri="$$($(BIN)/python -m imgclf.tracking serve-uri '$(MODEL)' --port $(SERVE_PORT))" && \
+	@uri="$$($(BIN)/python -m imgclf.tracking.servers serve-uri '$(MODEL)' --port $(SERVE_PORT))" && \
 	echo "serving $$uri" && \
 	MLFLOW_TRACKING_URI="$${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db}" $(BIN)/mlflow models serve \
 		-m "$$uri" --env-manager local -h 127.0.0.1 -p $(SERVE_PORT)

@@ -324,7 +324,7 @@ def load_model(model: str | None, head: str, models_dir: Path | None) -> Any:
             f"{model!r} is neither an MLflow model URI (models:/<name>/<version>, "
             "runs:/<run id>/model, ...) nor a folder with an MLmodel file"
         )
-    from imgclf.tracking import open_existing_store, resolve_store, use_store
+    from imgclf.tracking.store import open_existing_store, resolve_store, use_store
 
     # A models:/ or runs:/ URI is read from the store; a folder with an MLmodel file is not.
     store = open_existing_store() if model.startswith(("models:/", "runs:/")) else resolve_store()

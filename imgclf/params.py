@@ -318,7 +318,7 @@ class SplitParams(Block):
 
 @dataclass(frozen=True)
 class TrackParams(Block):
-    """The track stage (imgclf/tracking.py): the MLflow experiment, the registered name of each
+    """The track stage (imgclf/tracking/): the MLflow experiment, the registered name of each
     servable model (a model it does not name gets `{dataset}-<model>`; tracking checks the
     names against the registry, which this module does not import), and which end-to-end
     models are logged: all the servable ones (true), none (false) or those listed."""

@@ -1,5 +1,5 @@
 """Stage track: record the pipeline result in MLflow (runs, metrics, curves, artifacts, and the
-end-to-end tf/keras models in the registry). See imgclf/tracking.py for what goes where."""
+end-to-end tf/keras models in the registry). See imgclf/tracking/ for what goes where."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import imgclf.quiet_tf  # noqa: F401  (first: TensorFlow without its start-up no
 from imgclf.config import load_params
 from imgclf.fileio import write_json
 from imgclf.stage import stage_main
-from imgclf.tracking import track_pipeline
+from imgclf.tracking.pipeline_run import track_pipeline
 
 
 @stage_main

@@ -311,7 +311,8 @@ def test_track_logs_the_export_to_the_parent_run(tiny, images, tmp_path, monkeyp
     from imgclf.fileio import write_json
     from imgclf.layout import Layout
     from imgclf.litert import export_and_score, markdown_table
-    from imgclf.tracking import _log_litert, configure_store, get_or_create_experiment
+    from imgclf.tracking.pipeline_run import _log_litert
+    from imgclf.tracking.store import configure_store, get_or_create_experiment
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     model, pixels = tiny

@@ -145,7 +145,7 @@ def test_a_block_inside_a_block_is_as_strict_and_named_in_full():
 
 
 def test_registered_models_name_servable_models_only():
-    from imgclf.tracking import registered_model_names
+    from imgclf.tracking.registered import registered_model_names
 
     # The block checks the templates; tracking checks the names against the registry (params
     # imports no registry, so the stages that read params do not depend on every model).

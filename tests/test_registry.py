@@ -120,11 +120,12 @@ def test_pipeline_models_are_checked_against_the_registry():
 
 
 def test_consumers_derive_from_the_registry():
-    from imgclf import end_to_end, heads, label_image, reports, tracking
+    from imgclf import end_to_end, heads, label_image, reports
+    from imgclf.tracking import registered
 
     servable = ("tf", "keras", "finetune_tf", "finetune_keras")
     assert end_to_end.HEAD_KINDS == tuple(model_names(servable=True)) == servable
-    assert tuple(MODELS) == tracking.HEADS and tracking.MODEL_HEADS == end_to_end.HEAD_KINDS
+    assert registered.MODEL_HEADS == end_to_end.HEAD_KINDS
     assert heads.HEADS == ("tf", "keras", "sklearn")
     assert [reports.display_name(n) for n in MODELS] == [
         "TF", "Keras", "scikit-learn", "TF fine-tuned", "Keras fine-tuned"
@@ -148,9 +149,9 @@ def test_the_sklearn_baseline_is_scored_without_importing_tensorflow():
 
 
 def test_track_reads_the_gradient_columns_the_fine_tunes_write():
-    from imgclf import tracking
     from imgclf.finetune.common import GRADIENT_NORM_PREFIX, epoch_row
+    from imgclf.tracking import contents
 
-    assert tracking.GRADIENT_COLUMN_PREFIX == GRADIENT_NORM_PREFIX
+    assert contents.GRADIENT_COLUMN_PREFIX == GRADIENT_NORM_PREFIX
     row = epoch_row(2, (0.5, 0.8), (0.6, 0.7), {"mixed_9": 0.3, "head": 0.1})
     assert row["gradient_norm_mixed_9"] == 0.3 and row["gradient_norm_head"] == 0.1

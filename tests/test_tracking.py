@@ -225,7 +225,7 @@ def test_repo_root_prefers_dvc_root_then_exp_copy_then_git(tmp_path, monkeypatch
 
 
 def test_store_defaults_to_repo_root_and_env_overrides(tmp_path, monkeypatch):
-    from imgclf.tracking import resolve_store
+    from imgclf.tracking.store import resolve_store
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("DVC_ROOT", str(tmp_path))
@@ -245,7 +245,7 @@ def test_store_defaults_to_repo_root_and_env_overrides(tmp_path, monkeypatch):
 def test_configuring_a_store_leaves_no_registry_behind(tmp_path, monkeypatch):
     """mlflow.set_registry_uri writes MLFLOW_REGISTRY_URI; a later resolve_store (label-image
     after track, in one process) must not take it for the user's and read another registry."""
-    from imgclf.tracking import configure_store, resolve_store
+    from imgclf.tracking.store import configure_store, resolve_store
 
     monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -259,7 +259,7 @@ def test_configuring_a_store_leaves_no_registry_behind(tmp_path, monkeypatch):
 
 
 def test_a_damaged_store_is_named_and_left_as_it_is(tmp_path, monkeypatch):
-    from imgclf.tracking import TrackingStoreError, configure_store
+    from imgclf.tracking.store import TrackingStoreError, configure_store
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     db = tmp_path / "mlflow.db"
@@ -327,7 +327,7 @@ def test_make_ui_shows_the_store_that_track_logs_to(tmp_path, monkeypatch):
     # where that experiment id is another experiment or none.
     from mlflow import MlflowClient
 
-    from imgclf.tracking import get_or_create_experiment, resolve_store
+    from imgclf.tracking.store import get_or_create_experiment, resolve_store
 
     monkeypatch.chdir(tmp_path)  # a new store's Default experiment makes ./mlruns
     shutil.copy(ROOT / "params.yaml", tmp_path)
@@ -370,7 +370,7 @@ def test_make_ui_shows_the_store_that_track_logs_to(tmp_path, monkeypatch):
 
 
 def test_a_tracking_server_that_does_not_answer_is_named_in_seconds(tmp_path, monkeypatch):
-    from imgclf.tracking import TrackingStoreError, configure_store
+    from imgclf.tracking.store import TrackingStoreError, configure_store
 
     server = closed_port_url("").rstrip("/")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", server)
@@ -392,7 +392,7 @@ def test_a_tracking_server_that_does_not_answer_is_named_in_seconds(tmp_path, mo
 def test_a_deleted_experiment_is_a_user_error_with_what_to_do(tmp_path, monkeypatch):
     from mlflow import MlflowClient
 
-    from imgclf.tracking import TrackingStoreError, configure_store, get_or_create_experiment
+    from imgclf.tracking.store import TrackingStoreError, configure_store, get_or_create_experiment
 
     for name in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID"):
         monkeypatch.delenv(name, raising=False)
@@ -403,7 +403,7 @@ def test_a_deleted_experiment_is_a_user_error_with_what_to_do(tmp_path, monkeypa
 
 
 def test_flatten_and_numeric_leaves():
-    from imgclf.tracking import flatten, numeric_leaves, param_value
+    from imgclf.tracking.contents import flatten, numeric_leaves, param_value
 
     params = {"train_tf": {"learning_rate": 0.01, "steps": 4000}, "a": {"b": {"c": [1, 2]}}}
     assert flatten(params) == {
@@ -417,7 +417,7 @@ def test_flatten_and_numeric_leaves():
 
 
 def test_dvc_lock_hashes(tmp_path):
-    from imgclf.tracking import dvc_lock_hashes
+    from imgclf.tracking.provenance import dvc_lock_hashes
 
     lock = {
         "schema": "2.0",
@@ -442,7 +442,7 @@ def test_dvc_lock_hashes(tmp_path):
 
 
 def test_git_dirty_ignores_pipeline_outputs(tmp_path):
-    from imgclf.tracking import git_info
+    from imgclf.tracking.provenance import git_info
 
     def git(*args):
         subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True)
@@ -498,7 +498,7 @@ SERVED_PIXEL_CAP = 40_000_000
 
 
 def track_result(params: dict, workdir: Path) -> dict:
-    from imgclf.tracking import track_pipeline
+    from imgclf.tracking.pipeline_run import track_pipeline
 
     tracked = {
         **params,
@@ -814,7 +814,7 @@ def test_champion_is_the_latest_tracked_model_that_passes_the_gate(tmp_path):
     # the alias, with its older serving code), across versions scored on other test images.
     from mlflow import MlflowClient
 
-    from imgclf.tracking import _update_champion
+    from imgclf.tracking.registered import update_champion
 
     uri = f"sqlite:///{tmp_path / 'registry.db'}"
     client = MlflowClient(uri, uri)
@@ -822,11 +822,11 @@ def test_champion_is_the_latest_tracked_model_that_passes_the_gate(tmp_path):
     for _ in range(4):
         client.create_model_version("m", str(tmp_path), run_id=None)
     history = [
-        _update_champion(client, "m", "1", passed=True),
-        _update_champion(client, "m", "2", passed=True),
-        _update_champion(client, "m", "3", passed=False),  # below the gate: the alias stays
-        _update_champion(client, "m", "1", passed=True),  # an older result tracked again
-        _update_champion(client, "m", "4", passed=True),
+        update_champion(client, "m", "1", passed=True),
+        update_champion(client, "m", "2", passed=True),
+        update_champion(client, "m", "3", passed=False),  # below the gate: the alias stays
+        update_champion(client, "m", "1", passed=True),  # an older result tracked again
+        update_champion(client, "m", "4", passed=True),
     ]
     assert history == ["1", "2", "2", "1", "4"]
     assert str(client.get_model_version_by_alias("m", "champion").version) == "4"
@@ -837,7 +837,8 @@ def test_make_serve_checks_the_model_uri_before_mlflow_starts_a_server(tmp_path,
     # `mlflow models serve`, which then failed with a traceback.
     from mlflow import MlflowClient
 
-    from imgclf.tracking import TrackingStoreError, configure_store, serve_uri
+    from imgclf.tracking.servers import serve_uri
+    from imgclf.tracking.store import TrackingStoreError, configure_store
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("DVC_ROOT", raising=False)
@@ -879,7 +880,8 @@ def test_ui_url_opens_the_runs_in_model_training_mode(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
     monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
-    from imgclf.tracking import configure_store, get_or_create_experiment, ui_url
+    from imgclf.tracking.servers import ui_url
+    from imgclf.tracking.store import configure_store, get_or_create_experiment
 
     assert ui_url("http://h:5000/", "tf-or-keras", root=tmp_path) == (
         "http://h:5000/#/experiments?workflowType=machine_learning"
@@ -894,7 +896,7 @@ def test_ui_url_opens_the_runs_in_model_training_mode(tmp_path, monkeypatch):
 
 
 def test_dataset_and_registered_model_names_come_from_the_source():
-    from imgclf.tracking import dataset_name, registered_model_names
+    from imgclf.tracking.registered import dataset_name, registered_model_names
 
     url = "https://storage.googleapis.com/download.tensorflow.org/example_images/flower_photos.tgz"
     assert dataset_name(url) == "flower_photos"
@@ -913,7 +915,7 @@ def test_dataset_and_registered_model_names_come_from_the_source():
 
 def test_log_models_names_the_models_whose_end_to_end_model_is_registered():
     from imgclf.errors import ParamsError
-    from imgclf.tracking import logged_models
+    from imgclf.tracking.registered import logged_models
 
     heads = ["tf", "keras", "sklearn", "finetune_tf", "finetune_keras"]
     assert logged_models(True, heads) == ["tf", "keras", "finetune_tf", "finetune_keras"]
