@@ -21,9 +21,9 @@ from imgclf import (
     sources,
     splitting,
     torchscript,
-    tracking,
 )
 from imgclf.errors import MissingInput, ParamsError, UserError
+from imgclf.tracking import store
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -160,7 +160,7 @@ def test_message_says_found_expected_and_what_to_do():
         sources.SourceUnavailable,
         splitting.SplitError,
         torchscript.UnsafePickleError,
-        tracking.TrackingStoreError,
+        store.TrackingStoreError,
     ],
 )
 def test_every_input_error_is_a_user_error(cls):
