@@ -197,18 +197,14 @@ def log_datasets(client: Any, run_id: str, datasets: Mapping[str, Any]) -> None:
 
 @dataclass(frozen=True)
 class ResultFiles:
-    """Where a pipeline result's files are, from params.yaml `paths` (relative to `workdir`)."""
+    """Where a pipeline result's files are, from params.yaml `paths` (relative to `workdir`),
+    and which of them a model's run logs."""
 
-    workdir: Path
     layout: Layout
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any], workdir: str | Path) -> ResultFiles:
-        return cls(workdir=Path(workdir), layout=Layout.from_params(params, workdir))
-
-    @property
-    def models(self) -> Path:
-        return self.layout.models
+        return cls(layout=Layout.from_params(params, workdir))
 
     @property
     def metrics(self) -> Path:
