@@ -194,14 +194,15 @@ def paired_sentence(test: PairedTest) -> str:
         verdict = f"significant, {better} is better"
     return (
         f"{a} vs {b}: {test.a_only} vs {test.b_only} discordant, "
-        f"p = {_format_p(test.p_value)}: {verdict}."
+        f"{_format_p(test.p_value)}: {verdict}."
     )
 
 
 def _format_p(p: float) -> str:
+    """'p = 0.77', 'p = 0.004', 'p < 0.001'."""
     if p < 0.001:
-        return "< 0.001"
-    return f"{p:.3f}" if p < 0.01 else f"{p:.2f}"
+        return "p < 0.001"
+    return f"p = {p:.3f}" if p < 0.01 else f"p = {p:.2f}"
 
 
 def comparison_markdown(

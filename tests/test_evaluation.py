@@ -11,6 +11,7 @@ from sklearn import metrics as skm
 
 from imgclf.evaluation import (
     Z_95,
+    PairedTest,
     all_pairs,
     confusion_matrix,
     evaluate_head,
@@ -19,6 +20,7 @@ from imgclf.evaluation import (
     paired_test,
     wilson_interval,
 )
+from imgclf.reports import paired_sentence
 
 CLASSES = ["daisy", "dandelion", "roses", "sunflowers", "tulips"]
 
@@ -116,6 +118,21 @@ def test_paired_test_counts_discordant_pairs() -> None:
         ("tf", "tf"),
         ("keras", "tf"),
     ]
+
+
+@pytest.mark.parametrize(
+    ("a_only", "b_only", "sentence"),
+    [
+        (7, 5, "TF vs Keras: 7 vs 5 discordant, p = 0.77: not significant."),
+        (0, 9, "TF vs Keras: 0 vs 9 discordant, p = 0.004: significant, Keras is better."),
+        # Once printed "p = < 0.001", on the README's first screen.
+        (23, 5, "TF vs Keras: 23 vs 5 discordant, p < 0.001: significant, TF is better."),
+    ],
+)
+def test_paired_sentence_reads_as_written(a_only: int, b_only: int, sentence: str) -> None:
+    p_value, mid_p = mcnemar_exact(a_only, b_only)
+    test = PairedTest("tf", "keras", a_only, b_only, p_value, mid_p)
+    assert paired_sentence(test) == sentence
 
 
 # --- classification metrics vs scikit-learn ---------------------------------------------------
