@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import imgclf.quiet_tf  # noqa: F401  (first: TensorFlow without its start-up notices)
+import imgclf.quiet_tf  # first: TensorFlow without its start-up notices
+import imgclf.tracking.quiet  # noqa: F401  (before MLflow: without its INFO lines and bars)
 from imgclf.config import load_params
 from imgclf.fileio import write_json
 from imgclf.stage import stage_main

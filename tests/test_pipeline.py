@@ -31,12 +31,12 @@ PER_CLASS = 14
 pytestmark = pytest.mark.slow
 
 
-def run(cmd: list[str], cwd: Path) -> str:
+def run(cmd: list[str], cwd: Path, *, with_stderr: bool = False) -> str:
     # Stage commands say `python`: the one of this venv, as with an activated venv.
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env)
     assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{done.stdout}\n{done.stderr}"
-    return done.stdout
+    return done.stdout + (done.stderr if with_stderr else "")
 
 
 # New files not yet added to git are copied from these folders only: elsewhere, an untracked
@@ -266,9 +266,14 @@ def project(tmp_path_factory) -> Path:
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     os.environ.setdefault("IMGCLF_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
     commit(repo, "base")
-    run([*DVC, "repro"], repo)
+    repro_log(repo).write_text(run([*DVC, "repro"], repo, with_stderr=True))
     commit(repo, "repro")
     return repo
+
+
+def repro_log(repo: Path) -> Path:
+    """What the project's first `dvc repro` printed, kept beside it (outside its git tree)."""
+    return repo.parent / f"{repo.name}.repro.log"
 
 
 def commit(repo: Path, message: str) -> None:
@@ -306,6 +311,13 @@ def test_repro_builds_every_stage_and_the_split_trees(project):
     train = read(project, "metrics/train/tf.json")
     assert audit["images_audited"] == train["n_train"] and train["n_label_issues_dropped"] == 0
     assert (project / "metrics" / "label_issues.png").is_file()
+
+
+def test_track_prints_its_summary_without_mlflows_chatter(project):
+    # MLflow's INFO lines and its artifact progress bars (two a logged model) once buried it.
+    log = repro_log(project).read_text()
+    assert "track: run " in log and "finetune_keras v1" in log
+    assert "Downloading artifacts" not in log and "INFO mlflow" not in log
 
 
 def test_the_fine_tuned_models_are_evaluated_and_registered(project):

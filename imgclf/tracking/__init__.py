@@ -9,4 +9,5 @@ and an end-to-end model in the registry per servable model.
 - `registered`: the end-to-end models, their registered names, versions and @champion.
 - `pipeline_run`: `track_pipeline`, the track stage's work, which puts those together.
 - `servers`: what `make ui` and `make serve` start (`python -m imgclf.tracking.servers`).
+- `quiet`: MLflow without its INFO lines and progress bars, imported first by the track stage.
 """
