@@ -275,7 +275,7 @@ class DataParams(Block):
     source: str = text()  # a folder, an archive (path or URL) or a Dataturks export
 
 
-# The modes ingest offers; imgclf/ingest.py takes them from here, so that reading params
+# The modes ingest offers; imgclf/ingest/ takes them from here, so that reading params
 # imports neither Pillow nor urllib3.
 MULTIPLE_LABEL_MODES = ("error", "first", "skip")
 CROSS_CLASS_MODES = ("drop", "keep")

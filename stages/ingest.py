@@ -1,6 +1,6 @@
 """Stage `ingest`: data.source -> data/images/<class>/<file> + data/manifest.csv + reports.
 
-See imgclf/ingest.py for what is validated, de-duplicated and reported.
+See imgclf/ingest/ for what is validated, de-duplicated and reported.
 """
 
 from __future__ import annotations
@@ -8,7 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from imgclf.config import load_params
-from imgclf.ingest import IngestOptions, run_ingest
+from imgclf.ingest.records import IngestOptions
+from imgclf.ingest.run import run_ingest
 from imgclf.params import DataParams
 from imgclf.sources import resolve_source
 from imgclf.stage import stage_main

@@ -18,7 +18,9 @@ import pytest
 import yaml
 
 from imgclf.fileio import read_csv, read_metrics, sha256_file
-from imgclf.ingest import MANIFEST_FIELDS, IngestError, IngestOptions, format_summary, run_ingest
+from imgclf.ingest.outputs import MANIFEST_FIELDS, format_summary
+from imgclf.ingest.records import IngestError, IngestOptions
+from imgclf.ingest.run import run_ingest
 from imgclf.labels import ClassNameCollision, class_dir_name, class_dirs, safe_file_name
 from imgclf.sources import ResolvedSource, fingerprint_source
 from tests.helpers import as_unprivileged, make_class_tree, make_image

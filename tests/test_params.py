@@ -166,7 +166,7 @@ def test_registered_models_name_servable_models_only():
 
 
 def test_ingest_options_come_from_the_typed_block():
-    from imgclf.ingest import IngestOptions
+    from imgclf.ingest.records import IngestOptions
 
     options = IngestOptions.from_params(PARAMS)
     assert options == IngestOptions()  # the defaults of direct calls are params.yaml's

@@ -16,13 +16,13 @@ from imgclf import (
     dataturks,
     downloads,
     images,
-    ingest,
     labels,
     sources,
     splitting,
     torchscript,
 )
 from imgclf.errors import MissingInput, ParamsError, UserError
+from imgclf.ingest import records
 from imgclf.tracking import store
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -155,7 +155,7 @@ def test_message_says_found_expected_and_what_to_do():
         dataturks.DataturksError,
         downloads.DownloadError,
         images.BadImage,
-        ingest.IngestError,
+        records.IngestError,
         labels.ClassNameCollision,
         sources.SourceUnavailable,
         splitting.SplitError,
