@@ -23,7 +23,7 @@ import sys
 import unicodedata
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +39,10 @@ DEFAULT_SOURCE = (
     "https://storage.googleapis.com/download.tensorflow.org/example_images/flower_photos.tgz"
 )
 FLOWERS_ARCHIVE = "flower_photos.tgz"
+# The kinds a data.source resolves to: each has its fingerprint here (FINGERPRINTS) and its
+# reader in imgclf/ingest/collect.py (COLLECTORS).
+TREE = "tree"
+DATATURKS = "dataturks"
 EXPORT_SUFFIXES = (".json", ".jsonl", ".txt")
 # Written into an extraction folder once it is complete; also never fingerprinted.
 COMPLETE_MARKER = ".imgclf-complete"
@@ -60,9 +64,13 @@ class SourceUnavailable(UserError, RuntimeError):
 @dataclass(frozen=True)
 class ResolvedSource:
     source: str  # what the user wrote in params.yaml data.source
-    kind: str  # "tree" | "dataturks"
+    kind: str  # a key of FINGERPRINTS: TREE or DATATURKS
     path: Path  # the class-tree root directory, or the export file
     origin: str  # human-readable provenance (URL, archive path + member root, ...)
+
+    def __post_init__(self) -> None:
+        if self.kind not in FINGERPRINTS:
+            raise ValueError(f"unknown source kind {self.kind!r}: one of {', '.join(FINGERPRINTS)}")
 
 
 def ignored_name(name: str) -> bool:
@@ -127,7 +135,7 @@ def _tree(source: str, path: Path, origin: str) -> ResolvedSource:
         )
     if root != path:
         origin += f" (inside {root.relative_to(path).as_posix()}/)"
-    return ResolvedSource(source, "tree", root, origin)
+    return ResolvedSource(source, TREE, root, origin)
 
 
 # -- Dataturks exports ----------------------------------------------------------------------
@@ -195,7 +203,7 @@ def _resolve_file(
         return _tree(source, root, f"{origin} (extracted)")
     line = _first_line(file)
     if _is_export_line(line):
-        return ResolvedSource(source, "dataturks", file, origin)
+        return ResolvedSource(source, DATATURKS, file, origin)
     if file.stat().st_size == 0:
         raise SourceUnavailable(
             f"data.source {source!r}: {origin} is an empty file (0 bytes). Expected {_EXPECTED}."
@@ -477,15 +485,19 @@ def _digest(path: Path) -> str | None:
 
 def fingerprint_source(resolved: ResolvedSource) -> dict:
     """{"sha256", "files", "bytes"} of the content only: the same data gives the same
-    fingerprint wherever it lives (a folder, its archive, Keras' cache, another machine).
-    Files and folders this user cannot read are counted in "unreadable" (only when there are
-    any) and hashed by name: ingest reports each, and making one readable changes the data."""
-    if resolved.kind == "dataturks":
-        path = resolved.path
-        return {"sha256": sha256_file(path), "files": 1, "bytes": path.stat().st_size}
-    if resolved.kind != "tree":
-        raise ValueError(f"unknown source kind {resolved.kind!r}")
-    entries = _tree_entries(resolved.path)
+    fingerprint wherever it lives (a folder, its archive, Keras' cache, another machine)."""
+    return FINGERPRINTS[resolved.kind](resolved.path)
+
+
+def _fingerprint_export(path: Path) -> dict:
+    return {"sha256": sha256_file(path), "files": 1, "bytes": path.stat().st_size}
+
+
+def _fingerprint_tree(root: Path) -> dict:
+    """Files and folders this user cannot read are counted in "unreadable" (only when there
+    are any) and hashed by name: ingest reports each, and making one readable changes the
+    data."""
+    entries = _tree_entries(root)
     # hashlib releases the GIL on large buffers: a few threads overlap disk reads and hashing.
     with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
         digests = list(pool.map(lambda e: _digest(e[1]) if e[2] is None else None, entries))
@@ -507,3 +519,12 @@ def fingerprint_source(resolved: ResolvedSource) -> dict:
     if unreadable:
         fingerprint["unreadable"] = unreadable
     return fingerprint
+
+
+# Every source kind, with how its content is fingerprinted. A new kind is resolved to in
+# resolve_source and read by its entry in imgclf/ingest/collect.py: COLLECTORS
+# (tests/test_sources.py holds the two registries to the same kinds).
+FINGERPRINTS: dict[str, Callable[[Path], dict]] = {
+    TREE: _fingerprint_tree,
+    DATATURKS: _fingerprint_export,
+}

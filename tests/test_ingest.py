@@ -231,6 +231,22 @@ def test_input_inside_the_output_is_refused(tmp_path):
     assert len(snapshot(src)) == 6
 
 
+def test_an_export_inside_the_output_is_refused(tmp_path):
+    # Its images elsewhere, the export itself in the folder ingest replaces: it was read, then
+    # deleted with the old image set.
+    pics = make_class_tree(tmp_path / "pics", {"x": 4})
+    records = [
+        item(str(path), ["a" if i % 2 else "b"])
+        for i, path in enumerate(sorted((pics / "x").iterdir()))
+    ]
+    out = tmp_path / "out"
+    (out / "data" / "images").mkdir(parents=True)
+    export = write_export(out / "data" / "images" / "export.json", records)
+    with pytest.raises(IngestError, match="overlaps the output folder"):
+        ingest(export_source(export), out)
+    assert export.is_file()
+
+
 # ------------------------------------------------------------------------------- names
 
 

@@ -431,3 +431,12 @@ def test_stage_offline_prints_the_paragraph_without_traceback(tmp_path):
     assert "Traceback" not in done.stderr
     assert "make run DATA=/path/to/flower_photos" in done.stderr
     assert not (tmp_path / "repo" / "data" / "source.json").exists()
+
+
+def test_every_source_kind_is_fingerprinted_and_read():
+    from imgclf.ingest.collect import COLLECTORS
+    from imgclf.sources import FINGERPRINTS, ResolvedSource
+
+    assert list(COLLECTORS) == list(FINGERPRINTS) == ["tree", "dataturks"]
+    with pytest.raises(ValueError, match="unknown source kind 'csv': one of tree, dataturks"):
+        ResolvedSource("x.csv", "csv", Path("x.csv"), "x.csv")

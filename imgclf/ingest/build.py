@@ -85,7 +85,7 @@ def build_image_set(
         "not_utf8": {"files": len(collected.not_utf8), "examples": collected.not_utf8[:3]},
         "formats": dict(sorted(Counter(im.format for im in images).items())),
     }
-    if collected.bad_lines or kind == "dataturks":
+    if collected.bad_lines is not None:
         stats["bad_lines"] = {"mode": options.on_bad_line, "lines": collected.bad_lines}
     if collected.presplit is not None:
         given = Counter(im.subset for im in images if im.subset)

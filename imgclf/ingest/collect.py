@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import urllib.parse
+from collections.abc import Callable
 from pathlib import Path
 
 from imgclf import dataturks
@@ -14,11 +15,14 @@ from imgclf.ingest.records import Candidate, Collected, IngestError, IngestOptio
 from imgclf.labels import normalize_label, readable
 from imgclf.sources import (
     BROKEN_LINK,
+    DATATURKS,
     IGNORED,
     LINK_OUTSIDE,
     SPECIAL_FILE,
+    TREE,
     UNREADABLE,
     UNREADABLE_FOLDER,
+    ResolvedSource,
     ignored_name,
     link_outside,
     presplit_folders,
@@ -209,7 +213,7 @@ def collect_dataturks(
     items = dataturks.read_export(export, options.on_bad_line)
     if export_url is not None:
         items = [_relative_to(export_url, item) for item in items]
-    out = Collected(items=len(items))
+    out = Collected(items=len(items), bad_lines=[])
     chosen: list[tuple[dataturks.DataturksItem, str]] = []
     multi = [item for item in items if len(item.labels) > 1]
     if multi and options.on_multiple_labels == "error":
@@ -311,3 +315,23 @@ def image_byte_limit(max_image_pixels: int) -> ByteLimit:
         8 * max_image_pixels + 2**20,
         f"8 bytes a pixel of ingest.max_image_pixels={max_image_pixels:,}",
     )
+
+
+def collect_from_tree(source: ResolvedSource, options: IngestOptions) -> Collected:
+    return collect_tree(Path(source.path), options.presplit)
+
+
+def collect_from_export(source: ResolvedSource, options: IngestOptions) -> Collected:
+    # An export that came from a URL: its relative paths are relative to that URL.
+    url = source.origin if dataturks.is_url(source.origin) else None
+    try:
+        return collect_dataturks(Path(source.path), options, export_url=url)
+    except dataturks.DataturksError as e:
+        raise IngestError(str(e)) from None
+
+
+# How each source kind of imgclf/sources.py (FINGERPRINTS) is read into candidates.
+COLLECTORS: dict[str, Callable[[ResolvedSource, IngestOptions], Collected]] = {
+    TREE: collect_from_tree,
+    DATATURKS: collect_from_export,
+}

@@ -137,7 +137,7 @@ class Collected:
     downloads_requested: int = 0
     downloads_failed: int = 0
     multiple_labels: int = 0
-    bad_lines: list[int] = field(default_factory=list)
+    bad_lines: list[int] | None = None  # an export's malformed lines; None for a tree
     presplit: dict[str, Any] | None = None  # {"mode", "folders": {folder: subset}} if detected
     not_utf8: list[str] = field(default_factory=list)  # files whose path is not UTF-8 (readable)
 

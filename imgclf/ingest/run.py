@@ -5,9 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from imgclf import dataturks
 from imgclf.ingest.build import build_image_set
-from imgclf.ingest.collect import collect_dataturks, collect_tree
+from imgclf.ingest.collect import COLLECTORS
 from imgclf.ingest.outputs import failure_message, format_summary, write_outputs
 from imgclf.ingest.records import IngestError, IngestOptions, IngestResult
 from imgclf.sources import ResolvedSource
@@ -25,20 +24,11 @@ def run_ingest(
     """The whole stage for a resolved source; raises `IngestError` when the result is
     unusable (after writing the reports, which list every skipped item)."""
     images_dir, manifest, metrics_dir = Path(images_dir), Path(manifest), Path(metrics_dir)
-    if source.kind == "tree":
-        _refuse_overlap(Path(source.path), images_dir)
-        collected = collect_tree(Path(source.path), options.presplit)
-    elif source.kind == "dataturks":
-        try:
-            # An export that came from a URL: its relative paths are relative to that URL.
-            url = source.origin if dataturks.is_url(source.origin) else None
-            collected = collect_dataturks(Path(source.path), options, export_url=url)
-        except dataturks.DataturksError as e:
-            raise IngestError(str(e)) from None
-        for cand in collected.candidates:
-            _refuse_overlap(cand.path, images_dir)
-    else:
-        raise IngestError(f"unknown source kind {source.kind!r} for {source.source}")
+    collect = COLLECTORS[source.kind]  # ResolvedSource holds a kind of sources.FINGERPRINTS
+    _refuse_overlap(Path(source.path), images_dir)
+    collected = collect(source, options)
+    for cand in collected.candidates:  # an export's files may lie anywhere
+        _refuse_overlap(cand.path, images_dir)
     result = build_image_set(collected, options, source=source.source, kind=source.kind)
     write_outputs(result, images_dir=images_dir, manifest=manifest, metrics_dir=metrics_dir)
     log(format_summary(result))
