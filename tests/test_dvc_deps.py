@@ -210,6 +210,38 @@ def test_every_stage_depends_on_the_code_it_runs():
     )
 
 
+# Code a stage runs without importing it: MLflow loads the end-to-end models' code from its path.
+RUN_AS_FILES = {"imgclf/end_to_end.py": {"imgclf/served_model.py"}}
+
+
+def unused_code_deps(stages: Mapping[str, Mapping]) -> dict[str, list[str]]:
+    """Per stage, the code deps that cover nothing the stage runs."""
+    report = {}
+    for name, stage in stages.items():
+        code = stage_code(stage)
+        code |= {f for runner, files in RUN_AS_FILES.items() if runner in code for f in files}
+        unused = [
+            dep
+            for dep in stage.get("deps", [])
+            if dep.startswith(("imgclf/", "stages/")) and not any(covered(f, [dep]) for f in code)
+        ]
+        if unused:
+            report[name] = unused
+    return report
+
+
+def test_no_stage_depends_on_code_it_does_not_run():
+    # Such a dep reruns the stage for nothing: export@<model> (minutes each) reran for a change
+    # to evaluate's report, which it listed and never imported.
+    unused = unused_code_deps(load_dvc_stages())
+    assert not unused, "dvc.yaml deps name code the stage never runs (remove them):\n" + (
+        "\n".join(f"  {stage}: {', '.join(files)}" for stage, files in unused.items())
+    )
+    stages = load_dvc_stages()
+    stages["split"]["deps"].append("imgclf/litert.py")
+    assert unused_code_deps(stages) == {"split": ["imgclf/litert.py"]}
+
+
 def test_a_removed_dep_is_caught():
     stages = load_dvc_stages()
     checked = 0
