@@ -28,7 +28,12 @@ export GIT_AUTHOR_EMAIL ?= $(GIT_FALLBACK_EMAIL)
 export GIT_COMMITTER_EMAIL ?= $(GIT_FALLBACK_EMAIL)
 endif
 
-.PHONY: run exp seeds plots test lint bench bench-ray bench-litert ui serve tensorboard setup clean
+.PHONY: help run exp seeds plots test lint bench bench-ray bench-litert ui serve tensorboard setup clean
+
+# Plain `make` lists the targets: their `##` comments, printed by the rule below.
+.DEFAULT_GOAL := help
+help: ## this list
+	@sed -n 's/^\([a-z-]*\):.*## \(.*\)/  make \1\t\2/p' $(MAKEFILE_LIST) | expand -t 24
 
 $(BIN)/activate: pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -52,24 +57,24 @@ PLOTS_PAGE := .dvc/plots/offline.html
 $(PLOTS_PAGE): | $(BIN)/activate
 	-$(BIN)/python -m imgclf.offline_plots
 
-setup: $(BIN)/activate $(PLOTS_PAGE)
+setup: $(BIN)/activate $(PLOTS_PAGE) ## create .venv and install the project (every target does it first)
 
-run: setup $(RAY_IF_WANTED)
+run: setup $(RAY_IF_WANTED) ## run the whole pipeline (DATA=<folder, archive, export or URL> sets data.source)
 ifeq ($(strip $(DATA)),)
 	$(BIN)/dvc repro
 else
 	$(BIN)/dvc exp run $(EXP_ARGS) -S 'data.source=$(DATA)'
 endif
 
-exp: setup $(RAY_IF_WANTED)
+exp: setup $(RAY_IF_WANTED) ## one DVC experiment: SET='train_tf.steps=2000 ...' (EXP_ARGS='--temp')
 	$(BIN)/dvc exp run $(EXP_ARGS) $(foreach s,$(SET),-S '$(s)')
 
-seeds: setup
+seeds: setup ## the five-seed tables: SEEDS='0 1 2 3 4' (SET= as for exp)
 	$(BIN)/python tools/split_seeds.py --seeds $(SEEDS) $(foreach s,$(SET),-S '$(s)')
 
 # `dvc plots show` with vega, vega-lite and vega-embed inlined (pinned, checked): the HTML then
 # renders without internet. The same template serves plain `dvc plots show/diff` afterwards.
-plots: setup
+plots: setup ## dvc plots show, offline: curves, confusion matrices, contact sheets
 	$(BIN)/python -m imgclf.offline_plots
 	$(BIN)/dvc plots show
 
@@ -80,31 +85,31 @@ plots: setup
 # (the longest first), not in pytest-xdist's default (most tests first), which leaves the
 # whole-pipeline file (few tests, minutes long) to the end. TEST_ARGS='-n 0' runs it serially.
 TEST_ARGS ?= -n 2 --dist loadfile --no-loadscope-reorder --durations=15
-test: setup $(RAY_STAMP)
+test: setup $(RAY_STAMP) ## ruff, then the test suite (under 15 minutes on two cores)
 	$(BIN)/ruff check .
 	$(BIN)/pytest $(TEST_ARGS)
 
-lint: setup
+lint: setup ## ruff check and ruff format --check
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
-bench: setup
+bench: setup ## the bottleneck and runtime benchmarks (tables of ratios)
 	$(BIN)/python bench/bottlenecks.py
 	$(BIN)/python bench/runtimes.py
 
-bench-ray: setup $(RAY_STAMP)
+bench-ray: setup $(RAY_STAMP) ## the Ray executor benchmark
 	$(BIN)/python bench/ray_executor.py
 
 # The LiteRT files of one trained model against TF (README, "Phones: LiteRT export"): needs the
 # model's stage run here first (dvc repro train@tf). make bench-litert LITERT_ARGS='--model keras'
 LITERT_ARGS ?=
-bench-litert: setup
+bench-litert: setup ## the LiteRT files of a trained model against TF
 	$(BIN)/python bench/litert.py $(LITERT_ARGS)
 
 # MLflow 3 opens an experiment in its GenAI view; the printed link opens the runs, model-training
 # view. The UI shows the store track logs to: mlflow.db, or the database MLFLOW_TRACKING_URI
 # names; a tracking server has a UI of its own, so for one only its link is printed.
 UI_PORT ?= 5000
-ui: setup
+ui: setup ## the MLflow UI on the pipeline's runs (UI_PORT=5000)
 	@$(BIN)/python -m imgclf.tracking.servers ui --port $(UI_PORT)
 
 # A registered end-to-end model over HTTP (README, "MLflow"): make serve MODEL=models:/<name>@champion.
@@ -115,7 +120,7 @@ ui: setup
 # nothing stops here with what is registered, before MLflow starts a server.
 MODEL ?=
 SERVE_PORT ?= 5001
-serve: setup
+serve: setup ## a registered end-to-end model over HTTP (MODEL=models:/<name>@champion)
 	@uri="$$($(BIN)/python -m imgclf.tracking.servers serve-uri '$(MODEL)' --port $(SERVE_PORT))" && \
 	echo "serving $$uri" && \
 	MLFLOW_TRACKING_URI="$${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db}" $(BIN)/mlflow models serve \
@@ -124,8 +129,8 @@ serve: setup
 # The fine-tune stages' event files: curves on the epoch axis, weight and gradient histograms,
 # gradient norms per block (paths.tensorboard in params.yaml).
 TB_PORT ?= 6006
-tensorboard: setup
+tensorboard: setup ## the fine-tunes' TensorBoard events (TB_PORT=6006)
 	$(BIN)/tensorboard --logdir logs/tensorboard --host 127.0.0.1 --port $(TB_PORT)
 
-clean:
+clean: ## delete data/images, data/split, data/bottlenecks and models
 	rm -rf data/images data/split data/bottlenecks models

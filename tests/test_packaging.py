@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import subprocess
 import tomllib
 from pathlib import Path
 
@@ -39,3 +40,13 @@ def test_make_test_starts_the_longest_files_first():
     assert re.search(r">=\s*3\.([89]|\d\d)", xdist), xdist
     missing = [name for name in LONGEST_FIRST if not (ROOT / "tests" / name).is_file()]
     assert not missing, f"tests/conftest.py LONGEST_FIRST names files that do not exist: {missing}"
+
+
+def test_plain_make_lists_every_target():
+    # A newcomer's first `make` printed nothing and only installed; now it says what there is.
+    make = ["make", "--no-print-directory"]
+    done = subprocess.run(make, cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    phony = re.search(r"^\.PHONY: (.*)$", (ROOT / "Makefile").read_text(), re.M).group(1).split()
+    listed = re.findall(r"^  make (\S+) +\S", done.stdout, re.M)
+    assert sorted(listed) == sorted(phony), "every .PHONY target needs a `## what it does` comment"
