@@ -59,15 +59,22 @@ $(PLOTS_PAGE): | $(BIN)/activate
 
 setup: $(BIN)/activate $(PLOTS_PAGE) ## create .venv and install the project (every target does it first)
 
+# Where a run's results are, said after it; not after --temp or --queue, which leave the
+# workspace's results as they were.
+WHERE_RESULTS = $(if $(filter --temp --queue,$(EXP_ARGS)),,@echo "results: metrics/comparison.md; \
+	see them with make plots, make ui or make tensorboard (make alone lists every target)")
+
 run: setup $(RAY_IF_WANTED) ## run the whole pipeline (DATA=<folder, archive, export or URL> sets data.source)
 ifeq ($(strip $(DATA)),)
 	$(BIN)/dvc repro
 else
 	$(BIN)/dvc exp run $(EXP_ARGS) -S 'data.source=$(DATA)'
 endif
+	$(WHERE_RESULTS)
 
 exp: setup $(RAY_IF_WANTED) ## one DVC experiment: SET='train_tf.steps=2000 ...' (EXP_ARGS='--temp')
 	$(BIN)/dvc exp run $(EXP_ARGS) $(foreach s,$(SET),-S '$(s)')
+	$(WHERE_RESULTS)
 
 seeds: setup ## the five-seed tables: SEEDS='0 1 2 3 4' (SET= as for exp)
 	$(BIN)/python tools/split_seeds.py --seeds $(SEEDS) $(foreach s,$(SET),-S '$(s)')

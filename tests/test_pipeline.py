@@ -416,6 +416,8 @@ def test_make_exp_in_a_fresh_shell_and_a_temp_copy_reruns_only_what_it_changes(p
     ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
     # source is always_changed: it only hashes the data, which ingest finds unchanged.
     assert ran == {"source", "activations", "train@sklearn", "evaluate", "track"}, ran
+    # A --temp run leaves the workspace's results as they were: make points at none.
+    assert "results: metrics/comparison.md" not in out
     assert run(["git", "status", "--porcelain"], project) == before  # the workspace untouched
     # The README's comparison of two results: changed params and numbers, nothing else.
     done = run_in([*DVC, "exp", "diff", "HEAD", "c-x3"], project, os.environ.copy())
