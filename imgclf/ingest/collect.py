@@ -318,14 +318,14 @@ def image_byte_limit(max_image_pixels: int) -> ByteLimit:
 
 
 def collect_from_tree(source: ResolvedSource, options: IngestOptions) -> Collected:
-    return collect_tree(Path(source.path), options.presplit)
+    return collect_tree(source.path, options.presplit)
 
 
 def collect_from_export(source: ResolvedSource, options: IngestOptions) -> Collected:
     # An export that came from a URL: its relative paths are relative to that URL.
     url = source.origin if dataturks.is_url(source.origin) else None
     try:
-        return collect_dataturks(Path(source.path), options, export_url=url)
+        return collect_dataturks(source.path, options, export_url=url)
     except dataturks.DataturksError as e:
         raise IngestError(str(e)) from None
 

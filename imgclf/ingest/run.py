@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from imgclf.ingest.build import build_image_set
@@ -25,10 +25,12 @@ def run_ingest(
     unusable (after writing the reports, which list every skipped item)."""
     images_dir, manifest, metrics_dir = Path(images_dir), Path(manifest), Path(metrics_dir)
     collect = COLLECTORS[source.kind]  # ResolvedSource holds a kind of sources.FINGERPRINTS
-    _refuse_overlap(Path(source.path), images_dir)
+    _refuse_overlap([source.path], images_dir)
     collected = collect(source, options)
-    for cand in collected.candidates:  # an export's files may lie anywhere
-        _refuse_overlap(cand.path, images_dir)
+    # An export's files may lie anywhere, the output folder included; a tree's lie in the
+    # tree just checked (walk_source refuses links out of it).
+    elsewhere = [c.path for c in collected.candidates if not c.path.is_relative_to(source.path)]
+    _refuse_overlap(elsewhere, images_dir)
     result = build_image_set(collected, options, source=source.source, kind=source.kind)
     write_outputs(result, images_dir=images_dir, manifest=manifest, metrics_dir=metrics_dir)
     log(format_summary(result))
@@ -37,12 +39,14 @@ def run_ingest(
     return result
 
 
-def _refuse_overlap(path: Path, images_dir: Path) -> None:
+def _refuse_overlap(paths: Iterable[Path], images_dir: Path) -> None:
     # The output folder is deleted and rebuilt: an input inside it (or containing it) would be
     # destroyed or ingested again.
-    src, out = path.resolve(), images_dir.resolve()
-    if src == out or out in src.parents or src in out.parents:
-        raise IngestError(
-            f"the input {path} overlaps the output folder {images_dir} (paths.images), which "
-            "ingest replaces: put the data somewhere else, or change paths.images."
-        )
+    out = images_dir.resolve()
+    for path in paths:
+        src = path.resolve()
+        if src == out or out in src.parents or src in out.parents:
+            raise IngestError(
+                f"the input {path} overlaps the output folder {images_dir} (paths.images), "
+                "which ingest replaces: put the data somewhere else, or change paths.images."
+            )
