@@ -231,7 +231,8 @@ def conv_compute_dtype(model_dir: Path, model: str) -> str:
         return "/".join(sorted(conv_dtypes(load_finetune_tf(model_dir).signatures[SIGNATURE_KEY])))
     import keras
 
-    from imgclf.finetune.finetune_keras import all_layers, load_finetune_keras
+    from imgclf.finetune.finetune_keras import load_finetune_keras
+    from imgclf.inception import all_layers
 
     saved = load_finetune_keras(model_dir)
     dtypes = {

@@ -528,6 +528,15 @@ def backbone_to_cut(model: keras.Model, cut: str) -> keras.Model:
     return keras.Model(model.input, _cut_layer(model, cut).output, name=f"to_{cut}")
 
 
+def all_layers(model: keras.Model) -> Iterator[keras.Layer]:
+    """The layers of `model`, nested models opened up."""
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            yield from all_layers(layer)
+        else:
+            yield layer
+
+
 def build_top(model: keras.Model, cut: str) -> keras.Model:
     """The backbone after `cut`, on its own input: cut activations -> pooled features.
 

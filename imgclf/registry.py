@@ -96,6 +96,8 @@ class ModelSpec:
     tensorflow: bool = False
     # A fine-tuned model: the registered head it starts from (its stage depends on that head).
     base: str | None = None
+    # A fine-tuned model: the activations.cut values it can train from (None: any block output).
+    cuts: tuple[str, ...] | None = None
 
     @property
     def fine_tuned(self) -> bool:
@@ -184,6 +186,7 @@ MODELS: dict[str, ModelSpec] = {
             inputs="activations",
             tensorflow=True,
             base="tf",
+            cuts=("mixed_7", "mixed_8", "mixed_9"),  # the blocks it rewrites op by op
         ),
         ModelSpec(
             name="finetune_keras",
@@ -266,6 +269,20 @@ def pipeline_models(params: Mapping[str, Any]) -> list[str]:
                 todo=f"Add {base} to models, or take {name} out of finetune_models.",
             )
     return names
+
+
+def check_cut(cut: str, params: Mapping[str, Any]) -> None:
+    """Refuse an activations.cut that a fine-tuned model of this pipeline cannot train from,
+    before the activations stage spends its minutes (half an hour on the flowers) on it."""
+    for name in pipeline_models(params):
+        allowed = MODELS[name].cuts
+        if allowed is not None and cut not in allowed:
+            raise ParamsError(
+                "activations.cut",
+                found=repr(cut),
+                expected=f"a cut {name} can train from: {', '.join(allowed)}",
+                todo=f"Set activations.cut to one of those, or take {name} out of finetune_models.",
+            )
 
 
 def model_params(spec: ModelSpec, params: Mapping[str, Any]) -> dict[str, Any]:

@@ -1,5 +1,5 @@
 """Stage track: record the pipeline result in MLflow (runs, metrics, curves, artifacts, and the
-end-to-end tf/keras models in the registry). See imgclf/tracking/ for what goes where."""
+end-to-end models of track.log_models in the registry). See imgclf/tracking/ for what goes where."""
 
 from __future__ import annotations
 

@@ -6,7 +6,8 @@ every `import` / `from ... import`, also inside functions, plus the packages' `_
 files that Python runs on the way. A function that loads modules by name
 (`importlib.import_module`) counts as importing every module of its package, for the stages
 that use that function. The model registry (imgclf/registry.py) resolves each model's
-functions by name too: a stage that imports it runs every registered model's module, except
+functions by name too: a stage that imports it and calls a loader (`spec.function(...)`,
+`spec.load_module()`) runs every registered model's module, except
 `python -m stages.train <model>` (the `foreach` stages train@<model>), which runs that model's
 only, and a fine-tuned model's own stage (`python -m stages.<model>`), which runs its model's
 module and its base head's (the start it loads, or refits). A file is covered by a dep naming
@@ -167,12 +168,32 @@ def closure(start: Path) -> set[Path]:
     return seen
 
 
+# The registry's methods that import a model's module; its data (names, kinds, bases, cuts)
+# and params classes (imgclf/params.py) import none.
+MODEL_LOADERS = frozenset({"function", "load_module"})
+
+
+@cache
+def _calls(path: Path) -> frozenset[str]:
+    """The names of the functions and methods `path` calls (TensorFlow's `tf.function` aside)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    return frozenset(
+        c.func.id if isinstance(c.func, ast.Name) else c.func.attr
+        for c in ast.walk(tree)
+        if isinstance(c, ast.Call)
+        and (
+            isinstance(c.func, ast.Name)
+            or (isinstance(c.func, ast.Attribute) and ast.unparse(c.func.value) != "tf")
+        )
+    )
+
+
 def stage_code(stage: Mapping) -> set[str]:
     """The repo files (relative, posix) that the stage's command runs."""
     match = _CMD.match(stage["cmd"].strip())
     assert match, f"unexpected cmd {stage['cmd']!r}: expected `python -m stages.<name>`"
     files = closure(ROOT / "stages" / f"{match.group(1)}.py")
-    if REGISTRY in files:
+    if REGISTRY in files and any(_calls(f) & MODEL_LOADERS for f in files - {REGISTRY}):
         modules = registered_modules()
         model = match.group(2)
         assert model is None or model in modules, f"{stage['cmd']!r}: {model} is not registered"

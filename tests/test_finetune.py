@@ -253,13 +253,13 @@ def test_keras_finetune_trains_only_what_it_declares_and_saves_the_same_bytes(ti
     import keras
 
     from imgclf.finetune.finetune_keras import (
-        all_layers,
         predictor,
         save_finetune_keras,
         train_finetune_keras,
         uses_test_time_flip,
     )
     from imgclf.heads.common import read_labels
+    from imgclf.inception import all_layers
 
     backbone = tiny["backbone"]
     results, dirs = [], []
@@ -402,7 +402,7 @@ def test_tf_finetune_updates_only_the_explicit_list_and_is_deterministic(tiny, t
         assert min(r["val_loss"] for r in result.curve) < s["start_val_loss"]
         check_tensorboard(tmp_path / f"tb{run}")
         check_gradient_columns(result.curve, tmp_path / f"tb{run}")
-        save_finetune_tf(model, tmp_path / f"m{run}", CLASSES)
+        save_finetune_tf(model, tmp_path / f"m{run}", CLASSES, cut="mixed_8")
         runs.append((result.curve, s))
     assert runs[0][0] == runs[1][0]
     # The same weights, byte for byte. (saved_model.pb names its functions after a
@@ -541,7 +541,7 @@ def test_both_fine_tunes_train_on_the_same_batches_in_the_same_order(tiny, tmp_p
     expected = [b.tolist() for _ in range(epochs) for b in order.next_epoch()]
     assert expected[0] != sorted(expected[0] + expected[1])[: len(expected[0])]  # shuffled
     common = {"epochs": epochs, "batch_size": batch, "learning_rate": 0.01, "seed": 3,
-              "progress": False}  # fmt: skip
+              "view_sampling": "all", "progress": False}  # fmt: skip
     tf_rows = ReadLog(x_train)
     train_finetune_tf(fresh(tiny), load_tf_head(tf_head_dir(tiny, tmp_path / "h")), tf_rows,
                       y_train, x_val, y_val, cut="mixed_8", tensorboard_dir=tmp_path / "t",
@@ -618,11 +618,11 @@ from imgclf.finetune.finetune_tf import save_finetune_tf, train_finetune_tf
 from imgclf.heads.tf_head import load_tf_head
 r = train_finetune_keras(t.fresh(tiny), t.keras_head_for(tiny), *tiny["data"],
                          tensorboard_dir=out / "tb_k", epochs=1, batch_size=8, progress=False)
-save_finetune_keras(r.model, out / "models/finetune_keras", t.CLASSES)
+save_finetune_keras(r.model, out / "models/finetune_keras", t.CLASSES, cut="mixed_8")
 head = load_tf_head(t.tf_head_dir(tiny, out / "tf_head"))
 r = train_finetune_tf(t.fresh(tiny), head, *tiny["data"], cut="mixed_8",
                       tensorboard_dir=out / "tb_t", epochs=1, batch_size=8, progress=False)
-save_finetune_tf(r.model, out / "models/finetune_tf", t.CLASSES)
+save_finetune_tf(r.model, out / "models/finetune_tf", t.CLASSES, cut="mixed_8")
 """
 
 
@@ -730,7 +730,6 @@ def test_bfloat16_precision_computes_the_blocks_in_bfloat16_in_both_frameworks(t
 
     from bench.finetune import conv_compute_dtype, conv_dtypes  # read as the bench reads
     from imgclf.finetune.finetune_keras import (
-        all_layers,
         load_finetune_keras,
         save_finetune_keras,
         train_finetune_keras,
@@ -742,6 +741,7 @@ def test_bfloat16_precision_computes_the_blocks_in_bfloat16_in_both_frameworks(t
         train_finetune_tf,
     )
     from imgclf.heads.tf_head import load_tf_head
+    from imgclf.inception import all_layers
 
     head = load_tf_head(tf_head_dir(tiny, tmp_path / "head"))
     x = tf.constant(tiny["data"][0].astype(np.float32))

@@ -235,6 +235,20 @@ def test_train_signature_defaults_have_not_drifted_from_params_yaml():
         assert defaults == PARAMS[block.section], fn.__name__
         assert signature.parameters["seed"].default == PARAMS["heads"]["seed"]
 
+    # The fine-tunes' trainers take their block but the stage's own settings (split_recipe).
+    from imgclf.finetune.common import split_recipe
+    from imgclf.finetune.finetune_keras import train_finetune_keras
+    from imgclf.finetune.finetune_tf import train_finetune_tf
+
+    for fn, block in [
+        (train_finetune_tf, P.FinetuneTfParams),
+        (train_finetune_keras, P.FinetuneKerasParams),
+    ]:
+        recipe, _ = split_recipe(PARAMS[block.section])
+        signature = inspect.signature(fn)
+        assert {k: signature.parameters[k].default for k in recipe} == recipe, fn.__name__
+        assert signature.parameters["seed"].default == PARAMS["heads"]["seed"]
+
 
 def test_dvc_exp_run_set_rewrites_only_the_lines_it_sets(tmp_path):
     # `make run DATA=...` and `make exp SET=...` go through `dvc exp run -S`, which writes

@@ -10,9 +10,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from imgclf.errors import ParamsError
+from imgclf.errors import ParamsError, UserError
 from imgclf.params import Block
-from imgclf.registry import INPUTS, MODELS, input_precision, model_names, pipeline_models
+from imgclf.registry import (
+    INPUTS,
+    MODELS,
+    check_cut,
+    input_precision,
+    model_names,
+    pipeline_models,
+)
 from tests.test_dvc_deps import load_dvc_stages
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -117,6 +124,23 @@ def test_pipeline_models_are_checked_against_the_registry():
         "in models ['tf', 'sklearn']. Add keras to models, or take finetune_keras out of "
         "finetune_models."
     )
+
+
+def test_a_cut_is_checked_against_the_fine_tunes_of_the_pipeline():
+    from imgclf.activations import CUT_SHAPES
+    from imgclf.finetune.finetune_tf import blocks_after
+
+    tf_cuts = MODELS["finetune_tf"].cuts
+    for cut in CUT_SHAPES:  # the registry says what finetune_tf's rewrite takes, no more
+        if cut in tf_cuts:
+            assert blocks_after(cut)
+        else:
+            with pytest.raises(ParamsError, match="finetune_tf can train from"):
+                check_cut(cut, PARAMS)
+            with pytest.raises(UserError, match="needs a cut at one of"):
+                blocks_after(cut)
+    check_cut("mixed_5", {**PARAMS, "finetune_models": ["finetune_keras"]})  # Keras: any cut
+    check_cut("mixed_5", {**PARAMS, "finetune_models": []})
 
 
 def test_consumers_derive_from_the_registry():

@@ -109,6 +109,9 @@ BAD_PARAMS = [
      "on_multiple_labels"),
     ("track", "track", "log_models", "flase", "expected true, false or a non-empty list of "
      "model names, found 'flase'."),
+    # A block output finetune_tf cannot train from: refused before half an hour of activations.
+    ("activations", "activations", "cut", "mixed_5", "expected a cut finetune_tf can train "
+     "from: mixed_7, mixed_8, mixed_9, found 'mixed_5'. Set activations.cut"),
 ]  # fmt: skip
 
 

@@ -46,18 +46,10 @@ from imgclf.heads.common import (
     stopwatch,
     without_stderr_lines,
 )
+from imgclf.inception import all_layers
 
 MODEL_FILE = "model.keras"
 _TF_DATA_NOTICE = b"NodeDef mentions attribute use_unbounded_threadpool"
-
-
-def all_layers(model: keras.Model) -> Iterator[keras.Layer]:
-    """The layers of `model`, nested models opened up."""
-    for layer in model.layers:
-        if isinstance(layer, keras.Model):
-            yield from all_layers(layer)
-        else:
-            yield layer
 
 
 def build_finetune_model(top: keras.Model, head: keras.Model) -> keras.Model:
@@ -178,8 +170,8 @@ def train_finetune_keras(
     *,
     tensorboard_dir: str | Path,
     train_images: np.ndarray | None = None,
-    view_sampling: str = "all",
-    epochs: int = 5,
+    view_sampling: str = "one_per_image",
+    epochs: int = 9,
     learning_rate: float = 1e-3,
     momentum: float = 0.9,
     batch_size: int = 32,
@@ -272,7 +264,7 @@ def save_finetune_keras(
     classes: list[str],
     *,
     test_time_flip: bool = False,
-    cut: str | None = None,
+    cut: str,
     image_size: int = IMAGE_SIZE,
 ) -> None:
     """model.keras + finetune.json + labels.txt in `model_dir`, replaced as a whole; the same

@@ -75,7 +75,7 @@ CONVS_OF = {"mixed_8": REDUCTION_CONVS, "mixed_9": CONVS, "mixed_10": CONVS}
 
 def blocks_after(cut: str) -> tuple[str, ...]:
     """The blocks this module rewrites for a cut: those after it."""
-    cuts = {"mixed_7": BLOCKS, "mixed_8": BLOCKS[1:], "mixed_9": BLOCKS[2:]}
+    cuts = {"mixed_7": BLOCKS, "mixed_8": BLOCKS[1:], "mixed_9": BLOCKS[2:]}  # registry `cuts`
     if cut not in cuts:
         raise UserError(
             f"activations.cut: finetune_tf rewrites mixed_8, mixed_9 and mixed_10 op by op, so "
@@ -85,7 +85,7 @@ def blocks_after(cut: str) -> tuple[str, ...]:
 
 
 def _layers_by_name(model: Any) -> dict[str, Any]:
-    from imgclf.finetune.finetune_keras import all_layers
+    from imgclf.inception import all_layers
 
     return {layer.name: layer for layer in all_layers(model)}
 
@@ -325,8 +325,8 @@ def train_finetune_tf(
     cut: str,
     tensorboard_dir: str | Path,
     train_images: np.ndarray | None = None,
-    view_sampling: str = "all",
-    epochs: int = 5,
+    view_sampling: str = "one_per_image",
+    epochs: int = 9,
     learning_rate: float = 1e-3,
     momentum: float = 0.9,
     batch_size: int = 32,
@@ -428,7 +428,7 @@ def save_finetune_tf(
     classes: list[str],
     *,
     test_time_flip: bool = False,
-    cut: str | None = None,
+    cut: str,
     image_size: int = IMAGE_SIZE,
 ) -> None:
     """SavedModel + finetune.json + labels.txt in `model_dir`, replaced as a whole."""
