@@ -13,6 +13,9 @@ test; this module fixes the conventions the reports rely on:
   We use the conventional exact (conditional) p-value, 2 * P(X <= min(b, c)) capped at 1,
   which never exceeds the nominal 5% error rate; the mid-p value (less conservative) is
   reported alongside for reference, but "significant" is decided on the exact p.
+- Many pairs: a report tests every pair of its models (ten for five), so "significant" is
+  decided on Holm's adjusted p over the report's pairs, which keeps the chance of any false
+  call at 5%; the exact p of each pair is shown beside it.
 - Every class counts, also one absent from the test set or never predicted: its scores are
   0 (zero_division=0), so a head is not rewarded for never predicting a class.
 """
@@ -22,7 +25,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -70,6 +73,19 @@ def mcnemar_exact(b: int, c: int) -> tuple[float, float]:
     # rounded report at exact halves like 1/128). b == c: the centre of the null, p = 1.
     mid = 1.0 if b == c else exact - math.comb(n, min(b, c)) / 2**n
     return exact, mid
+
+
+def holm_adjusted(p_values: Sequence[float]) -> list[float]:
+    """Holm's step-down adjusted p-values, in the order given: the i-th smallest p times the
+    number of hypotheses not yet rejected (m - i + 1), never below the one before it, capped
+    at 1. Rejecting where the adjusted p < alpha keeps the family-wise error at alpha."""
+    order = sorted(range(len(p_values)), key=lambda i: p_values[i])
+    adjusted = [1.0] * len(p_values)
+    running = 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(p_values) - rank) * p_values[i]))
+        adjusted[i] = running
+    return adjusted
 
 
 def confusion_matrix(labels: np.ndarray, predicted: np.ndarray, n_classes: int) -> np.ndarray:
@@ -228,10 +244,12 @@ class PairedTest:
     b_only: int  # "c": a wrong, b right
     p_value: float
     mid_p: float
+    # Holm's adjusted p over the pairs tested with it (all_pairs); alone, the exact p.
+    p_holm: float
 
     @property
     def significant(self) -> bool:
-        return self.p_value < ALPHA
+        return self.p_holm < ALPHA
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -242,6 +260,7 @@ class PairedTest:
             "n_discordant": self.a_only + self.b_only,
             "p_value": _r(self.p_value),
             "mid_p": _r(self.mid_p),
+            "p_holm": _r(self.p_holm),
             "significant": self.significant,
         }
 
@@ -256,13 +275,16 @@ def paired_test(first: HeadResult, second: HeadResult) -> PairedTest:
     a_only = int(np.sum(first.correct & ~second.correct))
     b_only = int(np.sum(~first.correct & second.correct))
     exact, mid = mcnemar_exact(a_only, b_only)
-    return PairedTest(first.head, second.head, a_only, b_only, exact, mid)
+    return PairedTest(first.head, second.head, a_only, b_only, exact, mid, p_holm=exact)
 
 
 def all_pairs(results: Sequence[HeadResult]) -> list[PairedTest]:
-    """Every pair in the given head order: (tf, keras), (tf, sklearn), (keras, sklearn)."""
-    return [
+    """Every pair in the given head order: (tf, keras), (tf, sklearn), (keras, sklearn), each
+    with its Holm-adjusted p over all of them."""
+    tests = [
         paired_test(results[i], results[j])
         for i in range(len(results))
         for j in range(i + 1, len(results))
     ]
+    adjusted = holm_adjusted([t.p_value for t in tests])
+    return [replace(t, p_holm=p) for t, p in zip(tests, adjusted, strict=True)]

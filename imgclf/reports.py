@@ -186,7 +186,7 @@ def read_train_metrics(path: str | Path) -> dict[str, Any]:
 
 
 def paired_sentence(test: PairedTest) -> str:
-    """'TF vs Keras: 7 vs 5 discordant, p = 0.77: not significant.'"""
+    """'TF vs Keras: 7 vs 5 discordant, p = 0.77 (Holm: p = 1.00): not significant.'"""
     a, b = display_name(test.a), display_name(test.b)
     verdict = "not significant"
     if test.significant:
@@ -194,15 +194,21 @@ def paired_sentence(test: PairedTest) -> str:
         verdict = f"significant, {better} is better"
     return (
         f"{a} vs {b}: {test.a_only} vs {test.b_only} discordant, "
-        f"{_format_p(test.p_value)}: {verdict}."
+        f"{_format_p(test.p_value)} (Holm: {_format_p(test.p_holm)}): {verdict}."
     )
 
 
 def _format_p(p: float) -> str:
-    """'p = 0.77', 'p = 0.004', 'p < 0.001'."""
+    """'p = 0.77', 'p = 0.029', 'p = 0.0039', 'p < 0.001': two significant digits below 0.1,
+    more where two would round across ALPHA (0.0496 is 'p = 0.0496', not 'p = 0.05')."""
     if p < 0.001:
         return "p < 0.001"
-    return f"p = {p:.3f}" if p < 0.01 else f"p = {p:.2f}"
+    if p >= 0.1:
+        return f"p = {p:.2f}"
+    digits = 2
+    while (float(f"{p:.{digits}g}") < ALPHA) != (p < ALPHA):
+        digits += 1
+    return f"p = {p:.{digits}g}"
 
 
 def comparison_markdown(
@@ -244,7 +250,9 @@ def comparison_markdown(
         "",
         "Paired comparisons on the same test images (exact McNemar test: a two-sided binomial "
         "test on the images exactly one of the two heads gets right, “7 vs 5” = right only "
-        f"by the first vs right only by the second; significant when p < {ALPHA}):",
+        "by the first vs right only by the second; significant when Holm's adjusted p over "
+        f"the {len(tests)} pairs below is < {ALPHA}, which keeps the chance of any false call "
+        f"at {ALPHA:.0%}):",
         "",
         *[f"- {paired_sentence(t)}" for t in tests],
     ]

@@ -127,7 +127,7 @@ def run(
     for t in evaluation.tests:
         print(
             f"evaluate: {t.a} vs {t.b}: test images right only by {t.a}: {t.a_only}, "
-            f"only by {t.b}: {t.b_only}; exact McNemar p={t.p_value:.4g}"
+            f"only by {t.b}: {t.b_only}; exact McNemar p={t.p_value:.4g}, Holm p={t.p_holm:.4g}"
             f"{' (significant)' if t.significant else ' (not significant)'}"
         )
     if evaluation.summary.unreadable_thumbnails:

@@ -176,8 +176,11 @@ def test_comparison_table_and_mcnemar(project) -> None:
     assert (pair["tf", "keras"].a_only, pair["tf", "keras"].b_only) == (7, 5)
 
     md = (root / "metrics/comparison.md").read_text(encoding="utf-8")
-    assert "- TF vs Keras: 7 vs 5 discordant, p = 0.77: not significant." in md
-    assert "- Keras vs scikit-learn: 0 vs 9 discordant, p = 0.004: significant, " in md
+    assert "- TF vs Keras: 7 vs 5 discordant, p = 0.77 (Holm: p = 0.77): not significant." in md
+    assert (
+        "- Keras vs scikit-learn: 0 vs 9 discordant, p = 0.0039 (Holm: p = 0.012): significant, "
+    ) in md
+    assert "significant when Holm's adjusted p over the 3 pairs below is < 0.05" in md
     loc = lines_of_code(HEADS_SOURCE_DIR / "tf_head.py")
     assert loc and loc > 10
     # 29 right at p = 0.7; 7 wrong, giving the true class (1 - (0.9 - 0.01 r)) / 2, r = 0..6.
@@ -200,6 +203,7 @@ def test_comparison_table_and_mcnemar(project) -> None:
         "n_discordant": 12,
         "p_value": 0.774414,
         "mid_p": 0.581055,
+        "p_holm": 0.774414,
         "significant": False,
     }
 

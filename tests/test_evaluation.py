@@ -15,6 +15,7 @@ from imgclf.evaluation import (
     all_pairs,
     confusion_matrix,
     evaluate_head,
+    holm_adjusted,
     mcnemar_exact,
     metrics_dict,
     paired_test,
@@ -121,18 +122,56 @@ def test_paired_test_counts_discordant_pairs() -> None:
 
 
 @pytest.mark.parametrize(
-    ("a_only", "b_only", "sentence"),
+    ("a_only", "b_only", "p_holm", "sentence"),
     [
-        (7, 5, "TF vs Keras: 7 vs 5 discordant, p = 0.77: not significant."),
-        (0, 9, "TF vs Keras: 0 vs 9 discordant, p = 0.004: significant, Keras is better."),
+        (7, 5, 1.0, "TF vs Keras: 7 vs 5 discordant, p = 0.77 (Holm: p = 1.00): not significant."),
+        (0, 9, 0.0117, "TF vs Keras: 0 vs 9 discordant, p = 0.0039 (Holm: p = 0.012): "
+         "significant, Keras is better."),
+        # Significant alone, not among the report's other pairs: Holm decides.
+        (19, 7, 0.17, "TF vs Keras: 19 vs 7 discordant, p = 0.029 (Holm: p = 0.17): "
+         "not significant."),
+        # Two digits would round 0.0496 up to the threshold and call 0.05 significant.
+        (15, 5, 0.0496, "TF vs Keras: 15 vs 5 discordant, p = 0.041 (Holm: p = 0.0496): "
+         "significant, TF is better."),
         # Once printed "p = < 0.001", on the README's first screen.
-        (23, 5, "TF vs Keras: 23 vs 5 discordant, p < 0.001: significant, TF is better."),
+        (23, 5, 0.0005, "TF vs Keras: 23 vs 5 discordant, p < 0.001 (Holm: p < 0.001): "
+         "significant, TF is better."),
     ],
-)
-def test_paired_sentence_reads_as_written(a_only: int, b_only: int, sentence: str) -> None:
+)  # fmt: skip
+def test_paired_sentence_reads_as_written(
+    a_only: int, b_only: int, p_holm: float, sentence: str
+) -> None:
     p_value, mid_p = mcnemar_exact(a_only, b_only)
-    test = PairedTest("tf", "keras", a_only, b_only, p_value, mid_p)
+    test = PairedTest("tf", "keras", a_only, b_only, p_value, mid_p, p_holm)
     assert paired_sentence(test) == sentence
+
+
+def test_holm_adjusts_in_step_down_order_and_keeps_the_given_order() -> None:
+    # Sorted 0.005, 0.01, 0.03, 0.04: times 4, 3, 2, 1 = 0.02, 0.03, 0.06, 0.04 -> the running
+    # maximum 0.02, 0.03, 0.06, 0.06; returned in the order given.
+    assert holm_adjusted([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert holm_adjusted([0.5, 0.9]) == [1.0, 1.0]  # capped at 1
+    assert holm_adjusted([0.02]) == [0.02]  # one test: nothing to adjust
+    assert holm_adjusted([]) == []
+
+
+def test_all_pairs_decides_significance_on_holms_p() -> None:
+    labels = np.zeros(40, dtype=int)
+    ids = [f"test/x/{i}.jpg" for i in range(40)]
+
+    def right_on(n: int) -> np.ndarray:  # the first n images right, the others class 1
+        return np.eye(2)[[0] * n + [1] * (40 - n)] * 0.8 + 0.1
+
+    # Nested: a ⊂ b ⊂ c. c vs a: 7 vs 0, exact p = 0.016, times 3 (the smallest of three);
+    # c vs b: 6 vs 0, p = 0.031, times 2: 0.063, not significant after Holm.
+    a, b, c = (evaluate_head(n, right_on(k), labels, ids, ["x", "y"])
+               for n, k in (("tf", 20), ("keras", 21), ("sklearn", 27)))  # fmt: skip
+    tests = {(t.a, t.b): t for t in all_pairs([a, b, c])}
+    assert [t.p_value < 0.05 for t in tests.values()] == [False, True, True]
+    assert tests["tf", "sklearn"].p_holm == pytest.approx(3 * tests["tf", "sklearn"].p_value)
+    assert tests["tf", "sklearn"].significant
+    assert tests["keras", "sklearn"].p_value < 0.05 and not tests["keras", "sklearn"].significant
+    assert paired_test(a, c).p_holm == paired_test(a, c).p_value  # a pair alone
 
 
 # --- classification metrics vs scikit-learn ---------------------------------------------------

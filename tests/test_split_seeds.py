@@ -19,14 +19,19 @@ from tools.split_seeds import (
 
 
 def test_mcnemar_cells_name_the_counts_and_never_print_p_zero():
-    tests = {
-        0: {"tf_vs_keras": {"b": 2, "c": 30, "p_value": 0.0}},  # comparison.json's 6 decimals
-        1: {"tf_vs_keras": {"b": 5, "c": 9, "p_value": 0.424}},
+    tests = {  # comparison.json's 6 decimals: 0.0 is below 1e-6
+        0: {"tf_vs_keras": {"b": 2, "c": 30, "p_value": 0.0, "p_holm": 0.0}},
+        1: {"tf_vs_keras": {"b": 5, "c": 9, "p_value": 0.424, "p_holm": 1.0}},
         2: {},
+        3: {"tf_vs_keras": {"b": 19, "c": 7, "p_value": 0.029, "p_holm": 0.17}},
+        4: {"tf_vs_keras": {"b": 5, "c": 9, "p_value": 0.424}},  # written before Holm
     }
     table = mcnemar_table(tests)
-    assert "| TF vs Keras | 2/30, < 1e-6 * | 5/9, 0.424 | – |" in table
-    assert ", 0 *" not in table
+    assert (
+        "| TF vs Keras | 2/30, < 1e-6 (Holm < 1e-6) * | 5/9, 0.424 (Holm 1) | – "
+        "| 19/7, 0.029 (Holm 0.17) | 5/9, 0.424 |"
+    ) in table
+    assert ", 0 " not in table
 
 
 def test_summary_keeps_only_models_scored_on_every_seed():

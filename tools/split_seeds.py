@@ -160,19 +160,28 @@ def cost_table(costs: dict[int, dict[str, dict[str, float]]]) -> str:
 
 
 def paired_tests(layout: Layout) -> dict[str, dict]:
-    """comparison.json: "<a>_vs_<b>" -> McNemar's b, c, n_discordant, p_value, mid_p."""
+    """comparison.json: "<a>_vs_<b>" -> McNemar's b, c, n_discordant, p_value, mid_p, p_holm."""
     path = layout.comparison_json
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def _p_value(p: float) -> str:
     # comparison.json rounds p to 6 decimals: a 0 there is below 1e-6, not zero.
-    shown = f"{p:.3g}" if p >= 1e-6 else "< 1e-6"
-    return shown + (" *" if p < ALPHA else "")
+    return f"{p:.3g}" if p >= 1e-6 else "< 1e-6"
+
+
+def _cell(test: dict[str, Any]) -> str:
+    """ "b/c, p" with Holm's adjusted p over the seed's pairs and a star when it is < 0.05 (a
+    comparison.json from before Holm has no p_holm: its exact p alone, no star)."""
+    cell = f"{test['b']}/{test['c']}, {_p_value(test['p_value'])}"
+    if "p_holm" not in test:
+        return cell
+    return f"{cell} (Holm {_p_value(test['p_holm'])}){' *' if test['p_holm'] < ALPHA else ''}"
 
 
 def mcnemar_table(tests: dict[int, dict[str, dict]]) -> str:
-    """One row per pair, one column per seed: "b/c p" and a star when significant (p < 0.05)."""
+    """One row per pair, one column per seed: "b/c, p (Holm p)" and a star when significant
+    (Holm's adjusted p over the seed's pairs < 0.05)."""
     seeds = sorted(tests)
     pairs = sorted({pair for per_seed in tests.values() for pair in per_seed})
     if not pairs:
@@ -185,10 +194,13 @@ def mcnemar_table(tests: dict[int, dict[str, dict]]) -> str:
         cells = []
         for seed in seeds:
             t = tests[seed].get(pair)
-            cells.append("–" if t is None else f"{t['b']}/{t['c']}, {_p_value(t['p_value'])}")
+            cells.append("–" if t is None else _cell(t))
         a, _, b = pair.partition("_vs_")
         lines.append(f"| {HEADS.get(a, a)} vs {HEADS.get(b, b)} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n\n(exact McNemar; * significant at 0.05)"
+    return "\n".join(lines) + (
+        "\n\n(exact McNemar p, then Holm's adjusted p over the seed's pairs; * significant: "
+        "Holm's p < 0.05)"
+    )
 
 
 def pooled_right(accuracies: list[float], rows: list[dict[str, Any]]) -> int:
