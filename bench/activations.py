@@ -49,7 +49,7 @@ TEST_VIEWS = ("orig",)
 
 
 def run_bottlenecks(workdir: Path, precision: str) -> dict:
-    from stages.bottlenecks import run_bottlenecks
+    from imgclf.bottlenecks import run_bottlenecks
 
     stats = run_bottlenecks(
         split_dir=workdir / "split",

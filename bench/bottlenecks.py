@@ -50,7 +50,7 @@ def run_ceiling(workdir: Path, precision: str, batches: int) -> dict:
 
 
 def run_stage(workdir: Path, precision: str) -> dict:
-    from stages.bottlenecks import run_bottlenecks
+    from imgclf.bottlenecks import run_bottlenecks
 
     stats = run_bottlenecks(
         split_dir=workdir / "split",

@@ -96,9 +96,9 @@ def run_inputs(workdir: Path) -> dict:
     """Bottlenecks, the tf and keras heads, the activations: what the fine-tunes read."""
     import imgclf.quiet_tf  # noqa: F401
     from imgclf.activations import ActivationsOptions, run_activations
+    from imgclf.bottlenecks import run_bottlenecks
     from imgclf.config import load_params
     from imgclf.heads.common import train_model
-    from stages.bottlenecks import run_bottlenecks
 
     params = load_params(workdir / "params.yaml")
     paths = params["paths"]

@@ -36,9 +36,9 @@ def main() -> None:
 
     import imgclf.quiet_tf  # noqa: F401
     from imgclf import inception
+    from imgclf.bottlenecks import run_bottlenecks
     from imgclf.executors import make_executor
     from imgclf.fileio import sha256_file, write_csv
-    from stages.bottlenecks import run_bottlenecks
 
     with tempfile.TemporaryDirectory(prefix="ray-equivalence-") as tmp:
         work = Path(tmp)

@@ -48,7 +48,7 @@ COMBOS = (
 
 
 def run_stage(workdir: Path, runtime: str, precision: str, calibration: int) -> dict:
-    from stages.bottlenecks import run_bottlenecks
+    from imgclf.bottlenecks import run_bottlenecks
 
     start = time.perf_counter()
     stats = run_bottlenecks(

@@ -16,8 +16,12 @@ test; this module fixes the conventions the reports rely on:
 - Many pairs: a report tests every pair of its models (ten for five), so "significant" is
   decided on Holm's adjusted p over the report's pairs, which keeps the chance of any false
   call at 5%; the exact p of each pair is shown beside it.
-- Every class counts, also one absent from the test set or never predicted: its scores are
-  0 (zero_division=0), so a head is not rewarded for never predicting a class.
+- Every class counts that the test set holds or the head predicts, as scikit-learn's macro
+  average takes them: one never predicted scores F1 0 (zero_division=0), so a head is not
+  rewarded for never predicting a class, and one predicted but absent from the test set
+  scores 0 too (its predictions are all wrong). A class in neither (a pre-split tree's class
+  without a test image, that nothing predicts) has no F1 to average and is left out of the
+  macro-F1; its per-class row stays, with support 0.
 """
 
 from __future__ import annotations
@@ -196,7 +200,7 @@ def evaluate_head(
         accuracy=n_correct / len(labels),
         ci_low=low,
         ci_high=high,
-        macro_f1=float(np.mean(f1)),
+        macro_f1=float(np.mean(f1[np.union1d(labels, predicted)])),
         log_loss=log_loss(labels, probs),
         precision=precision,
         recall=recall,

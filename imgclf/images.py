@@ -12,7 +12,8 @@ Two entry points:
   - EXIF orientation is applied (the image is turned the way a viewer shows it);
   - animated GIF/WebP/APNG and multi-page TIFF: the first frame;
   - palette (P), grayscale (1, L), CMYK, YCbCr...: converted to RGB by Pillow;
-  - 16-bit and 32-bit grayscale (I;16, I, F): scaled to 0..255 (16-bit range if above 255);
+  - 16-bit and 32-bit grayscale (I;16, I, F): scaled to 0..255 (16-bit range if above 255;
+    a float image within 0..1 times 255);
   - any transparency (an alpha channel, or a palette/tRNS transparent colour) is composited on
     a white background, so transparent pixels are white whatever colour they store.
 """
@@ -227,6 +228,8 @@ def to_rgb_array(img: Image.Image) -> np.ndarray:
         values = np.asarray(img, dtype=np.float64)
         if values.max(initial=0) > 255:
             values = values / 257.0  # 16-bit range -> 8-bit
+        elif mode == "F" and values.min(initial=0) >= 0 and values.max(initial=0) <= 1:
+            values = values * 255.0  # float in 0..1, the usual range of float images
         gray = np.clip(np.rint(values), 0, 255).astype(np.uint8)
         return np.ascontiguousarray(np.repeat(gray[:, :, None], 3, axis=2))
     has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info

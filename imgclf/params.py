@@ -190,12 +190,17 @@ def distinct_list(options: tuple[str, ...] | None = None) -> Any:
 
 def name_templates(placeholder: str) -> Any:
     """A mapping of names to non-empty templates whose only placeholder is `{placeholder}`
-    (track.registered_models: model -> `{dataset}-tf`); the caller checks the names."""
-    expected = f"a mapping of model names to names, {{{placeholder}}} their only placeholder"
+    (track.registered_models: model -> `{dataset}-tf`); the caller checks the names. MLflow
+    refuses a registered model name with '/' or ':', after the run has logged the models."""
+    expected = (
+        f"a mapping of model names to names without '/' or ':', {{{placeholder}}} their only "
+        "placeholder"
+    )
 
     def parse(value: Any) -> dict[str, str] | None:
         if not isinstance(value, Mapping) or not all(
-            isinstance(k, str) and isinstance(v, str) and v.strip() for k, v in value.items()
+            isinstance(k, str) and isinstance(v, str) and v.strip() and not set(v) & set("/:")
+            for k, v in value.items()
         ):
             return None
         try:

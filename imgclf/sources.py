@@ -30,7 +30,7 @@ from pathlib import Path
 
 from imgclf.archives import ArchiveLimits, ArchiveTooLarge, archive_format, extract_archive
 from imgclf.config import cache_dir, repo_root
-from imgclf.dataturks import export_lines, not_utf8, parse_json
+from imgclf.dataturks import export_lines, is_url, local_path, not_utf8, parse_json, read_export
 from imgclf.downloads import ByteLimit, DownloadError, download_file, url_file_name, web_page
 from imgclf.errors import UserError
 from imgclf.fileio import sha256_file
@@ -90,12 +90,13 @@ SPLIT_NAMES = TRAIN_NAMES | VAL_NAMES | TEST_NAMES
 def presplit_folders(root: Path) -> dict[str, str] | None:
     """{top-level folder: "train" | "val" | "test"} when `root` is a pre-split tree, else None.
 
-    A pre-split tree: every top-level folder is named like a subset (case ignored), one of
-    them like train and at least one other like val or test, each holds class folders, and
-    they share at least one class name. A class folder literally named `train` holding images
-    is not mistaken for one: it has no sub-folders.
+    A pre-split tree: every top-level folder that holds a file is named like a subset (case
+    ignored), one of them like train and at least one other like val or test, each holds
+    class folders, and they share at least one class name. A class folder literally named
+    `train` holding images is not mistaken for one: it has no sub-folders. A folder without
+    any file (an empty `checkpoints/`) is not a class either, so it does not hide the split.
     """
-    dirs = _subdirs(root)
+    dirs = [d for d in _subdirs(root) if _holds_a_file(d)]
     if len(dirs) < 2 or any(d.name.lower() not in SPLIT_NAMES for d in dirs):
         return None
     roles = {}
@@ -113,6 +114,31 @@ def presplit_folders(root: Path) -> dict[str, str] | None:
 # -- trees ----------------------------------------------------------------------------------
 def _subdirs(path: Path) -> list[Path]:
     return sorted(p for p in path.iterdir() if p.is_dir() and not ignored_name(p.name))
+
+
+def _holds_a_file(folder: Path) -> bool:
+    """Whether any file lies under `folder` (it stops at the first one)."""
+    return any(files for _, _, files in os.walk(folder))
+
+
+def _unlabelled_split(root: Path) -> str | None:
+    """The message for a tree whose top-level folders are all named like subsets but which is
+    not a pre-split tree (Kaggle's train/<class>/ beside a test/ of unlabelled images): read
+    as a class tree it would train a classifier of the folder names, train vs test."""
+    dirs = [d for d in _subdirs(root) if _holds_a_file(d)]
+    if len(dirs) < 2 or any(d.name.lower() not in SPLIT_NAMES for d in dirs):
+        return None
+    flat = [d.name for d in dirs if not _subdirs(d)]
+    if len(flat) == len(dirs):  # classes that happen to be called train and test: a tree
+        return None
+    labelled = [d for d in dirs if d.name not in flat]
+    return (
+        f"its folders {', '.join(d.name for d in dirs)} are named like a split's subsets, but "
+        + (f"{', '.join(flat)} holds no class folders (unlabelled images?)" if flat else
+           "they share no class folder")
+        + f". Point data.source at a folder of class folders (e.g. {labelled[0]}), "
+        "or give every subset folder the same class folders"
+    )  # fmt: skip
 
 
 def _unwrap(path: Path) -> Path:
@@ -133,6 +159,8 @@ def _tree(source: str, path: Path, origin: str) -> ResolvedSource:
             f"data.source {source!r}: {origin} holds no class folders ({files} files, no "
             f"sub-folders). Expected {_EXPECTED}."
         )
+    if presplit_folders(root) is None and (problem := _unlabelled_split(root)):
+        raise SourceUnavailable(f"data.source {source!r}: {origin}: {problem}.")
     if root != path:
         origin += f" (inside {root.relative_to(path).as_posix()}/)"
     return ResolvedSource(source, TREE, root, origin)
@@ -490,7 +518,34 @@ def fingerprint_source(resolved: ResolvedSource) -> dict:
 
 
 def _fingerprint_export(path: Path) -> dict:
-    return {"sha256": sha256_file(path), "files": 1, "bytes": path.stat().st_size}
+    """The export's bytes and the content of every local file it names (a path or file://
+    URL), or "missing": an image added, replaced or removed beside the export is a change
+    of data, as in a tree. Its URLs are in the export's bytes; what they serve is ingest's
+    to fetch (downloads are cached by URL)."""
+    export_sha = sha256_file(path)
+    outer = hashlib.sha256(f"{export_sha}\n".encode())
+    files, total, local_items = 1, path.stat().st_size, 0
+    try:
+        items = read_export(path, on_bad_line="skip")
+    except UserError:
+        items = []  # not an export ingest can read: it says why, with the file's hash above
+    for item in items:
+        if item.problem is not None or is_url(item.content):
+            continue
+        local_items += 1
+        local = local_path(item.content, path.parent)
+        digest = _digest(local) if local.is_file() else None
+        if digest is None:
+            line = f"{item.content}\0missing\n"
+        else:
+            size = local.stat().st_size
+            files += 1
+            total += size
+            line = f"{item.content}\0{size}\0{digest}\n"
+        outer.update(line.encode("utf-8", "surrogateescape"))
+    # An export of URLs only is its own bytes, as it always was.
+    sha = outer.hexdigest() if local_items else export_sha
+    return {"sha256": sha, "files": files, "bytes": total}
 
 
 def _fingerprint_tree(root: Path) -> dict:

@@ -156,6 +156,37 @@ def write_split_trees(
     return sorted(out_rows, key=lambda r: r["file"])
 
 
+# The heads carve a validation slice out of each class's training images (validation_split),
+# which needs one image to validate on and one to train on.
+MIN_TRAIN_PER_CLASS = 2
+
+
+def check_training_images(
+    rows: Sequence[Mapping[str, str]], subsets: Sequence[str], *, given: bool
+) -> None:
+    """Refuse a split that leaves a class fewer than MIN_TRAIN_PER_CLASS training images,
+    naming the class, before the stages after it fail on it with a class number."""
+    train: dict[str, int] = defaultdict(int)
+    for row, subset in zip(rows, subsets, strict=True):
+        train[row["class"]] += subset == "train"
+    small = {c: n for c, n in sorted(train.items()) if n < MIN_TRAIN_PER_CLASS}
+    if not small:
+        return
+    listing = ", ".join(f"'{c}' has {n}" for c, n in small.items())
+    todo = (
+        "Add images to your train folder, or pool the folders and let split re-split them "
+        "(dvc exp run -S ingest.presplit=pool)."
+        if given
+        else f"Add images to the class, or raise split.min_per_class to "
+        f"{MIN_TRAIN_PER_CLASS + 1} so that a class this small stops the split with its name."
+    )
+    raise SplitError(
+        f"too few training images after the split: {listing} (the heads' validation slice "
+        f"needs at least {MIN_TRAIN_PER_CLASS} a class: one to validate on, one to train on). "
+        + todo
+    )
+
+
 def split_summary(
     split_rows: Iterable[Mapping[str, str]], test_fraction: float, *, given: bool = False
 ) -> dict:

@@ -14,6 +14,7 @@ from imgclf.archives import ArchiveLimits
 from imgclf.config import load_params
 from imgclf.fileio import write_json
 from imgclf.params import DataParams, IngestParams
+from imgclf.registry import pipeline_models
 from imgclf.sources import fingerprint_source, resolve_source
 from imgclf.stage import stage_main
 
@@ -52,6 +53,10 @@ def write_source_info(
 @stage_main
 def main() -> None:
     params = load_params()
+    # The model lists, checked here because this stage runs first, every time: a fine-tune
+    # whose head `models:` drops, or an unregistered name, would otherwise stop DVC itself at
+    # that stage with a missing-file error.
+    pipeline_models(params)
     # The archive a URL names is downloaded here, once; ingest then finds it in the cache.
     ingest = IngestParams.from_params(params)
     write_source_info(

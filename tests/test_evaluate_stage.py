@@ -29,7 +29,7 @@ from imgclf.contact_sheet import (
 )
 from imgclf.fileio import read_csv, read_json, read_metrics, write_json
 from imgclf.reports import lines_of_code
-from stages.evaluate import HEADS_SOURCE_DIR, evaluate_predictions
+from imgclf.scoring import HEADS_SOURCE_DIR, evaluate_predictions
 from tests.helpers import make_image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -312,7 +312,7 @@ def test_stage_on_tiny_real_heads(tmp_path: Path) -> None:
     from imgclf.heads.sklearn_head import save_sklearn_head, train_sklearn_head
     from imgclf.heads.tf_head import count_parameters as tf_params
     from imgclf.heads.tf_head import save_tf_head, train_tf_head
-    from stages.evaluate import run
+    from imgclf.scoring import score_models
 
     x_train, y_train = _clusters(20, seed=1)
     x_val, y_val = _clusters(4, seed=2)
@@ -345,11 +345,12 @@ def test_stage_on_tiny_real_heads(tmp_path: Path) -> None:
     cwd = Path.cwd()
     os.chdir(tmp_path)
     try:
-        code = run(bottleneck_dir="data/bottlenecks", models_dir="models", metrics_dir="metrics",
-                   split_dir="data/split", min_accuracy=0.0, sheet_max=4)  # fmt: skip
+        evaluation = score_models(bottleneck_dir="data/bottlenecks", models_dir="models",
+                                  metrics_dir="metrics", split_dir="data/split", min_accuracy=0.0,
+                                  sheet_max=4)  # fmt: skip
     finally:
         os.chdir(cwd)
-    assert code == 0
+    assert evaluation.failures == []
     first = output_files(metrics)
     assert len(first) == 21
     for head in ("tf", "keras", "sklearn"):

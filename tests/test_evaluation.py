@@ -204,9 +204,8 @@ def test_metrics_match_scikit_learn(seed: int) -> None:
     pred = probs.argmax(axis=1)
 
     assert r.accuracy == pytest.approx(skm.accuracy_score(labels, pred))
-    assert r.macro_f1 == pytest.approx(
-        skm.f1_score(labels, pred, labels=all_labels, average="macro", zero_division=0)
-    )
+    # scikit-learn's own macro average: over the classes of the labels and the predictions.
+    assert r.macro_f1 == pytest.approx(skm.f1_score(labels, pred, average="macro", zero_division=0))
     p, rc, f, s = skm.precision_recall_fscore_support(
         labels, pred, labels=all_labels, zero_division=0
     )
@@ -218,6 +217,21 @@ def test_metrics_match_scikit_learn(seed: int) -> None:
     assert r.log_loss == pytest.approx(skm.log_loss(labels, probs, labels=all_labels), rel=1e-9)
     assert (r.ci_low, r.ci_high) == wilson_interval(r.n_correct, r.n_test)
     np.testing.assert_allclose(r.confidence, probs.max(axis=1))
+
+
+def test_a_class_neither_in_the_test_set_nor_predicted_is_left_out_of_macro_f1() -> None:
+    # A pre-split tree's class without a test image: every image right must be macro-F1 1,
+    # not 2/3 (the class's 0/0 F1 averaged in); the class keeps its row, support 0.
+    labels = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    probs = np.eye(3)[labels] * 0.9 + 0.1 / 3
+    ids = [f"test/c/{i}.jpg" for i in range(8)]
+    r = evaluate_head("tf", probs, labels, ids, ["daisy", "roses", "tulips"])
+    assert r.accuracy == 1.0 and r.macro_f1 == 1.0
+    np.testing.assert_array_equal(r.support, [4, 4, 0])
+    # Predicted but absent from the test set: it counts, with F1 0.
+    probs[0] = [0.0, 0.0, 1.0]
+    r = evaluate_head("tf", probs, labels, ids, ["daisy", "roses", "tulips"])
+    assert r.macro_f1 == pytest.approx((2 * 3 / 7 + 1.0 + 0.0) / 3)
 
 
 def test_confusion_matrix_orientation() -> None:

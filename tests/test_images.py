@@ -120,6 +120,18 @@ def test_16_bit_grayscale_is_scaled(tmp_path):
     assert tuple(rgb[1, 1]) == (255, 255, 255) and tuple(rgb[0, 0]) == (0, 0, 0)
 
 
+def test_a_float_image_in_0_to_1_is_scaled_not_black(tmp_path):
+    # A float TIFF of 0..1 values used to become 0s and 1s of 255: a black picture, trained on.
+    values = np.linspace(0.0, 1.0, 16, dtype=np.float32).reshape(4, 4)
+    Image.fromarray(values, mode="F").save(tmp_path / "f01.tif")
+    rgb = load_rgb(tmp_path / "f01.tif")
+    assert tuple(rgb[0, 0]) == (0, 0, 0) and tuple(rgb[3, 3]) == (255, 255, 255)
+    assert rgb[1, 2, 0] == round(6 / 15 * 255)
+    # Floats on the 0..255 scale keep their values.
+    Image.fromarray(values * 200, mode="F").save(tmp_path / "f200.tif")
+    assert load_rgb(tmp_path / "f200.tif")[3, 3, 0] == 200
+
+
 def test_bad_files(tmp_path):
     jpeg = make_image(tmp_path / "ok.jpg", size=(64, 48)).read_bytes()
     png = make_image(tmp_path / "ok.png", size=(64, 48)).read_bytes()

@@ -22,7 +22,7 @@ from imgclf.ingest.outputs import MANIFEST_FIELDS, format_summary
 from imgclf.ingest.records import IngestError, IngestOptions
 from imgclf.ingest.run import run_ingest
 from imgclf.labels import ClassNameCollision, class_dir_name, class_dirs, safe_file_name
-from imgclf.sources import ResolvedSource, fingerprint_source
+from imgclf.sources import ResolvedSource, SourceUnavailable, fingerprint_source, resolve_source
 from tests.helpers import as_unprivileged, make_class_tree, make_image
 from tests.http_server import LoopbackServer
 from tests.test_dataturks import write_export
@@ -748,6 +748,31 @@ def test_a_pre_split_tree_takes_its_classes_inside_and_its_val_folder_is_the_tes
     assert "your pre-split tree's split, kept" in printed
     test_rows = [r for r in read_csv(tmp_path / "work" / "split" / "manifest.csv")]
     assert {r["origin"].split("/")[0] for r in test_rows if r["subset"] == "test"} == {"val"}
+
+
+def test_an_empty_stray_folder_does_not_turn_a_pre_split_tree_into_classes(tmp_path):
+    # train/ and val/ beside an empty checkpoints/: read as the classes train and val before,
+    # a classifier of the folder names, without an error.
+    src = presplit_tree(tmp_path / "hymenoptera_data", {"train": 6, "val": 3})
+    (src / "checkpoints" / "empty").mkdir(parents=True)
+    out = tmp_path / "out"
+    ingest(resolve_source(str(src)), out)
+    assert {r["class"] for r in read_csv(out / "data" / "manifest.csv")} == {"ants", "bees"}
+
+
+def test_a_labelled_train_folder_beside_an_unlabelled_test_folder_is_refused(tmp_path):
+    # Kaggle's layout: train/<class>/ and a test/ of unlabelled images. As a class tree it
+    # would give the classes train and test.
+    root = tmp_path / "kaggle"
+    make_class_tree(root / "train", {"cats": 4, "dogs": 4})
+    make_class_tree(root, {"test": 5})
+    with pytest.raises(SourceUnavailable, match=r"test holds no class folders .*kaggle/train"):
+        resolve_source(str(root))
+    # Classes that happen to be called train and test, holding their images: a class tree.
+    plain = tmp_path / "plain"
+    make_class_tree(plain, {"train": 4, "test": 4})
+    ingest(resolve_source(str(plain)), tmp_path / "out")
+    assert {r["class"] for r in read_csv(tmp_path / "out/data/manifest.csv")} == {"train", "test"}
 
 
 def test_pre_split_with_val_and_test_pools_val_into_train(tmp_path):

@@ -98,8 +98,17 @@ def test_the_repository_params_parse_completely(block):
             P.TrackParams,
             "registered_models",
             {"tf": "{datset}-tf"},
-            "expected a mapping of model names to names, {dataset} their only placeholder",
+            "expected a mapping of model names to names without '/' or ':', {dataset} their "
+            "only placeholder",
         ),
+        # MLflow refuses these, but only at registration, after the run logged its models.
+        (
+            P.TrackParams,
+            "registered_models",
+            {"tf": "{dataset}/tf"},
+            "found {'tf': '{dataset}/tf'}",
+        ),
+        (P.TrackParams, "registered_models", {"tf": "team:tf"}, "without '/' or ':'"),
     ],
 )
 def test_bad_values_name_the_key(block, key, value, message):

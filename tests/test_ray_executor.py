@@ -110,7 +110,7 @@ def write_split(split: Path, photos: list[Path]) -> None:
 
 def stage(executor_name: str, params: dict, workdir: Path, backbone_dir: Path) -> dict:
     """The bottlenecks stage's work with `executor_name`, its own cache under `workdir`."""
-    from stages.bottlenecks import run_bottlenecks
+    from imgclf.bottlenecks import run_bottlenecks
 
     executor = make_executor(executor_name, params)
     saved = os.environ.get("IMGCLF_CACHE_DIR")

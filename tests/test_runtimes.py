@@ -238,7 +238,7 @@ def shared_cache(workspace, monkeypatch):
 
 
 def _run(workspace, runtime, precision, out="out", calibration=12):
-    from stages.bottlenecks import run_bottlenecks
+    from imgclf.bottlenecks import run_bottlenecks
 
     return run_bottlenecks(
         split_dir=workspace / "split",

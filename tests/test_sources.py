@@ -375,6 +375,28 @@ def test_fingerprint_is_stable_and_path_independent(tmp_path, flowers):
     assert moved["sha256"] not in (fp["sha256"], changed["sha256"])
 
 
+def test_an_exports_fingerprint_holds_its_local_images_content(tmp_path):
+    # It used to hash the export's bytes only: an image added, replaced or removed beside an
+    # unchanged export left `dvc repro` skipping ingest, with the old (or missing) image.
+    folder = tmp_path / "a"
+    images = make_class_tree(folder / "images", {"daisy": 2})
+    lines = [json.dumps({"content": f"images/daisy/img_{i:04d}.jpg",
+                         "annotation": {"labels": ["daisy"]}}) for i in range(3)]  # fmt: skip
+    (folder / "export.json").write_text("\n".join(lines) + "\n")
+    fp = fingerprint_source(resolve_source(str(folder / "export.json")))
+    assert fp["files"] == 3  # the export and the two images that exist
+    elsewhere = shutil.copytree(folder, tmp_path / "b")
+    assert fingerprint_source(resolve_source(str(elsewhere / "export.json"))) == fp
+    make_class_tree(images, {"daisy": 3})  # the third image appears
+    added = fingerprint_source(resolve_source(str(folder / "export.json")))
+    assert added["files"] == 4 and added["sha256"] != fp["sha256"]
+    first = images / "daisy" / "img_0000.jpg"
+    first.write_bytes(first.read_bytes()[:-1] + b"\x00")
+    assert fingerprint_source(resolve_source(str(folder / "export.json")))["sha256"] not in (
+        fp["sha256"], added["sha256"]
+    )  # fmt: skip
+
+
 def test_real_flower_photos_resolve_as_a_tree(shared_datasets):
     root = shared_datasets / "flower_photos"
     if not root.is_dir():

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from imgclf.fileio import read_csv, read_metrics, sha256_file, write_csv
-from imgclf.splitting import SplitError, assign_subsets
+from imgclf.splitting import SplitError, assign_subsets, check_training_images
 from tests.helpers import make_class_tree
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -155,3 +155,15 @@ def test_stage_reports_a_too_small_class_without_a_traceback(tmp_path):
     done = run_split_stage(tmp_path, {"daisy": 12, "roses": 2})
     assert done.returncode != 0
     assert "'roses' has 2" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_class_left_one_training_image_is_refused_by_name():
+    # Two images pass split.min_per_class=2 and split 1/1: the heads' validation slice would
+    # then fail in audit as "class 4 has 1 training image(s)", a traceback naming a number.
+    rows = fake_rows({"big": 40, "tulips": 2})
+    subsets = assign_subsets(rows, test_fraction=0.2, seed=0, min_per_class=2)
+    with pytest.raises(SplitError, match=r"'tulips' has 1 .*split.min_per_class to 3"):
+        check_training_images(rows, subsets, given=False)
+    with pytest.raises(SplitError, match=r"'tulips' has 1 .*presplit=pool"):
+        check_training_images(rows, subsets, given=True)
+    check_training_images(rows, ["train"] * len(rows), given=False)

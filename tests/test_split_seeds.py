@@ -137,3 +137,16 @@ def test_costs_are_the_fine_tunes_seconds_and_peak_rss_per_seed(tmp_path):
     assert cost_table({0: {"finetune_keras": costs["finetune_keras"]}}).endswith(
         "| Keras fine-tuned | 275 | – |"
     )
+
+
+def test_a_negative_or_non_integer_seed_is_refused_by_the_command_line():
+    import argparse
+
+    import pytest
+
+    from tools.split_seeds import seed_number
+
+    assert seed_number("3") == 3
+    for bad in ("-1", "1.5", "x"):
+        with pytest.raises(argparse.ArgumentTypeError, match="integer >= 0"):
+            seed_number(bad)

@@ -211,3 +211,24 @@ def test_a_half_written_activations_file_is_removed_when_the_disk_fills(tmp_path
         _write_npy(out, (100, 8, 8, 16), rows)
     assert raised.value.errno == errno.ENOSPC
     assert not hidden.exists() and not hidden.is_symlink() and not out.exists()
+
+
+def test_source_checks_the_model_lists_before_dvc_reaches_a_stage_they_leave_without_input(
+    tmp_path,
+):
+    # models: [tf, sklearn] with finetune_keras still listed: DVC itself used to stop at
+    # finetune_keras with "No such file or directory: models/heads/keras".
+    write_project(tmp_path, "file,class,sha256\n")
+    params = yaml.safe_load((tmp_path / "params.yaml").read_text())
+    params["models"] = ["tf", "sklearn"]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    done = run_stage("source", tmp_path)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert (
+        done.stderr.strip()
+        .splitlines()[-1]
+        .startswith(
+            "source: error: params.yaml: finetune_models: expected fine-tuned models whose head "
+            "`models:` lists (finetune_keras starts from the keras head)"
+        )
+    )

@@ -159,7 +159,8 @@ def build_tiny_result(workdir: Path) -> dict:
     os.chdir(workdir)
     try:
         from imgclf.registry import pipeline_models
-        from stages import activations, audit, evaluate, finetune_keras, finetune_tf, train
+        from imgclf.scoring import score_models
+        from stages import activations, audit, finetune_keras, finetune_tf, train
 
         audit.main()
         for head in ("tf", "keras", "sklearn"):
@@ -167,7 +168,7 @@ def build_tiny_result(workdir: Path) -> dict:
         activations.main()
         finetune_tf.main()
         finetune_keras.main()
-        code = evaluate.run(
+        evaluation = score_models(
             bottleneck_dir=paths["bottlenecks"],
             models_dir=paths["models"],
             metrics_dir=paths["metrics"],
@@ -178,7 +179,7 @@ def build_tiny_result(workdir: Path) -> dict:
             heads=pipeline_models(params),
             activations_dir=paths["activations"],
         )
-        assert code == 0
+        assert evaluation.failures == []
     finally:
         os.chdir(cwd)
     return params

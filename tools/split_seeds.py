@@ -259,9 +259,16 @@ def summary_table(results: dict[int, dict[str, float]]) -> str:
     return "\n".join(lines) + f"\n\nPer seed ({'/'.join(heads)}): {per_seed}."
 
 
+def seed_number(text: str) -> int:
+    """A --seeds value: split.seed's own range, an integer >= 0."""
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"a split seed is an integer >= 0, not {text!r}")
+    return int(text)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--seeds", type=seed_number, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("-S", "--set-param", action="append", default=[],
                         help="extra params for every run, as for dvc exp run -S")  # fmt: skip
     parser.add_argument(
@@ -289,6 +296,12 @@ def main() -> None:
             costs[seed] = stage_costs(layout)
             results[seed] = test_accuracies(layout)
             tests[seed] = paired_tests(layout)
+    except subprocess.CalledProcessError:
+        # DVC has printed the failing stage's own error above.
+        raise SystemExit(
+            f"split_seeds: error: seed {seed}'s run failed (see the stage's error above); "
+            f"seeds done: {', '.join(map(str, results)) or 'none'}"
+        ) from None
     finally:
         # `dvc exp run -S` wrote the last seed (and the -S values) into params.yaml, also when
         # it failed.
