@@ -64,11 +64,14 @@ setup: $(BIN)/activate $(PLOTS_PAGE) ## create .venv and install the project (ev
 WHERE_RESULTS = $(if $(filter --temp --queue,$(EXP_ARGS)),,@echo "results: metrics/comparison.md; \
 	see them with make plots, make ui or make tensorboard (make alone lists every target)")
 
+# DATA reaches DVC as a literal string (imgclf/overrides.py): a folder named `flowers (copy)`
+# or `nathan's photos` is neither a shell nor an override syntax error.
+run: export IMGCLF_VALUE = $(DATA)
 run: setup $(RAY_IF_WANTED) ## run the whole pipeline (DATA=<folder, archive, export or URL> sets data.source)
 ifeq ($(strip $(DATA)),)
 	$(BIN)/dvc repro
 else
-	$(BIN)/dvc exp run $(EXP_ARGS) -S 'data.source=$(DATA)'
+	$(BIN)/dvc exp run $(EXP_ARGS) -S "$$($(BIN)/python -m imgclf.overrides data.source)"
 endif
 	$(WHERE_RESULTS)
 

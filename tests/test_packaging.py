@@ -7,6 +7,8 @@ import subprocess
 import tomllib
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -50,3 +52,29 @@ def test_plain_make_lists_every_target():
     phony = re.search(r"^\.PHONY: (.*)$", (ROOT / "Makefile").read_text(), re.M).group(1).split()
     listed = re.findall(r"^  make (\S+) +\S", done.stdout, re.M)
     assert sorted(listed) == sorted(phony), "every .PHONY target needs a `## what it does` comment"
+
+
+@pytest.mark.parametrize(
+    "data",
+    ["../shared/datasets/flower_photos", "/photos/flowers (copy)", "/photos/flowers, v2",
+     "/photos/data[2024]", "/photos/ünï", "/photos/nathan's photos", "2024", "a=b",
+     "/photos/ends in a backslash\\", "/photos/b\\'c"],
+)  # fmt: skip
+def test_make_run_data_reaches_dvc_as_the_string_given(data):
+    # `make run DATA=...` used to paste DATA into -S 'data.source=...': a space and brackets
+    # were DVC syntax errors, a comma a sweep, a quote a shell error, a number a number.
+    import os
+    import sys
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser  # DVC's -S parser
+
+    override = subprocess.run(
+        [sys.executable, "-m", "imgclf.overrides", "data.source"],
+        env={**os.environ, "IMGCLF_VALUE": data}, cwd=ROOT, capture_output=True, text=True,
+        check=True,
+    ).stdout.rstrip("\n")  # fmt: skip
+    parsed = OverridesParser.create().parse_overrides([override])[0]
+    assert parsed.key_or_group == "data.source" and parsed.value() == data
+    makefile = (ROOT / "Makefile").read_text()
+    assert '-S "$$($(BIN)/python -m imgclf.overrides data.source)"' in makefile
+    assert "run: export IMGCLF_VALUE = $(DATA)" in makefile
