@@ -8,8 +8,11 @@
 The model is either built from the pipeline's outputs (paths.backbone + `<models>/heads/<head>`,
 paths.models of params.yaml when run from the repository) or loaded from any MLflow model URI
 (resolved in the same store as the track stage: MLFLOW_TRACKING_URI, else the repository's
-mlflow.db). Both decode each file with `imgclf.images.load_rgb`, so the probabilities equal
-those `mlflow models serve` returns for the same file sent as base64 (see end_to_end.py).
+mlflow.db). Both decode each file with `imgclf.images.decode_image`, as the served model does,
+so the probabilities equal those `mlflow models serve` returns for the same file sent as base64
+(see end_to_end.py), and a file it refuses is refused with ingest's reason (too_large,
+empty_file...). A folder is read by content: every file Pillow recognises, whatever its name;
+the others are counted on stderr.
 
 For each image: the top-k labels on stdout (a table, or --json / --csv), an annotated copy in
 --out-dir (`<name>.labelled.png`: the image as displayed, EXIF orientation applied, same width and
@@ -37,6 +40,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from imgclf.labels import readable
 from imgclf.registry import input_precision, model_names
 
 PROG = "label-image"
@@ -48,6 +52,16 @@ EXIT_OK, EXIT_SOME_FAILED, EXIT_MODEL = 0, 1, 2
 def error(message: str) -> None:
     """One line on stderr per problem."""
     print(f"{PROG}: error: {' '.join(str(message).split())}", file=sys.stderr)
+
+
+def _is_image(path: Path) -> bool:
+    """Whether Pillow recognises `path` from its header (ingest keeps images by content, so a
+    JPEG may be named photo.txt, or have no extension at all)."""
+    try:
+        with Image.open(path):
+            return True
+    except Exception:
+        return False
 
 
 # --------------------------------------------------------------------------- inputs
@@ -77,18 +91,24 @@ def expand_inputs(args: Sequence[str]) -> tuple[list[Path], list[tuple[str, str]
             problems.append((arg, f"cannot be read ({e.strerror})"))
             continue
         if stat.S_ISDIR(mode):
-            found = []
+            found, others = [], 0
             for p, reason in walk_source(path):
-                if reason is None and p.suffix.lower() in IMAGE_SUFFIXES:
+                if reason is None and (p.suffix.lower() in IMAGE_SUFFIXES or _is_image(p)):
                     found.append(p)
+                elif reason is None:
+                    others += 1
                 elif reason == UNREADABLE_FOLDER:
-                    problems.append((str(p), "a folder this user cannot list: not labelled"))
+                    problems.append(
+                        (readable(str(p)), "a folder this user cannot list: not labelled")
+                    )
                 elif reason == UNREADABLE:
-                    problems.append((str(p), "this user cannot read it: not labelled"))
+                    problems.append((readable(str(p)), "this user cannot read it: not labelled"))
             if not found:
-                problems.append(
-                    (arg, f"folder has no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
-                )
+                besides = f" ({others} files that are not images)" if others else ""
+                problems.append((arg, f"folder has no image files{besides}"))
+            elif others:  # counted, not failed: a folder may hold a README or a CSV
+                print(f"{PROG}: {arg}: {others} files that are not images, not labelled",
+                      file=sys.stderr)  # fmt: skip
             files.extend(sorted(found))
         elif stat.S_ISREG(mode):
             files.append(path)
@@ -197,9 +217,10 @@ def label_one(
     chart: bool,
 ) -> Labelled:
     """Classify one file; write its annotated copy (and chart) when `names` is given."""
-    from imgclf.images import load_rgb
+    from imgclf.images import decode_image
 
-    pixels = load_rgb(path)
+    # As ingest and the served model decode: the same refusals (too_large, empty_file...).
+    pixels = decode_image(path.read_bytes())
     if predictor.predict_files is not None:
         # A logged model decodes the file itself, with the same load_rgb: send it as served.
         probs = np.asarray(predictor.predict_files([path.read_bytes()]), dtype=np.float64)[0]
@@ -210,7 +231,7 @@ def label_one(
         raise ValueError(f"the model gives {len(probs)} probabilities for {len(labels)} labels")
     order = np.argsort(-probs, kind="stable")[:top_k]
     result = Labelled(
-        image=str(path),
+        image=readable(str(path)),  # a name that is not UTF-8 prints as \xNN
         probabilities={str(label): float(p) for label, p in zip(labels, probs, strict=True)},
         top=[(str(labels[i]), float(probs[i])) for i in order],
         width=int(pixels.shape[1]),
@@ -431,9 +452,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 label_one(path, predictor, top_k=args.top_k, names=names, chart=args.chart)
             )
         except Exception as e:
-            why = _image_error(e)
-            failures.append({"image": str(path), "error": why})
-            error(f"{path}: {why}")
+            why, item = _image_error(e), readable(str(path))
+            failures.append({"image": item, "error": why})
+            error(f"{item}: {why}")
 
     if args.json:
         print_json(results, failures, predictor.source)
@@ -449,6 +470,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _image_error(e: Exception) -> str:
     from PIL import UnidentifiedImageError
 
+    from imgclf.images import BadImage
+
+    if isinstance(e, BadImage):
+        return str(e)
     if isinstance(e, UnidentifiedImageError):
         return "not an image (Pillow cannot identify the file)"
     if isinstance(e, OutputError):
