@@ -30,7 +30,7 @@ and `base`, its stage in dvc.yaml and a block of the same name in params.yaml, a
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -271,17 +271,26 @@ def pipeline_models(params: Mapping[str, Any]) -> list[str]:
     return names
 
 
-def check_cut(cut: str, params: Mapping[str, Any]) -> None:
-    """Refuse an activations.cut that a fine-tuned model of this pipeline cannot train from,
-    before the activations stage spends its minutes (half an hour on the flowers) on it."""
+def check_activations(cut: str, test_views: Sequence[str], params: Mapping[str, Any]) -> None:
+    """Refuse activations the fine-tuned models of this pipeline cannot use, before the
+    activations stage spends its minutes (half an hour on the flowers) and the fine-tunes
+    theirs: a cut a model cannot train from, or test-time flips without the flip view."""
     for name in pipeline_models(params):
-        allowed = MODELS[name].cuts
-        if allowed is not None and cut not in allowed:
+        spec = MODELS[name]
+        if spec.cuts is not None and cut not in spec.cuts:
             raise ParamsError(
                 "activations.cut",
                 found=repr(cut),
-                expected=f"a cut {name} can train from: {', '.join(allowed)}",
+                expected=f"a cut {name} can train from: {', '.join(spec.cuts)}",
                 todo=f"Set activations.cut to one of those, or take {name} out of finetune_models.",
+            )
+        flips = spec.fine_tuned and model_params(spec, params).get("test_time_flip")
+        if flips and "flip" not in test_views:
+            raise ParamsError(
+                f"{spec.section}.test_time_flip",
+                found=f"true, with activations.test_views {list(test_views)}",
+                expected="the flip view among the test views, to average with",
+                todo="Add flip to activations.test_views, or set test_time_flip: false.",
             )
 
 

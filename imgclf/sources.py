@@ -406,6 +406,12 @@ def resolve_source(
         return _resolve_url(text, text, timeout_s, retries, limits)
     if scheme == "file":
         return _resolve_local(text, Path(urllib.request.url2pathname(parts.path)), None, limits)
+    if "://" in text:  # ftp://, s3://...: else read as a relative path that does not exist
+        raise SourceUnavailable(
+            f"data.source {text!r}: a {scheme}:// URL, which the source stage cannot fetch; "
+            "expected an http(s):// or file:// URL, or a path. Download it first and point "
+            "data.source at the local copy."
+        )
     path = Path(text).expanduser()
     if path.is_absolute():
         return _resolve_local(text, path, None, limits)

@@ -11,7 +11,7 @@ from imgclf.config import cache_dir, load_params
 from imgclf.executors import make_executor
 from imgclf.fileio import write_metrics
 from imgclf.params import RuntimesParams
-from imgclf.registry import check_cut
+from imgclf.registry import check_activations
 from imgclf.stage import stage_main
 
 
@@ -20,9 +20,9 @@ def main() -> None:
     params = load_params()
     paths = params["paths"]
     options = ActivationsOptions.from_params(params.get("activations"))
-    # Reads finetune_models without depending on it: the arrays are the same whatever the list,
-    # and a fine-tune stage added later checks its cut itself, in its first second.
-    check_cut(options.cut, params)
+    # Reads finetune_models and their blocks without depending on them: the arrays are the same
+    # whatever they say, and a fine-tune stage added later checks its inputs itself.
+    check_activations(options.cut, options.test_views, params)
     checks = RuntimesParams.from_params(params)
     executor = make_executor(options.executor, params)  # Ray is imported only if it runs
     try:

@@ -15,7 +15,7 @@ from imgclf.params import Block
 from imgclf.registry import (
     INPUTS,
     MODELS,
-    check_cut,
+    check_activations,
     input_precision,
     model_names,
     pipeline_models,
@@ -136,11 +136,19 @@ def test_a_cut_is_checked_against_the_fine_tunes_of_the_pipeline():
             assert blocks_after(cut)
         else:
             with pytest.raises(ParamsError, match="finetune_tf can train from"):
-                check_cut(cut, PARAMS)
+                check_activations(cut, ["orig"], PARAMS)
             with pytest.raises(UserError, match="needs a cut at one of"):
                 blocks_after(cut)
-    check_cut("mixed_5", {**PARAMS, "finetune_models": ["finetune_keras"]})  # Keras: any cut
-    check_cut("mixed_5", {**PARAMS, "finetune_models": []})
+    check_activations("mixed_5", ["orig"], {**PARAMS, "finetune_models": ["finetune_keras"]})
+    check_activations("mixed_5", ["orig"], {**PARAMS, "finetune_models": []})
+
+
+def test_test_time_flips_need_the_flip_view_before_anything_is_computed():
+    flips = {**PARAMS, "finetune_keras": {**PARAMS["finetune_keras"], "test_time_flip": True}}
+    with pytest.raises(ParamsError, match=r"finetune_keras.test_time_flip: .*Add flip"):
+        check_activations("mixed_8", ["orig"], flips)
+    check_activations("mixed_8", ["orig", "flip"], flips)
+    check_activations("mixed_8", ["orig"], PARAMS)  # no flips asked for
 
 
 def test_consumers_derive_from_the_registry():

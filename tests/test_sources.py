@@ -375,6 +375,14 @@ def test_fingerprint_is_stable_and_path_independent(tmp_path, flowers):
     assert moved["sha256"] not in (fp["sha256"], changed["sha256"])
 
 
+@pytest.mark.parametrize("url", ["ftp://example.org/flowers.tgz", "s3://bucket/flowers.tgz"])
+def test_a_url_scheme_the_stage_cannot_fetch_is_named(url):
+    # It used to read as a relative path: "points to <repo>/ftp:/example.org/... which does
+    # not exist".
+    with pytest.raises(SourceUnavailable, match=r":// URL, which the source stage cannot fetch"):
+        resolve_source(url)
+
+
 def test_an_exports_fingerprint_holds_its_local_images_content(tmp_path):
     # It used to hash the export's bytes only: an image added, replaced or removed beside an
     # unchanged export left `dvc repro` skipping ingest, with the old (or missing) image.
