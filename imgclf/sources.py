@@ -135,7 +135,8 @@ def _unlabelled_split(root: Path) -> str | None:
     return (
         f"its folders {', '.join(d.name for d in dirs)} are named like a split's subsets, but "
         + (f"{', '.join(flat)} holds no class folders (unlabelled images?)" if flat else
-           "they share no class folder")
+           "they are no pre-split tree: a train folder and a val or test folder, with the same "
+           "class folders")
         + f". Point data.source at a folder of class folders (e.g. {labelled[0]}), "
         "or give every subset folder the same class folders"
     )  # fmt: skip

@@ -768,6 +768,11 @@ def test_a_labelled_train_folder_beside_an_unlabelled_test_folder_is_refused(tmp
     make_class_tree(root, {"test": 5})
     with pytest.raises(SourceUnavailable, match=r"test holds no class folders .*kaggle/train"):
         resolve_source(str(root))
+    # val/ and test/ with class folders but no train/: refused too, not read as two classes.
+    make_class_tree(tmp_path / "notrain" / "val", {"cats": 3})
+    make_class_tree(tmp_path / "notrain" / "test", {"cats": 3})
+    with pytest.raises(SourceUnavailable, match=r"they are no pre-split tree: a train folder"):
+        resolve_source(str(tmp_path / "notrain"))
     # Classes that happen to be called train and test, holding their images: a class tree.
     plain = tmp_path / "plain"
     make_class_tree(plain, {"train": 4, "test": 4})
