@@ -96,9 +96,22 @@ def presplit_folders(root: Path) -> dict[str, str] | None:
     `train` holding images is not mistaken for one: it has no sub-folders. A folder without
     any file (an empty `checkpoints/`) is not a class either, so it does not hide the split.
     """
+    dirs = _subset_named_folders(root)
+    return None if dirs is None else _presplit_roles(dirs)
+
+
+def _subset_named_folders(root: Path) -> list[Path] | None:
+    """The top-level folders that hold a file, when there are two or more and every one is
+    named like a subset; else None (an ordinary class tree)."""
     dirs = [d for d in _subdirs(root) if _holds_a_file(d)]
     if len(dirs) < 2 or any(d.name.lower() not in SPLIT_NAMES for d in dirs):
         return None
+    return dirs
+
+
+def _presplit_roles(dirs: list[Path]) -> dict[str, str] | None:
+    """presplit_folders' answer for subset-named folders: their roles, or None when they do
+    not make a pre-split tree."""
     roles = {}
     for d in dirs:
         name = d.name.lower()
@@ -121,13 +134,10 @@ def _holds_a_file(folder: Path) -> bool:
     return any(files for _, _, files in os.walk(folder))
 
 
-def _unlabelled_split(root: Path) -> str | None:
-    """The message for a tree whose top-level folders are all named like subsets but which is
-    not a pre-split tree (Kaggle's train/<class>/ beside a test/ of unlabelled images): read
-    as a class tree it would train a classifier of the folder names, train vs test."""
-    dirs = [d for d in _subdirs(root) if _holds_a_file(d)]
-    if len(dirs) < 2 or any(d.name.lower() not in SPLIT_NAMES for d in dirs):
-        return None
+def _unlabelled_split(dirs: list[Path]) -> str | None:
+    """The message for subset-named folders that are not a pre-split tree (Kaggle's
+    train/<class>/ beside a test/ of unlabelled images): read as a class tree they would train
+    a classifier of the folder names, train vs test."""
     flat = [d.name for d in dirs if not _subdirs(d)]
     if len(flat) == len(dirs):  # classes that happen to be called train and test: a tree
         return None
@@ -160,7 +170,8 @@ def _tree(source: str, path: Path, origin: str) -> ResolvedSource:
             f"data.source {source!r}: {origin} holds no class folders ({files} files, no "
             f"sub-folders). Expected {_EXPECTED}."
         )
-    if presplit_folders(root) is None and (problem := _unlabelled_split(root)):
+    dirs = _subset_named_folders(root)
+    if dirs is not None and _presplit_roles(dirs) is None and (problem := _unlabelled_split(dirs)):
         raise SourceUnavailable(f"data.source {source!r}: {origin}: {problem}.")
     if root != path:
         origin += f" (inside {root.relative_to(path).as_posix()}/)"
@@ -524,35 +535,53 @@ def fingerprint_source(resolved: ResolvedSource) -> dict:
     return FINGERPRINTS[resolved.kind](resolved.path)
 
 
+class _ContentHash:
+    """A fingerprint's running hash: one line per file, `name\0size\0sha256`, or
+    `name\0<why it was not read>` for one without a digest (so that reading it later changes
+    the data); the files read and their bytes counted."""
+
+    def __init__(self, first_line: str = "") -> None:
+        self._sha = hashlib.sha256(first_line.encode())
+        self.files = self.bytes = self.not_read = 0
+
+    def add(self, name: str, path: Path, digest: str | None, why_not: str) -> None:
+        if digest is None:
+            self.not_read += 1
+            line = f"{name}\0{why_not}\n"
+        else:
+            size = path.stat().st_size
+            self.files += 1
+            self.bytes += size
+            line = f"{name}\0{size}\0{digest}\n"
+        # surrogateescape: a name that is not UTF-8 hashes as its own bytes.
+        self._sha.update(line.encode("utf-8", "surrogateescape"))
+
+    def hexdigest(self) -> str:
+        return self._sha.hexdigest()
+
+
 def _fingerprint_export(path: Path) -> dict:
     """The export's bytes and the content of every local file it names (a path or file://
     URL), or "missing": an image added, replaced or removed beside the export is a change
     of data, as in a tree. Its URLs are in the export's bytes; what they serve is ingest's
     to fetch (downloads are cached by URL)."""
     export_sha = sha256_file(path)
-    outer = hashlib.sha256(f"{export_sha}\n".encode())
-    files, total, local_items = 1, path.stat().st_size, 0
+    content = _ContentHash(f"{export_sha}\n")
     try:
         items = read_export(path, on_bad_line="skip")
     except UserError:
         items = []  # not an export ingest can read: it says why, with the file's hash above
     for item in items:
-        if item.problem is not None or is_url(item.content):
-            continue
-        local_items += 1
-        local = local_path(item.content, path.parent)
-        digest = _digest(local) if local.is_file() else None
-        if digest is None:
-            line = f"{item.content}\0missing\n"
-        else:
-            size = local.stat().st_size
-            files += 1
-            total += size
-            line = f"{item.content}\0{size}\0{digest}\n"
-        outer.update(line.encode("utf-8", "surrogateescape"))
-    # An export of URLs only is its own bytes, as it always was.
-    sha = outer.hexdigest() if local_items else export_sha
-    return {"sha256": sha, "files": files, "bytes": total}
+        if item.problem is None and not is_url(item.content):
+            local = local_path(item.content, path.parent)
+            content.add(item.content, local, _digest(local) if local.is_file() else None, "missing")
+    local_items = content.files + content.not_read
+    return {
+        # An export of URLs only is its own bytes, as it always was.
+        "sha256": content.hexdigest() if local_items else export_sha,
+        "files": 1 + content.files,
+        "bytes": path.stat().st_size + content.bytes,
+    }
 
 
 def _fingerprint_tree(root: Path) -> dict:
@@ -563,23 +592,12 @@ def _fingerprint_tree(root: Path) -> dict:
     # hashlib releases the GIL on large buffers: a few threads overlap disk reads and hashing.
     with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
         digests = list(pool.map(lambda e: _digest(e[1]) if e[2] is None else None, entries))
-    outer = hashlib.sha256()
-    files = total = unreadable = 0
+    content = _ContentHash()
     for (rel, path, reason), digest in zip(entries, digests, strict=True):
-        if digest is None:
-            # In the hash by name, so that the data changes when it becomes readable.
-            unreadable += 1
-            line = f"{rel}\0{reason or UNREADABLE}\n"
-        else:
-            size = path.stat().st_size
-            files += 1
-            total += size
-            line = f"{rel}\0{size}\0{digest}\n"
-        # surrogateescape: a name that is not UTF-8 hashes as its own bytes.
-        outer.update(line.encode("utf-8", "surrogateescape"))
-    fingerprint = {"sha256": outer.hexdigest(), "files": files, "bytes": total}
-    if unreadable:
-        fingerprint["unreadable"] = unreadable
+        content.add(rel, path, digest, reason or UNREADABLE)
+    fingerprint = {"sha256": content.hexdigest(), "files": content.files, "bytes": content.bytes}
+    if content.not_read:
+        fingerprint["unreadable"] = content.not_read
     return fingerprint
 
 

@@ -94,19 +94,26 @@ def _module_name(path: Path) -> str:
     return ".".join(parts)
 
 
+def _called_names(node: ast.AST) -> frozenset[str]:
+    """The names of the functions and methods called under `node` (`f(...)`: f, `x.m(...)`: m),
+    TensorFlow's `tf.function` aside (a decorator, not the registry's loader)."""
+    return frozenset(
+        c.func.id if isinstance(c.func, ast.Name) else c.func.attr
+        for c in ast.walk(node)
+        if isinstance(c, ast.Call)
+        and (
+            isinstance(c.func, ast.Name)
+            or (isinstance(c.func, ast.Attribute) and ast.unparse(c.func.value) != "tf")
+        )
+    )
+
+
 @cache
 def _dynamic_loaders(path: Path) -> frozenset[str]:
     """Functions of `path` that (directly or via one another) call importlib.import_module."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
     functions = {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}
-    calls = {
-        name: {
-            c.func.id if isinstance(c.func, ast.Name) else c.func.attr
-            for c in ast.walk(fn)
-            if isinstance(c, ast.Call) and isinstance(c.func, ast.Name | ast.Attribute)
-        }
-        for name, fn in functions.items()
-    }
+    calls = {name: _called_names(fn) for name, fn in functions.items()}
     loaders = {name for name, called in calls.items() if "import_module" in called}
     while True:
         more = {name for name, called in calls.items() if called & loaders} - loaders
@@ -175,17 +182,8 @@ MODEL_LOADERS = frozenset({"function", "load_module"})
 
 @cache
 def _calls(path: Path) -> frozenset[str]:
-    """The names of the functions and methods `path` calls (TensorFlow's `tf.function` aside)."""
-    tree = ast.parse(path.read_text(encoding="utf-8"))
-    return frozenset(
-        c.func.id if isinstance(c.func, ast.Name) else c.func.attr
-        for c in ast.walk(tree)
-        if isinstance(c, ast.Call)
-        and (
-            isinstance(c.func, ast.Name)
-            or (isinstance(c.func, ast.Attribute) and ast.unparse(c.func.value) != "tf")
-        )
-    )
+    """The names of the functions and methods `path` calls."""
+    return _called_names(ast.parse(path.read_text(encoding="utf-8")))
 
 
 def stage_code(stage: Mapping) -> set[str]:
