@@ -21,7 +21,10 @@ Two layers:
   Decoding in TensorFlow instead would give other pixels (its JPEG decoder is not Pillow's)
   than the heads were trained on. A row that is not a readable image is answered with nulls
   and its `error` (`not_an_image: ...`, `truncated: ...`, `too_large: ...`, as ingest's
-  report); the other rows of the request are classified all the same.
+  report); the other rows of the request are classified all the same. That includes a row
+  that is not base64 at all (`not_base64`), a null or a number (`not_bytes`): the signature's
+  `image` column is a string column, decoded by the model row by row, so MLflow's schema check
+  passes such a row on instead of refusing the whole request (a binary column would).
 
     curl -s http://127.0.0.1:5001/invocations -H 'Content-Type: application/json' \
       -d '{"dataframe_split": {"columns": ["image"], "data": [["<base64 of a JPEG>"]]}}'
@@ -246,7 +249,9 @@ def image_size(head_dir: str | Path, kind: str) -> int:
 
 
 def example_input() -> Any:
-    """A small deterministic PNG (64x48) in the `image` column: the logged input example."""
+    """A small deterministic PNG (64x48), base64 in the `image` column: the logged input
+    example, and the serving example MLflow writes beside it (what a client sends)."""
+    import base64
     import io
 
     from PIL import Image
@@ -255,7 +260,7 @@ def example_input() -> Any:
     pixels = np.stack([x * 4, y * 5, (x + y) * 2], axis=-1).clip(0, 255).astype(np.uint8)
     buf = io.BytesIO()
     Image.fromarray(pixels, "RGB").save(buf, format="PNG")
-    return pd.DataFrame({INPUT_COLUMN: [buf.getvalue()]})
+    return pd.DataFrame({INPUT_COLUMN: [base64.b64encode(buf.getvalue()).decode("ascii")]})
 
 
 def signature() -> Any:
@@ -263,7 +268,9 @@ def signature() -> Any:
     from mlflow.types.schema import ColSpec, DataType, Map, Schema
 
     return ModelSignature(
-        inputs=Schema([ColSpec(DataType.binary, INPUT_COLUMN)]),
+        # string, not binary: MLflow decodes a binary column's base64 itself and refuses the
+        # whole request over one row that is not base64; the model decodes each row instead.
+        inputs=Schema([ColSpec(DataType.string, INPUT_COLUMN)]),
         outputs=Schema(
             [
                 ColSpec(DataType.string, "label"),
@@ -286,8 +293,8 @@ def pip_requirements() -> list[str]:
 
 
 def _input_values(model_input: Any) -> list[Any]:
-    """The rows of a pyfunc input: a DataFrame with an `image` column (MLflow's serving has
-    already turned base64 into bytes), a dict or a list of bytes/base64 strings."""
+    """The rows of a pyfunc input: a DataFrame with an `image` column (base64 text from a
+    served request, bytes from Python), a dict or a list of bytes/base64 strings."""
     if isinstance(model_input, pd.DataFrame):
         if INPUT_COLUMN not in model_input.columns:
             raise ValueError(
@@ -312,9 +319,11 @@ def _decode_row(value: Any, max_pixels: int) -> np.ndarray:
         except binascii.Error as e:
             raise BadImage("not_base64", f"text that is not base64 ({e})") from None
     if not isinstance(value, bytes | bytearray | memoryview):
+        # pandas may hold a JSON null as NaN in a column of text
+        null = value is None or (isinstance(value, float) and np.isnan(value))
+        found = "null" if null else type(value).__name__
         raise BadImage(
-            "not_bytes",
-            f"expected the bytes of an image file (or base64 text), got {type(value).__name__}",
+            "not_bytes", f"expected the bytes of an image file (or base64 text), got {found}"
         )
     return decode_image(bytes(value), max_pixels)
 

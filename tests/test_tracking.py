@@ -981,9 +981,12 @@ def test_served_model_answers_like_label_image(tracked, tmp_path, monkeypatch, c
             outputs[key] = json.loads(capsys.readouterr().out)["results"][0]["probabilities"]
 
         get_when_up(f"http://127.0.0.1:{port}/ping", server)  # mlflow models serve is up
-        # One request, three files: one bad row must not sink the others.
+        # One request, three files and three rows that are no file at all: no bad row sinks
+        # the others (MLflow's own check refused the whole request over the last three while
+        # the signature's column was binary).
         files = [image.read_bytes(), b"CC-BY 2.0\n", image.read_bytes()[:300]]
         rows = [[base64.b64encode(f).decode("ascii")] for f in files]
+        rows += [["not base64!"], [None], [7]]
         body = json.dumps({"dataframe_split": {"columns": ["image"], "data": rows}}).encode()
         request = urllib.request.Request(
             f"http://127.0.0.1:{port}/invocations",
@@ -991,7 +994,7 @@ def test_served_model_answers_like_label_image(tracked, tmp_path, monkeypatch, c
             headers={"Content-Type": "application/json"},
         )
         with urllib.request.urlopen(request, timeout=60) as r:
-            served, text, cut = json.loads(r.read())["predictions"]
+            served, text, cut, not_base64, null, number = json.loads(r.read())["predictions"]
     finally:
         os.killpg(server.pid, 15)
         server.wait(timeout=30)
@@ -1000,6 +1003,11 @@ def test_served_model_answers_like_label_image(tracked, tmp_path, monkeypatch, c
     assert text == {**nothing, "error": "not_an_image: not an image file Pillow can identify"}
     assert cut == {**nothing, "error": cut["error"]}
     assert cut["error"].startswith(("truncated: ", "corrupt: ")), cut["error"]
+    assert not_base64 == {**nothing, "error": not_base64["error"]}
+    assert not_base64["error"].startswith("not_base64: text that is not base64"), not_base64
+    expected = "not_bytes: expected the bytes of an image file (or base64 text), got "
+    assert null == {**nothing, "error": expected + "null"}
+    assert number == {**nothing, "error": expected + "int"}
     served_probs = served["probabilities"]
     assert list(served_probs) == sorted(CLASSES)
     assert served["label"] == max(served_probs, key=served_probs.get)
