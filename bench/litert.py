@@ -1,5 +1,5 @@
-"""Benchmark of the LiteRT (TFLite) export (issue 13): one model's float32, float16 and int8
-files against the TF model, on the first N test images, measured in one run.
+"""Benchmark of the LiteRT (TFLite) export against its targets: one model's float32, float16
+and int8 files against the TF model, on the first N test images, measured in one run.
 
     .venv/bin/python bench/litert.py [WORKDIR] [--model tf] [--images 200] [--threads 2]
 

@@ -1,5 +1,5 @@
-"""Benchmark of the backbone runtimes (issue 13): every runtime/precision against TF float32,
-measured in one run.
+"""Benchmark of the backbone runtimes against their targets: every runtime/precision against
+TF float32, measured in one run.
 
     .venv/bin/python bench/runtimes.py [IMAGE_FOLDER] [--per-class 60] [--calibration 288]
 
@@ -264,7 +264,7 @@ def main() -> None:
     print(table(rows, header))
     print(
         "setup: the stage's one-time work (models built, OpenVINO conversion, NNCF quantization,"
-        " fidelity gate), cached after the first run. Targets (issue 13): int8 stage >= 3.5x,"
+        " fidelity gate), cached after the first run. Targets: int8 stage >= 3.5x,"
         " bf16 stage >= 2.0x TF f32; stage >= 0.85 of its model alone; peak RSS < 3 GiB."
     )
 

@@ -262,7 +262,7 @@ def compare(
 
 
 def targets(rows: Mapping[str, Mapping[str, float]], *, max_drop: float = 0.01) -> dict[str, Any]:
-    """Issue 13's targets for one model's files (precision -> metrics): the int8 file at most
+    """The export's targets for one model's files (precision -> metrics): the int8 file at most
     1/3.5 of the float32 file, each file's accuracy within `max_drop` of the TF model's."""
     out: dict[str, Any] = {}
     if "int8" in rows and "float32" in rows:
@@ -409,7 +409,7 @@ def markdown_table(metrics: Mapping[str, Any], *, max_drop: float = 0.01) -> str
             f"{row.get('top1_agreement', 0):.3f} | {row.get('max_abs_prob_diff', 0):.2g} | "
             f"{row['images_per_second']:.1f} |"
         )
-    lines += ["", f"Targets (issue 13): int8 file ≤ float32 / 3.5; accuracy within "
+    lines += ["", f"Targets: int8 file ≤ float32 / 3.5; accuracy within "
               f"{100 * max_drop:g} pt of the TF model."]  # fmt: skip
     for name, rows in by_model.items():
         t = targets(rows, max_drop=max_drop)

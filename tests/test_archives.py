@@ -270,7 +270,7 @@ def test_not_an_archive_and_truncated_archive(tmp_path, flowers):
     _assert_nothing_written(tmp_path, tmp_path / "out")
 
 
-# --------------------------------------------------------------------- size caps (issue 10)
+# --------------------------------------------------------------------- size caps
 
 
 class _Zeros(io.RawIOBase):

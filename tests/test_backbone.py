@@ -231,7 +231,7 @@ def test_keras_imagenet_offline_gives_a_clear_error():
         pytest.skip("the keras ImageNet weights were reachable (online or cached)")
 
 
-# ------------------------------------------------------------------------ messages (issue 10)
+# ------------------------------------------------------------------------ messages
 
 
 def _run_stage(stage: str, workdir: Path, params: dict) -> subprocess.CompletedProcess:

@@ -307,7 +307,7 @@ train.main(["keras"])
 @pytest.mark.slow
 def test_identical_trainings_in_fresh_processes_write_identical_model_files(tmp_path) -> None:
     """What two `dvc repro --force` of the train stages do: the same bytes in models/, so
-    dvc.lock does not change and MLflow sees the same model (issue 10, item 8). Keras used to
+    dvc.lock does not change and MLflow sees the same model. Keras used to
     write its save time and Python object ids, TensorFlow a random fingerprint uuid."""
     import os
     import subprocess

@@ -686,7 +686,7 @@ def test_stage_main(tmp_path, monkeypatch, capsys):
         main()
 
 
-# ------------------------------------------------------------------- awkward trees (issue 10)
+# ------------------------------------------------------------------- awkward trees
 
 
 def presplit_tree(root: Path, subsets: dict[str, int]) -> Path:

@@ -779,7 +779,7 @@ def test_registered_fine_tuned_models_reproduce_the_evaluate_stage(tracked):
 def test_an_identical_result_registers_no_new_version(tracked, tmp_path):
     """The same weights, labels, backbone and code (a forced rerun, or an experiment that only
     changed the other head) are the same model: its version is reused, nothing is exported and
-    no version is added (issue 10, item 8). A renamed registered model gets the logged model."""
+    no version is added. A renamed registered model gets the logged model."""
     from mlflow import MlflowClient
 
     # The two frozen heads' models: each export costs ~20 s, and the fine-tuned ones are logged
