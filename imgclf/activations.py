@@ -32,6 +32,7 @@ import numpy as np
 from imgclf.backbone_info import (
     CUT_SHAPES,
     IMAGE_SIZE,
+    MAX_IMAGE_SIZE,
     MIN_IMAGE_SIZE,
     at_image_size,
     cut_shape,
@@ -48,7 +49,7 @@ from imgclf.features import (
     split_items,
 )
 from imgclf.fileio import atomic_write_bytes
-from imgclf.params import check_runtime
+from imgclf.params import IMAGE_BATCH_WHY, MAX_IMAGE_BATCH, check_runtime
 from imgclf.runtime_setup import RuntimeSetup, recorded
 from imgclf.splitting import SUBSETS
 from imgclf.stage import peak_rss_bytes
@@ -144,11 +145,24 @@ class ActivationsOptions:
         batch = cfg["batch_size"]
         if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
             raise ParamsError(f"{key}.batch_size: {batch!r}, expected an integer >= 1")
+        if batch > MAX_IMAGE_BATCH:
+            raise ParamsError(
+                f"{key}.batch_size: {batch!r}, expected an integer between 1 and "
+                f"{MAX_IMAGE_BATCH}. {IMAGE_BATCH_WHY}"
+            )
         size = cfg["image_size"]
         if isinstance(size, bool) or not isinstance(size, int) or size < MIN_IMAGE_SIZE:
             raise ParamsError(
                 f"{key}.image_size: {size!r}, expected an integer >= {MIN_IMAGE_SIZE} (the "
                 f"backbone's weights were trained at {IMAGE_SIZE})"
+            )
+        if size > MAX_IMAGE_SIZE:
+            raise ParamsError(
+                f"{key}.image_size: {size!r}, expected an integer between {MIN_IMAGE_SIZE} and "
+                f"{MAX_IMAGE_SIZE}: the backbone's compute and maps grow with the side squared "
+                f"({MAX_IMAGE_SIZE} already costs {(MAX_IMAGE_SIZE / IMAGE_SIZE) ** 2:.1f}x "
+                f"{IMAGE_SIZE}'s, in this stage and in the fine-tunes), and a larger side only "
+                f"upscales the photos further. Lower it ({IMAGE_SIZE} is the weights' own side)."
             )
         if cfg["executor"] not in EXECUTORS:
             raise ParamsError(

@@ -16,6 +16,9 @@ INFO_FILE = "backbone.json"
 WEIGHTS_KINDS = ("tf-2015", "keras-imagenet")
 IMAGE_SIZE = 299  # the input side the weights were trained at
 MIN_IMAGE_SIZE = 75  # below it a valid convolution or pool of the stem runs out of pixels
+# The compute and the maps grow with the side squared: 1024 already costs 11.7x 299's (mixed_8
+# 30x30x1280, 14x the activation cache), and larger sides only upscale the photos further.
+MAX_IMAGE_SIZE = 1024
 
 # Ids change whenever the preprocessing changes, so cached features keyed on them go stale.
 # The input side is part of them: the same photo at 399x399 gives other activations.

@@ -20,11 +20,12 @@ Two layers:
   and `error`. The probabilities are bit for bit those `label-image` prints for the same file.
   Decoding in TensorFlow instead would give other pixels (its JPEG decoder is not Pillow's)
   than the heads were trained on. A row that is not a readable image is answered with nulls
-  and its `error` (`not_an_image: ...`, `truncated: ...`, `too_large: ...`, as ingest's
-  report); the other rows of the request are classified all the same. That includes a row
-  that is not base64 at all (`not_base64`), a null or a number (`not_bytes`): the signature's
-  `image` column is a string column, decoded by the model row by row, so MLflow's schema check
-  passes such a row on instead of refusing the whole request (a binary column would).
+  and its `error` (`not_an_image: ...`, `truncated: ...`, `too_large: ...`,
+  `unsupported_format: ...` for a format ingest refuses, as ingest's report); the other rows
+  of the request are classified all the same. That includes a row that is not base64 at all
+  (`not_base64`), a null or a number (`not_bytes`): the signature's `image` column is a string
+  column, decoded by the model row by row, so MLflow's schema check passes such a row on
+  instead of refusing the whole request (a binary column would).
 
     curl -s http://127.0.0.1:5001/invocations -H 'Content-Type: application/json' \
       -d '{"dataframe_split": {"columns": ["image"], "data": [["<base64 of a JPEG>"]]}}'

@@ -7,7 +7,7 @@ Two entry points:
   (`empty_file`, `not_an_image`, `unsupported_format`, `corrupt`, `truncated`, `too_large`,
   `unreadable`). Ingest uses it to turn every bad file into a reported skip.
 - `decode_image(bytes, max_pixels)`: `load_rgb` for files from outside (a served request), its
-  failures as `BadImage` with the same reason codes.
+  failures as `BadImage` with the same reason codes; it refuses the formats ingest refuses.
 - `load_rgb(path_or_bytes)` returns the pixels the models see, as uint8 [H, W, 3]:
   - EXIF orientation is applied (the image is turned the way a viewer shows it);
   - animated GIF/WebP/APNG and multi-page TIFF: the first frame;
@@ -37,7 +37,8 @@ DEFAULT_MAX_PIXELS = 89_478_485
 
 # Formats ingest accepts, with the extension a file gets when its name has none. Pillow reads
 # many more (ICO, PSD, PCX...); they are refused as `unsupported_format` because they are rarely
-# photos and other tools that read data/images (tf.io.decode_image) do not read them.
+# photos and other tools that read data/images (tf.io.decode_image) do not read them; and so
+# decode_image (label-image, the served model) refuses them too.
 FORMAT_EXTENSIONS: dict[str, str] = {
     "JPEG": ".jpg",
     "MPO": ".jpg",  # multi-picture JPEG written by some cameras: a JPEG to every reader
@@ -103,11 +104,7 @@ def _inspect(path: Path, max_pixels: int) -> ImageInfo:
                 fmt = img.format or ""
                 width, height = img.size
                 _check_pixels(width, height, max_pixels)
-                if fmt not in FORMAT_EXTENSIONS:
-                    raise BadImage(
-                        "unsupported_format",
-                        f"{fmt} image; accepted: {', '.join(sorted(FORMAT_EXTENSIONS))}",
-                    )
+                _check_format(fmt)
                 img.verify()
             with Image.open(path) as img:
                 orientation = img.getexif().get(_EXIF_ORIENTATION, 1)
@@ -137,6 +134,13 @@ def _decode_failure(error: Exception, head: Callable[[], bytes], max_pixels: int
         # The system's (permission denied, an I/O error); Pillow's own OSErrors carry none.
         return BadImage("unreadable", f"{type(error).__name__}: {error}")
     return BadImage(_decode_failure_reason(error), f"{type(error).__name__}: {error}")
+
+
+def _check_format(fmt: str) -> None:
+    if fmt not in FORMAT_EXTENSIONS:
+        raise BadImage(
+            "unsupported_format", f"{fmt} image; accepted: {', '.join(sorted(FORMAT_EXTENSIONS))}"
+        )
 
 
 def _check_pixels(width: int, height: int, max_pixels: int) -> None:
@@ -189,11 +193,15 @@ def _decode_failure_reason(error: Exception) -> str:
 
 
 def load_rgb(
-    source: str | Path | bytes | bytearray | memoryview, max_pixels: int | None = None
+    source: str | Path | bytes | bytearray | memoryview,
+    max_pixels: int | None = None,
+    *,
+    accepted_only: bool = False,
 ) -> np.ndarray:
     """Decode an image file (path or encoded bytes) to uint8 RGB [H, W, 3]; see the module doc.
     With `max_pixels`, a larger image is refused (`BadImage` too_large) from its header, before
-    a pixel is decoded; Pillow's global limit is left alone either way.
+    a pixel is decoded; Pillow's global limit is left alone either way. With `accepted_only`, a
+    format ingest refuses (not in FORMAT_EXTENSIONS) is `BadImage` unsupported_format.
 
     Thread-safe (the bottleneck stage calls it from tf.data workers).
     """
@@ -201,6 +209,8 @@ def load_rgb(
     with Image.open(fp) as img:
         if max_pixels is not None:
             _check_pixels(*img.size, max_pixels)
+        if accepted_only:
+            _check_format(img.format or "")
         img.seek(0)
         # exif_transpose returns a new, loaded image (or a copy when there is nothing to do).
         upright = ImageOps.exif_transpose(img)
@@ -209,12 +219,14 @@ def load_rgb(
 
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """`load_rgb` for a file that comes from outside the pipeline (a served request): any
-    failure is a `BadImage` with ingest's reason codes, and an image above `max_pixels` is
-    refused from its header, before a pixel is decoded. Thread-safe, as load_rgb."""
+    failure is a `BadImage` with ingest's reason codes, an image above `max_pixels` is
+    refused from its header, before a pixel is decoded, and so is a format ingest refuses
+    (unsupported_format: a model is served only what it could have been trained on).
+    Thread-safe, as load_rgb."""
     if not data:
         raise BadImage("empty_file", "the file has 0 bytes")
     try:
-        return load_rgb(data, max_pixels)
+        return load_rgb(data, max_pixels, accepted_only=True)
     except BadImage:
         raise
     except Exception as e:

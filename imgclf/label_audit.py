@@ -45,7 +45,8 @@ def out_of_fold_probabilities(
         raise UserError(
             f"the label audit splits the training images into audit.folds={folds} folds, but "
             f"a class has only {smallest} training image(s) outside the validation slice: "
-            f"lower audit.folds (at least 2) or add images"
+            "lower audit.folds (at least 2), lower heads.validation_fraction (the slice is taken "
+            "from the same training images) or add images"
         )
     model = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=max_iter))
     cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)

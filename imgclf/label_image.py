@@ -11,8 +11,8 @@ paths.models of params.yaml when run from the repository) or loaded from any MLf
 mlflow.db). Both decode each file with `imgclf.images.decode_image`, as the served model does,
 so the probabilities equal those `mlflow models serve` returns for the same file sent as base64
 (see end_to_end.py), and a file it refuses is refused with ingest's reason (too_large,
-empty_file...). A folder is read by content: every file Pillow recognises, whatever its name;
-the others are counted on stderr.
+empty_file, unsupported_format for an ICO or PSD...). A folder is read by content: every file
+Pillow recognises, whatever its name; the others are counted on stderr.
 
 For each image: the top-k labels on stdout (a table, or --json / --csv), an annotated copy in
 --out-dir (`<name>.labelled.png`: the image as displayed, EXIF orientation applied, same width and

@@ -24,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import re
 import unicodedata
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from imgclf.errors import UserError
 
@@ -109,10 +109,11 @@ def safe_file_name(name: str, default_suffix: str = "") -> str:
     return _shorten(stem, suffix, base)
 
 
-def class_dirs(labels: Iterable[str]) -> dict[str, str]:
+def class_dirs(labels: Iterable[str], where: Mapping[str, str] | None = None) -> dict[str, str]:
     """Map every label to its class folder, or raise `ClassNameCollision` listing every clash.
 
-    Labels whose folder name is "" are left out (the caller reports their items).
+    Labels whose folder name is "" are left out (the caller reports their items). `where`
+    (label -> e.g. "line 12") says where each label is first found, for the message.
     """
     by_key: dict[str, set[str]] = {}
     mapping: dict[str, str] = {}
@@ -124,8 +125,14 @@ def class_dirs(labels: Iterable[str]) -> dict[str, str]:
         by_key.setdefault(folder.casefold(), set()).add(label)
     clashes = {key: sorted(group) for key, group in by_key.items() if len(group) > 1}
     if clashes:
+        found = where or {}
         lines = [
-            "  " + ", ".join(f"{label!r} -> {mapping[label]!r}" for label in group)
+            "  "
+            + ", ".join(
+                f"{label!r} -> {mapping[label]!r}"
+                + (f" (first on {found[label]})" if label in found else "")
+                for label in group
+            )
             for _, group in sorted(clashes.items())
         ]
         raise ClassNameCollision(

@@ -70,6 +70,20 @@ LABEL_AUDIT_FILTERS = ("prune_by_noise_rate", "prune_by_class", "both", "confide
 # Where feature extraction runs (imgclf/executors: EXECUTORS); a test checks they agree.
 EXECUTORS = ("local", "ray")
 
+# Upper bounds on batch sizes: without them an absurd value (1e9) is accepted and the stage runs
+# until memory runs out. The messages say why each bound.
+MAX_IMAGE_BATCH = 1024
+IMAGE_BATCH_WHY = (
+    "Each image of a batch holds the backbone's maps at once (its largest alone is 5.5 MB an "
+    f"image at 299 pixels: 5.6 GB for {MAX_IMAGE_BATCH} images; a fine-tune also keeps its "
+    "blocks' maps for the gradients). Lower it."
+)
+MAX_BOTTLENECK_BATCH = 65536
+BOTTLENECK_BATCH_WHY = (
+    f"A batch row is one bottleneck (8 KB): {MAX_BOTTLENECK_BATCH} are 512 MB a step, and rows "
+    "beyond the training images only draw them again. Lower it."
+)
+
 
 # -- one value --------------------------------------------------------------------------------
 def _number(value: Any) -> float | None:
@@ -95,19 +109,35 @@ def _integer(value: Any) -> int | None:
     return int(number) if number is not None and number.is_integer() else None
 
 
-def integer(minimum: int) -> Any:
-    """An int field >= minimum."""
-    expected = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+def integer(minimum: int, maximum: int | None = None, *, why: str | None = None) -> Any:
+    """An int field >= minimum (and <= maximum: `why` is what the error adds above it)."""
+    if maximum is not None:
+        expected = f"an integer between {minimum} and {maximum}"
+    else:
+        expected = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
 
     def parse(value: Any) -> int | None:
         n = _integer(value)
-        return n if n is not None and n >= minimum else None
+        in_range = n is not None and n >= minimum and (maximum is None or n <= maximum)
+        return n if in_range else None
 
-    return field(metadata={"parse": parse, "expected": expected})
+    def above(value: Any) -> str | None:
+        n = _integer(value)
+        return why if maximum is not None and n is not None and n > maximum else None
+
+    return field(metadata={"parse": parse, "expected": expected, "why": above})
 
 
-def number(low: float, high: float, *, open_low: bool = False, open_high: bool = False) -> Any:
-    """A float field in [low, high] (or open at either end); math.inf for no bound."""
+def number(
+    low: float,
+    high: float,
+    *,
+    open_low: bool = False,
+    open_high: bool = False,
+    why: str | None = None,
+) -> Any:
+    """A float field in [low, high] (or open at either end); math.inf for no bound. `why` is
+    what the error adds for a value above `high`."""
     if high == math.inf:
         expected = "a positive number" if (low, open_low) == (0, True) else f"a number >= {low:g}"
     elif open_low == open_high:
@@ -125,7 +155,11 @@ def number(low: float, high: float, *, open_low: bool = False, open_high: bool =
         below = x < high if open_high else x <= high
         return x if above and below else None
 
-    return field(metadata={"parse": parse, "expected": expected})
+    def too_high(value: Any) -> str | None:
+        x = _number(value)
+        return why if x is not None and math.isfinite(x) and x > high else None
+
+    return field(metadata={"parse": parse, "expected": expected, "why": too_high})
 
 
 def boolean() -> Any:
@@ -266,7 +300,13 @@ class Block:
                 raise ParamsError(key, expected=f.metadata["expected"], found="no such key")
             parsed = parse(block[f.name])
             if parsed is None:
-                raise ParamsError(key, expected=f.metadata["expected"], found=repr(block[f.name]))
+                why = f.metadata.get("why")
+                raise ParamsError(
+                    key,
+                    expected=f.metadata["expected"],
+                    found=repr(block[f.name]),
+                    todo=why(block[f.name]) if why else None,
+                )
             values[f.name] = parsed
         return cls(**values)
 
@@ -349,7 +389,7 @@ class BottlenecksParams(Block):
     section: ClassVar[str] = "bottlenecks"
     runtime: str = choice(tuple(RUNTIME_PRECISIONS))
     precision: str = choice(ALL_PRECISIONS)
-    batch_size: int = integer(1)
+    batch_size: int = integer(1, MAX_IMAGE_BATCH, why=IMAGE_BATCH_WHY)
     executor: str = choice(EXECUTORS)  # where the images go through the backbone
 
     def __post_init__(self) -> None:
@@ -382,7 +422,14 @@ class RuntimesParams(Block):
 @dataclass(frozen=True)
 class HeadsParams(Block):
     section: ClassVar[str] = "heads"
-    validation_fraction: float = number(0, 1, open_low=True, open_high=True)
+    validation_fraction: float = number(
+        0,
+        0.5,
+        open_low=True,
+        why="The validation slice is carved out of each class's training images: above half, "
+        "the models and the label audit's folds would fit on fewer images than the models are "
+        "chosen on. Lower it, e.g. dvc exp run -S heads.validation_fraction=0.1.",
+    )
     seed: int = integer(0)
     drop_label_issues: bool = boolean()  # train without the images the label audit flags
 
@@ -402,7 +449,7 @@ class TrainTfParams(Block):
     section: ClassVar[str] = "train_tf"
     learning_rate: float = number(0, math.inf, open_low=True)
     steps: int = integer(1)
-    batch_size: int = integer(1)
+    batch_size: int = integer(1, MAX_BOTTLENECK_BATCH, why=BOTTLENECK_BATCH_WHY)
     eval_every: int = integer(1)
     hidden_units: int = integer(0)
     dropout: float = number(0, 1, open_high=True)
@@ -415,7 +462,7 @@ class TrainKerasParams(Block):
     dropout: float = number(0, 1, open_high=True)
     learning_rate: float = number(0, math.inf, open_low=True)
     epochs: int = integer(1)
-    batch_size: int = integer(1)
+    batch_size: int = integer(1, MAX_BOTTLENECK_BATCH, why=BOTTLENECK_BATCH_WHY)
     early_stopping_patience: int = integer(0)
 
 
@@ -446,7 +493,7 @@ class FinetuneParams(Block):
     epochs: int = integer(1)
     learning_rate: float = number(0, math.inf, open_low=True)
     momentum: float = number(0, 1, open_high=True)
-    batch_size: int = integer(1)
+    batch_size: int = integer(1, MAX_IMAGE_BATCH, why=IMAGE_BATCH_WHY)
     label_smoothing: float = number(0, 1, open_high=True)
     schedule: str = choice(("constant", "cosine"))  # finetune_common.SCHEDULES
     view_sampling: str = choice(("all", "one_per_image"))  # finetune_common.VIEW_SAMPLINGS

@@ -138,6 +138,9 @@ PARAMS = {
 def test_options_from_params():
     options = ActivationsOptions.from_params(PARAMS)
     assert options.views("train") == ("orig", "flip") and options.views("test") == ("orig",)
+    # The upper bounds themselves are accepted.
+    top = ActivationsOptions.from_params({**PARAMS, "image_size": 1024, "batch_size": 1024})
+    assert (top.image_size, top.batch_size) == (1024, 1024)
 
 
 @pytest.mark.parametrize(
@@ -155,6 +158,16 @@ def test_options_from_params():
         ({"image_size": 74}, r"activations\.image_size: 74, expected an integer >= 75"),
         ({"image_size": True}, r"activations\.image_size: True, expected an integer"),
         ({"image_size": 399.0}, r"activations\.image_size: 399\.0, expected an integer"),
+        (
+            {"image_size": 100_000},
+            r"activations\.image_size: 100000, expected an integer between 75 and 1024: .*"
+            r"grow with the side squared.* Lower it",
+        ),
+        (
+            {"batch_size": 10**9},
+            r"activations\.batch_size: 1000000000, expected an integer between 1 and 1024\. "
+            r"Each image of a batch holds the backbone's maps.* Lower it",
+        ),
         (
             {"executor": "spark"},
             r"activations\.executor: 'spark', expected one of \['local', 'ray'\]",

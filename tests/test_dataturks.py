@@ -15,6 +15,8 @@ from imgclf.dataturks import (
     original_name,
     read_export,
 )
+from imgclf.ingest.collect import collect_dataturks
+from imgclf.ingest.records import IngestError, IngestOptions
 
 
 def write_export(path: Path, records: list) -> Path:
@@ -138,6 +140,31 @@ def test_malformed_line_is_reported_with_its_number(tmp_path):
     with pytest.raises(DataturksError, match=r"e\.json:2: expected a JSON object"):
         read_export(export, on_bad_line="error")
     assert read_export(export)[1].problem == "bad_line"
+
+
+def test_labels_that_share_a_class_folder_name_their_first_lines_before_any_download(tmp_path):
+    # Nothing listens on port 9 of the loopback: had the URLs been fetched, the export would
+    # have come back as skipped downloads instead of this error.
+    url = "http://127.0.0.1:9/{}.jpg".format
+    export = write_export(
+        tmp_path / "e.json",
+        [
+            record(url("a"), {"labels": ["rose"]}),
+            record(url("b"), None, status="skipped"),
+            record(url("c"), {"labels": ["Daisy"]}),
+            record(url("d"), {"labels": ["rose"]}),
+            record(url("e"), {"labels": [" daisy"]}),
+            record(url("f"), {"labels": ["Daisy"]}),
+            record(url("g"), {"labels": ["daisy"]}),
+        ],
+    )
+    with pytest.raises(IngestError) as info:
+        collect_dataturks(export, IngestOptions())
+    text = str(info.value)
+    assert text.startswith(f"{export}: different labels would share one class folder"), text
+    assert "'Daisy' -> 'Daisy' (first on line 3), 'daisy' -> 'daisy' (first on line 5)" in text
+    assert "Rename the labels (in the export" in text
+    assert "rose" not in text
 
 
 def test_json_array_export(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import struct
 import zlib
 from pathlib import Path
@@ -10,7 +11,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imgclf.images import BadImage, ImageInfo, decode_image, inspect_image, load_rgb
+from imgclf.images import (
+    FORMAT_EXTENSIONS,
+    BadImage,
+    ImageInfo,
+    decode_image,
+    inspect_image,
+    load_rgb,
+)
 from tests.helpers import make_image
 
 
@@ -155,16 +163,23 @@ def test_bad_files(tmp_path):
     assert bad_reason(tmp_path / "icon.ico") == "unsupported_format"
     assert bad_reason(tmp_path / "missing.jpg") == "unreadable"
 
-    # The served model's decoder says the same of the same bytes; it decodes any format
-    # Pillow reads, as label-image does (ingest keeps to the formats other tools read).
-    for name in ("empty.jpg", "LICENSE.txt", "half.jpg", "half.png", "crc.png", "header.jpg"):
+    # The served model's decoder (and label-image's) says the same of the same bytes, the
+    # formats ingest refuses included: a model is served only what it could be trained on.
+    Image.new("RGB", (16, 16)).save(tmp_path / "image.ppm")
+    assert bad_reason(tmp_path / "image.ppm") == "unsupported_format"
+    for name in ("empty.jpg", "LICENSE.txt", "half.jpg", "half.png", "crc.png", "header.jpg",
+                 "icon.ico", "image.ppm"):  # fmt: skip
         with pytest.raises(BadImage) as info:
             decode_image((tmp_path / name).read_bytes())
         assert info.value.reason == bad_reason(tmp_path / name), name
-    np.testing.assert_array_equal(
-        decode_image((tmp_path / "icon.ico").read_bytes()), load_rgb(tmp_path / "icon.ico")
-    )
+    with pytest.raises(BadImage, match=r"^unsupported_format: ICO image; accepted: BMP, GIF"):
+        decode_image((tmp_path / "icon.ico").read_bytes())
     np.testing.assert_array_equal(decode_image(jpeg), load_rgb(tmp_path / "ok.jpg"))
+    # Every format ingest accepts still decodes.
+    for fmt in FORMAT_EXTENSIONS:
+        buffer = io.BytesIO()
+        Image.new("RGB", (16, 16), (200, 10, 10)).save(buffer, format=fmt)
+        assert decode_image(buffer.getvalue()).shape == (16, 16, 3), fmt
 
 
 def test_decompression_bombs(tmp_path):

@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from imgclf import label_image
-from imgclf.images import load_rgb
+from imgclf.images import BadImage, load_rgb
 from tests.helpers import as_unprivileged, make_image
 from tests.http_server import closed_port_url
 from tests.test_tracking import CLASSES, VENV_BIN, tiny_result
@@ -215,6 +215,17 @@ def test_an_annotated_copy_that_cannot_be_written_is_the_outputs_fault(
         "on device)"
     ]
     assert not (out_dir / "a.labelled.png").exists()  # nothing half-written left
+
+
+def test_a_format_ingest_refuses_is_refused_before_the_model_sees_it(tmp_path):
+    # Pillow reads an ICO; ingest refuses it, so no model was trained on one. label_one
+    # decodes first: the predictor (None here) is never reached.
+    icon = tmp_path / "favicon.ico"
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(icon)
+    with pytest.raises(BadImage) as info:
+        label_image.label_one(icon, None, top_k=1, names=None, chart=False)
+    assert info.value.reason == "unsupported_format"
+    assert label_image._image_error(info.value).startswith("unsupported_format: ICO image; ")
 
 
 def test_only_bad_inputs_exit_1_without_loading_a_model(tmp_path, capsys):

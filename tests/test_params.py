@@ -72,7 +72,10 @@ def test_the_repository_params_parse_completely(block):
         (P.TrainKerasParams, "learning_rate", "inf", "expected a positive number, found 'inf'."),
         (P.FinetuneTfParams, "learning_rate", math.inf, "expected a positive number, found inf."),
         (P.TrainSklearnParams, "standardize", "yes", "expected true or false, found 'yes'."),
-        (P.HeadsParams, "validation_fraction", 1, "between 0 and 1 (exclusive), found 1."),
+        (P.HeadsParams, "validation_fraction", 1, "expected a number > 0 and <= 0.5, found 1."),
+        (P.HeadsParams, "validation_fraction", 0, "expected a number > 0 and <= 0.5, found 0."),
+        (P.BottlenecksParams, "batch_size", 0, "expected an integer between 1 and 1024, found 0."),
+        (P.TrainKerasParams, "batch_size", "x", "between 1 and 65536, found 'x'."),
         (P.EvaluateParams, "min_accuracy", "nan", "expected a number >= 0, found 'nan'."),
         (
             P.BottlenecksParams,
@@ -118,6 +121,33 @@ def test_bad_values_name_the_key(block, key, value, message):
     assert text.startswith(f"params.yaml: {block.section}.{key}: "), text
     assert message in text
     assert isinstance(info.value, UserError)
+
+
+# The bounds that stop an absurd value before it runs out of memory (or leaves the models a
+# handful of training images): the message gives the value, the bound and why.
+@pytest.mark.parametrize(
+    ("block", "key", "value", "bound", "why"),
+    [
+        (P.HeadsParams, "validation_fraction", 0.95, "<= 0.5", "label audit's folds"),
+        (P.BottlenecksParams, "batch_size", 10**9, "between 1 and 1024", "5.6 GB for 1024"),
+        (P.FinetuneTfParams, "batch_size", 1025, "between 1 and 1024", "5.6 GB for 1024"),
+        (P.FinetuneKerasParams, "batch_size", "1e9", "between 1 and 1024", "5.6 GB for 1024"),
+        (P.TrainTfParams, "batch_size", 65537, "between 1 and 65536", "512 MB a step"),
+        (P.TrainKerasParams, "batch_size", 10**12, "between 1 and 65536", "512 MB a step"),
+    ],
+)
+def test_values_above_a_bound_say_the_bound_and_why(block, key, value, bound, why):
+    with pytest.raises(ParamsError) as info:
+        block.from_params(with_value(block.section, key, value))
+    text = str(info.value)
+    assert text.startswith(f"params.yaml: {block.section}.{key}: expected "), text
+    assert f"{bound}, found {value!r}." in text and why in text and "Lower it" in text, text
+    # The bound itself is accepted, and a bad value below it gets no reason about the bound.
+    top = float(bound.split()[-1]) if "." in bound else int(bound.split()[-1])
+    assert getattr(block.from_params(with_value(block.section, key, top)), key) == top
+    with pytest.raises(ParamsError) as below:
+        block.from_params(with_value(block.section, key, -1))
+    assert "Lower it" not in str(below.value)
 
 
 def test_numbers_as_pyyaml_reads_them():

@@ -12,7 +12,7 @@ from pathlib import Path
 from imgclf import dataturks
 from imgclf.downloads import ByteLimit, download_many
 from imgclf.ingest.records import Candidate, Collected, IngestError, IngestOptions, Skip
-from imgclf.labels import normalize_label, readable
+from imgclf.labels import ClassNameCollision, class_dirs, normalize_label, readable
 from imgclf.sources import (
     BROKEN_LINK,
     DATATURKS,
@@ -206,7 +206,8 @@ def collect_dataturks(
     (file:, or a path with any other scheme), which is skipped as `local_file_refused`.
 
     Everything that makes the whole export unusable (wrong task type, a malformed line with
-    on_bad_line=error, several labels with on_multiple_labels=error) is raised before anything
+    on_bad_line=error, several labels with on_multiple_labels=error, labels that would share
+    one class folder, named with the line where each is first used) is raised before anything
     is downloaded. With on_bad_line=skip a malformed line is a skip row whose origin is
     `<export file name>:<line>`.
     """
@@ -246,6 +247,15 @@ def collect_dataturks(
         out.labels.add(item.labels[0])
         chosen.append((item, item.labels[0]))
     out.multiple_labels = len(multi)
+    # Checked here as well as in build: a clash makes the export unusable, so it is refused
+    # before any download, and only here are the lines where each spelling is used known.
+    first_line: dict[str, int] = {}
+    for item, label in chosen:
+        first_line.setdefault(label, item.line)
+    try:
+        class_dirs(out.labels, where={label: f"line {n}" for label, n in first_line.items()})
+    except ClassNameCollision as e:
+        raise IngestError(f"{export}: {e}") from None
     urls = sorted({item.content for item, _ in chosen if dataturks.is_url(item.content)})
     results = {}
     if urls:

@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from imgclf.fileio import write_csv, write_metrics
 from imgclf.ingest.records import IngestResult
+from imgclf.sources import LINK_OUTSIDE
 
 MANIFEST_FIELDS = ("class", "label", "file", "sha256", "width", "height", "format", "origin")
 # Written only for a pre-split tree kept as given (ingest.presplit=keep): "train" or "test",
@@ -147,8 +148,12 @@ def _notes(result: IngestResult) -> list[str]:
             f"  folders without any usable image, not classes: {', '.join(stats['empty_classes'])}"
         )
     if stats["links_refused"]:
+        links = [s.origin for s in result.skipped if s.reason == LINK_OUTSIDE]
+        # A linked class folder (origin "<name>/") leaves out a whole class: named first.
+        links.sort(key=lambda origin: not origin.endswith("/"))
         lines.append(
-            f"  symbolic links to outside the source tree, not read: {stats['links_refused']}"
+            f"  symbolic links to outside the source tree, not read: {stats['links_refused']} "
+            f"({_some(links)})"
         )
     not_utf8 = stats["not_utf8"]
     if not_utf8["files"]:
@@ -165,6 +170,12 @@ def _notes(result: IngestResult) -> list[str]:
             "ingest.on_bad_line=error refuses the export)"
         )
     return lines
+
+
+def _some(names: list[str], shown: int = 3) -> str:
+    """The first `shown` names, then how many more: a summary line stays one line."""
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
 
 
 def failure_message(result: IngestResult, skipped_csv: Path, examples: int = 5) -> str:
