@@ -302,3 +302,38 @@ def test_the_learning_curve_probe_trains_on_fewer_images_and_leaves_the_workspac
     assert "validation points per doubling, 0.5 → 1:" in proc.stdout
     assert "the epoch kept of the epochs run, per seed: 0.5: " in proc.stdout
     assert rows[-1].startswith("| 1 | ") and "Test, read after:" in proc.stdout
+
+
+def test_the_tta_probe_scores_every_cached_view_of_validation_and_never_the_test_set(
+    tmp_path_factory,
+):
+    # tools/tta_probe.py on the tiny result: the orig view is each stage's model as the stage
+    # scored it (to the image), each view is scored on the same validation images, the averages
+    # in the table are of those views, no test row is read, and the workspace is left as it was.
+    import numpy as np
+
+    workdir, params = tiny_result(tmp_path_factory)
+    before = {name: digest(workdir / name) for name in ("data", "models", "metrics")}
+    out = tmp_path_factory.mktemp("tta")
+    tool = [sys.executable, str(ROOT / "tools" / "tta_probe.py")]
+    proc = subprocess.run([*tool, "train", "--workdir", str(workdir), "--out", str(out / "a.npz")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = np.load(out / "a.npz")
+    views = list(run["views"])
+    assert views == list(params["activations"]["train_views"]) and len(views) > 1
+    assert not [key for key in run.files if key.endswith("_test")]
+    y = run["y_val"]
+    for name in ("finetune_tf", "finetune_keras"):
+        val = run[f"{name}_val"]
+        assert val.shape[:2] == (len(views), len(y))
+        stage = json.loads((workdir / "metrics" / "train" / f"{name}.json").read_text())
+        right = int(np.sum(val[views.index("orig")].argmax(1) == y))
+        assert right == round(stage["best_val_accuracy"] * stage["n_val"])
+    assert before == {name: digest(workdir / name) for name in ("data", "models", "metrics")}
+    proc = subprocess.run([*tool, "table", str(out / "a.npz")], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    every = next(line for line in proc.stdout.splitlines() if line.startswith("| every cached"))
+    all_views = int(np.sum(run["finetune_tf_val"].mean(0).argmax(1) == y))
+    assert every.split(" | ")[1].startswith(f"{all_views} ({all_views / len(y):.4f})")
