@@ -24,6 +24,25 @@ def digest(folder: Path) -> str:
     return h.hexdigest()
 
 
+def run_probe(tool: str, workdir: Path, out: Path, *train_args: str) -> tuple[dict, str]:
+    """tools/<tool> `train` on the pipeline result in `workdir`, writing `out`, which must
+    leave the workspace as it was; then `table` on `out`. Returns the arrays and the table."""
+    import numpy as np
+
+    before = {name: digest(workdir / name) for name in ("data", "models", "metrics")}
+    command = [sys.executable, str(ROOT / "tools" / tool)]
+    proc = subprocess.run(
+        [*command, "train", "--workdir", str(workdir), *train_args, "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert before == {name: digest(workdir / name) for name in ("data", "models", "metrics")}
+    table = subprocess.run([*command, "table", str(out)], cwd=ROOT, capture_output=True,
+                           text=True, timeout=120)  # fmt: skip
+    assert table.returncode == 0, table.stderr[-3000:]
+    return dict(np.load(out)), table.stdout
+
+
 def test_variants_are_scored_on_validation_and_the_workspace_is_untouched(tmp_path_factory):
     # The default model (finetune_tf) on every view its stage trained on, named with --views:
     # a variant that changes nothing is then the stage's own training, twice in one process
@@ -123,15 +142,8 @@ def test_the_ensemble_probe_starts_from_the_stages_models_and_varies_only_the_or
     import numpy as np
 
     workdir, _ = tiny_result(tmp_path_factory)
-    before = {name: digest(workdir / name) for name in ("data", "models", "metrics")}
-    out = tmp_path_factory.mktemp("ensemble")
-    tool = [sys.executable, str(ROOT / "tools" / "ensemble_probe.py")]
-    proc = subprocess.run(
-        [*tool, "train", "--workdir", str(workdir), "--members", "2", "--out", str(out / "a.npz")],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    run = np.load(out / "a.npz")
+    out = tmp_path_factory.mktemp("ensemble") / "a.npz"
+    run, table = run_probe("ensemble_probe.py", workdir, out, "--members", "2")
     for name in ("finetune_tf", "finetune_keras"):
         val = run[f"{name}_val"]
         assert val.shape[:2] == (2, len(run["y_val"]))
@@ -140,11 +152,7 @@ def test_the_ensemble_probe_starts_from_the_stages_models_and_varies_only_the_or
         right = int(np.sum(val[0].argmax(1) == run["y_val"]))
         assert right == round(stage["best_val_accuracy"] * stage["n_val"])
         assert not np.array_equal(val[0], val[1]), f"{name}: member 1 is member 0"
-    assert before == {name: digest(workdir / name) for name in ("data", "models", "metrics")}
-    proc = subprocess.run([*tool, "table", str(out / "a.npz")], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
+    rows = [line for line in table.splitlines() if line.startswith("| ")]
     # The validation table (what a choice is made on), then the test table, read after.
     assert [row.split(" | ")[0] for row in rows] == ["| members averaged", "| 1", "| 2"] * 2
     assert "validation, right of" in rows[0] and "test accuracy" in rows[3]
@@ -161,16 +169,9 @@ def test_the_whole_backbone_probe_trains_every_layer_from_the_stages_start(tmp_p
     import numpy as np
 
     workdir, _ = tiny_result(tmp_path_factory)
-    before = {name: digest(workdir / name) for name in ("data", "models", "metrics")}
     out = tmp_path_factory.mktemp("whole") / "seed0.npz"
-    tool = [sys.executable, str(ROOT / "tools" / "whole_backbone_probe.py")]
     # The tiny backbone's random weights diverge over all layers at the stage's rate (1e-3).
-    proc = subprocess.run(
-        [*tool, "train", "--workdir", str(workdir), "--learning-rate", "1e-6", "--out", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    run = np.load(out)
+    run, table = run_probe("whole_backbone_probe.py", workdir, out, "--learning-rate", "1e-6")
     stage = json.loads((workdir / "metrics" / "train" / "finetune_keras.json").read_text())
     right = int(np.sum(run["stage_val"].argmax(1) == run["y_val"]))
     assert right == round(stage["best_val_accuracy"] * stage["n_val"])
@@ -180,14 +181,10 @@ def test_the_whole_backbone_probe_trains_every_layer_from_the_stages_start(tmp_p
     assert float(run["first_conv_change"]) > 0, "the backbone's first layer did not train"
     assert int(run["peak_rss_bytes"]) > 2**20
     assert len(run["whole_val_by_epoch"]) == stage["epochs"] == 1
-    assert before == {name: digest(workdir / name) for name in ("data", "models", "metrics")}
-    proc = subprocess.run([*tool, "table", str(out)], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = [line.split(" | ")[0] for line in proc.stdout.splitlines() if line.startswith("| ")]
+    rows = [line.split(" | ")[0] for line in table.splitlines() if line.startswith("| ")]
     assert rows == ["| finetune_keras", "| stage", "| whole"] * 2
-    assert proc.stdout.index("validation, right of") < proc.stdout.index("test accuracy")
-    assert f"| stage | {right} (" in proc.stdout
+    assert table.index("validation, right of") < table.index("test accuracy")
+    assert f"| stage | {right} (" in table
 
 
 def test_the_learning_curve_subsets_nest_and_keep_every_class():
@@ -269,16 +266,10 @@ def test_the_learning_curve_probe_trains_on_fewer_images_and_leaves_the_workspac
     import numpy as np
 
     workdir, _ = tiny_result(tmp_path_factory)
-    before = {name: digest(workdir / name) for name in ("data", "models", "metrics")}
     out = tmp_path_factory.mktemp("curve") / "seed0.npz"
-    tool = [sys.executable, str(ROOT / "tools" / "learning_curve_probe.py")]
-    proc = subprocess.run(
-        [*tool, "train", "--workdir", str(workdir), "--fractions", "1", "0.5", "--equal-steps",
-         "--out", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    run = np.load(out)
+    run, table = run_probe(
+        "learning_curve_probe.py", workdir, out, "--fractions", "1", "0.5", "--equal-steps"
+    )
     assert list(run["fractions"]) == [0.5, 1.0]
     stage = json.loads((workdir / "metrics" / "train" / "finetune_tf.json").read_text())
     half, whole = (int(n) for n in run["n_train_images"])
@@ -289,19 +280,15 @@ def test_the_learning_curve_probe_trains_on_fewer_images_and_leaves_the_workspac
         assert not np.array_equal(run[f"{name}_val"][0], run[f"{name}_val"][1])
         epochs = yaml.safe_load((workdir / "params.yaml").read_text())[name]["epochs"]
         assert list(run[f"{name}_epochs_run"]) == [2 * epochs, epochs]
-    assert before == {name: digest(workdir / name) for name in ("data", "models", "metrics")}
-    proc = subprocess.run([*tool, "table", str(out)], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
+    rows = [line for line in table.splitlines() if line.startswith("| ")]
     assert [row.split(" | ")[0] for row in rows[:3]] == [
         "| training images (fraction), mean a seed",
         f"| {half} (0.5)",
         f"| {whole} (1)",
     ]
-    assert "validation points per doubling, 0.5 → 1:" in proc.stdout
-    assert "the epoch kept of the epochs run, per seed: 0.5: " in proc.stdout
-    assert rows[-1].startswith("| 1 | ") and "Test, read after:" in proc.stdout
+    assert "validation points per doubling, 0.5 → 1:" in table
+    assert "the epoch kept of the epochs run, per seed: 0.5: " in table
+    assert rows[-1].startswith("| 1 | ") and "Test, read after:" in table
 
 
 def test_the_tta_probe_scores_every_cached_view_of_validation_and_never_the_test_set(
@@ -313,16 +300,10 @@ def test_the_tta_probe_scores_every_cached_view_of_validation_and_never_the_test
     import numpy as np
 
     workdir, params = tiny_result(tmp_path_factory)
-    before = {name: digest(workdir / name) for name in ("data", "models", "metrics")}
-    out = tmp_path_factory.mktemp("tta")
-    tool = [sys.executable, str(ROOT / "tools" / "tta_probe.py")]
-    proc = subprocess.run([*tool, "train", "--workdir", str(workdir), "--out", str(out / "a.npz")],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    run = np.load(out / "a.npz")
+    run, table = run_probe("tta_probe.py", workdir, tmp_path_factory.mktemp("tta") / "a.npz")
     views = list(run["views"])
     assert views == list(params["activations"]["train_views"]) and len(views) > 1
-    assert not [key for key in run.files if key.endswith("_test")]
+    assert not [key for key in run if key.endswith("_test")]
     y = run["y_val"]
     for name in ("finetune_tf", "finetune_keras"):
         val = run[f"{name}_val"]
@@ -330,10 +311,6 @@ def test_the_tta_probe_scores_every_cached_view_of_validation_and_never_the_test
         stage = json.loads((workdir / "metrics" / "train" / f"{name}.json").read_text())
         right = int(np.sum(val[views.index("orig")].argmax(1) == y))
         assert right == round(stage["best_val_accuracy"] * stage["n_val"])
-    assert before == {name: digest(workdir / name) for name in ("data", "models", "metrics")}
-    proc = subprocess.run([*tool, "table", str(out / "a.npz")], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    every = next(line for line in proc.stdout.splitlines() if line.startswith("| every cached"))
+    every = next(line for line in table.splitlines() if line.startswith("| every cached"))
     all_views = int(np.sum(run["finetune_tf_val"].mean(0).argmax(1) == y))
     assert every.split(" | ")[1].startswith(f"{all_views} ({all_views / len(y):.4f})")
