@@ -78,21 +78,18 @@ def run_model_alone(workdir: Path, runtime: str, precision: str, calibration: in
     import numpy as np
 
     import imgclf.quiet_tf  # noqa: F401
+    from imgclf.bottlenecks import features_setup
     from imgclf.features import image_batches, split_items
     from imgclf.inception import PREPROCESSORS, load_backbone, read_backbone_info
-    from imgclf.runtime_setup import RuntimeSetup
 
     _, items = split_items(workdir / "split")
     info = read_backbone_info(workdir / "backbone")
     preprocess = PREPROCESSORS[info["weights"]]
-    setup = RuntimeSetup(
+    setup = features_setup(
+        info,
+        items["train"],
         runtime=runtime,
         precision=precision,
-        section="bottlenecks",
-        kind="features",
-        backbone_info=info,
-        cut=None,
-        train_items=items["train"],
         calibration_images=calibration,
         fidelity_images=4,
         batch_size=BATCH,

@@ -4,6 +4,7 @@ files (imgclf/bottleneck_files.py says what they hold, for the stages that read 
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ from imgclf.config import cache_dir
 from imgclf.executors import Executor, fill_cache
 from imgclf.features import (
     FeatureCache,
+    ImageItem,
     cache_key,
     gather_features,
     save_bottlenecks,
@@ -22,6 +24,32 @@ from imgclf.runtime_setup import RuntimeSetup, recorded
 from imgclf.splitting import SUBSETS
 
 FIDELITY_FILE = "fidelity.json"  # in the cache folder: the gate its features passed
+
+
+def features_setup(
+    info: Mapping[str, Any],
+    train_items: Sequence[ImageItem],
+    *,
+    runtime: str,
+    precision: str,
+    calibration_images: int,
+    fidelity_images: int,
+    batch_size: int,
+) -> RuntimeSetup:
+    """The runtime setup of this stage: the whole backbone's pooled features, its calibration
+    and fidelity images drawn from `train_items`. The runtime bench measures the same one."""
+    return RuntimeSetup(
+        runtime=runtime,
+        precision=precision,
+        section="bottlenecks",
+        kind="features",
+        backbone_info=info,
+        cut=None,
+        train_items=train_items,
+        calibration_images=calibration_images,
+        fidelity_images=fidelity_images,
+        batch_size=batch_size,
+    )
 
 
 def run_bottlenecks(
@@ -43,14 +71,11 @@ def run_bottlenecks(
     `executor` computes what the cache lacks (imgclf.executors; default: in this process)."""
     classes, items = split_items(split_dir)
     info = read_backbone_info(backbone_dir)
-    setup = RuntimeSetup(
+    setup = features_setup(
+        info,
+        items["train"],
         runtime=runtime,
         precision=precision,
-        section="bottlenecks",
-        kind="features",
-        backbone_info=info,
-        cut=None,
-        train_items=items["train"],
         calibration_images=calibration_images,
         fidelity_images=fidelity_images,
         batch_size=batch_size,
