@@ -314,3 +314,35 @@ def test_the_tta_probe_scores_every_cached_view_of_validation_and_never_the_test
     every = next(line for line in table.splitlines() if line.startswith("| every cached"))
     all_views = int(np.sum(run["finetune_tf_val"].mean(0).argmax(1) == y))
     assert every.split(" | ")[1].startswith(f"{all_views} ({all_views / len(y):.4f})")
+
+
+def test_the_wise_ft_probe_runs_from_the_frozen_model_to_the_stages(tmp_path_factory):
+    # tools/wise_ft_probe.py on the tiny result: a = 1 is each stage's model and a = 0 its
+    # start, both as the stage scored them (to the image); the points between are other models;
+    # the output-space mix agrees with the weights at both ends; validation comes before test.
+    import numpy as np
+
+    workdir, _ = tiny_result(tmp_path_factory)
+    run, table = run_probe("wise_ft_probe.py", workdir, tmp_path_factory.mktemp("wise") / "a.npz")
+    alphas = list(run["alphas"])
+    assert alphas[0] == 0.0 and alphas[-1] == 1.0
+    y = run["y_val"]
+    for name in ("finetune_tf", "finetune_keras"):
+        wval, oval = run[f"{name}_wval"], run[f"{name}_oval"]
+        assert wval.shape[:2] == oval.shape[:2] == (len(alphas), len(y))
+        assert run[f"{name}_wtest"].shape[:2] == (len(alphas), len(run["y_test"]))
+        stage = json.loads((workdir / "metrics" / "train" / f"{name}.json").read_text())
+        assert int(np.sum(wval[-1].argmax(1) == y)) == round(
+            stage["best_val_accuracy"] * stage["n_val"]
+        )
+        assert int(np.sum(wval[0].argmax(1) == y)) == round(
+            stage["start_val_accuracy"] * stage["n_val"]
+        )
+        np.testing.assert_allclose(oval[[0, -1]], wval[[0, -1]], atol=1e-6)
+        # The tiny models' probabilities saturate: "another model" is a difference above 1e-6.
+        middle = wval[len(alphas) // 2]
+        for other in (wval[0], wval[-1], oval[len(alphas) // 2]):
+            assert np.abs(middle - other).max() > 1e-6, f"{name}: the weights were not moved"
+    rows = [line.split(" | ")[0] for line in table.splitlines() if line.startswith("| ")]
+    assert rows[:2] == ["| a", "| 0"] and rows[len(alphas)] == "| 1"
+    assert table.index("validation, right of") < table.index("Test, read after")
