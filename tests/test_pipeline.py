@@ -320,6 +320,14 @@ def test_track_prints_its_summary_without_mlflows_chatter(project):
     assert "Downloading artifacts" not in log and "INFO mlflow" not in log
 
 
+def test_repro_prints_no_tensorflow_error_lines(project):
+    # Keras' model.predict logged a C++ "E0000 ... NodeDef mentions attribute" line in the
+    # finetune_keras stage's output: an error line a user must not have to judge harmless.
+    log = repro_log(project).read_text()
+    # The C++ log prefix (severity, month and day, time, thread), anywhere: after a \r too.
+    assert not re.findall(r"\b[EF]\d{4} \d\d:\d\d:\d+\.\d+ +\d+ .*", log)
+
+
 def test_the_fine_tuned_models_are_evaluated_and_registered(project):
     md = (project / "metrics" / "comparison.md").read_text()
     assert "| TF fine-tuned |" in md and "| Keras fine-tuned |" in md

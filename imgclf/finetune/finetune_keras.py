@@ -298,7 +298,12 @@ def predictor(model_dir: str | Path) -> Callable[[np.ndarray], np.ndarray]:
 
     def predict(activations: np.ndarray) -> np.ndarray:
         x = np.asarray(activations, dtype=np.float32)
-        return np.asarray(model.predict(x, batch_size=64, verbose=0), dtype=np.float32)
+        # Batch by batch rather than model.predict, whose tf.data pipeline logs a C++
+        # "NodeDef mentions attribute" error line in the stage's output.
+        if len(x) == 0:
+            return np.zeros((0, model.output_shape[-1]), np.float32)
+        batches = [model.predict_on_batch(x[i : i + 64]) for i in range(0, len(x), 64)]
+        return np.concatenate([np.asarray(b, dtype=np.float32) for b in batches])
 
     return predict
 
