@@ -99,6 +99,15 @@ def refitted_head(ws: Workspace, name: str, data: Any) -> Callable[[Any], Any]:
                                   recipe=recipe)  # fmt: skip
 
 
+def frozen_top(ws: Workspace, precision: str) -> Any:
+    """The pretrained blocks after the workspace's cut, as the fine-tune stages build them."""
+    from imgclf.inception import build_top, load_backbone
+
+    backbone = load_backbone(ws.layout.backbone, precision=precision,
+                             image_size=ws.params["activations"]["image_size"])  # fmt: skip
+    return build_top(backbone.model, ws.params["activations"]["cut"])
+
+
 def train_like_stage(
     ws: Workspace, name: str, start: Callable[[Any], Any], data: Any, *, seed: int,
     precision: str | None = None, changes: Mapping[str, Any] | None = None,
@@ -113,7 +122,6 @@ def train_like_stage(
     import tempfile
 
     from imgclf.finetune.common import split_recipe
-    from imgclf.inception import build_top, load_backbone
     from imgclf.registry import get_model, model_params
 
     spec = get_model(name)
@@ -123,9 +131,7 @@ def train_like_stage(
     # finetune_tf's trainer also takes the cut (its module rewrites the blocks after it).
     extra = {"cut": cut} if "cut" in inspect.signature(train_fn).parameters else {}
     # Built anew for every model: Keras trains the top's and the head's layers in place.
-    backbone = load_backbone(ws.layout.backbone, precision=precision or settings.precision,
-                             image_size=ws.params["activations"]["image_size"])  # fmt: skip
-    top = build_top(backbone.model, cut)
+    top = frozen_top(ws, precision or settings.precision)
     head = start(top)
     with tempfile.TemporaryDirectory() as events:
         return train_fn(

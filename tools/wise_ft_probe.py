@@ -71,15 +71,13 @@ def start_weights(
     fine-tuned model) builds them."""
     from imgclf.finetune.finetune_keras import build_finetune_model
     from imgclf.finetune.finetune_tf import FinetuneTop
-    from imgclf.inception import build_top, load_backbone
 
-    cut = ws.params["activations"]["cut"]
-    backbone = load_backbone(ws.layout.backbone, precision=precision,
-                             image_size=ws.params["activations"]["image_size"])  # fmt: skip
-    top = build_top(backbone.model, cut)
+    top = probe_runs.frozen_top(ws, precision)
     head = trained_head(ws, name)(top)
-    start = (FinetuneTop(top, head, cut) if isinstance(like, FinetuneTop)
-             else build_finetune_model(top, head))  # fmt: skip
+    if isinstance(like, FinetuneTop):
+        start = FinetuneTop(top, head, ws.params["activations"]["cut"])
+    else:
+        start = build_finetune_model(top, head)
     return [np.array(v.numpy()) for v in model_weights(start)]
 
 
