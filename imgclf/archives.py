@@ -30,7 +30,7 @@ from typing import BinaryIO
 from tqdm import tqdm
 
 from imgclf.downloads import pid_alive
-from imgclf.errors import UserError
+from imgclf.errors import UserError, first_few
 from imgclf.labels import NAME_MAX, fit_name
 
 _CHUNK = 1 << 20
@@ -62,13 +62,9 @@ class UnsafeArchiveError(UserError, ValueError):
         self.archive = archive
         self.members = [member for member, _ in problems]
         self.member = self.members[0]
-        named = "; ".join(f"{member!r} {why}" for member, why in problems[:MAX_NAMED])
-        more = len(problems) - MAX_NAMED
-        if len(problems) == 1:
-            what = f"member {named}"
-        else:
-            what = f"{len(problems)} unsafe members: {named}"
-            what += f"; and {more} more" if more > 0 else ""
+        named = first_few([f"{member!r} {why}" for member, why in problems], MAX_NAMED, "; ")
+        many = len(problems) > 1
+        what = f"{len(problems)} unsafe members: {named}" if many else f"member {named}"
         super().__init__(f"refusing to extract {archive}: {what}; nothing was extracted")
 
 

@@ -14,6 +14,15 @@ sentence themselves; the keywords are for the ones that have the three parts sep
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+
+def first_few(items: Sequence[str], shown: int, sep: str = ", ") -> str:
+    """The first `shown` of `items` joined by `sep`, then how many more ("a, b and 3 more"): a
+    message that named every one of 10,000 bad files would bury what it says."""
+    more = f" and {len(items) - shown} more" if len(items) > shown else ""
+    return sep.join(items[:shown]) + more
+
 
 class UserError(Exception):
     """Something the user can fix; str() is the whole message shown to them."""

@@ -21,7 +21,7 @@ from imgclf import (
     splitting,
     torchscript,
 )
-from imgclf.errors import MissingInput, ParamsError, UserError
+from imgclf.errors import MissingInput, ParamsError, UserError, first_few
 from imgclf.ingest import records
 from imgclf.tracking import store
 
@@ -149,6 +149,14 @@ def test_message_says_found_expected_and_what_to_do():
     assert str(e) == "data/x.csv, line 3: expected 3, found 2 columns. Re-run ingest."
     assert str(UserError("plain message")) == "plain message"
     assert isinstance(MissingInput("x"), FileNotFoundError)
+
+
+def test_a_long_list_in_a_message_names_the_first_few_and_counts_the_rest():
+    names = [f"img{i}.jpg" for i in range(12)]
+    assert first_few(names, 3) == "img0.jpg, img1.jpg, img2.jpg and 9 more"
+    assert first_few(names[:3], 3) == "img0.jpg, img1.jpg, img2.jpg"
+    assert first_few(names[:2], 1, "; ") == "img0.jpg and 1 more"
+    assert first_few([], 3) == ""
 
 
 @pytest.mark.parametrize(

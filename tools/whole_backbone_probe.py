@@ -69,6 +69,7 @@ def train_whole(workdir: Path, learning_rate: float | None, epochs: int | None,
     import imgclf.quiet_tf  # noqa: F401  (first: TensorFlow without its notices)
     from imgclf.features import split_items
     from imgclf.finetune.common import split_recipe
+    from imgclf.finetune.finetune_keras import predict_in_batches
     from imgclf.inception import PREPROCESSORS, build_top, load_backbone
     from imgclf.registry import get_model, model_params
     from imgclf.stage import peak_rss_bytes
@@ -106,8 +107,8 @@ def train_whole(workdir: Path, learning_rate: float | None, epochs: int | None,
         )  # fmt: skip
     del x_train
     x_test = view_pixels(test, items["test"], test_rows, preprocess).astype(np.float32)
-    out["whole_val"] = result.model.predict(x_val, batch_size=64, verbose=0)
-    out["whole_test"] = result.model.predict(x_test, batch_size=64, verbose=0)
+    out["whole_val"] = predict_in_batches(result.model, x_val)
+    out["whole_test"] = predict_in_batches(result.model, x_test)
     out["whole_epoch"] = np.int64(result.summary["model_step"])
     out["whole_seconds"] = np.float64(result.train_seconds)
     out["whole_val_by_epoch"] = np.array([row["val_accuracy"] for row in result.curve])

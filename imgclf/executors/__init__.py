@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from imgclf.errors import UserError
+from imgclf.errors import UserError, first_few
 from imgclf.features import FeatureCache, ImageItem, ModelLoader, Pending, Timing, View
 
 # name -> "module:Class"; the class is built with the whole params.yaml (its own block in it).
@@ -61,12 +61,10 @@ class ExtractionFailed(UserError):
     `failures` maps each image's path to the last error seen for it."""
 
     def __init__(self, failures: Mapping[str, str], total: int, attempts: int, desc: str) -> None:
-        shown = list(failures.items())[:10]
-        more = f" and {len(failures) - len(shown)} more" if len(failures) > len(shown) else ""
-        lines = "; ".join(f"{path}: {error}" for path, error in shown)
+        lines = first_few([f"{path}: {error}" for path, error in failures.items()], 10, "; ")
         super().__init__(
             f"{len(failures)} of {total} images ({desc}) failed after {attempts} attempt(s) "
-            f"each: {lines}{more}. The {total - len(failures)} others are cached, so a rerun "
+            f"each: {lines}. The {total - len(failures)} others are cached, so a rerun "
             "computes only these: fix or remove the files (re-run ingest), or the worker nodes' "
             "access to them"
         )

@@ -15,6 +15,7 @@ Inputs: activations at the cut, float [N, h, w, c]; output: probabilities in lab
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -295,17 +296,18 @@ def predictor(model_dir: str | Path) -> Callable[[np.ndarray], np.ndarray]:
     """Activations [N, h, w, c] -> probabilities [N, n_classes] (float32), label order. Whether
     to average with the flipped view is `uses_test_time_flip(model_dir)`."""
     model = load_finetune_keras(model_dir)
+    return functools.partial(predict_in_batches, model)
 
-    def predict(activations: np.ndarray) -> np.ndarray:
-        x = np.asarray(activations, dtype=np.float32)
-        # Batch by batch rather than model.predict, whose tf.data pipeline logs a C++
-        # "NodeDef mentions attribute" error line in the stage's output.
-        if len(x) == 0:
-            return np.zeros((0, model.output_shape[-1]), np.float32)
-        batches = [model.predict_on_batch(x[i : i + 64]) for i in range(0, len(x), 64)]
-        return np.concatenate([np.asarray(b, dtype=np.float32) for b in batches])
 
-    return predict
+def predict_in_batches(model: keras.Model, x: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """`model`'s float32 outputs for the rows of `x`, batch by batch: the same numbers as
+    `model.predict`, whose tf.data pipeline logs a C++ "NodeDef mentions attribute" error line
+    after a `fit` in the same process."""
+    x = np.asarray(x, dtype=np.float32)
+    if len(x) == 0:
+        return np.zeros((0, model.output_shape[-1]), np.float32)
+    batches = [model.predict_on_batch(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]
+    return np.concatenate([np.asarray(b, dtype=np.float32) for b in batches])
 
 
 def as_float32(model: keras.Model) -> keras.Model:

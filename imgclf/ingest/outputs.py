@@ -10,6 +10,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from imgclf.errors import first_few
 from imgclf.fileio import write_csv, write_metrics
 from imgclf.ingest.records import IngestResult
 from imgclf.sources import LINK_OUTSIDE
@@ -153,7 +154,7 @@ def _notes(result: IngestResult) -> list[str]:
         links.sort(key=lambda origin: not origin.endswith("/"))
         lines.append(
             f"  symbolic links to outside the source tree, not read: {stats['links_refused']} "
-            f"({_some(links)})"
+            f"({first_few(links, 3)})"
         )
     not_utf8 = stats["not_utf8"]
     if not_utf8["files"]:
@@ -164,18 +165,12 @@ def _notes(result: IngestResult) -> list[str]:
         )
     bad = stats.get("bad_lines")
     if bad and bad["lines"]:
-        shown = ", ".join(map(str, bad["lines"][:20])) + (" ..." if len(bad["lines"]) > 20 else "")
+        shown = first_few([str(line) for line in bad["lines"]], 20)
         lines.append(
             f"  malformed export lines skipped: {len(bad['lines'])} (line {shown}; "
             "ingest.on_bad_line=error refuses the export)"
         )
     return lines
-
-
-def _some(names: list[str], shown: int = 3) -> str:
-    """The first `shown` names, then how many more: a summary line stays one line."""
-    more = f" and {len(names) - shown} more" if len(names) > shown else ""
-    return ", ".join(names[:shown]) + more
 
 
 def failure_message(result: IngestResult, skipped_csv: Path, examples: int = 5) -> str:

@@ -12,7 +12,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from imgclf.errors import ParamsError
+from imgclf.errors import ParamsError, first_few
 from imgclf.fileio import sha256_file
 from imgclf.images import DEFAULT_MAX_PIXELS
 from imgclf.registry import MODELS, get_model, model_names
@@ -253,7 +253,7 @@ def _describe_registered_model(client: Any, name: str, head: str, models: EndToE
     from imgclf.heads.common import read_labels
 
     labels = read_labels(models.files.head_dir(head))
-    shown = ", ".join(labels[:20]) + (f" and {len(labels) - 20} more" if len(labels) > 20 else "")
+    shown = first_few(labels, 20)
     spec = MODELS.get(head)
     backbone = (
         "Inception V3 (ImageNet weights, its top blocks fine-tuned)"
