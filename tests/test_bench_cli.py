@@ -50,3 +50,22 @@ def test_activations_bench_options_pass_the_stage_check() -> None:
     options = activations_options("bfloat16", 399)
     assert (options.cut, options.image_size, options.precision) == (block["cut"], 399, "bfloat16")
     assert options.train_views == ("orig", "flip"), options
+
+
+def test_finetune_bench_writes_a_workspace_params_file_the_stages_read() -> None:
+    """The fine-tune bench writes its scratch workspace's params.yaml from this checkout's (it
+    once stopped before its first phase, unseen, when load_params began to return a dict
+    subclass that yaml.safe_dump refuses); the file must hold the repo's recipes, with only the
+    bench's paths, head trainings and epochs changed."""
+    import yaml
+
+    from bench.finetune import HEAD_OVERRIDES, bench_params
+    from imgclf.config import load_params
+
+    repo = load_params(ROOT / "params.yaml")
+    written = yaml.safe_load(yaml.safe_dump(bench_params(2), sort_keys=False))
+    assert written["finetune_tf"] == {**repo["finetune_tf"], "epochs": 2}
+    assert written["finetune_keras"] == {**repo["finetune_keras"], "epochs": 2}
+    assert written["train_tf"] == {**repo["train_tf"], **HEAD_OVERRIDES["train_tf"]}
+    assert written["activations"] == repo["activations"]
+    assert written["paths"]["models"] == "models"
