@@ -119,6 +119,7 @@ def provide_backbone(workdir: Path) -> Path:
     if (ROOT / "models" / "backbone" / "backbone.json").is_file():
         backbone.symlink_to(ROOT / "models" / "backbone")
     else:
+        import imgclf.quiet_tf  # noqa: F401  (the bench's own process: no C++ notices above its table)
         from imgclf.inception import build_backbone, save_backbone
 
         model, source = build_backbone("tf-2015")

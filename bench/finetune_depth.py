@@ -9,9 +9,10 @@ the cut, the Keras head's architecture on top, the trainable flags the stage set
 batch norm) with its optimizer (SGD with momentum) and times `--steps` training batches of 32
 after two warm-up steps, on random inputs of the cut's shape (a convolution's speed does not
 depend on its values). Prints the rows a second, the ratio to the default cut in float32, and
-the full set's stage projected from them: the training images x params.yaml's train views x
-finetune_keras.epochs at that speed (training steps only: the stage's validation passes and
-histograms add about a tenth), against the issue's 8-minute target.
+the full set's stage projected from them: the training rows of an epoch (params.yaml's
+view_sampling: one view of each training image, or every view) x finetune_keras.epochs at that
+speed (training steps only: the stage's validation passes and histograms add about a tenth),
+against the issue's 8-minute target.
 
 Needs only a backbone: the repo's models/backbone when `dvc repro backbone` has run, else one
 converted in the scratch folder. The machine is shared, so compare the ratios of one run.
@@ -37,12 +38,21 @@ from bench.common import (  # noqa: E402  (needs ROOT on sys.path)
     provide_backbone,
     repo_block,
 )
-from bench.finetune import FULL_TRAIN_IMAGES, TARGET_MINUTES  # noqa: E402
+from bench.finetune import FULL_TRAIN_IMAGES, TARGET_MINUTES, rows_an_epoch  # noqa: E402
 
 DEFAULT_CUTS = ("mixed_8", "mixed_7", "mixed_5", "mixed_2", "image")
 PRECISIONS = ("float32", "bfloat16")
 WARM_UP_STEPS = 2
 N_CLASSES = 5  # the flowers'; the head's size hardly moves the step's cost
+
+
+def projected_rows() -> tuple[list[str], str, int, int]:
+    """params.yaml's train views, view sampling and finetune_keras epochs, and the training rows
+    the full set's stage runs with them (one view an image an epoch, or every view)."""
+    views = list(repo_block("activations")["train_views"])
+    recipe = repo_block("finetune_keras")
+    sampling, epochs = str(recipe["view_sampling"]), int(recipe["epochs"])
+    return views, sampling, epochs, rows_an_epoch(FULL_TRAIN_IMAGES, len(views), sampling) * epochs
 
 
 def time_steps(workdir: Path, cut: str, precision: str, steps: int) -> dict:
@@ -96,9 +106,7 @@ def main() -> None:
         print(json.dumps(time_steps(args.workdir, args.cut, args.precision, args.steps)))
         return
 
-    views = repo_block("activations")["train_views"]
-    epochs = int(repo_block("finetune_keras")["epochs"])
-    full_rows = FULL_TRAIN_IMAGES * len(views) * epochs
+    views, sampling, epochs, full_rows = projected_rows()
     runs = {}
     with tempfile.TemporaryDirectory(prefix="bench-depth-") as tmp:
         work = Path(tmp)
@@ -131,8 +139,8 @@ def main() -> None:
         f"{WARM_UP_STEPS} warm-up, fresh process per row; {load_before} before, {load_after} after"
     )
     print(
-        f"full set projected: {FULL_TRAIN_IMAGES} images x {len(views)} views x {epochs} epochs "
-        f"= {full_rows} rows, training steps only; target {TARGET_MINUTES:.0f} min"
+        f"full set projected: {FULL_TRAIN_IMAGES} images, {len(views)} views ({sampling}), "
+        f"{epochs} epochs = {full_rows} rows, training steps only; target {TARGET_MINUTES:.0f} min"
     )
     print_table(
         rows,

@@ -69,3 +69,21 @@ def test_finetune_bench_writes_a_workspace_params_file_the_stages_read() -> None
     assert written["train_tf"] == {**repo["train_tf"], **HEAD_OVERRIDES["train_tf"]}
     assert written["activations"] == repo["activations"]
     assert written["paths"]["models"] == "models"
+
+
+def test_depth_bench_projects_the_stages_rows() -> None:
+    """The depth bench projected every train view of every image an epoch after the default
+    became one view an image (10x the stage's rows, unseen); it now counts as the stage does."""
+    from bench.finetune import FULL_TRAIN_IMAGES
+    from bench.finetune_depth import projected_rows
+    from imgclf.config import load_params
+
+    repo = load_params(ROOT / "params.yaml")
+    views, sampling, epochs, rows = projected_rows()
+    assert (views, sampling, epochs) == (
+        repo["activations"]["train_views"],
+        repo["finetune_keras"]["view_sampling"],
+        repo["finetune_keras"]["epochs"],
+    )
+    per_epoch = FULL_TRAIN_IMAGES * (1 if sampling == "one_per_image" else len(views))
+    assert rows == per_epoch * epochs
