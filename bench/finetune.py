@@ -46,6 +46,7 @@ from bench.common import (  # noqa: E402  (needs ROOT on sys.path)
     phase,
     prepare,
     print_table,
+    repo_block,
     sample_tree,
 )
 
@@ -172,6 +173,14 @@ class CpuClock:
 def rows_an_epoch(images: int, views: int, view_sampling: str) -> int:
     """Training rows an epoch: every view of every image, or one view of each."""
     return images if view_sampling == "one_per_image" else images * views
+
+
+def full_set_rows(model: str, images: int = FULL_TRAIN_IMAGES) -> tuple[int, int]:
+    """(training rows an epoch, epochs) of the full set's finetune_`model` stage at params.yaml's
+    train views and recipe: what both fine-tune benches project."""
+    views = repo_block("activations")["train_views"]
+    recipe = repo_block(f"finetune_{model}")
+    return rows_an_epoch(images, len(views), recipe["view_sampling"]), int(recipe["epochs"])
 
 
 def run_finetune(workdir: Path, model: str, precision: str) -> dict:
@@ -320,11 +329,9 @@ def main() -> None:
 
     params = bench_params(args.epochs)
     views = params["activations"]["train_views"]
-    full_epochs = {m: int(_repo_recipe(m)["epochs"]) for m in ("tf", "keras")}
-    full_rows = {
-        m: rows_an_epoch(args.full_images, len(views), _repo_recipe(m)["view_sampling"])
-        for m in ("tf", "keras")
-    }
+    full_rows, full_epochs = {}, {}
+    for m in ("tf", "keras"):
+        full_rows[m], full_epochs[m] = full_set_rows(m, args.full_images)
 
     runs: dict[tuple[str, str], dict] = {}
     with tempfile.TemporaryDirectory(prefix="bench-finetune-") as tmp:
@@ -350,7 +357,7 @@ def main() -> None:
     from imgclf.runtimes import cpu_flags, resolved_precision
 
     for model in ("tf", "keras"):
-        recipe = _repo_recipe(model)
+        recipe = repo_block(f"finetune_{model}")
         print(
             f"projected recipe finetune_{model} (params.yaml): {args.full_images} train images x "
             f"{len(views)} views, view_sampling {recipe['view_sampling']} "
@@ -404,12 +411,6 @@ def main() -> None:
             ),
         ]
     print_table(rows, ("measure", "value", "ratio", "note / target"))
-
-
-def _repo_recipe(model: str) -> dict[str, Any]:
-    from imgclf.config import load_params
-
-    return dict(load_params(ROOT / "params.yaml")[f"finetune_{model}"])
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ from bench.common import (  # noqa: E402  (needs ROOT on sys.path)
     provide_backbone,
     repo_block,
 )
-from bench.finetune import FULL_TRAIN_IMAGES, TARGET_MINUTES, rows_an_epoch  # noqa: E402
+from bench.finetune import FULL_TRAIN_IMAGES, TARGET_MINUTES, full_set_rows  # noqa: E402
 
 DEFAULT_CUTS = ("mixed_8", "mixed_7", "mixed_5", "mixed_2", "image")
 PRECISIONS = ("float32", "bfloat16")
@@ -49,10 +49,9 @@ N_CLASSES = 5  # the flowers'; the head's size hardly moves the step's cost
 def projected_rows() -> tuple[list[str], str, int, int]:
     """params.yaml's train views, view sampling and finetune_keras epochs, and the training rows
     the full set's stage runs with them (one view an image an epoch, or every view)."""
+    per_epoch, epochs = full_set_rows("keras")
     views = list(repo_block("activations")["train_views"])
-    recipe = repo_block("finetune_keras")
-    sampling, epochs = str(recipe["view_sampling"]), int(recipe["epochs"])
-    return views, sampling, epochs, rows_an_epoch(FULL_TRAIN_IMAGES, len(views), sampling) * epochs
+    return views, str(repo_block("finetune_keras")["view_sampling"]), epochs, per_epoch * epochs
 
 
 def time_steps(workdir: Path, cut: str, precision: str, steps: int) -> dict:
