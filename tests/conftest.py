@@ -17,6 +17,18 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "datasets"
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Stop before the first test when the temporary files cannot fit (the controller checks;
+    xdist's workers share its folder)."""
+    from tests.helpers import SUITE_TEMP_BYTES, lack_of_space
+
+    if hasattr(config, "workerinput"):
+        return
+    root = config.option.basetemp or os.environ.get("PYTEST_DEBUG_TEMPROOT")
+    if problem := lack_of_space(Path(root or tempfile.gettempdir()), SUITE_TEMP_BYTES):
+        raise pytest.UsageError(problem)
+
+
 @pytest.fixture(autouse=True)
 def _private_cache(tmp_path_factory, monkeypatch):
     """Every test gets its own user cache, so tests never see each other's downloads."""

@@ -1,11 +1,12 @@
 """Generators for test fixtures: small real image files and class-folder trees; a child
-process that file permissions apply to."""
+process that file permissions apply to; the suite's check of free disk space."""
 
 from __future__ import annotations
 
 import codecs
 import os
 import pickle
+import shutil
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -78,3 +79,26 @@ def as_unprivileged(fn: Callable[[], T]) -> T:
     if status == "error":
         pytest.fail(f"in the unprivileged child:\n{value}")
     return value
+
+
+# What one `make test` writes under pytest's temporary folder at its peak: 3.4 GB with every
+# test's folder kept (CI, 7 Dec 2026), before pyproject.toml's tmp_path_retention_policy
+# removed each passing test's as it ends; a margin on top.
+SUITE_TEMP_BYTES = 4 * 10**9
+
+
+def lack_of_space(folder: Path, needed_bytes: int) -> str | None:
+    """Why the suite cannot run with its temporary files under `folder` (which may not exist
+    yet: its nearest existing parent is measured), or None when the disk has `needed_bytes`
+    free. A full disk otherwise shows as hundreds of errors and an OSError from pytest itself."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    free = shutil.disk_usage(existing).free
+    if free >= needed_bytes:
+        return None
+    return (
+        f"the test suite writes up to {needed_bytes / 1e9:.1f} GB of temporary files under "
+        f"{folder}, and its disk has {free / 1e9:.1f} GB free: free some space there, or point "
+        "the suite at a larger disk: TMPDIR=/big/disk/tmp make test"
+    )

@@ -78,3 +78,20 @@ def test_make_run_data_reaches_dvc_as_the_string_given(data):
     makefile = (ROOT / "Makefile").read_text()
     assert '-S "$$($(BIN)/python -m imgclf.overrides data.source)"' in makefile
     assert "run: export IMGCLF_VALUE = $(DATA)" in makefile
+
+
+def test_a_disk_without_room_for_the_suite_is_named_before_any_test(tmp_path):
+    """CI once ran out of disk at 11% of the suite: 565 errors, then an OSError from pytest's
+    own reporting. The suite now checks first (tests/conftest.py) and says where, how much,
+    and what to do."""
+    from tests.helpers import SUITE_TEMP_BYTES, lack_of_space
+
+    assert lack_of_space(tmp_path, 1) is None
+    not_yet = tmp_path / "pytest-of-someone" / "pytest-0"  # measured at its existing parent
+    problem = lack_of_space(not_yet, SUITE_TEMP_BYTES * 10**9)
+    assert problem is not None
+    assert problem.startswith(
+        f"the test suite writes up to 4000000000.0 GB of temporary files under {not_yet}, "
+        "and its disk has "
+    ), problem
+    assert problem.endswith("TMPDIR=/big/disk/tmp make test"), problem
