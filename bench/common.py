@@ -151,3 +151,17 @@ def print_table(rows: Sequence[Sequence[str]], header: Sequence[str] = ()) -> No
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     for row in rows:
         print(fmt.format(*row))
+
+
+def require_ray() -> None:
+    """Stop before the first phase when Ray is not installed: the Ray benches run the local
+    executor first, so they would otherwise fail only after it, with the stage's error."""
+    import importlib.util
+
+    from imgclf.executors.ray_data import INSTALL_HINT
+
+    if importlib.util.find_spec("ray") is None:
+        raise SystemExit(
+            "error: this bench runs the ray executor, and Ray is not installed in this Python: "
+            f"`make bench-ray` installs it, or {INSTALL_HINT}"
+        )

@@ -18,6 +18,7 @@ TF's; conversion seconds apart. Ratios hold on a shared machine better than raw 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -35,13 +36,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
 
+    # The TF model's threads, as many as the files': TensorFlow reads this when it starts (in
+    # imgclf.quiet_tf, which keeps its C++ start-up lines off the table's output).
+    os.environ["TF_NUM_INTRAOP_THREADS"] = str(args.threads)
     import numpy as np
-    import tensorflow as tf
 
-    # Before anything touches TF (imgclf.quiet_tf does): it fixes its thread pools then. The
-    # same count as the files'.
-    tf.config.threading.set_intra_op_parallelism_threads(args.threads)
-    import imgclf.quiet_tf  # noqa: F401
+    import imgclf.quiet_tf  # noqa: F401  (first: TensorFlow starts here)
     from imgclf.bottleneck_files import load_bottlenecks
     from imgclf.config import load_params
     from imgclf.end_to_end import build
@@ -75,6 +75,8 @@ def main(argv: list[str] | None = None) -> None:
             num_threads=args.threads,
         )
     # TF on the same pixels, batch 1, graph-compiled (the fair comparison with an interpreter).
+    import tensorflow as tf  # started quietly above
+
     fn = tf.function(model.probabilities_of_preprocessed)
     seconds = 0.0
     for k, pixels in enumerate(preprocessed_pixels(paths, model.preprocess)):

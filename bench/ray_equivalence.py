@@ -23,7 +23,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import repo_block  # noqa: E402  (needs ROOT on sys.path)
+from bench.common import repo_block, require_ray  # noqa: E402  (needs ROOT on sys.path)
 
 
 def main() -> None:
@@ -33,6 +33,7 @@ def main() -> None:
     parser.add_argument("--actors", type=int, default=2)
     parser.add_argument("--batch", type=int, default=32)
     args = parser.parse_args()
+    require_ray()
 
     import imgclf.quiet_tf  # noqa: F401
     from imgclf import inception

@@ -35,7 +35,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import repo_block  # noqa: E402  (needs ROOT on sys.path)
+from bench.common import repo_block, require_ray  # noqa: E402  (needs ROOT on sys.path)
 
 
 def sample_paths(folder: Path, n: int) -> list[Path]:
@@ -180,8 +180,19 @@ def main() -> None:
 
     if not source.is_dir():
         raise SystemExit(f"{source} is not a folder of class folders")
+    if args.images < 6 * args.batch:
+        # Ray hands back batches in bursts: with few after the first, "steady state" is mostly
+        # the time inside one burst (at batch 32, 2 actors: 64 images gave 4,084 img/s and 128
+        # gave 1.54x local, where 200, the default, gives 1.01x).
+        raise SystemExit(
+            f"--images {args.images} is under 6 batches of {args.batch}: the steady-state rate "
+            "needs several batches after the first; give --images of at least "
+            f"{6 * args.batch} (or a smaller --batch)"
+        )
+    require_ray()
     with tempfile.TemporaryDirectory(prefix="bench-ray-") as tmp:
         work = Path(tmp)
+        import imgclf.quiet_tf  # noqa: F401  (first: TensorFlow without its start-up lines)
         from imgclf import inception
 
         model, info = inception.build_backbone("tf-2015")
