@@ -18,11 +18,12 @@ SHARED = ROOT.parent / "shared" / "datasets"
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """Stop before the first test when the temporary files cannot fit (the controller checks;
-    xdist's workers share its folder)."""
+    """Stop before the first test of the whole suite (`make test`: no paths given) when its
+    temporary files cannot fit; a run of a few files is not held to the suite's peak. The
+    controller checks; xdist's workers share its folder."""
     from tests.helpers import SUITE_TEMP_BYTES, lack_of_space
 
-    if hasattr(config, "workerinput"):
+    if hasattr(config, "workerinput") or config.args_source != pytest.Config.ArgsSource.TESTPATHS:
         return
     root = config.option.basetemp or os.environ.get("PYTEST_DEBUG_TEMPROOT")
     if problem := lack_of_space(Path(root or tempfile.gettempdir()), SUITE_TEMP_BYTES):

@@ -91,7 +91,7 @@ def test_a_disk_without_room_for_the_suite_is_named_before_any_test(tmp_path):
     problem = lack_of_space(not_yet, SUITE_TEMP_BYTES * 10**9)
     assert problem is not None
     assert problem.startswith(
-        f"the test suite writes up to 4000000000.0 GB of temporary files under {not_yet}, "
+        f"the test suite writes up to 3000000000.0 GB of temporary files under {not_yet}, "
         "and its disk has "
     ), problem
     assert problem.endswith("TMPDIR=/big/disk/tmp make test"), problem
