@@ -72,8 +72,7 @@ def bench_params(epochs: int) -> dict[str, Any]:
     fine-tune epochs; the recipes are otherwise the repo's."""
     from imgclf.config import load_params
 
-    # A plain dict: load_params' `Params` (a dict subclass) is no YAML that safe_dump can write.
-    params = dict(load_params(ROOT / "params.yaml"))
+    params = load_params(ROOT / "params.yaml")
     params["paths"] = {
         **params["paths"],
         "split": "split",

@@ -56,6 +56,12 @@ class Params(dict):
         )
 
 
+# A Params dumps as the mapping it is: yaml.safe_dump refuses a dict subclass it has no
+# representer for, and a bench that wrote its scratch params.yaml from load_params once stopped
+# on that before its first phase, unseen.
+yaml.SafeDumper.add_representer(Params, yaml.SafeDumper.represent_dict)
+
+
 _FIX_PARAMS = "`git diff params.yaml` shows what changed since the last commit."
 
 

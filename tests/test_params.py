@@ -309,3 +309,13 @@ def test_dvc_exp_run_set_rewrites_only_the_lines_it_sets(tmp_path):
         "seed: 3",
         "learning_rate: 0.0003",
     ], changed
+
+
+def test_loaded_params_dump_as_yaml_and_read_back_the_same():
+    """load_params returns a dict subclass (a missing section is a user error); yaml.safe_dump
+    refused it, and a bench that wrote a scratch params.yaml from it stopped, unseen."""
+    from imgclf.config import load_params
+
+    params = load_params(ROOT / "params.yaml")
+    assert type(params) is not dict
+    assert yaml.safe_load(yaml.safe_dump(params, sort_keys=False)) == PARAMS

@@ -37,6 +37,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -217,33 +218,38 @@ class RayExecutor:
         # One block per batch: results stream back batch by batch (bigger blocks would come
         # back only when all their batches are done), and a lost worker costs one batch.
         ds = ray.data.from_items(rows, override_num_blocks=len(rows))
-        return ds.map_batches(
-            _BackboneWorker,
-            fn_constructor_kwargs={
-                # A cached loader (functools.cache: the activations stage reuses one model
-                # across views in its own process) pickles as a reference to a local name;
-                # the actors get the function itself and load the model once each.
-                "load_model": getattr(load_model, "__wrapped__", load_model),
-                "view": view,
-                "shape": cache.shape,
-                "dtype": cache.dtype.newbyteorder("=").str,
-                "attempts": o.attempts,
-                "threads": max(1, int(np.ceil(o.cpus_per_actor))),
-                "batch_size": batch_size,
-            },
-            batch_size=1,
-            batch_format="numpy",
-            # One batch in flight per actor: a worker that dies takes only its own batch
-            # with it (the queue of a busy actor is short next to a batch's seconds).
-            compute=ray.data.ActorPoolStrategy(size=o.actors, max_tasks_in_flight_per_actor=1),
-            num_cpus=o.cpus_per_actor,
-            # A dead actor is restarted (the pool keeps its size), but its batch is retried
-            # only `attempts` times: Ray Data's default, without bound, would loop forever on
-            # an image that crashes the decoder. Such a batch is then dropped from the stream
-            # (max_errored_blocks, set in `run`) and reported; the other batches go on.
-            max_restarts=-1,
-            max_task_retries=o.attempts,
-        )
+        with warnings.catch_warnings():
+            # max_restarts and max_task_retries below have no named parameter yet: Ray 2.60
+            # warns on every run that such remote args go in 2.64, and the `.[ray]` extra stays
+            # below 2.64 (pyproject.toml).
+            warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+            return ds.map_batches(
+                _BackboneWorker,
+                fn_constructor_kwargs={
+                    # A cached loader (functools.cache: the activations stage reuses one model
+                    # across views in its own process) pickles as a reference to a local name;
+                    # the actors get the function itself and load the model once each.
+                    "load_model": getattr(load_model, "__wrapped__", load_model),
+                    "view": view,
+                    "shape": cache.shape,
+                    "dtype": cache.dtype.newbyteorder("=").str,
+                    "attempts": o.attempts,
+                    "threads": max(1, int(np.ceil(o.cpus_per_actor))),
+                    "batch_size": batch_size,
+                },
+                batch_size=1,
+                batch_format="numpy",
+                # One batch in flight per actor: a worker that dies takes only its own batch
+                # with it (the queue of a busy actor is short next to a batch's seconds).
+                compute=ray.data.ActorPoolStrategy(size=o.actors, max_tasks_in_flight_per_actor=1),
+                num_cpus=o.cpus_per_actor,
+                # A dead actor is restarted (the pool keeps its size), but its batch is retried
+                # only `attempts` times: Ray Data's default, without bound, would loop forever on
+                # an image that crashes the decoder. Such a batch is then dropped from the stream
+                # (max_errored_blocks, set in `run`) and reported; the other batches go on.
+                max_restarts=-1,
+                max_task_retries=o.attempts,
+            )
 
     def run(
         self,
