@@ -32,12 +32,17 @@ class Workspace:
         """`y_val` and `y_test` (the `orig` view of the test images): every probe file's."""
         return {"y_val": self.data.y_val, "y_test": self.test.labels[self.test.of_view("orig")]}
 
+    def val_scores(self, predict: Callable) -> np.ndarray:
+        """A model's probabilities on the `orig` view of the validation images."""
+        from imgclf.finetune.common import predict_images
+
+        return predict_images(predict, self.acts, test_time_flip=False, rows=self.data.val_rows)
+
     def scores(self, predict: Callable) -> tuple[np.ndarray, np.ndarray]:
         """A model's probabilities on the `orig` view of the validation and the test images."""
         from imgclf.finetune.common import predict_images
 
-        val = predict_images(predict, self.acts, test_time_flip=False, rows=self.data.val_rows)
-        return val, predict_images(predict, self.test, test_time_flip=False)
+        return self.val_scores(predict), predict_images(predict, self.test, test_time_flip=False)
 
 
 def load_workspace(workdir: Path, with_test: bool = True) -> Workspace:

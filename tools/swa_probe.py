@@ -93,14 +93,8 @@ def score(
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """The model's probabilities on the `orig` view of the validation images, and of the test
     images when `score_test`."""
-    from imgclf.finetune.common import predict_images
-
     predict = model_predict(model)
-    if score_test:
-        val, test = ws.scores(predict)
-    else:
-        val = predict_images(predict, ws.acts, test_time_flip=False, rows=ws.data.val_rows)
-        test = None
+    val, test = ws.scores(predict) if score_test else (ws.val_scores(predict), None)
     print(f"{name}, {label}: validation {right(val, ws.data.y_val)} of {len(ws.data.y_val)}",
           flush=True)  # fmt: skip
     return val, test
